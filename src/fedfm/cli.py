@@ -1,0 +1,66 @@
+"""The ``fedfm`` command."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from fedfm import __version__
+from fedfm.config import describe, load_config
+from fedfm.errors import FedfmError
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fedfm",
+        description="Federated LoRA fine-tuning of foundation models on biomedical data (Flower + peft).",
+    )
+    parser.add_argument("--version", action="version", version=f"fedfm {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    run = commands.add_parser("run", help="run a federated fine-tune in Flower's simulation engine")
+    run.add_argument("config", nargs="?", help="TOML run configuration (defaults when omitted)")
+    run.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+        help="override one setting, e.g. --set federation.num-rounds=3 (repeatable)",
+    )
+    run.add_argument("--out", help="run directory (default: runs/<timestamp>)")
+    run.add_argument("--verbose", action="store_true", help="show Flower's and Ray's logs")
+
+    check = commands.add_parser("check", help="validate a configuration and print it resolved")
+    check.add_argument("config", nargs="?")
+    check.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
+
+    commands.add_parser("config-reference", help="list every configuration key with its default and meaning")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``fedfm`` command; returns the exit status."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "run":
+            config = load_config(args.config, args.overrides)
+            from fedfm.runner import run
+
+            result = run(config, out=args.out, verbose=args.verbose)
+            print()
+            print(result.table())
+            print(f"\nrun directory: {result.run_dir}")
+            return 0
+        if args.command == "check":
+            print(load_config(args.config, args.overrides).to_toml())
+            return 0
+        if args.command == "config-reference":
+            print(describe())
+            return 0
+        parser.print_help()
+        return 0
+    except FedfmError as err:
+        print(f"fedfm: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

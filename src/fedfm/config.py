@@ -1,0 +1,462 @@
+"""Run configuration: frozen dataclasses, TOML loading, ``--set`` overrides, validation.
+
+One source of truth for the Python API, the TOML files, the ``fedfm`` command and
+Flower's run config. In TOML and on the command line keys are kebab-case and
+grouped by section (``[train]`` / ``train.learning-rate``); in Python they are
+the snake_case dataclass fields (``config.train.learning_rate``).
+
+Every problem is collected and reported at once by :class:`~fedfm.errors.ConfigError`,
+before any model or dataset is loaded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, get_type_hints
+
+from fedfm.errors import ConfigError
+
+MODEL_ALIASES = ("minilm", "smollm2-135m")
+TASKS = ("sequence-classification", "causal-qa")
+DATASETS = ("heart_disease_uci", "nicta_piboso", "pubmedqa", "medmcqa", "csv", "jsonl", "parquet")
+PARTITIONERS = ("iid", "dirichlet", "natural")
+STRATEGIES = ("fedavg",)
+DTYPES = ("float32", "bfloat16")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def _help(text: str, default: Any = dataclasses.MISSING, factory: Any = dataclasses.MISSING) -> Any:
+    if factory is not dataclasses.MISSING:
+        return field(default_factory=factory, metadata={"help": text})
+    return field(default=default, metadata={"help": text})
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Which foundation model to fine-tune, and for which task."""
+
+    name: str = _help("A model alias (`minilm`, `smollm2-135m`) or a local model directory.", "minilm")
+    task: str = _help("`sequence-classification` (encoder + head) or `causal-qa` (answer scoring with a causal LM).", "sequence-classification")
+    max_length: int = _help("Tokens kept per example (longer inputs are truncated).", 128)
+    dtype: str = _help("Autocast dtype for forward passes: `float32` (safe everywhere) or `bfloat16`.", "float32")
+    device: str = _help("`auto` (cuda when present), `cpu` or `cuda`.", "auto")
+
+
+@dataclass(frozen=True)
+class LoraSpec:
+    """The LoRA adapter each hospital trains (peft)."""
+
+    r: int = _help("Rank of the LoRA update.", 8)
+    alpha: float = _help("LoRA scaling numerator (scale = alpha / r).", 16.0)
+    dropout: float = _help("Dropout on the LoRA branch, in [0, 1).", 0.05)
+    target_modules: tuple[str, ...] = _help(
+        "Module names to adapt; empty picks a default per architecture (BERT: query, value; Llama: q_proj, v_proj).",
+        factory=tuple,
+    )
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """Where the data comes from and how it is split into hospitals."""
+
+    dataset: str = _help("A built-in dataset name or a generic file type (`csv`, `jsonl`, `parquet`).", "heart_disease_uci")
+    path: str = _help("For `csv`/`jsonl`/`parquet`: the file to read.", "")
+    data_dir: str = _help("Folder of the built-in datasets; empty uses FEDFM_DATA_DIR or ../shared/data.", "")
+    text_column: str = _help("For generic files: the column holding the text.", "text")
+    label_column: str = _help("For generic files: the column holding the label.", "label")
+    partitioner: str = _help("How rows are split into hospitals: `natural`, `iid` or `dirichlet`.", "natural")
+    partition_column: str = _help("For `natural`: the column naming the hospital; empty uses the dataset's own.", "")
+    num_hospitals: int = _help("For `iid`/`dirichlet`: how many hospitals to simulate.", 4)
+    alpha: float = _help("For `dirichlet`: concentration of the label skew (smaller = more skewed).", 0.5)
+    test_fraction: float = _help("Share of each hospital's rows kept as its local test split.", 0.3)
+    max_train_per_hospital: int = _help("Cap on each hospital's training rows; 0 keeps all.", 0)
+    max_test: int = _help("Cap on test rows (global and per hospital); 0 keeps all.", 0)
+    seed: int = _help("Seed of the partition and split.", 0)
+
+
+@dataclass(frozen=True)
+class TrainSpec:
+    """Local training inside each hospital."""
+
+    local_epochs: int = _help("Passes over the hospital's training rows per round (unless local-steps is set).", 1)
+    local_steps: int = _help("If > 0: optimizer steps per round instead of epochs.", 0)
+    batch_size: int = _help("Examples per optimizer step.", 16)
+    eval_batch_size: int = _help("Examples per evaluation forward pass.", 64)
+    learning_rate: float = _help("AdamW learning rate.", 5e-4)
+    weight_decay: float = _help("AdamW weight decay.", 0.0)
+    max_grad_norm: float = _help("Gradient-norm clipping; 0 disables.", 1.0)
+    seed: int = _help("Seed of initialisation, shuffling and dropout.", 0)
+
+
+@dataclass(frozen=True)
+class FederationSpec:
+    """The federation: rounds, sampling, aggregation and the simulation engine."""
+
+    num_rounds: int = _help("Federated rounds.", 5)
+    strategy: str = _help("Aggregation strategy.", "fedavg")
+    fraction_train: float = _help("Share of hospitals sampled for training each round, in (0, 1].", 1.0)
+    fraction_evaluate: float = _help("Share of hospitals sampled for evaluation each round, in [0, 1].", 1.0)
+    min_hospitals: int = _help("Fewest hospitals that must take part in a round.", 2)
+    central_evaluation: bool = _help("Evaluate the global adapter on the global test set on the server each round.", True)
+    num_workers: int = _help("Simulation worker processes; 0 picks one per two cores (at least 1).", 0)
+    threads_per_worker: int = _help("Torch threads inside each worker; 0 derives it from the cores.", 0)
+    round_timeout: float = _help("Seconds the server waits for replies in a round.", 3600.0)
+
+
+@dataclass(frozen=True)
+class OutputSpec:
+    """Where and what a run writes."""
+
+    dir: str = _help("Run directory; empty uses runs/<timestamp>.", "")
+    merged_model: bool = _help("Also export the base model with the adapter merged in.", False)
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """A whole fedfm run. Build it in code, from TOML (:func:`load_config`) or flat keys."""
+
+    model: ModelSpec = field(default_factory=ModelSpec)
+    lora: LoraSpec = field(default_factory=LoraSpec)
+    data: DataSpec = field(default_factory=DataSpec)
+    train: TrainSpec = field(default_factory=TrainSpec)
+    federation: FederationSpec = field(default_factory=FederationSpec)
+    output: OutputSpec = field(default_factory=OutputSpec)
+
+    def __post_init__(self) -> None:
+        problems = validate(self)
+        if problems:
+            raise ConfigError(problems)
+
+    def replace(self, **overrides: Any) -> RunConfig:
+        """Return a copy with flat ``section.key`` overrides applied (kebab or snake case)."""
+        flat = to_flat(self)
+        for key, value in overrides.items():
+            flat[_kebab(key.replace("__", "."))] = value
+        return from_flat(flat)
+
+    def to_flat(self) -> dict[str, Any]:
+        """Flat ``{"section.kebab-key": value}`` form (Flower run config, JSON)."""
+        return to_flat(self)
+
+    def to_toml(self) -> str:
+        """The resolved configuration as a TOML document."""
+        return to_toml(self)
+
+
+SECTIONS: dict[str, type] = {
+    "model": ModelSpec,
+    "lora": LoraSpec,
+    "data": DataSpec,
+    "train": TrainSpec,
+    "federation": FederationSpec,
+    "output": OutputSpec,
+}
+
+
+def _kebab(name: str) -> str:
+    return name.replace("_", "-")
+
+
+def _snake(name: str) -> str:
+    return name.replace("-", "_")
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    return get_type_hints(cls)
+
+
+def _coerce(value: Any, typ: Any, key: str, problems: list[str]) -> Any:
+    """Coerce a TOML/JSON value to a field's type, or record why it cannot be."""
+    text = str(typ)
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            return value.lower() == "true"
+        problems.append(f"`{key}` must be true or false, got {value!r}")
+        return None
+    if typ is int:
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            problems.append(f"`{key}` must be an integer, got {value!r}")
+            return None
+        try:
+            as_float = float(value)
+        except ValueError:
+            problems.append(f"`{key}` must be an integer, got {value!r}")
+            return None
+        if not as_float.is_integer():
+            problems.append(f"`{key}` must be an integer, got {value!r}")
+            return None
+        return int(as_float)
+    if typ is float:
+        if isinstance(value, bool):
+            problems.append(f"`{key}` must be a number, got {value!r}")
+            return None
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            problems.append(f"`{key}` must be a number, got {value!r}")
+            return None
+    if typ is str:
+        if isinstance(value, (dict, list, tuple)):
+            problems.append(f"`{key}` must be a string, got {value!r}")
+            return None
+        return str(value)
+    if text.startswith("tuple"):
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()] if value.strip() else []
+        if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+            problems.append(f"`{key}` must be a list of strings, got {value!r}")
+            return None
+        return tuple(value)
+    raise TypeError(f"unsupported config field type {typ} for {key}")  # a bug in this module
+
+
+def from_flat(flat: dict[str, Any]) -> RunConfig:
+    """Build a :class:`RunConfig` from ``{"section.key": value}``; every problem reported at once."""
+    nested: dict[str, dict[str, Any]] = {}
+    problems: list[str] = []
+    for key, value in flat.items():
+        section, _, name = key.partition(".")
+        if section not in SECTIONS or not name:
+            problems.append(
+                f"unknown configuration key `{key}`; sections are {sorted(SECTIONS)}"
+            )
+            continue
+        nested.setdefault(section, {})[name] = value
+    return _from_nested(nested, problems)
+
+
+def from_dict(data: dict[str, Any]) -> RunConfig:
+    """Build a :class:`RunConfig` from nested ``{"section": {"key": value}}`` (TOML layout)."""
+    problems: list[str] = []
+    nested: dict[str, dict[str, Any]] = {}
+    for section, table in data.items():
+        if section not in SECTIONS:
+            problems.append(f"unknown configuration section `[{section}]`; allowed: {sorted(SECTIONS)}")
+            continue
+        if not isinstance(table, dict):
+            problems.append(f"`{section}` must be a table of keys, got {table!r}")
+            continue
+        nested[section] = dict(table)
+    return _from_nested(nested, problems)
+
+
+def _from_nested(nested: dict[str, dict[str, Any]], problems: list[str]) -> RunConfig:
+    specs: dict[str, Any] = {}
+    for section, cls in SECTIONS.items():
+        types = _field_types(cls)
+        allowed = {_kebab(f.name): f.name for f in fields(cls)}
+        kwargs: dict[str, Any] = {}
+        for key, value in nested.get(section, {}).items():
+            name = allowed.get(_kebab(key))
+            if name is None:
+                problems.append(
+                    f"unknown key `{section}.{key}`; allowed keys of [{section}]: {sorted(allowed)}"
+                )
+                continue
+            coerced = _coerce(value, types[name], f"{section}.{_kebab(name)}", problems)
+            if coerced is not None:
+                kwargs[name] = coerced
+        specs[section] = cls(**kwargs)
+    if problems:
+        # Report type problems together with range problems of what did parse.
+        config = object.__new__(RunConfig)
+        for section, spec in specs.items():
+            object.__setattr__(config, section, spec)
+        raise ConfigError(problems + validate(config))
+    return RunConfig(**specs)
+
+
+def to_flat(config: RunConfig) -> dict[str, Any]:
+    """Flatten to ``{"section.kebab-key": value}`` with JSON/TOML-friendly values."""
+    flat: dict[str, Any] = {}
+    for section in SECTIONS:
+        spec = getattr(config, section)
+        for f in fields(spec):
+            value = getattr(spec, f.name)
+            flat[f"{section}.{_kebab(f.name)}"] = list(value) if isinstance(value, tuple) else value
+    return flat
+
+
+def to_json(config: RunConfig) -> str:
+    """Serialize for a Flower ConfigRecord or a file."""
+    return json.dumps(to_flat(config), sort_keys=True)
+
+
+def from_json(text: str) -> RunConfig:
+    """Inverse of :func:`to_json`."""
+    return from_flat(json.loads(text))
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    return json.dumps(str(value))
+
+
+def to_toml(config: RunConfig) -> str:
+    """Render the resolved configuration as TOML (readable by :func:`load_config`)."""
+    lines: list[str] = []
+    for section in SECTIONS:
+        spec = getattr(config, section)
+        lines.append(f"[{section}]")
+        for f in fields(spec):
+            lines.append(f"{_kebab(f.name)} = {_toml_value(getattr(spec, f.name))}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """Parse one ``section.key=value`` override; the value is read as TOML, else as a string."""
+    key, sep, raw = text.partition("=")
+    key = key.strip()
+    if not sep or "." not in key:
+        raise ConfigError(f"override `{text}` must look like section.key=value, e.g. train.learning-rate=1e-4")
+    raw = raw.strip()
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    return _kebab(key), value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """Load a TOML file (or the defaults) and apply ``section.key=value`` overrides.
+
+    Parameters
+    ----------
+    path : str or Path, optional
+        A TOML file with ``[model]``, ``[lora]``, ``[data]``, ``[train]``,
+        ``[federation]`` and ``[output]`` tables. None starts from the defaults.
+    overrides : list of str, optional
+        ``section.key=value`` strings applied on top, as ``fedfm run --set`` does.
+
+    Returns
+    -------
+    RunConfig
+        The validated configuration.
+
+    Raises
+    ------
+    ConfigError
+        Listing every invalid or unknown field with its value and the allowed values.
+    """
+    data: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file `{p}` does not exist")
+        try:
+            data = tomllib.loads(p.read_text())
+        except tomllib.TOMLDecodeError as err:
+            raise ConfigError(f"config file `{p}` is not valid TOML: {err}") from err
+    flat: dict[str, Any] = {}
+    problems: list[str] = []
+    for section, table in data.items():
+        if not isinstance(table, dict):
+            problems.append(f"`{section}` must be a table, got {table!r}")
+            continue
+        for key, value in table.items():
+            flat[f"{section}.{_kebab(key)}"] = value
+    for text in overrides or []:
+        key, value = parse_override(text)
+        flat[key] = value
+    if problems:
+        raise ConfigError(problems)
+    return from_flat(flat)
+
+
+def _check(problems: list[str], ok: bool, message: str) -> None:
+    if not ok:
+        problems.append(message)
+
+
+def validate(config: RunConfig) -> list[str]:
+    """Every problem of a configuration, as messages naming field, value and allowed range."""
+    p: list[str] = []
+    m, lo, d, t, fe = config.model, config.lora, config.data, config.train, config.federation
+    _check(p, m.name in MODEL_ALIASES or Path(m.name).expanduser().is_dir(),
+           f"`model.name` must be one of {list(MODEL_ALIASES)} or an existing local model directory, got {m.name!r}")
+    _check(p, m.task in TASKS, f"`model.task` must be one of {list(TASKS)}, got {m.task!r}")
+    _check(p, m.max_length >= 8, f"`model.max-length` must be >= 8, got {m.max_length}")
+    _check(p, m.dtype in DTYPES, f"`model.dtype` must be one of {list(DTYPES)}, got {m.dtype!r}")
+    _check(p, m.device in DEVICES, f"`model.device` must be one of {list(DEVICES)}, got {m.device!r}")
+    _check(p, lo.r >= 1, f"`lora.r` must be >= 1, got {lo.r}")
+    _check(p, lo.alpha > 0, f"`lora.alpha` must be > 0, got {lo.alpha}")
+    _check(p, 0 <= lo.dropout < 1, f"`lora.dropout` must be in [0, 1), got {lo.dropout}")
+    _check(p, d.dataset in DATASETS, f"`data.dataset` must be one of {list(DATASETS)}, got {d.dataset!r}")
+    if d.dataset in ("csv", "jsonl", "parquet"):
+        _check(p, bool(d.path), f"`data.path` must name a file when `data.dataset` is {d.dataset!r}")
+    _check(p, d.partitioner in PARTITIONERS, f"`data.partitioner` must be one of {list(PARTITIONERS)}, got {d.partitioner!r}")
+    _check(p, d.num_hospitals >= 1, f"`data.num-hospitals` must be >= 1, got {d.num_hospitals}")
+    _check(p, d.alpha > 0 and math.isfinite(d.alpha), f"`data.alpha` must be > 0, got {d.alpha}")
+    _check(p, 0 < d.test_fraction < 1, f"`data.test-fraction` must be in (0, 1), got {d.test_fraction}")
+    _check(p, d.max_train_per_hospital >= 0, f"`data.max-train-per-hospital` must be >= 0, got {d.max_train_per_hospital}")
+    _check(p, d.max_test >= 0, f"`data.max-test` must be >= 0, got {d.max_test}")
+    if m.task == "causal-qa":
+        _check(p, d.dataset in ("pubmedqa", "medmcqa"),
+               f"`model.task` 'causal-qa' needs a multiple-choice dataset ('pubmedqa', 'medmcqa'), got {d.dataset!r}")
+    _check(p, t.local_epochs >= 1, f"`train.local-epochs` must be >= 1, got {t.local_epochs}")
+    _check(p, t.local_steps >= 0, f"`train.local-steps` must be >= 0, got {t.local_steps}")
+    _check(p, t.batch_size >= 1, f"`train.batch-size` must be >= 1, got {t.batch_size}")
+    _check(p, t.eval_batch_size >= 1, f"`train.eval-batch-size` must be >= 1, got {t.eval_batch_size}")
+    _check(p, 0 < t.learning_rate < 1, f"`train.learning-rate` must be in (0, 1), got {t.learning_rate}")
+    _check(p, t.weight_decay >= 0, f"`train.weight-decay` must be >= 0, got {t.weight_decay}")
+    _check(p, t.max_grad_norm >= 0, f"`train.max-grad-norm` must be >= 0, got {t.max_grad_norm}")
+    _check(p, fe.num_rounds >= 1, f"`federation.num-rounds` must be >= 1, got {fe.num_rounds}")
+    _check(p, fe.strategy in STRATEGIES, f"`federation.strategy` must be one of {list(STRATEGIES)}, got {fe.strategy!r}")
+    _check(p, 0 < fe.fraction_train <= 1, f"`federation.fraction-train` must be in (0, 1], got {fe.fraction_train}")
+    _check(p, 0 <= fe.fraction_evaluate <= 1, f"`federation.fraction-evaluate` must be in [0, 1], got {fe.fraction_evaluate}")
+    _check(p, fe.min_hospitals >= 1, f"`federation.min-hospitals` must be >= 1, got {fe.min_hospitals}")
+    if d.partitioner != "natural":
+        _check(p, fe.min_hospitals <= d.num_hospitals,
+               f"`federation.min-hospitals` ({fe.min_hospitals}) must not exceed `data.num-hospitals` ({d.num_hospitals})")
+    _check(p, fe.num_workers >= 0, f"`federation.num-workers` must be >= 0, got {fe.num_workers}")
+    _check(p, fe.threads_per_worker >= 0, f"`federation.threads-per-worker` must be >= 0, got {fe.threads_per_worker}")
+    _check(p, fe.round_timeout > 0, f"`federation.round-timeout` must be > 0, got {fe.round_timeout}")
+    return p
+
+
+def describe() -> str:
+    """A reference of every section and key with its default and help text (for docs and `--help`)."""
+    lines: list[str] = []
+    for section, cls in SECTIONS.items():
+        lines.append(f"[{section}]  {cls.__doc__.splitlines()[0] if cls.__doc__ else ''}")
+        for f in fields(cls):
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+            lines.append(f"  {_kebab(f.name)} = {_toml_value(default)}    # {f.metadata.get('help', '')}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def available_cores() -> int:
+    """CPU cores this process may use."""
+    import os
+
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def resolve_parallelism(spec: FederationSpec) -> tuple[int, int]:
+    """Simulation workers and torch threads per worker for this machine.
+
+    One worker per two cores (at least one): on small CPUs a worker with two
+    threads trains faster than two single-threaded workers that each hold a
+    model copy.
+    """
+    cores = available_cores()
+    workers = spec.num_workers or max(1, cores // 2)
+    threads = spec.threads_per_worker or max(1, cores // workers)
+    return workers, threads

@@ -1,0 +1,158 @@
+"""``fedfm.run(config)``: a whole federated fine-tune in Flower's simulation engine."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fedfm.config import RunConfig, load_config, resolve_parallelism
+from fedfm.errors import FedfmError
+from fedfm.rundir import default_run_dir, read_jsonl
+
+logger = logging.getLogger("fedfm")
+
+
+@dataclass(frozen=True)
+class RunResult:
+    """What a run produced; everything is also in ``run_dir``.
+
+    Attributes
+    ----------
+    run_dir : Path
+        The run directory (config.toml, metrics.jsonl, summary.json, adapter/, checkpoints/).
+    summary : dict
+        The content of ``summary.json``.
+    history : list of dict
+        One entry per round, as in ``metrics.jsonl``.
+    """
+
+    run_dir: Path
+    summary: dict[str, Any]
+    history: list[dict[str, Any]]
+
+    @classmethod
+    def load(cls, run_dir: str | Path) -> RunResult:
+        """Read a finished run's directory."""
+        path = Path(run_dir)
+        summary_file = path / "summary.json"
+        if not summary_file.is_file():
+            raise FedfmError(f"{path} holds no summary.json: the run did not finish")
+        return cls(path, json.loads(summary_file.read_text()), read_jsonl(path / "metrics.jsonl"))
+
+    @property
+    def final_global(self) -> dict[str, float]:
+        """Metrics of the final global adapter on the global test set."""
+        return dict(self.summary["final"]["global"])
+
+    @property
+    def final_per_hospital(self) -> dict[str, dict[str, float]]:
+        """Metrics of the final global adapter on each hospital's local test split."""
+        return {k: dict(v) for k, v in self.summary["final"]["per_hospital"].items()}
+
+    @property
+    def adapter_dir(self) -> Path:
+        """Folder loadable with ``peft.PeftModel.from_pretrained(base, adapter_dir)``."""
+        return self.run_dir / "adapter"
+
+    def table(self) -> str:
+        """The final scores as a plain-text table."""
+        rows = [("global test", self.final_global)]
+        rows += [(name, m) for name, m in self.final_per_hospital.items()]
+        width = max(len(name) for name, _ in rows)
+        lines = [f"{'':{width}}  {'accuracy':>8}  {'macro-f1':>8}  {'examples':>8}"]
+        for name, m in rows:
+            examples = m.get("num-examples", self.summary.get("global_test_rows", 0) if name == "global test" else 0)
+            lines.append(
+                f"{name:{width}}  {m.get('accuracy', float('nan')):8.3f}  {m.get('macro-f1', float('nan')):8.3f}  {int(examples):8d}"
+            )
+        return "\n".join(lines)
+
+
+def setup_logging(verbose: bool = False) -> None:
+    """Plain progress lines from fedfm; Flower's and Ray's chatter only when ``verbose``."""
+    if not any(getattr(h, "_fedfm", False) for h in logger.handlers):
+        handler = logging.StreamHandler(sys.stdout)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        handler._fedfm = True  # type: ignore[attr-defined]
+        logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    level = logging.DEBUG if verbose else logging.WARNING
+    for handler in logging.getLogger("flwr").handlers:
+        handler.setLevel(level)
+
+
+def _environment() -> None:
+    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+
+
+def run(config: RunConfig | str | Path, *, out: str | Path | None = None, verbose: bool = False) -> RunResult:
+    """Run a federated fine-tune in Flower's simulation engine, one simulated SuperNode per hospital.
+
+    Parameters
+    ----------
+    config : RunConfig or path
+        A configuration, or a TOML file to load one from.
+    out : str or Path, optional
+        Run directory; overrides ``output.dir`` (default ``runs/<timestamp>``).
+    verbose : bool
+        Show Flower's and Ray's own logs.
+
+    Returns
+    -------
+    RunResult
+        Final global and per-hospital metrics, history, and the run directory.
+    """
+    if not isinstance(config, RunConfig):
+        config = load_config(config)
+    _environment()
+    setup_logging(verbose)
+
+    import torch
+    from flwr.simulation import run_simulation
+
+    from fedfm import client
+    from fedfm.server import make_server_app
+    from fedfm.workspace import federation_for
+
+    run_dir = Path(out) if out else Path(config.output.dir) if config.output.dir else default_run_dir()
+    # Data problems surface here, before Ray or any model starts.
+    federation = federation_for(config.data)
+    num_hospitals = len(federation.hospitals)
+    workers, threads = resolve_parallelism(config.federation)
+    torch.set_num_threads(threads)
+    use_gpu = config.model.device != "cpu" and torch.cuda.is_available()
+    backend_config: dict[str, Any] = {
+        "client_resources": {"num_cpus": threads, "num_gpus": (1.0 / workers) if use_gpu else 0.0},
+        "init_args": {"num_cpus": workers * threads, "num_gpus": 1 if use_gpu else 0, "include_dashboard": False},
+    }
+    if not verbose:
+        # A hospital's failure still reaches the server as an error reply, logged with its id.
+        backend_config["init_args"].update({"logging_level": logging.ERROR, "log_to_driver": False})
+    logger.info(
+        "fedfm: %d hospitals (%s), %d rounds, model %s, %d worker(s) x %d thread(s); run directory %s",
+        num_hospitals, ", ".join(h.name for h in federation.hospitals), config.federation.num_rounds,
+        config.model.name, workers, threads, run_dir,
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        run_simulation(
+            server_app=make_server_app(config, run_dir),
+            client_app=client.app,
+            num_supernodes=num_hospitals,
+            backend_config=backend_config,
+            verbose_logging=verbose,
+        )
+    return RunResult.load(run_dir)

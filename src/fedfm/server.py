@@ -1,0 +1,230 @@
+"""The Flower ServerApp: run the strategy's rounds, evaluate, record, export.
+
+:func:`serve` is the whole server; :data:`app` is the ServerApp that ``flwr run .``
+loads (it reads the run configuration from Flower's run config), and
+:func:`make_server_app` builds one around a configuration for :func:`fedfm.run`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
+from flwr.serverapp import Grid, ServerApp
+
+from fedfm import keys, strategies
+from fedfm.adapters import export_adapter, set_adapter_state
+from fedfm.config import RunConfig, from_flat, to_json
+from fedfm.rundir import RunDirectory, default_run_dir
+from fedfm.strategies import GuardedStrategy
+from fedfm.train import autocast
+from fedfm.wire import record_to_numpy, record_to_state, state_to_record
+from fedfm.workspace import Workspace, workspace_for
+
+logger = logging.getLogger("fedfm")
+
+_HEADLINE = ("accuracy", "macro-f1")
+
+
+def _fmt(metrics: dict[str, float] | None) -> str:
+    if not metrics:
+        return "-"
+    return " ".join(f"{k} {metrics[k]:.3f}" for k in _HEADLINE if k in metrics)
+
+
+def _weighted(per_hospital: dict[int, dict[str, float]]) -> dict[str, float]:
+    total = sum(m.get(keys.NUM_EXAMPLES, 0.0) for m in per_hospital.values())
+    if total <= 0:
+        return {}
+    names = {k for m in per_hospital.values() for k in m} - {keys.NUM_EXAMPLES, keys.HOSPITAL_INDEX}
+    return {k: sum(m.get(k, 0.0) * m[keys.NUM_EXAMPLES] for m in per_hospital.values()) / total for k in sorted(names)}
+
+
+class _Recorder:
+    """Turns each finished round into a metrics line, a checkpoint and a progress line."""
+
+    def __init__(self, config: RunConfig, workspace: Workspace, strategy: GuardedStrategy, run_dir: RunDirectory) -> None:
+        self.config = config
+        self.workspace = workspace
+        self.strategy = strategy
+        self.run_dir = run_dir
+        self.names = workspace.hospital_names
+        self.history: list[dict[str, Any]] = []
+        self.initial: dict[str, float] | None = None
+        self.started = time.perf_counter()
+        self.last = self.started
+
+    def central(self, arrays: ArrayRecord) -> dict[str, float] | None:
+        if not self.config.federation.central_evaluation:
+            return None
+        loaded = self.workspace.loaded
+        set_adapter_state(loaded.model, record_to_state(arrays))
+        with autocast(loaded.device, self.config.model.dtype):
+            return self.workspace.task.evaluate(
+                loaded.model,
+                self.workspace.hospital_rows("test", -1),
+                loaded.tokenizer,
+                batch_size=self.config.train.eval_batch_size,
+                device=loaded.device,
+            )
+
+    def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        central = self.central(arrays)
+        if server_round == 0:
+            self.initial = central
+            logger.info("round 0/%d  global %s (before training)", self.config.federation.num_rounds, _fmt(central))
+            return MetricRecord(central) if central else None
+        self._record_round(server_round, arrays, central)
+        return MetricRecord(central) if central else None
+
+    def _record_round(self, server_round: int, arrays: ArrayRecord, central: dict[str, float] | None) -> None:
+        record = self.strategy.rounds.get(server_round) or strategies.RoundRecord()
+        bytes_down: dict[int, int] = {}
+        for node, count in record.bytes_down.items():
+            index = self.strategy.hospital_of(node)
+            key = index if index is not None else -1
+            bytes_down[key] = bytes_down.get(key, 0) + count
+        per_hospital: dict[str, dict[str, Any]] = {}
+        for index in sorted(set(record.train) | set(record.evaluate) | set(record.bytes_up) | set(bytes_down) - {-1}):
+            name = self.names[index] if 0 <= index < len(self.names) else f"hospital-{index}"
+            per_hospital[name] = {
+                "train": record.train.get(index, {}),
+                "evaluate": record.evaluate.get(index, {}),
+                "bytes_up": record.bytes_up.get(index, 0),
+                "bytes_down": bytes_down.get(index, 0),
+            }
+        federated = _weighted(record.evaluate)
+        now = time.perf_counter()
+        entry = {
+            "round": server_round,
+            "global": central if central is not None else federated,
+            "federated": federated,
+            "per_hospital": per_hospital,
+            "bytes_up": int(sum(record.bytes_up.values())),
+            "bytes_down": int(sum(record.bytes_down.values())),
+            "aggregated": record.train_aggregated,
+            "left_out": record.left_out,
+            "seconds": round(now - self.last, 3),
+        }
+        self.last = now
+        self.history.append(entry)
+        self.run_dir.append_round(entry)
+        self.run_dir.write_checkpoint(server_round, record_to_numpy(arrays))
+        hospitals = "  ".join(
+            f"{name} {v['evaluate'].get('accuracy', float('nan')):.3f}" for name, v in per_hospital.items() if v["evaluate"]
+        )
+        logger.info(
+            "round %d/%d  global %s | %s | %.1f s",
+            server_round, self.config.federation.num_rounds, _fmt(entry["global"]), hospitals, entry["seconds"],
+        )
+
+
+def _build_strategy(config: RunConfig, num_hospitals: int) -> GuardedStrategy:
+    fed = config.federation
+    minimum = min(fed.min_hospitals, num_hospitals)
+    inner = strategies.create(
+        fed.strategy,
+        fraction_train=fed.fraction_train,
+        fraction_evaluate=fed.fraction_evaluate,
+        min_train_nodes=minimum,
+        min_evaluate_nodes=minimum if fed.fraction_evaluate > 0 else 0,
+        min_available_nodes=num_hospitals,
+    )
+    return GuardedStrategy(inner, min_replies=minimum)
+
+
+def serve(grid: Grid, config: RunConfig, run_dir: Path) -> dict[str, Any]:
+    """Run a whole federation on a Flower grid and write the run directory.
+
+    Parameters
+    ----------
+    grid : Grid
+        Flower's grid (simulation engine or SuperLink).
+    config : RunConfig
+        The validated run configuration.
+    run_dir : Path
+        Where the run's files go.
+
+    Returns
+    -------
+    dict
+        The summary also written to ``summary.json``.
+    """
+    started = time.perf_counter()
+    directory = RunDirectory(run_dir)
+    directory.write_config(config)
+    workspace = workspace_for(config)
+    hospitals = workspace.federation.hospitals
+    strategy = _build_strategy(config, len(hospitals))
+    recorder = _Recorder(config, workspace, strategy, directory)
+    flwr_config = ConfigRecord({keys.RUN_CONFIG: to_json(config)})
+    result = strategy.start(
+        grid=grid,
+        initial_arrays=state_to_record(workspace.loaded.initial_state),
+        num_rounds=config.federation.num_rounds,
+        timeout=config.federation.round_timeout,
+        train_config=flwr_config,
+        evaluate_config=ConfigRecord(dict(flwr_config)),
+        evaluate_fn=recorder,
+    )
+    final_state = record_to_state(result.arrays) if result.arrays is not None else workspace.loaded.initial_state
+    export_adapter(
+        workspace.loaded,
+        final_state,
+        directory.adapter_dir,
+        merged_dir=directory.merged_dir if config.output.merged_model else None,
+    )
+    last = recorder.history[-1] if recorder.history else {}
+    summary = {
+        "rounds": len(recorder.history),
+        "initial": {"global": recorder.initial},
+        "final": {
+            "global": last.get("global", {}),
+            "federated": last.get("federated", {}),
+            "per_hospital": {name: v["evaluate"] for name, v in last.get("per_hospital", {}).items()},
+        },
+        "hospitals": {
+            h.name: {"train_rows": len(h.train), "test_rows": len(h.test)} for h in hospitals
+        },
+        "global_test_rows": len(workspace.federation.global_test),
+        "bytes": {
+            "up": int(sum(e["bytes_up"] for e in recorder.history)),
+            "down": int(sum(e["bytes_down"] for e in recorder.history)),
+        },
+        "adapter_parameters": workspace.loaded.adapter_parameters,
+        "base_parameters": workspace.loaded.base_parameters,
+        "adapter_tensors": len(workspace.loaded.initial_state),
+        "adapter_bytes": int(sum(v.numel() * v.element_size() for v in final_state.values())),
+        "wall_seconds": round(time.perf_counter() - started, 3),
+        "model": config.model.name,
+        "dataset": config.data.dataset,
+        "strategy": config.federation.strategy,
+    }
+    directory.write_summary(summary)
+    return summary
+
+
+def make_server_app(config: RunConfig, run_dir: Path) -> ServerApp:
+    """A ServerApp that runs ``config`` and writes ``run_dir`` (used by :func:`fedfm.run`)."""
+    server_app = ServerApp()
+
+    @server_app.main()
+    def main(grid: Grid, context: Context) -> None:
+        serve(grid, config, run_dir)
+
+    return server_app
+
+
+app = ServerApp()
+
+
+@app.main()
+def _flwr_main(grid: Grid, context: Context) -> None:
+    """Entry point for ``flwr run .``: the configuration comes from Flower's run config."""
+    config = from_flat(dict(context.run_config))
+    run_dir = Path(config.output.dir) if config.output.dir else default_run_dir()
+    logger.info("fedfm run directory: %s", run_dir.resolve())
+    serve(grid, config, run_dir)

@@ -1,0 +1,168 @@
+"""A strategy wrapper that screens replies and records what each hospital sent.
+
+Wrapping (as Flower's DP wrappers do) keeps every strategy, Flower's or a
+user's, behind the same checks: a reply with an error, a malformed, mis-shaped
+or non-finite adapter, or a missing example count is logged with the
+hospital's id and left out of the round; it never reaches the aggregate.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+
+from fedfm import keys
+from fedfm.strategies.validation import update_problems
+from fedfm.wire import payload_bytes, record_to_numpy
+
+logger = logging.getLogger("fedfm")
+
+
+@dataclass
+class RoundRecord:
+    """What one round exchanged, per hospital (keyed by hospital index)."""
+
+    train: dict[int, dict[str, float]] = field(default_factory=dict)
+    evaluate: dict[int, dict[str, float]] = field(default_factory=dict)
+    bytes_down: dict[int, int] = field(default_factory=dict)  # by node id: sent before a hospital names itself
+    bytes_up: dict[int, int] = field(default_factory=dict)
+    left_out: dict[str, str] = field(default_factory=dict)
+    train_aggregated: bool = False
+
+
+def _metrics_of(content: Any) -> MetricRecord | None:
+    records = [r for r in content.values() if isinstance(r, MetricRecord)]
+    return records[0] if len(records) == 1 else None
+
+
+class GuardedStrategy(Strategy):
+    """Screen and record the replies of any Flower strategy.
+
+    Parameters
+    ----------
+    inner : Strategy
+        The strategy that configures rounds and aggregates.
+    min_replies : int
+        Fewest valid training replies needed to aggregate; below it the round
+        keeps the previous global adapter.
+    """
+
+    def __init__(self, inner: Strategy, *, min_replies: int = 1) -> None:
+        self.inner = inner
+        self.min_replies = min_replies
+        self.rounds: dict[int, RoundRecord] = {}
+        self._reference: dict[str, Any] = {}
+        self._node_to_hospital: dict[int, int] = {}
+
+    def summary(self) -> None:
+        self.inner.summary()
+
+    def _round(self, server_round: int) -> RoundRecord:
+        return self.rounds.setdefault(server_round, RoundRecord())
+
+    def _hospital(self, node_id: int, metrics: MetricRecord | None) -> int:
+        if metrics is not None and keys.HOSPITAL_INDEX in metrics:
+            self._node_to_hospital[node_id] = int(metrics[keys.HOSPITAL_INDEX])  # type: ignore[arg-type]
+        return self._node_to_hospital.get(node_id, -1)
+
+    def hospital_of(self, node_id: int) -> int | None:
+        """The hospital index a node reported, once it has replied."""
+        return self._node_to_hospital.get(node_id)
+
+    def _name(self, node_id: int) -> str:
+        index = self._node_to_hospital.get(node_id)
+        return f"hospital {index} (node {node_id})" if index is not None else f"node {node_id}"
+
+    def _record_down(self, server_round: int, messages: Iterable[Message]) -> list[Message]:
+        messages = list(messages)
+        record = self._round(server_round)
+        for msg in messages:
+            node = msg.metadata.dst_node_id
+            record.bytes_down[node] = record.bytes_down.get(node, 0) + payload_bytes(msg.content)
+        return messages
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        self._reference = record_to_numpy(arrays)
+        return self._record_down(server_round, self.inner.configure_train(server_round, arrays, config, grid))
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        return self._record_down(server_round, self.inner.configure_evaluate(server_round, arrays, config, grid))
+
+    def _leave_out(self, record: RoundRecord, node_id: int, phase: str, reason: str) -> None:
+        name = self._name(node_id)
+        record.left_out[f"{phase}:{name}"] = reason
+        logger.warning("%s left out of %s: %s", name, phase, reason)
+
+    def _screen_train(self, msg: Message, record: RoundRecord) -> bool:
+        node = msg.metadata.src_node_id
+        if msg.has_error():
+            self._leave_out(record, node, "train", f"error reply: {msg.error.reason}")
+            return False
+        content = msg.content
+        metrics = _metrics_of(content)
+        index = self._hospital(node, metrics)
+        arrays = [r for r in content.values() if isinstance(r, ArrayRecord)]
+        if len(arrays) != 1 or metrics is None:
+            self._leave_out(record, node, "train", "reply must hold exactly one ArrayRecord and one MetricRecord")
+            return False
+        examples = metrics.get(keys.NUM_EXAMPLES)
+        if not isinstance(examples, (int, float)) or examples <= 0:
+            self._leave_out(record, node, "train", f"`{keys.NUM_EXAMPLES}` must be a positive number, got {examples!r}")
+            return False
+        try:
+            update = record_to_numpy(arrays[0])
+        except Exception as err:  # a corrupt buffer must not crash the server
+            self._leave_out(record, node, "train", f"unreadable arrays: {err}")
+            return False
+        problems = update_problems(update, self._reference)
+        if problems:
+            self._leave_out(record, node, "train", "; ".join(problems))
+            return False
+        record.bytes_up[index] = record.bytes_up.get(index, 0) + payload_bytes(content)
+        record.train[index] = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}  # type: ignore[arg-type]
+        return True
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        record = self._round(server_round)
+        valid = [msg for msg in replies if self._screen_train(msg, record)]
+        if len(valid) < self.min_replies:
+            logger.warning(
+                "round %d: %d valid training replies, fewer than the %d required; the global adapter stays as it was",
+                server_round, len(valid), self.min_replies,
+            )
+            return None, None
+        arrays, metrics = self.inner.aggregate_train(server_round, valid)
+        record.train_aggregated = arrays is not None
+        return arrays, metrics
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        record = self._round(server_round)
+        valid = []
+        for msg in replies:
+            node = msg.metadata.src_node_id
+            if msg.has_error():
+                self._leave_out(record, node, "evaluate", f"error reply: {msg.error.reason}")
+                continue
+            metrics = _metrics_of(msg.content)
+            if metrics is None or not isinstance(metrics.get(keys.NUM_EXAMPLES), (int, float)):
+                self._leave_out(record, node, "evaluate", "reply must hold one MetricRecord with `num-examples`")
+                continue
+            index = self._hospital(node, metrics)
+            record.bytes_up[index] = record.bytes_up.get(index, 0) + payload_bytes(msg.content)
+            record.evaluate[index] = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}  # type: ignore[arg-type]
+            valid.append(msg)
+        if not valid:
+            return None
+        return self.inner.aggregate_evaluate(server_round, valid)

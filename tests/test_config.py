@@ -1,0 +1,99 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from fedfm.config import RunConfig, describe, from_flat, from_json, load_config, parse_override, to_flat, to_json
+from fedfm.errors import ConfigError
+
+
+def test_defaults_are_valid_and_round_trip_through_toml(tmp_path: Path) -> None:
+    # Prepare
+    config = RunConfig()
+    path = tmp_path / "c.toml"
+    # Execute
+    path.write_text(config.to_toml())
+    # Assert
+    assert load_config(path) == config
+    assert from_json(to_json(config)) == config
+
+
+def test_every_problem_is_reported_at_once_with_field_value_and_range() -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(
+            None,
+            [
+                "train.learning-rate=-1",
+                "model.task=translation",
+                "lora.rank=3",
+                "data.num-hospitals=many",
+                "lora.dropout=1.5",
+            ],
+        )
+    problems = info.value.problems
+    assert len(problems) == 5
+    text = str(info.value)
+    assert "`train.learning-rate` must be in (0, 1), got -1.0" in text
+    assert "`model.task` must be one of ['sequence-classification', 'causal-qa'], got 'translation'" in text
+    assert "unknown key `lora.rank`" in text and "'r'" in text
+    assert "`data.num-hospitals` must be an integer, got 'many'" in text
+    assert "`lora.dropout` must be in [0, 1), got 1.5" in text
+
+
+def test_unknown_section_and_bad_toml_are_named(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[modle]\nname = 'minilm'\n")
+    with pytest.raises(ConfigError, match=r"unknown configuration key `modle.name`"):
+        load_config(bad)
+    broken = tmp_path / "broken.toml"
+    broken.write_text("[model\n")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_config(broken)
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "missing.toml")
+
+
+def test_overrides_parse_toml_values_and_kebab_keys() -> None:
+    assert parse_override("train.learning-rate=1e-4") == ("train.learning-rate", 1e-4)
+    assert parse_override("lora.target_modules=['query','key']") == ("lora.target-modules", ["query", "key"])
+    assert parse_override("model.name=minilm") == ("model.name", "minilm")
+    config = load_config(None, ["federation.num-rounds=7", "lora.target-modules=query,value"])
+    assert config.federation.num_rounds == 7
+    assert config.lora.target_modules == ("query", "value")
+    with pytest.raises(ConfigError, match="section.key=value"):
+        parse_override("rounds")
+
+
+def test_combinations_that_cannot_work_are_refused() -> None:
+    with pytest.raises(ConfigError, match="needs a multiple-choice dataset"):
+        RunConfig().replace(**{"model.task": "causal-qa"})
+    with pytest.raises(ConfigError, match="`data.path` must name a file"):
+        RunConfig().replace(**{"data.dataset": "csv"})
+    with pytest.raises(ConfigError, match="must not exceed `data.num-hospitals`"):
+        RunConfig().replace(**{"data.partitioner": "iid", "data.num-hospitals": 2, "federation.min-hospitals": 3})
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    rounds=st.integers(1, 500),
+    lr=st.floats(1e-6, 0.5),
+    r=st.integers(1, 64),
+    alpha=st.floats(0.01, 100),
+    partitioner=st.sampled_from(["iid", "dirichlet", "natural"]),
+)
+def test_flat_form_round_trips(rounds: int, lr: float, r: int, alpha: float, partitioner: str) -> None:
+    config = RunConfig().replace(
+        **{"federation.num-rounds": rounds, "train.learning-rate": lr, "lora.r": r,
+           "data.alpha": alpha, "data.partitioner": partitioner}
+    )
+    assert from_flat(to_flat(config)) == config
+
+
+def test_reference_lists_every_key() -> None:
+    text = describe()
+    for key in to_flat(RunConfig()):
+        section, name = key.split(".")
+        assert f"[{section}]" in text and f"  {name} = " in text
