@@ -1,0 +1,54 @@
+"""Biomedical datasets as ``datasets.Dataset`` objects, split into simulated hospitals.
+
+Load a source with :func:`load_source`, then :func:`build_federation` partitions
+its rows into hospitals (IID, Dirichlet label skew, or a natural site column)
+with a local train/test split each.
+"""
+
+from __future__ import annotations
+
+from fedfm.data._cache import clear_caches
+from fedfm.data.base import CLASSIFICATION, MULTIPLE_CHOICE, SourceData, SourceRequest
+from fedfm.data.federation import Federation, HospitalData, build_federation, split_rows
+from fedfm.data.partitioners import (
+    Partition,
+    PartitionFn,
+    dirichlet_partition,
+    get_partitioner,
+    iid_partition,
+    known_partitioners,
+    natural_partition,
+    partition,
+    register_partitioner,
+)
+from fedfm.data.paths import DATA_DIR_ENV, resolve_data_dir
+from fedfm.data.sources import SourceLoader, known_sources, load_source, register_source
+from fedfm.data.text import heart_row_to_text
+
+__all__ = [
+    "CLASSIFICATION",
+    "DATA_DIR_ENV",
+    "MULTIPLE_CHOICE",
+    "Federation",
+    "HospitalData",
+    "Partition",
+    "PartitionFn",
+    "SourceData",
+    "SourceLoader",
+    "SourceRequest",
+    "build_federation",
+    "clear_caches",
+    "dirichlet_partition",
+    "get_partitioner",
+    "heart_row_to_text",
+    "iid_partition",
+    "known_partitioners",
+    "known_sources",
+    "load_source",
+    "natural_partition",
+    "partition",
+    "register_partitioner",
+    "register_source",
+    "resolve_data_dir",
+    "split_rows",
+]

@@ -1,0 +1,136 @@
+"""The shape every data source is loaded into."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from numbers import Integral
+from pathlib import Path
+from typing import Any
+
+import datasets
+
+from fedfm.errors import DataError
+
+CLASSIFICATION = "classification"
+MULTIPLE_CHOICE = "multiple-choice"
+KINDS = (CLASSIFICATION, MULTIPLE_CHOICE)
+
+# The columns a task can rely on; loaders may add more (hospital, pmid, ...).
+REQUIRED_COLUMNS: dict[str, tuple[str, ...]] = {
+    CLASSIFICATION: ("text", "label"),
+    MULTIPLE_CHOICE: ("question", "context", "options", "label"),
+}
+
+
+def is_count(value: Any, minimum: int) -> bool:
+    """Whether ``value`` is an integer (not a bool) of at least ``minimum``.
+
+    Parameters
+    ----------
+    value : Any
+        The value to check.
+    minimum : int
+        Smallest allowed value.
+
+    Returns
+    -------
+    bool
+        True for an integral, non-bool value >= ``minimum``.
+    """
+    return isinstance(value, Integral) and not isinstance(value, bool) and int(value) >= minimum
+
+
+@dataclass(frozen=True)
+class SourceData:
+    """A dataset loaded into fedfm's standard columns.
+
+    Classification rows carry ``text`` (str) and ``label`` (int); multiple-choice
+    rows carry ``question`` (str), ``context`` (str, "" when none), ``options``
+    (list[str]) and ``label`` (int, index of the right option). Extra columns are
+    allowed. Objects returned by :func:`fedfm.data.load_source` are cached and
+    shared: treat them as read-only (use ``Dataset.with_format``, which returns a
+    copy, rather than ``set_format``, which changes the shared object).
+
+    Parameters
+    ----------
+    name : str
+        The source's registry name, e.g. ``"heart_disease_uci"``.
+    kind : str
+        ``"classification"`` or ``"multiple-choice"``.
+    train : datasets.Dataset
+        The rows hospitals are built from.
+    test : datasets.Dataset or None
+        The dataset's official test split, when it has one.
+    label_names : list[str]
+        Class names (index = label id) for classification; the option names
+        (e.g. ``["A", "B", "C", "D"]``) for multiple-choice.
+    natural_column : str or None
+        A column naming a natural site (hospital, subject) to partition by.
+    """
+
+    name: str
+    kind: str
+    train: datasets.Dataset
+    test: datasets.Dataset | None
+    label_names: list[str]
+    natural_column: str | None = None
+
+    def __post_init__(self) -> None:
+        problems: list[str] = []
+        if self.kind not in KINDS:
+            problems.append(f"`kind` must be one of {list(KINDS)}, got {self.kind!r}")
+        else:
+            for split_name, split in (("train", self.train), ("test", self.test)):
+                if split is None:
+                    continue
+                missing = [c for c in REQUIRED_COLUMNS[self.kind] if c not in split.column_names]
+                if missing:
+                    problems.append(
+                        f"{split_name} split lacks column(s) {missing} required for kind "
+                        f"{self.kind!r}; it has {split.column_names}"
+                    )
+        if self.kind == CLASSIFICATION and not self.label_names:
+            problems.append("`label_names` must name at least one class for classification")
+        if self.natural_column is not None and self.natural_column not in self.train.column_names:
+            problems.append(
+                f"`natural_column` {self.natural_column!r} is not a column of the train split; "
+                f"it has {self.train.column_names}"
+            )
+        if problems:
+            raise DataError(f"invalid source {self.name!r}: " + "; ".join(problems))
+
+    @property
+    def num_labels(self) -> int:
+        """Number of classes (classification) or option names (multiple-choice)."""
+        return len(self.label_names)
+
+
+@dataclass(frozen=True)
+class SourceRequest:
+    """What a source loader is asked for; loaders ignore the fields they do not use.
+
+    Parameters
+    ----------
+    name : str
+        The registry name the loader was found under.
+    data_dir : Path or None
+        The resolved data directory (see :func:`fedfm.data.resolve_data_dir`).
+    data_dir_origin : str
+        How ``data_dir`` was found, for error messages.
+    path : Path or None
+        A file, for the generic ``csv``/``jsonl``/``parquet`` loaders.
+    text_column : str
+        Column holding the text, for generic classification files.
+    label_column : str
+        Column holding the label, for generic classification files.
+    label_names : tuple[str, ...] or None
+        Class names in label-id order; ``None`` lets the loader derive them.
+    """
+
+    name: str
+    data_dir: Path | None
+    data_dir_origin: str
+    path: Path | None = None
+    text_column: str = "text"
+    label_column: str = "label"
+    label_names: tuple[str, ...] | None = None

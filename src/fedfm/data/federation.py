@@ -1,0 +1,297 @@
+"""From one source to a federation: hospitals with local train/test splits."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from numbers import Real
+from typing import Any
+
+import numpy as np
+from datasets import Dataset, concatenate_datasets
+
+from fedfm.data._cache import LruCache
+from fedfm.data.base import SourceData, is_count
+from fedfm.data.partitioners import known_partitioners, partition
+from fedfm.errors import ConfigError, DataError
+
+
+@dataclass(frozen=True)
+class HospitalData:
+    """One hospital's records.
+
+    Parameters
+    ----------
+    name : str
+        ``"hospital-<i>"`` or the natural id, e.g. ``"Cleveland"``.
+    train : datasets.Dataset
+        Rows the hospital trains on.
+    test : datasets.Dataset
+        Rows the hospital evaluates on locally (may be empty for a one-row hospital).
+    """
+
+    name: str
+    train: Dataset
+    test: Dataset
+
+
+@dataclass(frozen=True)
+class Federation:
+    """A source split into hospitals, plus the test set the global model is scored on.
+
+    Parameters
+    ----------
+    source : SourceData
+        What the hospitals were built from.
+    hospitals : list[HospitalData]
+        In partition order; a client picks its own by index.
+    global_test : datasets.Dataset
+        The source's official test split when it has one, else the hospitals'
+        local test splits pooled.
+    """
+
+    source: SourceData
+    hospitals: list[HospitalData]
+    global_test: Dataset
+
+    @property
+    def num_hospitals(self) -> int:
+        """Number of hospitals."""
+        return len(self.hospitals)
+
+    def hospital(self, index: int) -> HospitalData:
+        """Return hospital ``index``, with an error that says the valid range.
+
+        Parameters
+        ----------
+        index : int
+            A partition id, ``0 <= index < num_hospitals``.
+
+        Returns
+        -------
+        HospitalData
+            The hospital.
+        """
+        if not 0 <= index < len(self.hospitals):
+            raise DataError(
+                f"hospital index {index} is out of range: this federation has "
+                f"{len(self.hospitals)} hospitals (0..{len(self.hospitals) - 1})"
+            )
+        return self.hospitals[index]
+
+
+# Each entry keeps its source alive, so the id() in its key cannot be reused
+# by another object while the entry exists.
+_CACHE: LruCache[Federation] = LruCache(maxsize=8)
+
+
+def split_rows(labels: Sequence[Any], test_fraction: float, rng: np.random.Generator) -> tuple[list[int], list[int]]:
+    """Split row numbers into local train and test, stratified by label when possible.
+
+    Stratifies when there are at least two classes and every class has at least
+    two rows; otherwise splits at random. A hospital with two or more rows keeps
+    at least one row on each side; a one-row hospital keeps its row for training.
+
+    Parameters
+    ----------
+    labels : Sequence[Any]
+        One label per row.
+    test_fraction : float
+        Share of rows for test, in (0, 1); the count is rounded half up.
+    rng : numpy.random.Generator
+        Source of randomness.
+
+    Returns
+    -------
+    tuple[list[int], list[int]]
+        Sorted train and test row numbers.
+    """
+    n = len(labels)
+    if n < 2:
+        return list(range(n)), []
+    n_test = min(max(math.floor(test_fraction * n + 0.5), 1), n - 1)
+    values = np.asarray(labels)
+    classes, counts = np.unique(values, return_counts=True)
+    if len(classes) > 1 and counts.min() >= 2:
+        quota = _quotas(counts, n_test)
+        picked = [rng.permutation(np.flatnonzero(values == cls))[:q] for cls, q in zip(classes, quota, strict=True)]
+        test = np.concatenate(picked)
+    else:
+        test = rng.permutation(n)[:n_test]
+    test_set = set(test.tolist())
+    return [i for i in range(n) if i not in test_set], sorted(test_set)
+
+
+def _quotas(counts: np.ndarray, n_test: int) -> np.ndarray:
+    # Largest-remainder apportionment; remainders go first to classes that can
+    # still leave a row in train, so every class is seen on both sides.
+    exact = n_test * counts / counts.sum()
+    quota = np.floor(exact).astype(int)
+    order = np.argsort(-(exact - quota), kind="stable")
+    short = n_test - int(quota.sum())
+    for room in (counts - 1, counts):
+        for c in order:
+            if short == 0:
+                return quota
+            if quota[c] < room[c]:
+                quota[c] += 1
+                short -= 1
+    return quota
+
+
+def _cap(rows: Dataset, limit: int | None, rng: np.random.Generator) -> Dataset:
+    # A seeded sample (kept in row order) rather than the first rows: sources are
+    # often sorted by site or label, so a head would not be representative.
+    if limit is None or len(rows) <= limit:
+        return rows
+    return rows.select(np.sort(rng.choice(len(rows), size=limit, replace=False)).tolist())
+
+
+def _rng(seed: int, *key: int) -> np.random.Generator:
+    return np.random.default_rng(np.random.SeedSequence(seed, spawn_key=key))
+
+
+def _check(
+    partitioner: str,
+    num_hospitals: int | None,
+    alpha: float,
+    test_fraction: float,
+    seed: int,
+    max_train_per_hospital: int | None,
+    max_test: int | None,
+) -> None:
+    problems = []
+    if partitioner not in known_partitioners():
+        problems.append(f"`partitioner` must be one of {known_partitioners()}, got {partitioner!r}")
+    if partitioner != "natural" and not is_count(num_hospitals, 1):
+        problems.append(f"`num_hospitals` must be a positive integer, got {num_hospitals!r}")
+    if partitioner == "dirichlet" and not (isinstance(alpha, Real) and not isinstance(alpha, bool) and alpha > 0):
+        problems.append(f"`alpha` must be > 0, got {alpha!r}")
+    if not (isinstance(test_fraction, (int, float)) and 0 < test_fraction < 1):
+        problems.append(f"`test_fraction` must be in (0, 1), got {test_fraction!r}")
+    if not is_count(seed, 0):
+        problems.append(f"`seed` must be a non-negative integer, got {seed!r}")
+    for field, value in (("max_train_per_hospital", max_train_per_hospital), ("max_test", max_test)):
+        if value is not None and not is_count(value, 1):
+            problems.append(f"`{field}` must be a positive integer or None, got {value!r}")
+    if problems:
+        raise ConfigError(problems)
+
+
+def build_federation(
+    source: SourceData,
+    *,
+    partitioner: str,
+    num_hospitals: int | None,
+    alpha: float = 0.5,
+    column: str | None = None,
+    test_fraction: float = 0.3,
+    seed: int = 0,
+    max_train_per_hospital: int | None = None,
+    max_test: int | None = None,
+) -> Federation:
+    """Partition a source's train rows into hospitals, each with a local train/test split.
+
+    Deterministic (same arguments, same federation) and cached per process, so
+    every simulated hospital can build the federation and take its own entry.
+
+    Parameters
+    ----------
+    source : SourceData
+        From :func:`fedfm.data.load_source`.
+    partitioner : str
+        ``"iid"``, ``"dirichlet"``, ``"natural"`` or a registered name.
+    num_hospitals : int or None
+        Number of hospitals; ignored by ``"natural"`` (one per value of ``column``;
+        ``None`` is fine there).
+    alpha : float
+        Dirichlet concentration, for ``"dirichlet"``.
+    column : str or None
+        Natural-id column; defaults to ``source.natural_column`` for ``"natural"``.
+    test_fraction : float
+        Share of each hospital's rows held out as its local test split.
+    seed : int
+        Seed of the partition, the splits and the caps.
+    max_train_per_hospital : int or None
+        Keep at most this many train rows per hospital (a seeded sample).
+    max_test : int or None
+        Keep at most this many rows in each local test split and in ``global_test``.
+
+    Returns
+    -------
+    Federation
+        The hospitals and the global test set.
+    """
+    _check(partitioner, num_hospitals, alpha, test_fraction, seed, max_train_per_hospital, max_test)
+    if partitioner == "natural":
+        column = column if column is not None else source.natural_column
+        if column is None:
+            raise ConfigError(
+                f"source {source.name!r} has no natural column; pass column= to partition "
+                f"by one of {source.train.column_names}"
+            )
+    key = (
+        id(source),
+        partitioner,
+        num_hospitals,
+        alpha,
+        column,
+        test_fraction,
+        seed,
+        max_train_per_hospital,
+        max_test,
+    )
+    return _CACHE.get_or_build(
+        key,
+        lambda: _build(
+            source,
+            partitioner,
+            int(num_hospitals or 0),
+            alpha,
+            column,
+            float(test_fraction),
+            int(seed),
+            max_train_per_hospital,
+            max_test,
+        ),
+    )
+
+
+def _build(
+    source: SourceData,
+    partitioner: str,
+    num_hospitals: int,
+    alpha: float,
+    column: str | None,
+    test_fraction: float,
+    seed: int,
+    max_train: int | None,
+    max_test: int | None,
+) -> Federation:
+    parts = partition(
+        source.train,
+        partitioner,
+        num_partitions=num_hospitals,
+        seed=seed,
+        alpha=alpha,
+        column=column,
+    )
+    hospitals = []
+    for index, (name, rows) in enumerate(parts):
+        if len(rows) == 0:
+            raise DataError(
+                f"hospital {name!r} got no rows: the {partitioner!r} partitioner split "
+                f"{len(source.train)} rows into {len(parts)} hospitals; use fewer hospitals"
+            )
+        train_rows, test_rows = split_rows(list(rows["label"]), test_fraction, _rng(seed, 0, index))
+        capper = _rng(seed, 1, index)
+        hospitals.append(
+            HospitalData(
+                name=name,
+                train=_cap(rows.select(train_rows), max_train, capper),
+                test=_cap(rows.select(test_rows), max_test, capper),
+            )
+        )
+    pooled = source.test if source.test is not None else concatenate_datasets([h.test for h in hospitals])
+    return Federation(source=source, hospitals=hospitals, global_test=_cap(pooled, max_test, _rng(seed, 2)))

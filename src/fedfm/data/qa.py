@@ -1,0 +1,145 @@
+"""Biomedical multiple-choice question sets: PubMedQA and MedMCQA."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import datasets
+
+from fedfm.data.base import MULTIPLE_CHOICE, SourceData, SourceRequest
+from fedfm.data.paths import data_file
+from fedfm.errors import DataError
+
+PUBMEDQA_OPTIONS = ["yes", "no", "maybe"]
+MEDMCQA_LETTERS = ["A", "B", "C", "D"]
+_OPTION_LINE = re.compile(r"^([A-Z])\.\s?(.*)$")
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        with path.open(encoding="utf-8") as handle:
+            return json.load(handle)
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{path} is not valid JSON: {exc}") from exc
+
+
+def load_pubmedqa(request: SourceRequest) -> SourceData:
+    """Load PubMedQA PQA-L (Jin et al., EMNLP 2019, https://arxiv.org/abs/1909.06146).
+
+    The 500 PMIDs of ``test_ground_truth.json`` are the official test split; the
+    other 500 of ``ori_pqal.json`` are train. The question is answered from the
+    abstract without its conclusion (the "reasoning-required" setting).
+
+    Parameters
+    ----------
+    request : SourceRequest
+        Only ``data_dir`` is used.
+
+    Returns
+    -------
+    SourceData
+        Columns ``question``, ``context`` (the abstract's sections joined with a
+        space, untruncated), ``options`` (yes/no/maybe), ``label``, ``pmid``.
+    """
+    origin = request.data_dir_origin
+    questions = _read_json(data_file(request.data_dir, origin, "pubmedqa/ori_pqal.json"))
+    test_truth = _read_json(data_file(request.data_dir, origin, "pubmedqa/test_ground_truth.json"))
+    unknown = sorted(set(test_truth) - set(questions))
+    if unknown:
+        raise DataError(f"test_ground_truth.json names PMIDs absent from ori_pqal.json: {unknown[:5]}")
+    splits: dict[str, dict[str, list]] = {
+        s: {"question": [], "context": [], "options": [], "label": [], "pmid": []} for s in ("train", "test")
+    }
+    for pmid, item in questions.items():
+        answer = test_truth.get(pmid, item.get("final_decision"))
+        if answer not in PUBMEDQA_OPTIONS:
+            raise DataError(f"PMID {pmid}: answer {answer!r} is not one of {PUBMEDQA_OPTIONS}")
+        columns = splits["test" if pmid in test_truth else "train"]
+        columns["question"].append(str(item["QUESTION"]))
+        columns["context"].append(" ".join(str(c).strip() for c in item["CONTEXTS"]))
+        columns["options"].append(list(PUBMEDQA_OPTIONS))
+        columns["label"].append(PUBMEDQA_OPTIONS.index(answer))
+        columns["pmid"].append(str(pmid))
+    return SourceData(
+        name=request.name,
+        kind=MULTIPLE_CHOICE,
+        train=datasets.Dataset.from_dict(splits["train"]),
+        test=datasets.Dataset.from_dict(splits["test"]),
+        label_names=list(PUBMEDQA_OPTIONS),
+        natural_column=None,
+    )
+
+
+def parse_lettered_options(text: str) -> list[str]:
+    """Split ``"A. first\\nB. second"`` into ``["first", "second"]``.
+
+    Parameters
+    ----------
+    text : str
+        Options one per line, each starting with its letter and a full stop; a
+        line without a letter continues the previous option.
+
+    Returns
+    -------
+    list[str]
+        The option texts in letter order, prefixes removed.
+    """
+    options: list[str] = []
+    for line in text.splitlines():
+        match = _OPTION_LINE.match(line.strip())
+        if match and match.group(1) == chr(ord("A") + len(options)):
+            options.append(match.group(2).strip())
+        elif options:
+            options[-1] = f"{options[-1]}\n{line}".strip()
+        elif line.strip():
+            raise DataError(f"options text does not start with 'A. ': {text[:60]!r}")
+    return options
+
+
+def load_medmcqa(request: SourceRequest) -> SourceData:
+    """Load MedMCQA's 4,183-question dev set (Pal et al., CHIL 2022, https://arxiv.org/abs/2203.14371).
+
+    The official test set has no public answers, so there is no test split here;
+    the ``subject`` column (21 subjects) gives a natural non-IID partition.
+
+    Parameters
+    ----------
+    request : SourceRequest
+        Only ``data_dir`` is used.
+
+    Returns
+    -------
+    SourceData
+        Columns ``question``, ``context`` (""), ``options`` (4), ``label``, ``subject``.
+    """
+    path = data_file(request.data_dir, request.data_dir_origin, "medmcqa/validation.jsonl")
+    columns: dict[str, list] = {"question": [], "context": [], "options": [], "label": [], "subject": []}
+    with path.open(encoding="utf-8") as handle:
+        for line_no, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                item = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{path}:{line_no}: not valid JSON: {exc}") from exc
+            options = parse_lettered_options(str(item["options"]))
+            letter = str(item["answer"]).strip()[:1]
+            index = ord(letter) - ord("A") if letter else -1
+            if not 0 <= index < len(options):
+                raise DataError(f"{path}:{line_no}: answer {item['answer']!r} is not one of the {len(options)} options")
+            columns["question"].append(str(item["question"]))
+            columns["context"].append("")
+            columns["options"].append(options)
+            columns["label"].append(index)
+            columns["subject"].append(str(item.get("subject", "")))
+    return SourceData(
+        name=request.name,
+        kind=MULTIPLE_CHOICE,
+        train=datasets.Dataset.from_dict(columns),
+        test=None,
+        label_names=list(MEDMCQA_LETTERS),
+        natural_column="subject",
+    )

@@ -1,0 +1,145 @@
+"""The registry of data sources and :func:`load_source`."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import replace
+from pathlib import Path
+
+from datasets import Dataset
+
+from fedfm.data._cache import LruCache
+from fedfm.data.base import SourceData, SourceRequest
+from fedfm.data.files import FILE_FORMATS, load_file
+from fedfm.data.heart import load_heart_disease
+from fedfm.data.paths import resolve_data_dir_with_origin
+from fedfm.data.piboso import load_piboso
+from fedfm.data.qa import load_medmcqa, load_pubmedqa
+from fedfm.errors import ConfigError, DataError
+
+SourceLoader = Callable[[SourceRequest], SourceData]
+
+_SOURCES: dict[str, SourceLoader] = {}
+_CACHE: LruCache[SourceData] = LruCache(maxsize=16)
+
+
+def register_source(name: str, loader: SourceLoader) -> None:
+    """Make ``loader`` available to :func:`load_source` under ``name``.
+
+    Registering an existing name replaces its loader (and forgets what was
+    cached for it).
+
+    Parameters
+    ----------
+    name : str
+        The source name, e.g. ``"heart_disease_uci"``.
+    loader : Callable[[SourceRequest], SourceData]
+        Builds the source from a :class:`SourceRequest`.
+    """
+    if not name or not isinstance(name, str):
+        raise ConfigError(f"a source name must be a non-empty string, got {name!r}")
+    _SOURCES[name] = loader
+    _CACHE.discard_if(lambda key: isinstance(key, tuple) and key[0] == name)
+
+
+def known_sources() -> list[str]:
+    """Return the sorted names :func:`load_source` accepts.
+
+    Returns
+    -------
+    list[str]
+        The registered names.
+    """
+    return sorted(_SOURCES)
+
+
+def load_source(
+    name: str,
+    *,
+    data_dir: str | Path | None = None,
+    path: str | Path | None = None,
+    text_column: str = "text",
+    label_column: str = "label",
+    label_names: Sequence[str] | None = None,
+    max_rows: int | None = None,
+) -> SourceData:
+    """Load a registered dataset into fedfm's standard columns.
+
+    Results are cached per process, keyed by the arguments and the resolved data
+    directory, so every simulated hospital can call this cheaply.
+
+    Parameters
+    ----------
+    name : str
+        ``heart_disease_uci``, ``nicta_piboso``, ``pubmedqa``, ``medmcqa``, a
+        generic file format (``csv``, ``jsonl``, ``json``, ``parquet``) or a name
+        added with :func:`register_source`.
+    data_dir : str or Path or None
+        The shared data directory; see :func:`resolve_data_dir` for the default.
+    path : str or Path or None
+        The file for the generic formats (absolute, or relative to the working
+        directory or the data directory).
+    text_column, label_column : str
+        The columns of a generic file holding the text and the label.
+    label_names : Sequence[str] or None
+        Class names in id order for a generic file; by default string labels are
+        numbered in sorted order.
+    max_rows : int or None
+        Keep only the first ``max_rows`` rows of each split (for quick runs).
+
+    Returns
+    -------
+    SourceData
+        The loaded source; shared with other callers, so treat it as read-only.
+    """
+    if name not in _SOURCES:
+        raise ConfigError(f"unknown data source {name!r}; known sources: {known_sources()}")
+    if max_rows is not None and (isinstance(max_rows, bool) or max_rows < 1):
+        raise ConfigError(f"`max_rows` must be a positive integer or None, got {max_rows!r}")
+    resolved, origin = resolve_data_dir_with_origin(data_dir)
+    if resolved is not None:
+        resolved = resolved.resolve()
+    request = SourceRequest(
+        name=name,
+        data_dir=resolved,
+        data_dir_origin=origin,
+        path=Path(path) if path is not None else None,
+        text_column=text_column,
+        label_column=label_column,
+        label_names=tuple(label_names) if label_names is not None else None,
+    )
+    file_key = _file_key(request.path)
+    key = (name, str(resolved), file_key, text_column, label_column, request.label_names, max_rows)
+    return _CACHE.get_or_build(key, lambda: _load(request, max_rows))
+
+
+def _file_key(path: Path | None) -> tuple[str, int] | None:
+    # The modification time is part of the key so that an edited file is re-read.
+    if path is None:
+        return None
+    resolved = path.expanduser().resolve()
+    return str(resolved), resolved.stat().st_mtime_ns if resolved.is_file() else -1
+
+
+def _load(request: SourceRequest, max_rows: int | None) -> SourceData:
+    source = _SOURCES[request.name](request)
+    if not isinstance(source, SourceData):
+        raise DataError(f"the loader for {request.name!r} returned {type(source).__name__}, not SourceData")
+    if max_rows is None:
+        return source
+    return replace(source, train=_head(source.train, max_rows), test=_head(source.test, max_rows))
+
+
+def _head(split: Dataset | None, max_rows: int) -> Dataset | None:
+    # The first rows, not a sample: quick runs should see the same rows every time.
+    if split is None or len(split) <= max_rows:
+        return split
+    return split.select(range(max_rows))
+
+
+register_source("heart_disease_uci", load_heart_disease)
+register_source("nicta_piboso", load_piboso)
+register_source("pubmedqa", load_pubmedqa)
+register_source("medmcqa", load_medmcqa)
+for _format in FILE_FORMATS:
+    register_source(_format, load_file)
