@@ -14,13 +14,15 @@ import os
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from fedfm.config import LoraSpec, ModelSpec
 from fedfm.errors import AdapterError, ModelError
-from fedfm.tasks import Task
+
+if TYPE_CHECKING:
+    from fedfm.tasks import Task
 
 logger = logging.getLogger(__name__)
 

@@ -274,13 +274,14 @@ def _from_nested(nested: dict[str, dict[str, Any]], problems: list[str]) -> RunC
 
 
 def to_flat(config: RunConfig) -> dict[str, Any]:
-    """Flatten to ``{"section.kebab-key": value}`` with JSON/TOML-friendly values."""
+    """Flatten to ``{"section.kebab-key": value}`` with scalar values (Flower's run config type)."""
     flat: dict[str, Any] = {}
     for section in SECTIONS:
         spec = getattr(config, section)
         for f in fields(spec):
             value = getattr(spec, f.name)
-            flat[f"{section}.{_kebab(f.name)}"] = list(value) if isinstance(value, tuple) else value
+            # Flower's run config holds scalars only: lists travel comma-separated.
+            flat[f"{section}.{_kebab(f.name)}"] = ",".join(value) if isinstance(value, tuple) else value
     return flat
 
 

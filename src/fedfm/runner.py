@@ -74,6 +74,18 @@ class RunResult:
         return "\n".join(lines)
 
 
+class _FlowerFilter(logging.Filter):
+    """Keep Flower's warnings and errors; drop its per-round INFO lines and the run_simulation notice."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.WARNING:
+            return False
+        return "DEPRECATED FEATURE" not in record.getMessage() and "deprecated feature" not in record.getMessage()
+
+
+_FLOWER_FILTER = _FlowerFilter()
+
+
 def setup_logging(verbose: bool = False) -> None:
     """Plain progress lines from fedfm; Flower's and Ray's chatter only when ``verbose``."""
     if not any(getattr(h, "_fedfm", False) for h in logger.handlers):
@@ -83,9 +95,12 @@ def setup_logging(verbose: bool = False) -> None:
         logger.addHandler(handler)
     logger.setLevel(logging.INFO)
     logger.propagate = False
-    level = logging.DEBUG if verbose else logging.WARNING
-    for handler in logging.getLogger("flwr").handlers:
-        handler.setLevel(level)
+    # A filter on Flower's logger holds whatever handlers Flower installs later.
+    flower = logging.getLogger("flwr")
+    if verbose:
+        flower.removeFilter(_FLOWER_FILTER)
+    else:
+        flower.addFilter(_FLOWER_FILTER)
 
 
 def _environment() -> None:
@@ -95,6 +110,8 @@ def _environment() -> None:
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    # Ray lowers its workers to nice 15; here they do the federation's real work.
+    os.environ.setdefault("RAY_worker_niceness", "0")
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
 
 

@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import torch
 from flwr.app import Array, ArrayRecord, RecordDict
+
+if TYPE_CHECKING:
+    import torch
+
+# torch is imported inside the two functions that need it, so that the
+# strategies can use the numpy half of this module without loading torch.
 
 
 def state_to_record(state: dict[str, torch.Tensor]) -> ArrayRecord:
@@ -14,6 +21,8 @@ def state_to_record(state: dict[str, torch.Tensor]) -> ArrayRecord:
 
 def record_to_state(record: ArrayRecord) -> dict[str, torch.Tensor]:
     """An ArrayRecord back into named torch tensors."""
+    import torch
+
     return {k: torch.from_numpy(np.array(v.numpy(), copy=True)) for k, v in record.items()}
 
 

@@ -11,6 +11,7 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any
 
+import datasets
 from datasets import Dataset
 
 from fedfm.adapters import LoadedModel, load_model
@@ -18,6 +19,9 @@ from fedfm.config import DataSpec, RunConfig
 from fedfm.data import Federation, build_federation, load_source
 from fedfm.errors import ConfigError
 from fedfm.tasks import Task, get_task
+
+# One progress bar per hospital and split would bury the round lines.
+datasets.disable_progress_bars()
 
 _LOCK = threading.RLock()
 _FEDERATIONS: dict[DataSpec, Federation] = {}

@@ -1,0 +1,37 @@
+"""Task kinds: tokenization, loss and evaluation per kind of problem.
+
+A small registry maps the config's ``model.task`` to a :class:`Task` class.
+"""
+
+from __future__ import annotations
+
+from fedfm.errors import ConfigError
+from fedfm.tasks.base import Task
+from fedfm.tasks.causal_qa import CausalQA
+from fedfm.tasks.sequence_classification import SequenceClassification
+
+_REGISTRY: dict[str, type[Task]] = {}
+
+
+def register_task(name: str, cls: type[Task]) -> None:
+    """Make a task class available under ``model.task = name``."""
+    _REGISTRY[name] = cls
+
+
+def get_task(name: str) -> Task:
+    """An instance of the task registered as ``name``.
+
+    Raises
+    ------
+    ConfigError
+        When no task has that name; the message lists the known ones.
+    """
+    if name not in _REGISTRY:
+        raise ConfigError(f"`model.task` must be one of {sorted(_REGISTRY)}, got {name!r}")
+    return _REGISTRY[name]()
+
+
+register_task(SequenceClassification.name, SequenceClassification)
+register_task(CausalQA.name, CausalQA)
+
+__all__ = ["Task", "SequenceClassification", "CausalQA", "register_task", "get_task"]

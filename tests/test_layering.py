@@ -1,0 +1,86 @@
+"""The import rules of the architecture (docs/architecture.md), checked on the source."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SRC = Path(__file__).resolve().parents[1] / "src" / "fedfm"
+
+# A module may import fedfm modules of its own layer or of lower layers only.
+LAYERS: dict[str, int] = {
+    "errors": 0, "keys": 0, "config": 0,
+    "tasks": 1, "data": 1, "gguf": 1,
+    "adapters": 2, "train": 2, "wire": 2,
+    "strategies": 3, "privacy": 3, "rundir": 3,
+    "workspace": 4,
+    "client": 5, "server": 5,
+    "runner": 6, "cli": 7,
+}
+
+
+def _unit(path: Path) -> str:
+    rel = path.relative_to(SRC)
+    return rel.parts[0].removesuffix(".py")
+
+
+def _runtime_imports(path: Path) -> set[str]:
+    """fedfm modules imported outside `if TYPE_CHECKING:` blocks."""
+    tree = ast.parse(path.read_text())
+    skip: set[int] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            skip.update(id(n) for n in ast.walk(node))
+    found: set[str] = set()
+    for node in ast.walk(tree):
+        if id(node) in skip:
+            continue
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("fedfm."):
+            found.add(node.module.split(".")[1])
+        elif isinstance(node, ast.ImportFrom) and node.module == "fedfm":
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.Import):
+            found.update(a.name.split(".")[1] for a in node.names if a.name.startswith("fedfm."))
+    return found
+
+
+SOURCES = sorted(p for p in SRC.rglob("*.py") if p.name != "__init__.py" or p.parent != SRC)
+
+
+@pytest.mark.parametrize("path", SOURCES, ids=lambda p: str(p.relative_to(SRC)))
+def test_imports_flow_down_the_layers(path: Path) -> None:
+    unit = _unit(path)
+    assert unit in LAYERS, f"{unit} has no layer: add it to LAYERS and docs/architecture.md"
+    for imported in _runtime_imports(path):
+        if imported not in LAYERS:
+            continue  # names imported from the package root, e.g. __version__
+        assert LAYERS[imported] <= LAYERS[unit], f"{unit} (layer {LAYERS[unit]}) imports {imported} (layer {LAYERS[imported]})"
+
+
+def test_only_privacy_imports_opacus() -> None:
+    offenders = [
+        str(p.relative_to(SRC)) for p in SRC.rglob("*.py")
+        if "opacus" in p.read_text() and "import opacus" in p.read_text().replace("from opacus", "import opacus")
+        and p.relative_to(SRC).parts[0] != "privacy"
+    ]
+    assert offenders == []
+
+
+def _modules_after_import(module: str) -> set[str]:
+    code = f"import sys, {module}; print('\\n'.join(sorted(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    return set(out.split())
+
+
+def test_strategies_never_load_torch() -> None:
+    loaded = _modules_after_import("fedfm.strategies")
+    assert "torch" not in loaded
+
+
+def test_training_loop_never_loads_flower() -> None:
+    loaded = _modules_after_import("fedfm.train")
+    assert not any(m == "flwr" or m.startswith("flwr.") for m in loaded)

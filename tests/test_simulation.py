@@ -1,0 +1,119 @@
+"""Whole federations in Flower's simulation engine (Ray), with a tiny model."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from fedfm.config import RunConfig
+
+pytestmark = pytest.mark.integration
+
+
+def _ray_processes() -> list[str]:
+    out = subprocess.run(["ps", "-eo", "pid,ppid,args"], capture_output=True, text=True).stdout
+    return [line for line in out.splitlines() if ("raylet" in line or "gcs_server" in line or "ray::" in line)]
+
+
+@pytest.fixture(scope="module")
+def finished(tiny_bert: Path, two_hospital_csv: Path, tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    import fedfm
+
+    run_dir = tmp_path_factory.mktemp("run") / "tiny"
+    config = RunConfig().replace(
+        **{
+            "model.name": str(tiny_bert),
+            "lora.r": 4,
+            "data.dataset": "csv",
+            "data.path": str(two_hospital_csv),
+            "data.partitioner": "natural",
+            "data.partition-column": "hospital",
+            "train.batch-size": 8,
+            "train.learning-rate": 2e-2,
+            "train.local-epochs": 3,
+            "federation.num-rounds": 2,
+            "federation.min-hospitals": 2,
+        }
+    )
+    result = fedfm.run(config, out=run_dir)
+    return config, result
+
+
+def test_run_directory_has_every_promised_file(finished) -> None:  # type: ignore[no-untyped-def]
+    config, result = finished
+    run_dir = result.run_dir
+    for name in ("config.toml", "metrics.jsonl", "summary.json", "adapter/adapter_config.json",
+                 "adapter/adapter_model.safetensors", "checkpoints/latest.json"):
+        assert (run_dir / name).is_file(), name
+    from fedfm.config import load_config
+
+    assert load_config(run_dir / "config.toml") == config
+
+
+def test_metrics_lines_and_summary(finished) -> None:  # type: ignore[no-untyped-def]
+    _, result = finished
+    lines = [json.loads(x) for x in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [line["round"] for line in lines] == [1, 2]
+    for line in lines:
+        assert set(line["per_hospital"]) == {"north", "south"}
+        assert {"accuracy", "macro-f1", "loss"} <= set(line["global"])
+        assert line["bytes_up"] > 0 and line["bytes_down"] > 0
+        assert line["aggregated"] is True and line["left_out"] == {}
+        for hospital in line["per_hospital"].values():
+            assert hospital["bytes_up"] > 0 and hospital["bytes_down"] > 0
+            assert {"accuracy", "num-examples"} <= set(hospital["evaluate"])
+            assert {"train-loss", "num-examples"} <= set(hospital["train"])
+    summary = result.summary
+    assert summary["rounds"] == 2
+    assert set(summary["final"]["per_hospital"]) == {"north", "south"}
+    assert summary["bytes"]["up"] == sum(line["bytes_up"] for line in lines)
+    assert summary["bytes"]["down"] == sum(line["bytes_down"] for line in lines)
+    assert 0 < summary["adapter_parameters"] < 0.02 * summary["base_parameters"]
+    assert summary["wall_seconds"] > 0
+    # Each round's upload per hospital is about one adapter, far below the base model.
+    per_hospital_up = lines[0]["per_hospital"]["north"]["bytes_up"]
+    assert per_hospital_up < 0.02 * 4 * summary["base_parameters"]
+
+
+def test_tiny_federation_learns_the_separable_task(finished) -> None:  # type: ignore[no-untyped-def]
+    _, result = finished
+    assert result.summary["initial"]["global"]["accuracy"] <= 0.75
+    assert result.final_global["accuracy"] >= 0.9
+
+
+def test_adapter_loads_with_plain_peft_and_matches_the_final_checkpoint(finished, tiny_bert: Path) -> None:  # type: ignore[no-untyped-def]
+    import numpy as np
+    from peft import PeftModel, get_peft_model_state_dict
+    from transformers import AutoModelForSequenceClassification
+
+    _, result = finished
+    base = AutoModelForSequenceClassification.from_pretrained(tiny_bert, num_labels=2)
+    model = PeftModel.from_pretrained(base, result.adapter_dir)
+    exported = get_peft_model_state_dict(model)
+    meta = json.loads((result.run_dir / "checkpoints" / "latest.json").read_text())
+    assert meta["round"] == 2
+    checkpoint = np.load(result.run_dir / "checkpoints" / meta["file"])
+    assert set(checkpoint.files) == set(exported)
+    for name in checkpoint.files:
+        torch.testing.assert_close(exported[name], torch.from_numpy(checkpoint[name]))
+
+
+def test_no_ray_process_outlives_the_run(finished) -> None:  # type: ignore[no-untyped-def]
+    mine = [line for line in _ray_processes() if str(os.getpid()) in line.split()[1:2]]
+    assert mine == []
+
+
+def test_cli_reports_bad_config_before_loading_anything(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[train]\nlearning-rate = 7\n[federation]\nnum-rounds = 0\n")
+    proc = subprocess.run([sys.executable, "-m", "fedfm.cli", "run", str(bad)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "`train.learning-rate` must be in (0, 1), got 7.0" in proc.stderr
+    assert "`federation.num-rounds` must be >= 1, got 0" in proc.stderr
+    assert "Traceback" not in proc.stderr
