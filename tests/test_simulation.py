@@ -117,3 +117,31 @@ def test_cli_reports_bad_config_before_loading_anything(tmp_path: Path) -> None:
     assert "`train.learning-rate` must be in (0, 1), got 7.0" in proc.stderr
     assert "`federation.num-rounds` must be >= 1, got 0" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.slow
+def test_quickstart_command_with_real_minilm_on_four_hospitals(tmp_path: Path) -> None:
+    """The README's quickstart config through the `fedfm` command, shortened to 2 small rounds."""
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "quick"
+    proc = subprocess.run(
+        [sys.executable, "-m", "fedfm.cli", "run", str(root / "examples" / "quickstart" / "heart.toml"),
+         "--set", "federation.num-rounds=2", "--set", "data.max-train-per-hospital=24", "--set", "data.max-test=24",
+         "--out", str(out)],
+        capture_output=True, text=True, timeout=900,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    hospitals = ["Cleveland", "Hungary", "Switzerland", "VA Long Beach"]
+    # A progress line per round and the final table with every hospital.
+    assert "round 1/2" in proc.stdout and "round 2/2" in proc.stdout
+    table = proc.stdout[proc.stdout.index("accuracy  macro-f1"):]
+    for name in ["global test", *hospitals]:
+        assert name in table
+    summary = json.loads((out / "summary.json").read_text())
+    assert sorted(summary["final"]["per_hospital"]) == hospitals
+    assert summary["base_parameters"] > 22_000_000  # the real all-MiniLM-L6-v2
+    assert summary["adapter_parameters"] < 0.02 * summary["base_parameters"]
+    line = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+    for hospital in hospitals:
+        # What each hospital uploads in a round: one adapter and a few metrics, ~0.3 MB.
+        assert 0 < line["per_hospital"][hospital]["bytes_up"] < 0.02 * 4 * summary["base_parameters"]

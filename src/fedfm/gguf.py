@@ -18,6 +18,7 @@ import shutil
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 from fedfm.errors import MissingExtraError, ModelError
 
@@ -138,14 +139,19 @@ def convert_gguf(gguf_file: Path, out_dir: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     folder, name = str(gguf_file.parent), gguf_file.name
+    options: dict[str, Any] = {"dtype": torch.float32, "local_files_only": True}
+    try:
+        from transformers import GgufConfig
+    except ImportError:  # older transformers always dequantize GGUF weights
+        pass
+    else:
+        # Left to itself, transformers keeps the architectures its new GGUF path
+        # supports packed in GGUF blocks, which save_pretrained cannot write; ask
+        # for dense float32 explicitly (what its legacy path gives Llama anyway).
+        options["quantization_config"] = GgufConfig(dequantize=True)
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name, local_files_only=True)
-        # transformers 5.24 loads llama-architecture GGUFs through its legacy path, which
-        # dequantizes every tensor into the default dtype (float32); the explicit dtype
-        # keeps that so if a later release defaults to the file's half-precision type.
-        model = AutoModelForCausalLM.from_pretrained(
-            folder, gguf_file=name, dtype=torch.float32, local_files_only=True
-        )
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, **options)
     except (OSError, ValueError, KeyError) as err:
         raise ModelError(f"cannot read GGUF file {gguf_file}: {err}") from err
     not_float32 = sorted({str(p.dtype) for p in model.parameters() if p.dtype != torch.float32})
@@ -153,9 +159,9 @@ def convert_gguf(gguf_file: Path, out_dir: Path) -> None:
         raise ModelError(f"{gguf_file} still holds {not_float32} weights after loading; expected dense float32")
     quantizer = getattr(model, "hf_quantizer", None)
     if quantizer is not None:
-        # The weights are already dense, but the attached GGUF quantizer makes
-        # save_pretrained refuse ("not serializable") and would write a
-        # quantization_config that sends later loads back to the GGUF path.
+        # Dense weights with a GGUF quantizer still attached: save_pretrained would
+        # refuse ("not serializable") or write a quantization_config that sends
+        # later loads back to the GGUF path.
         quantizer.remove_quantization_config(model)
     model.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
@@ -198,9 +204,7 @@ def materialize(target: Path, build: Callable[[Path], None]) -> Path:
                 # Renaming onto a non-empty folder fails: someone published first
                 # (possible where the lock is unavailable). Theirs is as good as ours.
                 if not _is_complete(target):
-                    raise ModelError(
-                        f"{target} exists but is incomplete (no {MARKER}); delete it and retry"
-                    ) from None
+                    raise ModelError(f"{target} exists but is incomplete (no {MARKER}); delete it and retry") from None
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     return target

@@ -14,7 +14,7 @@ target ``" {option text}"`` and the tokenizer's end-of-sequence token.
 
 Why a plain template rather than the tokenizer's chat template: it works the
 same for base and instruction-tuned models and for the tiny random models of
-the tests, costs no system-prompt tokens (SmolLM2's template adds about 20),
+the tests, costs no system-prompt tokens (SmolLM2's template adds 30 per prompt),
 and LoRA fine-tuning adapts the model to whichever format it is shown.
 
 Training puts the loss on the answer tokens only. Evaluation scores every
@@ -26,6 +26,7 @@ another (``"A"`` vs ``"A and B"``) comparable with it.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -211,8 +212,8 @@ class CausalQA(Task):
         Every question weighs the same whatever its answer's length; this is
         also the per-sample mean that DP-SGD's ``loss_reduction="mean"`` assumes.
         """
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        sums, counts = answer_nll(logits, batch["labels"])
+        logits, labels = answer_logits(model, batch)
+        sums, counts = answer_nll(logits, labels)
         return (sums / counts.clamp(min=1)).mean()
 
     @torch.no_grad()
@@ -221,8 +222,9 @@ class CausalQA(Task):
     ) -> dict[str, float]:
         """Accuracy and F1 of the most likely option; ``loss`` is the right option's mean token NLL.
 
-        ``batch_size`` counts (row, option) sequences per forward pass, not
-        rows: a batch of 16 costs about what a training batch of 16 does.
+        Options are scored by :meth:`option_log_likelihoods` (each prompt runs
+        once). ``batch_size`` only matters for models without a reusable
+        cache, where it counts (row, option) sequences per forward pass.
         """
         if len(dataset) == 0:
             return {"loss": 0.0, "accuracy": 0.0, "macro-f1": 0.0, "weighted-f1": 0.0}
@@ -239,13 +241,25 @@ class CausalQA(Task):
 
     @torch.no_grad()
     def option_log_likelihoods(
-        self, model: torch.nn.Module, dataset: Dataset, tokenizer: Any, *, batch_size: int, device: torch.device
+        self,
+        model: torch.nn.Module,
+        dataset: Dataset,
+        tokenizer: Any,
+        *,
+        batch_size: int,
+        device: torch.device,
+        reuse_prompt: bool = True,
     ) -> tuple[np.ndarray, np.ndarray]:
         """Log-probability of every option's tokens after its row's prompt.
 
-        One sequence per (row, option), sorted by length and right-padded in
-        batches of ``batch_size``; the options of a row usually share a batch.
-        The model's train/eval mode is restored afterwards.
+        With ``reuse_prompt`` each row's prompt runs once and all its options
+        continue from the cached keys and values: for PubMedQA (a ~400-token
+        prompt, 2-token answers, 3 options) that is about a third of the work
+        of scoring each (prompt + option) sequence on its own. Models that
+        return no reusable cache fall back to the latter, which sorts the
+        sequences by length and right-pads them in batches of ``batch_size``.
+        Both give the same numbers up to float rounding. The model's
+        train/eval mode is restored afterwards.
 
         Parameters
         ----------
@@ -256,9 +270,11 @@ class CausalQA(Task):
         tokenizer : transformers tokenizer
             Gives the padding id.
         batch_size : int
-            Sequences per forward pass.
+            Sequences per forward pass when sequences are scored one by one.
         device : torch.device
             Where batches go.
+        reuse_prompt : bool
+            Run each prompt once and continue it with every option.
 
         Returns
         -------
@@ -267,32 +283,95 @@ class CausalQA(Task):
             summed token log-probabilities (``-inf`` where a row has fewer
             options) and the number of tokens summed (0 there).
         """
-        input_ids, prompt_lengths = dataset["input_ids"], dataset["prompt_length"]
-        option_ids = dataset["option_ids"]
-        pairs = [(r, k) for r in range(len(option_ids)) for k in range(len(option_ids[r]))]
-        sequences = [list(input_ids[r][: prompt_lengths[r]]) + list(option_ids[r][k]) for r, k in pairs]
-        targets = [[IGNORE_INDEX] * prompt_lengths[r] + list(option_ids[r][k]) for r, k in pairs]
-        order = np.argsort([len(s) for s in sequences], kind="stable")  # similar lengths pad less
-        step = max(1, batch_size)
+        prompts = [list(ids[:n]) for ids, n in zip(dataset["input_ids"], dataset["prompt_length"])]
+        options = [[list(ids) for ids in row] for row in dataset["option_ids"]]
+        num_options = max((len(row) for row in options), default=0)
+        log_likelihood = np.full((len(prompts), num_options), -np.inf)
+        n_tokens = np.zeros((len(prompts), num_options))
         pad_id = pad_token_id(tokenizer)
-        num_options = max((len(options) for options in option_ids), default=0)
-        log_likelihood = np.full((len(option_ids), num_options), -np.inf)
-        n_tokens = np.zeros((len(option_ids), num_options))
         was_training = model.training
         model.eval()
         try:
-            for start in range(0, len(order), step):
-                chosen = [int(i) for i in order[start : start + step]]
-                batch = pad_right([sequences[i] for i in chosen], [targets[i] for i in chosen], pad_id)
-                batch = {k: v.to(device) for k, v in batch.items()}
-                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-                sums, counts = answer_nll(logits, batch["labels"])
-                for i, total, count in zip(chosen, sums.tolist(), counts.tolist()):
-                    r, k = pairs[i]
-                    log_likelihood[r, k], n_tokens[r, k] = -total, count
+            done = 0
+            while reuse_prompt and done < len(prompts):
+                scores = _continue_prompt(model, prompts[done], options[done], pad_id, device)
+                if scores is None:
+                    break  # the model keeps no cache: score every sequence on its own below
+                log_likelihood[done, : len(scores)] = scores
+                n_tokens[done, : len(scores)] = [len(ids) for ids in options[done]]
+                done += 1
+            remaining = list(range(done, len(prompts)))
+            _score_sequences(
+                model, prompts, options, remaining, pad_id, max(1, batch_size), device, log_likelihood, n_tokens
+            )
         finally:
             model.train(was_training)
         return log_likelihood, n_tokens
+
+
+def _continue_prompt(
+    model: torch.nn.Module, prompt: list[int], options: list[list[int]], pad_id: int, device: torch.device
+) -> list[float] | None:
+    """Log-likelihood of each option after one shared prompt pass, or None without a reusable cache."""
+    argument = _cache_argument(model)
+    if argument is None:
+        return None
+    prompt_ids = torch.tensor([prompt], dtype=torch.long, device=device)
+    out = _forward(
+        model, {"input_ids": prompt_ids, "attention_mask": torch.ones_like(prompt_ids), "use_cache": True}, 1
+    )
+    cache = getattr(out, argument, None)
+    if cache is None or not hasattr(cache, "batch_repeat_interleave"):
+        return None
+    first = torch.log_softmax(out.logits[0, -1].float(), dim=-1)
+    cache.batch_repeat_interleave(len(options))
+    batch = pad_right(options, options, pad_id)
+    mask = torch.cat([torch.ones(len(options), len(prompt), dtype=torch.long), batch["attention_mask"]], dim=1)
+    # Right padding keeps every option token at its true position after the prompt.
+    rest = model(
+        input_ids=batch["input_ids"].to(device), attention_mask=mask.to(device), use_cache=True, **{argument: cache}
+    ).logits
+    sums, _ = answer_nll(rest, batch["labels"].to(device))  # tokens 2.. of each option
+    heads = torch.tensor([ids[0] for ids in options], device=first.device)
+    return (first[heads] - sums.to(first.device)).tolist()
+
+
+def _cache_argument(model: torch.nn.Module) -> str | None:
+    """The name under which the model takes and returns its key/value cache, if it has one."""
+    unwrap = getattr(model, "get_base_model", None)  # peft wraps the real model
+    base = unwrap() if callable(unwrap) else model
+    parameters = inspect.signature(base.forward).parameters
+    # transformers 5.24 renamed `past_key_values` to `cache` (the old name warns, then goes in 5.40).
+    for name in ("cache", "past_key_values"):
+        if name in parameters:
+            return name
+    return None
+
+
+def _score_sequences(
+    model: torch.nn.Module,
+    prompts: list[list[int]],
+    options: list[list[list[int]]],
+    rows: list[int],
+    pad_id: int,
+    batch_size: int,
+    device: torch.device,
+    log_likelihood: np.ndarray,
+    n_tokens: np.ndarray,
+) -> None:
+    """Score (prompt + option) sequences of ``rows`` independently, filling the two arrays in place."""
+    pairs = [(r, k) for r in rows for k in range(len(options[r]))]
+    sequences = [prompts[r] + options[r][k] for r, k in pairs]
+    targets = [[IGNORE_INDEX] * len(prompts[r]) + options[r][k] for r, k in pairs]
+    order = np.argsort([len(s) for s in sequences], kind="stable")  # similar lengths pad less
+    for start in range(0, len(order), batch_size):
+        chosen = [int(i) for i in order[start : start + batch_size]]
+        batch = pad_right([sequences[i] for i in chosen], [targets[i] for i in chosen], pad_id)
+        batch = {k: v.to(device) for k, v in batch.items()}
+        sums, counts = answer_nll(*answer_logits(model, batch))
+        for i, total, count in zip(chosen, sums.tolist(), counts.tolist()):
+            r, k = pairs[i]
+            log_likelihood[r, k], n_tokens[r, k] = -total, count
 
 
 def special_prefix(tokenizer: Any) -> list[int]:
@@ -335,6 +414,49 @@ def pad_right(input_ids: list[list[int]], labels: list[list[int]], pad_id: int) 
     return {"input_ids": ids, "attention_mask": mask, "labels": target}
 
 
+def answer_logits(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The model's logits from the first position that predicts an answer token on, with matching labels.
+
+    A causal LM's logits are ``(batch, length, vocab)``: with SmolLM2's 49k
+    vocabulary, 64 sequences of 512 tokens would need 6.4 GB in float32,
+    almost all for prompt positions nobody scores. transformers' causal LMs
+    take ``logits_to_keep`` to compute only the last positions; models that
+    do not are run in full.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        A causal LM, peft-wrapped or not.
+    batch : dict
+        Right-padded ``input_ids``, ``attention_mask`` and ``labels``.
+
+    Returns
+    -------
+    tuple of torch.Tensor
+        ``(logits, labels)`` covering the same last positions; ``labels`` may
+        be shorter than the batch's but keeps every answer token.
+    """
+    labels = batch["labels"]
+    width = labels.shape[1]
+    is_answer = labels != IGNORE_INDEX
+    # Position p predicts token p + 1, so the earliest answer token needs p = first - 1.
+    first = int(is_answer.to(torch.int8).argmax(dim=1).min()) if bool(is_answer.any()) else 0
+    keep = min(width, width - first + 1)
+    logits = _forward(model, {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}, keep).logits
+    # A model may also accept and ignore the argument: align with whatever came back.
+    return logits, labels[:, width - logits.shape[1] :]
+
+
+def _forward(model: torch.nn.Module, inputs: dict[str, Any], logits_to_keep: int) -> Any:
+    """``model(**inputs)`` computing only the last ``logits_to_keep`` logits where the model allows it."""
+    try:
+        return model(**inputs, logits_to_keep=logits_to_keep)
+    except TypeError as err:
+        if "logits_to_keep" not in str(err):
+            raise
+        return model(**inputs)
+
+
 def answer_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per row: summed negative log-likelihood of the labelled tokens, and how many there are.
 
@@ -352,8 +474,8 @@ def answer_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor
     """
     targets = labels[:, 1:]
     rows, cols = (targets != IGNORE_INDEX).nonzero(as_tuple=True)
-    # Only answer positions go through log-softmax (in float32, for stability):
-    # the full (batch, length, vocab) tensor is large for a 49k-token vocabulary.
+    # Only answer positions go through log-softmax (in float32, for stability),
+    # never a full (batch, length, vocab) copy.
     picked = logits[rows, cols].float()
     nll = torch.nn.functional.cross_entropy(picked, targets[rows, cols], reduction="none")
     sums = torch.zeros(labels.shape[0], dtype=torch.float32, device=logits.device).index_add(0, rows, nll)
