@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -89,3 +90,46 @@ def reply(content, *, node_id: int, message_type: str = "train"):  # type: ignor
         reply_to_message_id="x", group_id="1", created_at=time.time(), ttl=3600.0, message_type=message_type,
     )
     return Message(content, metadata=metadata)
+
+
+def tiny_llama(vocab_size: int, eos_id: int, *, seed: int = 0) -> Any:
+    """A 2-layer, 32-wide random Llama."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        bos_token_id=eos_id,
+        eos_token_id=eos_id,
+        pad_token_id=eos_id,
+    )
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(config)
+
+
+@pytest.fixture(scope="session")
+def smol_tokenizer() -> Any:
+    """SmolLM2's tokenizer, read from the GGUF file without converting the weights."""
+    from transformers import AutoTokenizer
+
+    from fedfm import gguf
+
+    source = gguf.smollm2_gguf_file()
+    tokenizer = AutoTokenizer.from_pretrained(str(source.parent), gguf_file=source.name, local_files_only=True)
+    assert tokenizer.pad_token_id is not None  # SmolLM2 pads with <|im_end|>, its eos
+    return tokenizer
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory, smol_tokenizer: Any) -> Path:
+    """A 2-layer, 32-wide random Llama with SmolLM2's tokenizer, saved as a model folder."""
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    tiny_llama(len(smol_tokenizer), smol_tokenizer.eos_token_id).save_pretrained(folder)
+    smol_tokenizer.save_pretrained(folder)
+    return folder

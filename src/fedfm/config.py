@@ -14,10 +14,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, get_type_hints
+
+import tomllib
 
 from fedfm.errors import ConfigError
 
@@ -434,7 +435,7 @@ def describe() -> str:
     for section, cls in SECTIONS.items():
         lines.append(f"[{section}]  {cls.__doc__.splitlines()[0] if cls.__doc__ else ''}")
         for f in fields(cls):
-            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc,operator]
             lines.append(f"  {_kebab(f.name)} = {_toml_value(default)}    # {f.metadata.get('help', '')}")
         lines.append("")
     return "\n".join(lines)

@@ -91,7 +91,7 @@ class RunDirectory:
     def write_checkpoint(self, server_round: int, arrays: dict[str, np.ndarray], *, keep: int = 2) -> Path:
         """Save the global adapter after a round, with a checksum; keep the newest ``keep``."""
         buffer = io.BytesIO()
-        np.savez(buffer, **arrays)
+        np.savez(buffer, **arrays)  # type: ignore[arg-type]
         data = buffer.getvalue()
         target = self.checkpoint_dir / f"round-{server_round:04d}.npz"
         atomic_write_bytes(target, data)

@@ -76,9 +76,9 @@ class _Recorder:
         if server_round == 0:
             self.initial = central
             logger.info("round 0/%d  global %s (before training)", self.config.federation.num_rounds, _fmt(central))
-            return MetricRecord(central) if central else None
-        self._record_round(server_round, arrays, central)
-        return MetricRecord(central) if central else None
+        else:
+            self._record_round(server_round, arrays, central)
+        return MetricRecord(dict(central)) if central else None  # type: ignore[arg-type]
 
     def _record_round(self, server_round: int, arrays: ArrayRecord, central: dict[str, float] | None) -> None:
         record = self.strategy.rounds.get(server_round) or strategies.RoundRecord()
@@ -98,7 +98,7 @@ class _Recorder:
             }
         federated = _weighted(record.evaluate)
         now = time.perf_counter()
-        entry = {
+        entry: dict[str, Any] = {
             "round": server_round,
             "global": central if central is not None else federated,
             "federated": federated,

@@ -34,4 +34,4 @@ def get_task(name: str) -> Task:
 register_task(SequenceClassification.name, SequenceClassification)
 register_task(CausalQA.name, CausalQA)
 
-__all__ = ["Task", "SequenceClassification", "CausalQA", "register_task", "get_task"]
+__all__ = ["CausalQA", "SequenceClassification", "Task", "get_task", "register_task"]

@@ -68,6 +68,6 @@ class SequenceClassification(Task):
             model.train()
         if not labels:
             return {"loss": 0.0, "accuracy": 0.0, "macro-f1": 0.0, "weighted-f1": 0.0}
-        num_classes = int(model.config.num_labels)
+        num_classes = int(model.config.num_labels)  # type: ignore[union-attr,arg-type]
         y, p = np.concatenate(labels), np.concatenate(preds)
         return classification_metrics(y, p, num_classes, loss_sum / len(y))

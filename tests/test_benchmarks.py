@@ -1,0 +1,45 @@
+"""The quality benchmark runs end to end (``--quick``) and writes its three arms."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_quality_quick_heart_writes_three_arms(tmp_path: Path) -> None:
+    # Prepare
+    env = dict(os.environ, HF_HOME=str(tmp_path / "hf"))
+
+    # Execute
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "quality.py"), "--quick", "--dataset", "heart",
+         "--out", str(tmp_path)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+    # Assert
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    report = json.loads((tmp_path / "quality-heart-quick.json").read_text())
+    assert set(report["arms"]) == {"federated", "centralized", "local"}
+    assert set(report["arms"]["local"]["per_hospital"]) == set(report["hospitals"])
+    for arm in report["arms"].values():
+        assert {"accuracy", "macro-f1", "weighted-f1", "loss"} <= set(arm["global"])
+    # Same budget in every arm: that is what makes the comparison fair.
+    seen = {name: arm["examples_seen"] for name, arm in report["arms"].items()}
+    assert len(set(seen.values())) == 1, seen
+    assert "federated_over_centralized_macro_f1" in report["comparison"]
+    assert "federated_minus_local_mean_macro_f1" in report["comparison"]
+    assert report["settings"]["data.dataset"] == "heart_disease_uci"
