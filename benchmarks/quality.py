@@ -1,0 +1,495 @@
+"""Does federating pay? Federated vs centralized vs local-only fine-tuning, side by side.
+
+Three arms train the same model with the same LoRA shape and optimizer settings
+on the same total number of training examples, and are scored on the same
+global test set:
+
+``federated``
+    :func:`fedfm.run` with FedAvg: R rounds of E local epochs in every hospital.
+``centralized``
+    One model trained in this process on every hospital's training rows pooled,
+    for R x E epochs: the upper bound federation tries to reach.
+``local-only``
+    Each hospital alone, R x E epochs on its own rows: what a hospital gets
+    without the federation. Reported per hospital and as the mean.
+
+The figures that matter are ``federated macro-F1 / centralized macro-F1``
+(target >= 0.90) and ``federated macro-F1 - mean local-only macro-F1``
+(target > 0).
+
+Usage::
+
+    python benchmarks/quality.py --dataset heart
+    python benchmarks/quality.py --quick                  # smoke test, both datasets
+    python benchmarks/quality.py --dataset nicta --set train.learning-rate=1e-3
+
+Writes ``<out>/quality-<dataset>.json`` (default ``benchmarks/results/``) and
+prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime as dt
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+HEART_TOML = ROOT / "examples" / "quickstart" / "heart.toml"
+DEFAULT_OUT = ROOT / "benchmarks" / "results"
+
+#: Settings of the NICTA-PIBOSO benchmark. Sentences are short (99th percentile
+#: 72 MiniLM tokens), so 96 tokens truncates almost nothing while dynamic
+#: padding keeps batches small. Four passes over the 4,885 training sentences per
+#: arm keep the three arms within about half an hour on two cores.
+NICTA_SETTINGS: dict[str, Any] = {
+    "model.name": "minilm",
+    "model.task": "sequence-classification",
+    "model.max-length": 96,
+    "lora.r": 8,
+    "lora.alpha": 16.0,
+    "lora.dropout": 0.05,
+    "data.dataset": "nicta_piboso",
+    "data.partitioner": "dirichlet",
+    "data.num-hospitals": 5,
+    "data.alpha": 0.5,
+    "train.batch-size": 16,
+    "train.learning-rate": 1e-3,
+    "train.local-epochs": 1,
+    "federation.num-rounds": 4,
+    "federation.min-hospitals": 5,
+    # The hospitals' local test splits are not part of the comparison; scoring
+    # them every round would cost a third of a round's time.
+    "federation.fraction-evaluate": 0.0,
+}
+
+#: ``--quick`` caps: a smoke test of the whole program in a few minutes, not a result.
+QUICK_SETTINGS: dict[str, dict[str, Any]] = {
+    "heart": {"data.max-train-per-hospital": 32, "data.max-test": 96, "federation.num-rounds": 2},
+    "nicta": {"data.max-train-per-hospital": 48, "data.max-test": 150, "federation.num-rounds": 2},
+}
+
+DATASETS = ("heart", "nicta")
+ARMS = ("federated", "centralized", "local")
+
+
+def _environment() -> None:
+    # Before torch, transformers or Ray are imported: nothing may download, and
+    # Ray should not phone home. OpenMP's default busy-waiting made two torch
+    # threads 6-10x slower than one on a shared two-core machine (measured here
+    # with other jobs running); passive waiting keeps two threads on par or better.
+    # Ray's workers inherit this environment.
+    for key, value in {
+        "OMP_WAIT_POLICY": "PASSIVE",
+        "FLWR_TELEMETRY_ENABLED": "0",
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+    }.items():
+        os.environ.setdefault(key, value)
+
+
+def base_config(dataset: str, *, quick: bool, overrides: list[str]) -> Any:
+    """The configuration every arm of one dataset uses.
+
+    Parameters
+    ----------
+    dataset : str
+        ``heart`` (the quickstart TOML as it is now) or ``nicta`` (:data:`NICTA_SETTINGS`).
+    quick : bool
+        Apply the :data:`QUICK_SETTINGS` caps.
+    overrides : list of str
+        ``section.key=value`` strings applied last, so they win over everything.
+
+    Returns
+    -------
+    RunConfig
+        The validated configuration.
+    """
+    from fedfm.config import RunConfig, load_config, parse_override
+
+    if dataset == "heart":
+        if HEART_TOML.is_file():
+            config = load_config(HEART_TOML)
+        else:
+            print(f"note: {HEART_TOML} not found; using fedfm's defaults for heart_disease_uci", flush=True)
+            config = RunConfig().replace(**{"data.dataset": "heart_disease_uci", "data.partitioner": "natural"})
+    else:
+        config = RunConfig().replace(**NICTA_SETTINGS)
+    flat: dict[str, Any] = {}
+    if quick:
+        flat.update(QUICK_SETTINGS[dataset])
+    flat.update(dict(parse_override(text) for text in overrides))
+    return config.replace(**flat) if flat else config
+
+
+def device_info(device: Any) -> dict[str, Any]:
+    """Where the figures were measured: these machines are shared and noisy, so record it."""
+    import torch
+
+    from fedfm.config import available_cores
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    info: dict[str, Any] = {
+        "torch_device": str(device),
+        "cpu": cpu,
+        "cores_available": available_cores(),
+        "torch_threads": torch.get_num_threads(),
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", ""),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+    }
+    if device is not None and str(device).startswith("cuda"):
+        info["gpu"] = torch.cuda.get_device_name(0)
+    try:
+        info["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        pass
+    return info
+
+
+def _examples_per_arm(config: Any, train_rows: list[int]) -> dict[str, Any]:
+    """The in-process arms' training budget that matches the federation's."""
+    rounds = config.federation.num_rounds
+    if config.train.local_steps > 0:
+        # Every hospital takes the same number of steps per round, whatever its size.
+        return {"steps_each_hospital": rounds * config.train.local_steps,
+                "steps_pooled": rounds * config.train.local_steps * len(train_rows)}
+    return {"epochs": rounds * config.train.local_epochs}
+
+
+def _train_spec(config: Any, budget: dict[str, Any], *, pooled: bool) -> Any:
+    if "epochs" in budget:
+        return dataclasses.replace(config.train, local_epochs=budget["epochs"], local_steps=0)
+    steps = budget["steps_pooled"] if pooled else budget["steps_each_hospital"]
+    return dataclasses.replace(config.train, local_steps=steps)
+
+
+def _evaluate(workspace: Any, config: Any) -> dict[str, float]:
+    from fedfm.train import autocast
+
+    loaded = workspace.loaded
+    with autocast(loaded.device, config.model.dtype):
+        scores = workspace.task.evaluate(
+            loaded.model,
+            workspace.hospital_rows("test", -1),
+            loaded.tokenizer,
+            batch_size=config.train.eval_batch_size,
+            device=loaded.device,
+        )
+    return {k: float(v) for k, v in scores.items()}
+
+
+def _train_and_score(workspace: Any, config: Any, rows: Any, spec: Any, seed: int) -> dict[str, Any]:
+    """Train from the initial adapter on ``rows`` and score on the global test set."""
+    from fedfm.adapters import set_adapter_state
+    from fedfm.train import train_local
+
+    loaded = workspace.loaded
+    # Each arm starts where the federation starts, whatever ran before in this process.
+    set_adapter_state(loaded.model, loaded.initial_state)
+    started = time.perf_counter()
+    result = train_local(
+        loaded.model, workspace.task, rows, loaded.tokenizer,
+        spec=spec, device=loaded.device, dtype=config.model.dtype, seed=seed,
+    )
+    train_seconds = time.perf_counter() - started
+    metrics = _evaluate(workspace, config)
+    set_adapter_state(loaded.model, loaded.initial_state)
+    return {
+        "global": metrics,
+        "train_rows": len(rows),
+        "examples_seen": result.examples,
+        "steps": result.steps,
+        "train_loss": result.loss,
+        "train_seconds": round(train_seconds, 2),
+        "wall_seconds": round(time.perf_counter() - started, 2),
+    }
+
+
+def run_centralized(config: Any) -> dict[str, Any]:
+    """All hospitals' training rows pooled, trained in this process for the federation's budget."""
+    from datasets import concatenate_datasets
+
+    from fedfm.workspace import workspace_for
+
+    workspace = workspace_for(config)
+    n = len(workspace.federation.hospitals)
+    rows = concatenate_datasets([workspace.hospital_rows("train", i) for i in range(n)])
+    budget = _examples_per_arm(config, [len(workspace.hospital_rows("train", i)) for i in range(n)])
+    print(f"[centralized] {len(rows)} pooled rows, {budget}", flush=True)
+    arm = _train_and_score(workspace, config, rows, _train_spec(config, budget, pooled=True), seed=config.train.seed)
+    arm["budget"] = budget
+    print(f"[centralized] {_fmt(arm['global'])}  {arm['wall_seconds']:.0f} s", flush=True)
+    return arm
+
+
+def run_local(config: Any) -> dict[str, Any]:
+    """Each hospital alone on its own rows, each scored on the global test set."""
+    from fedfm.workspace import workspace_for
+
+    workspace = workspace_for(config)
+    hospitals = workspace.federation.hospitals
+    budget = _examples_per_arm(config, [len(h.train) for h in hospitals])
+    spec = _train_spec(config, budget, pooled=False)
+    started = time.perf_counter()
+    per_hospital: dict[str, Any] = {}
+    for index, hospital in enumerate(hospitals):
+        rows = workspace.hospital_rows("train", index)
+        # A hospital-specific seed, so two equally sized hospitals do not shuffle alike.
+        arm = _train_and_score(workspace, config, rows, spec, seed=config.train.seed * 1_000_003 + index)
+        per_hospital[hospital.name] = arm
+        print(
+            f"[local-only] {hospital.name} ({len(rows)} rows): {_fmt(arm['global'])}  {arm['wall_seconds']:.0f} s",
+            flush=True,
+        )
+    names = ("accuracy", "macro-f1", "weighted-f1", "loss")
+    mean = {k: sum(a["global"][k] for a in per_hospital.values()) / len(per_hospital) for k in names}
+    return {
+        "global": mean,
+        "per_hospital": per_hospital,
+        "examples_seen": sum(a["examples_seen"] for a in per_hospital.values()),
+        "budget": budget,
+        "wall_seconds": round(time.perf_counter() - started, 2),
+    }
+
+
+def run_federated(config: Any, *, verbose: bool) -> dict[str, Any]:
+    """FedAvg through Flower's simulation engine; the run directory is temporary."""
+    import fedfm
+    from fedfm import keys
+
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="fedfm-quality-") as tmp:
+        result = fedfm.run(config, out=Path(tmp) / "run", verbose=verbose)
+    wall = time.perf_counter() - started
+    examples = 0
+    for entry in result.history:
+        for hospital in entry.get("per_hospital", {}).values():
+            trained = hospital.get("train", {})
+            if config.train.local_steps > 0:
+                examples += int(trained.get("train-steps", 0)) * config.train.batch_size
+            else:
+                examples += int(trained.get(keys.NUM_EXAMPLES, 0)) * config.train.local_epochs
+    return {
+        "global": {k: float(v) for k, v in result.final_global.items()},
+        "initial_global": (result.summary.get("initial") or {}).get("global"),
+        "per_round_global": [
+            {
+                "round": e["round"],
+                **{k: e["global"].get(k) for k in ("accuracy", "macro-f1", "weighted-f1", "loss")},
+                "seconds": e["seconds"],
+            }
+            for e in result.history
+        ],
+        # Upper bound when the last batch of an epoch is short (local-steps mode only).
+        "examples_seen": examples,
+        "rounds": result.summary.get("rounds"),
+        "server_wall_seconds": result.summary.get("wall_seconds"),
+        "wall_seconds": round(wall, 2),
+        "bytes": result.summary.get("bytes"),
+    }
+
+
+def _fmt(metrics: dict[str, float]) -> str:
+    return "  ".join(f"{k} {metrics[k]:.3f}" for k in ("accuracy", "macro-f1", "weighted-f1"))
+
+
+def comparison(arms: dict[str, Any]) -> dict[str, Any]:
+    """The ratios the benchmark exists for, with whether each target is met."""
+    out: dict[str, Any] = {}
+    fed = arms.get("federated")
+    cen = arms.get("centralized")
+    loc = arms.get("local")
+    if fed and cen:
+        ratio = fed["global"]["macro-f1"] / cen["global"]["macro-f1"] if cen["global"]["macro-f1"] > 0 else float("nan")
+        out["federated_over_centralized_macro_f1"] = round(ratio, 4)
+        out["target_federated_over_centralized"] = 0.90
+        out["met_federated_over_centralized"] = bool(ratio >= 0.90)
+    if fed and loc:
+        gain = fed["global"]["macro-f1"] - loc["global"]["macro-f1"]
+        out["federated_minus_local_mean_macro_f1"] = round(gain, 4)
+        out["target_federated_minus_local_mean"] = 0.0
+        out["met_federated_minus_local_mean"] = bool(gain > 0)
+        best = max(a["global"]["macro-f1"] for a in loc["per_hospital"].values())
+        out["federated_minus_best_local_macro_f1"] = round(fed["global"]["macro-f1"] - best, 4)
+    return out
+
+
+def table(report: dict[str, Any]) -> str:
+    """The arms as a plain-text table, then the two ratios."""
+    arms = report["arms"]
+    rows: list[tuple[str, dict[str, Any]]] = []
+    if "federated" in arms:
+        rows.append(("federated (FedAvg)", arms["federated"]))
+    if "centralized" in arms:
+        rows.append(("centralized (pooled)", arms["centralized"]))
+    if "local" in arms:
+        for name, arm in arms["local"]["per_hospital"].items():
+            rows.append((f"local-only {name}", arm))
+        rows.append(("local-only mean", arms["local"]))
+    width = max([len(name) for name, _ in rows] + [10])
+    head = (
+        f"{'arm':{width}}  {'accuracy':>8}  {'macro-f1':>8}  {'weighted-f1':>11}  "
+        f"{'loss':>6}  {'examples':>8}  {'seconds':>7}"
+    )
+    lines = [
+        f"{report['dataset']}: global test set of {report['global_test_rows']} rows, "
+        f"{len(report['hospitals'])} hospitals",
+        head,
+        "-" * len(head),
+    ]
+    for name, arm in rows:
+        m = arm["global"]
+        lines.append(
+            f"{name:{width}}  {m['accuracy']:8.3f}  {m['macro-f1']:8.3f}  {m['weighted-f1']:11.3f}  "
+            f"{m['loss']:6.3f}  {arm.get('examples_seen', 0):8d}  {arm['wall_seconds']:7.0f}"
+        )
+    c = report["comparison"]
+    if "federated_over_centralized_macro_f1" in c:
+        ok = "met" if c["met_federated_over_centralized"] else "NOT met"
+        ratio = c["federated_over_centralized_macro_f1"]
+        lines.append(f"federated / centralized macro-F1:     {ratio:.3f}  (target >= 0.90: {ok})")
+    if "federated_minus_local_mean_macro_f1" in c:
+        ok = "met" if c["met_federated_minus_local_mean"] else "NOT met"
+        gain = c["federated_minus_local_mean_macro_f1"]
+        lines.append(f"federated - mean local-only macro-F1: {gain:+.3f}  (target > 0: {ok})")
+    return "\n".join(lines)
+
+
+def benchmark(
+    dataset: str, *, quick: bool, overrides: list[str], arms: list[str], out: Path, verbose: bool
+) -> dict[str, Any]:
+    """Run the chosen arms of one dataset one after another, print the table, write the JSON.
+
+    Parameters
+    ----------
+    dataset : str
+        ``heart`` or ``nicta``.
+    quick : bool
+        Smoke-test caps (:data:`QUICK_SETTINGS`); the file is named ``quality-<dataset>-quick.json``.
+    overrides : list of str
+        ``section.key=value`` strings applied to every arm.
+    arms : list of str
+        Which of ``federated``, ``centralized``, ``local`` to run.
+    out : Path
+        Folder of the JSON file.
+    verbose : bool
+        Show Flower's and Ray's own logs.
+
+    Returns
+    -------
+    dict
+        The report also written as JSON.
+    """
+    import torch
+
+    from fedfm.config import available_cores
+    from fedfm.workspace import workspace_for
+
+    config = base_config(dataset, quick=quick, overrides=overrides)
+    fed = config.federation
+    if fed.fraction_train < 1.0:
+        print("note: federation.fraction-train < 1: the federated arm sees fewer examples than the others", flush=True)
+    print(f"== {config.data.dataset}: arms {', '.join(arms)}{' (quick)' if quick else ''}", flush=True)
+    started = time.perf_counter()
+    results: dict[str, Any] = {}
+    # The federated arm goes first: it is the likeliest to fail, and Ray has
+    # shut down before the in-process arms take the cores.
+    if "federated" in arms:
+        results["federated"] = run_federated(config, verbose=verbose)
+        arm = results["federated"]
+        print(f"[federated] {_fmt(arm['global'])}  {arm['wall_seconds']:.0f} s", flush=True)
+    # fedfm.run sets the driver's threads for its worker layout; the in-process
+    # arms get every core, and the same seeds whatever ran before.
+    torch.set_num_threads(available_cores())
+    if "centralized" in arms:
+        results["centralized"] = run_centralized(config)
+    if "local" in arms:
+        results["local"] = run_local(config)
+    workspace = workspace_for(config)
+    report = {
+        "benchmark": "quality",
+        "dataset": config.data.dataset,
+        "quick": quick,
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+        "hospitals": {
+            h.name: {"train_rows": len(h.train), "test_rows": len(h.test)} for h in workspace.federation.hospitals
+        },
+        "global_test_rows": len(workspace.federation.global_test),
+        "arms": results,
+        "comparison": comparison(results),
+        "settings": config.to_flat(),
+        "overrides": overrides,
+        "device": device_info(workspace.loaded.device),
+        "total_wall_seconds": round(time.perf_counter() - started, 2),
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    short = "heart" if dataset == "heart" else "nicta"
+    path = out / f"quality-{short}{'-quick' if quick else ''}.json"
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(report, indent=2, sort_keys=False) + "\n")
+    tmp.replace(path)
+    print()
+    print(table(report))
+    print(f"written: {path}", flush=True)
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command-line entry point."""
+    parser = argparse.ArgumentParser(
+        description="Federated vs centralized vs local-only LoRA fine-tuning on the same examples and test set.",
+    )
+    parser.add_argument("--dataset", choices=(*DATASETS, "all"), default="all",
+                        help="heart (UCI heart disease, 4 natural hospitals), "
+                        "nicta (NICTA-PIBOSO, 5 Dirichlet hospitals) or all")
+    parser.add_argument("--quick", action="store_true",
+                        help="cap rows and rounds for a smoke test of a few minutes (figures are not meaningful)")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT,
+                        help="folder for quality-<dataset>.json (default: %(default)s)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="configuration override applied to every arm; repeatable")
+    parser.add_argument("--arms", default=",".join(ARMS),
+                        help="comma-separated subset of federated,centralized,local (default: all three)")
+    parser.add_argument("--verbose", action="store_true", help="show Flower's and Ray's own logs")
+    args = parser.parse_args(argv)
+    arms = [a.strip() for a in args.arms.split(",") if a.strip()]
+    unknown = sorted(set(arms) - set(ARMS))
+    if unknown or not arms:
+        parser.error(f"--arms must name some of {list(ARMS)}, got {args.arms!r}")
+
+    _environment()
+    from fedfm.errors import ConfigError
+
+    datasets = list(DATASETS) if args.dataset == "all" else [args.dataset]
+    try:
+        # Every configuration is checked before the first arm spends minutes.
+        for name in datasets:
+            base_config(name, quick=args.quick, overrides=args.overrides)
+        for name in datasets:
+            benchmark(name, quick=args.quick, overrides=args.overrides, arms=arms, out=args.out, verbose=args.verbose)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
