@@ -67,6 +67,20 @@ def two_hospital_csv(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
+@pytest.fixture(scope="session")
+def tiny_csv_settings(tiny_bert: Path, two_hospital_csv: Path) -> dict[str, Any]:
+    """Run settings for the tiny BERT on the two-hospital notes (flat `section.key` form)."""
+    return {
+        "model.name": str(tiny_bert),
+        "lora.r": 4,
+        "data.dataset": "csv",
+        "data.path": str(two_hospital_csv),
+        "data.partitioner": "natural",
+        "data.partition-column": "hospital",
+        "train.batch-size": 8,
+    }
+
+
 def instruction(content, *, node_id: int = 7, message_type: str = "train", src_node_id: int = 1):  # type: ignore[no-untyped-def]
     """A Flower instruction message as the SuperLink would deliver it (metadata set by hand)."""
     import time

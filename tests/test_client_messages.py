@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -18,19 +18,8 @@ from fedfm.workspace import workspace_for
 
 
 @pytest.fixture()
-def config(tiny_bert: Path, two_hospital_csv: Path) -> RunConfig:
-    return RunConfig().replace(
-        **{
-            "model.name": str(tiny_bert),
-            "lora.r": 4,
-            "data.dataset": "csv",
-            "data.path": str(two_hospital_csv),
-            "data.partitioner": "natural",
-            "data.partition-column": "hospital",
-            "train.batch-size": 8,
-            "train.local-steps": 3,
-        }
-    )
+def config(tiny_csv_settings: dict[str, Any]) -> RunConfig:
+    return RunConfig().replace(**tiny_csv_settings, **{"train.local-steps": 3})
 
 
 def _context(partition: int) -> Context:

@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -22,19 +23,13 @@ def _ray_processes() -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def finished(tiny_bert: Path, two_hospital_csv: Path, tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+def finished(tiny_csv_settings: dict[str, Any], tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
     import fedfm
 
     run_dir = tmp_path_factory.mktemp("run") / "tiny"
     config = RunConfig().replace(
+        **tiny_csv_settings,
         **{
-            "model.name": str(tiny_bert),
-            "lora.r": 4,
-            "data.dataset": "csv",
-            "data.path": str(two_hospital_csv),
-            "data.partitioner": "natural",
-            "data.partition-column": "hospital",
-            "train.batch-size": 8,
             "train.learning-rate": 2e-2,
             "train.local-epochs": 3,
             "federation.num-rounds": 2,
