@@ -17,11 +17,10 @@ from typing import Any
 
 import numpy as np
 import pytest
-
-from conftest import tiny_llama
 import torch
 from datasets import Dataset
 
+from conftest import tiny_llama
 from fedfm import gguf
 from fedfm.errors import DataError, MissingExtraError, ModelError
 from fedfm.tasks import get_task

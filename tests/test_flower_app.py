@@ -9,10 +9,10 @@ import socket
 import subprocess
 import sys
 import time
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 
 from fedfm.config import load_config, to_flat
 

@@ -12,7 +12,7 @@ import importlib.util
 import logging
 import os
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -95,6 +95,8 @@ class LoadedModel:
     base_parameters: int
     adapter_parameters: int
     initial_state: dict[str, torch.Tensor]
+    #: Original weights of base layers that :func:`set_base_delta` changed, by module path.
+    original_weights: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 _CACHE: dict[tuple[Any, ...], LoadedModel] = {}
@@ -215,7 +217,58 @@ def set_adapter_state(model: Any, state: dict[str, torch.Tensor]) -> None:
         raise AdapterError(f"peft did not place adapter tensors {list(unexpected)[:3]}")
 
 
-def export_adapter(loaded: LoadedModel, state: dict[str, torch.Tensor], out_dir: Path, *, merged_dir: Path | None = None) -> None:
+def _lora_layer(model: Any, module: str) -> Any:
+    layer = model.get_submodule(module)
+    if not hasattr(layer, "base_layer"):
+        raise AdapterError(f"`{module}` is not a LoRA-adapted module of this model")
+    return layer
+
+
+def set_base_delta(loaded: LoadedModel, factors: dict[str, tuple[Any, Any]]) -> None:
+    """Make each adapted base layer ``W0 + scaling * B @ A`` for the given stacked factors.
+
+    FLoRA's global update lives in the base weights, not in the adapter. The
+    original weights are kept on first change, so the base can be rebuilt for
+    any global state (and restored, with ``factors`` empty, for strategies
+    that do not fold) whatever ran before in this process.
+
+    Parameters
+    ----------
+    loaded : LoadedModel
+        The process's model.
+    factors : dict of str to (A, B)
+        Per module path (as in the adapter's tensor names), numpy or torch
+        factors ``A`` (``R x in``) and ``B`` (``out x R``).
+    """
+    with torch.no_grad():
+        for module, weight in loaded.original_weights.items():
+            if module not in factors:
+                _lora_layer(loaded.model, module).base_layer.weight.copy_(weight)
+        for module, (a, b) in factors.items():
+            layer = _lora_layer(loaded.model, module)
+            base = layer.base_layer.weight
+            if module not in loaded.original_weights:
+                loaded.original_weights[module] = base.detach().clone()
+            original = loaded.original_weights[module]
+            a_t = torch.as_tensor(a, dtype=torch.float32, device=base.device)
+            b_t = torch.as_tensor(b, dtype=torch.float32, device=base.device)
+            if a_t.shape[0] == 0:
+                base.copy_(original)
+                continue
+            scaling = float(layer.scaling["default"])
+            base.copy_((original.float() + scaling * (b_t @ a_t)).to(base.dtype))
+        for module in [m for m in loaded.original_weights if m not in factors]:
+            del loaded.original_weights[module]
+
+
+def export_adapter(
+    loaded: LoadedModel,
+    state: dict[str, torch.Tensor],
+    out_dir: Path,
+    *,
+    merged_dir: Path | None = None,
+    fold: dict[str, tuple[Any, Any]] | None = None,
+) -> None:
     """Write the adapter so ``peft.PeftModel.from_pretrained(base, out_dir)`` loads it.
 
     Parameters
@@ -229,12 +282,41 @@ def export_adapter(loaded: LoadedModel, state: dict[str, torch.Tensor], out_dir:
     merged_dir : Path, optional
         If given, also write the base with the adapter merged in (a plain
         transformers model, no peft needed to load it).
+    fold : dict of str to (A, B), optional
+        FLoRA's stacked factors: the written adapter is then one LoRA of the
+        stacked rank whose product is the whole global update (``state``'s own
+        LoRA factors must be the untrained initial ones).
     """
+    set_base_delta(loaded, {})
     set_adapter_state(loaded.model, state)
+    model = loaded.model
+    if fold and next(iter(fold.values()))[0].shape[0] > 0:
+        model = _stacked_model(loaded, state, fold)
     out_dir.mkdir(parents=True, exist_ok=True)
-    loaded.model.save_pretrained(out_dir)
+    model.save_pretrained(out_dir)
     loaded.tokenizer.save_pretrained(out_dir)
     if merged_dir is not None:
-        merged = copy.deepcopy(loaded.model).merge_and_unload()
+        merged = copy.deepcopy(model).merge_and_unload()
         merged.save_pretrained(merged_dir)
         loaded.tokenizer.save_pretrained(merged_dir)
+
+
+def _stacked_model(loaded: LoadedModel, state: dict[str, torch.Tensor], fold: dict[str, tuple[Any, Any]]) -> Any:
+    """A new peft model whose LoRA rank is the stacked rank, holding the stacked factors and the head."""
+    from peft import get_peft_model, set_peft_model_state_dict
+
+    config = copy.deepcopy(loaded.model.peft_config["default"])
+    rank = int(next(iter(fold.values()))[0].shape[0])
+    scaling = config.lora_alpha / config.r
+    config.r, config.lora_alpha = rank, scaling * rank
+    # Merging the untrained LoRA (B = 0) leaves the original base, with the trained head in place.
+    base = copy.deepcopy(loaded.model).merge_and_unload()
+    stacked = get_peft_model(base, config)
+    tensors = {k: v for k, v in state.items() if ".lora_A." not in k and ".lora_B." not in k}
+    for module, (a, b) in fold.items():
+        tensors[f"{module}.lora_A.weight"] = torch.as_tensor(a, dtype=torch.float32)
+        tensors[f"{module}.lora_B.weight"] = torch.as_tensor(b, dtype=torch.float32)
+    unexpected = getattr(set_peft_model_state_dict(stacked, tensors), "unexpected_keys", None)
+    if unexpected:
+        raise AdapterError(f"peft did not place stacked tensors {list(unexpected)[:3]}")
+    return stacked

@@ -33,6 +33,7 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
 
     commands.add_parser("config-reference", help="list every configuration key with its default and meaning")
+    commands.add_parser("strategies", help="list the registered aggregation strategies")
     return parser
 
 
@@ -40,12 +41,15 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``fedfm`` command; returns the exit status."""
     # Before torch loads anywhere: see runner._environment.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    # `federation.strategy = "module:Class"` imports the user's module from where they run fedfm, as `python -m` would.
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
     parser = _parser()
     args = parser.parse_args(argv)
     try:
         if args.command == "run":
             config = load_config(args.config, args.overrides)
-            from fedfm.runner import run
+            from fedfm.runner import run  # checks the strategy before anything loads
 
             result = run(config, out=args.out, verbose=args.verbose)
             print()
@@ -53,7 +57,20 @@ def main(argv: list[str] | None = None) -> int:
             print(f"\nrun directory: {result.run_dir}")
             return 0
         if args.command == "check":
-            print(load_config(args.config, args.overrides).to_toml())
+            config = load_config(args.config, args.overrides)
+            from fedfm import strategies
+
+            strategies.check(config)
+            print(config.to_toml())
+            return 0
+        if args.command == "strategies":
+            from fedfm import strategies
+
+            for name in strategies.available():
+                entry = strategies.entry(name)
+                doc = (entry.cls.__doc__ or "").strip().splitlines()
+                linear = "linear" if entry.linear else "non-linear"
+                print(f"{name:15} {linear:10} {doc[0] if doc else entry.cls.__name__}")
             return 0
         if args.command == "config-reference":
             print(describe())

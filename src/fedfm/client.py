@@ -9,16 +9,20 @@ from __future__ import annotations
 
 import logging
 
+import numpy as np
 import torch
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedfm import keys
-from fedfm.adapters import get_adapter_state, set_adapter_state
+from fedfm import keys, strategies
+from fedfm.adapters import get_adapter_state, set_adapter_state, set_base_delta
+from fedfm.attacks import corrupt
 from fedfm.config import RunConfig, from_json, resolve_parallelism
 from fedfm.errors import ConfigError
+from fedfm.strategies import ClientPlan
+from fedfm.strategies.plan import decode_plan
 from fedfm.train import autocast, train_local
-from fedfm.wire import record_to_state, state_to_record
+from fedfm.wire import numpy_to_record, record_to_numpy
 from fedfm.workspace import Workspace, workspace_for
 
 logger = logging.getLogger("fedfm")
@@ -28,7 +32,13 @@ app = ClientApp()
 _threads_set = False
 
 
-def _unpack(msg: Message, context: Context) -> tuple[RunConfig, int, Workspace]:
+def _numpy(state: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
+    return {k: v.numpy() for k, v in state.items()}
+
+
+def _unpack(
+    msg: Message, context: Context
+) -> tuple[RunConfig, int, Workspace, ClientPlan, dict[str, np.ndarray]]:
     global _threads_set
     config = from_json(str(msg.content[keys.CONFIG][keys.RUN_CONFIG]))
     if not _threads_set:
@@ -41,14 +51,27 @@ def _unpack(msg: Message, context: Context) -> tuple[RunConfig, int, Workspace]:
         )
     index = int(context.node_config[keys.PARTITION_ID])
     workspace = workspace_for(config)
-    set_adapter_state(workspace.loaded.model, record_to_state(msg.content[keys.ARRAYS]))  # type: ignore[arg-type]
-    return config, index, workspace
+    instructions = msg.content[keys.CONFIG]
+    if keys.CLIENT_PLANS in instructions:  # type: ignore[operator]
+        plan = decode_plan(str(instructions[keys.CLIENT_PLANS]), index)  # type: ignore[index]
+    else:
+        plan = strategies.client_plan(config, index)
+    kept = context.state.get(keys.KEPT_ARRAYS)
+    state, fold = plan.materialize(
+        _numpy(workspace.loaded.initial_state),
+        record_to_numpy(msg.content[keys.ARRAYS]),  # type: ignore[arg-type]
+        record_to_numpy(kept) if isinstance(kept, ArrayRecord) else None,
+    )
+    # Always called: restores the original base if another strategy folded into it in this process.
+    set_base_delta(workspace.loaded, fold)
+    set_adapter_state(workspace.loaded.model, {k: torch.from_numpy(v) for k, v in state.items()})
+    return config, index, workspace, plan, state
 
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """Train the global adapter on this hospital's rows and send the new adapter back."""
-    config, index, workspace = _unpack(msg, context)
+    config, index, workspace, plan, start = _unpack(msg, context)
     rows = workspace.hospital_rows("train", index)
     server_round = int(msg.content[keys.CONFIG][keys.SERVER_ROUND])  # type: ignore[arg-type]
     result = train_local(
@@ -60,6 +83,9 @@ def train(msg: Message, context: Context) -> Message:
         device=workspace.loaded.device,
         dtype=config.model.dtype,
         seed=config.train.seed * 1_000_003 + server_round * 1009 + index,
+        frozen=plan.fixed,
+        rank=plan.rank,
+        proximal_mu=plan.proximal_mu,
     )
     metrics = MetricRecord(
         {
@@ -70,14 +96,23 @@ def train(msg: Message, context: Context) -> Message:
             "train-steps": result.steps,
         }
     )
-    arrays: ArrayRecord = state_to_record(get_adapter_state(workspace.loaded.model))
+    trained = _numpy(get_adapter_state(workspace.loaded.model))
+    kept = plan.kept(trained)
+    if kept:
+        # Persists across rounds in this hospital's own context; never sent.
+        context.state[keys.KEPT_ARRAYS] = numpy_to_record(kept)
+    shared = plan.shared(trained)
+    if index in config.attack.hospitals:
+        attack = config.attack
+        shared = corrupt(shared, plan.shared(start), kind=attack.kind, scale=attack.scale, seed=server_round * 7919 + index)
+    arrays: ArrayRecord = numpy_to_record(shared)
     return Message(RecordDict({keys.ARRAYS: arrays, keys.METRICS: metrics}), reply_to=msg)
 
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
-    """Score the global adapter on this hospital's local test rows."""
-    config, index, workspace = _unpack(msg, context)
+    """Score the global adapter on this hospital's local test rows (with its own kept tensors, if any)."""
+    config, index, workspace, _, _ = _unpack(msg, context)
     rows = workspace.hospital_rows("test", index)
     with autocast(workspace.loaded.device, config.model.dtype):
         scores = workspace.task.evaluate(

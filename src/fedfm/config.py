@@ -26,7 +26,8 @@ MODEL_ALIASES = ("minilm", "smollm2-135m")
 TASKS = ("sequence-classification", "causal-qa")
 DATASETS = ("heart_disease_uci", "nicta_piboso", "pubmedqa", "medmcqa", "csv", "jsonl", "parquet")
 PARTITIONERS = ("iid", "dirichlet", "natural")
-STRATEGIES = ("fedavg",)
+HETLORA_WEIGHTINGS = ("sparsity", "examples")
+ATTACKS = ("sign-flip", "scale", "noise")
 DTYPES = ("float32", "bfloat16")
 DEVICES = ("auto", "cpu", "cuda")
 
@@ -99,14 +100,58 @@ class FederationSpec:
     """The federation: rounds, sampling, aggregation and the simulation engine."""
 
     num_rounds: int = _help("Federated rounds.", 5)
-    strategy: str = _help("Aggregation strategy.", "fedavg")
+    strategy: str = _help(
+        "Aggregation strategy: a registered name (see `fedfm strategies`) or `module:Class` of your own.", "fedavg"
+    )
+    client_ranks: tuple[int, ...] = _help(
+        "LoRA rank per hospital for `flora` and `hetlora`, cycled over the hospitals (each <= lora.r); "
+        "empty gives every hospital lora.r.",
+        factory=tuple,
+    )
     fraction_train: float = _help("Share of hospitals sampled for training each round, in (0, 1].", 1.0)
     fraction_evaluate: float = _help("Share of hospitals sampled for evaluation each round, in [0, 1].", 1.0)
     min_hospitals: int = _help("Fewest hospitals that must take part in a round.", 2)
     central_evaluation: bool = _help("Evaluate the global adapter on the global test set on the server each round.", True)
+    evaluate_every: int = _help(
+        "Evaluate (centrally and at the hospitals) every this many rounds, and always after the last one.", 1
+    )
     num_workers: int = _help("Simulation worker processes; 0 picks one per two cores (at least 1).", 0)
     threads_per_worker: int = _help("Torch threads inside each worker; 0 derives it from the cores.", 0)
     round_timeout: float = _help("Seconds the server waits for replies in a round.", 3600.0)
+
+
+@dataclass(frozen=True)
+class StrategySpec:
+    """Parameters of the aggregation strategies (each strategy reads its own)."""
+
+    proximal_mu: float = _help("FedProx: weight of the proximal term mu/2 ||w - w_global||^2 in the local loss.", 0.01)
+    server_learning_rate: float = _help("FedAvgM: server learning rate.", 1.0)
+    server_momentum: float = _help("FedAvgM: server momentum.", 0.9)
+    eta: float = _help("FedAdam, FedYogi, FedAdagrad: server learning rate.", 1e-2)
+    beta_1: float = _help("FedAdam, FedYogi: first-moment decay.", 0.9)
+    beta_2: float = _help("FedAdam, FedYogi: second-moment decay.", 0.99)
+    tau: float = _help("FedAdam, FedYogi, FedAdagrad: adaptivity (added to the root of the second moment).", 1e-3)
+    trim_fraction: float = _help("FedTrimmedAvg: share of hospitals cut from each end per coordinate, in [0, 0.5).", 0.2)
+    byzantine: int = _help("Krum, MultiKrum: number of faulty hospitals to tolerate.", 1)
+    krum_select: int = _help("MultiKrum: updates averaged after selection; 0 keeps all but `byzantine`.", 0)
+    hetlora_weighting: str = _help(
+        "HetLoRA: `sparsity` (weights by the Frobenius norm of each hospital's B.A, as the paper) or "
+        "`examples` (plain zero-padded averaging by example counts).",
+        "sparsity",
+    )
+
+
+@dataclass(frozen=True)
+class AttackSpec:
+    """Simulated faulty or hostile hospitals, for robustness experiments only."""
+
+    hospitals: tuple[int, ...] = _help("Indices of the hospitals that send corrupted updates; empty for none.", factory=tuple)
+    kind: str = _help(
+        "`sign-flip` (send global - scale x update), `scale` (global + scale x update) or "
+        "`noise` (global + Gaussian noise of std scale).",
+        "sign-flip",
+    )
+    scale: float = _help("Strength of the corruption.", 5.0)
 
 
 @dataclass(frozen=True)
@@ -126,6 +171,8 @@ class RunConfig:
     data: DataSpec = field(default_factory=DataSpec)
     train: TrainSpec = field(default_factory=TrainSpec)
     federation: FederationSpec = field(default_factory=FederationSpec)
+    strategy: StrategySpec = field(default_factory=StrategySpec)
+    attack: AttackSpec = field(default_factory=AttackSpec)
     output: OutputSpec = field(default_factory=OutputSpec)
 
     def __post_init__(self) -> None:
@@ -155,6 +202,8 @@ SECTIONS: dict[str, type] = {
     "data": DataSpec,
     "train": TrainSpec,
     "federation": FederationSpec,
+    "strategy": StrategySpec,
+    "attack": AttackSpec,
     "output": OutputSpec,
 }
 
@@ -208,6 +257,16 @@ def _coerce(value: Any, typ: Any, key: str, problems: list[str]) -> Any:
             problems.append(f"`{key}` must be a string, got {value!r}")
             return None
         return str(value)
+    if text.startswith("tuple[int"):
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        items: list[int] = []
+        for v in value if isinstance(value, (list, tuple)) else [value]:
+            if isinstance(v, bool) or not isinstance(v, (int, str)) or not str(v).lstrip("-").isdigit():
+                problems.append(f"`{key}` must be a list of integers, got {value!r}")
+                return None
+            items.append(int(v))
+        return tuple(items)
     if text.startswith("tuple"):
         if isinstance(value, str):
             value = [v.strip() for v in value.split(",") if v.strip()] if value.strip() else []
@@ -282,7 +341,7 @@ def to_flat(config: RunConfig) -> dict[str, Any]:
         for f in fields(spec):
             value = getattr(spec, f.name)
             # Flower's run config holds scalars only: lists travel comma-separated.
-            flat[f"{section}.{_kebab(f.name)}"] = ",".join(value) if isinstance(value, tuple) else value
+            flat[f"{section}.{_kebab(f.name)}"] = ",".join(map(str, value)) if isinstance(value, tuple) else value
     return flat
 
 
@@ -416,17 +475,50 @@ def validate(config: RunConfig) -> list[str]:
     _check(p, t.weight_decay >= 0, f"`train.weight-decay` must be >= 0, got {t.weight_decay}")
     _check(p, t.max_grad_norm >= 0, f"`train.max-grad-norm` must be >= 0, got {t.max_grad_norm}")
     _check(p, fe.num_rounds >= 1, f"`federation.num-rounds` must be >= 1, got {fe.num_rounds}")
-    _check(p, fe.strategy in STRATEGIES, f"`federation.strategy` must be one of {list(STRATEGIES)}, got {fe.strategy!r}")
+    # The strategy's name is checked against the registry by fedfm.strategies.config_problems,
+    # which also knows strategies registered by users.
+    _check(p, bool(fe.strategy.strip()), "`federation.strategy` must name a strategy, got ''")
+    _check(p, all(1 <= r <= lo.r for r in fe.client_ranks),
+           f"`federation.client-ranks` must each be in [1, lora.r = {lo.r}], got {list(fe.client_ranks)}")
     _check(p, 0 < fe.fraction_train <= 1, f"`federation.fraction-train` must be in (0, 1], got {fe.fraction_train}")
     _check(p, 0 <= fe.fraction_evaluate <= 1, f"`federation.fraction-evaluate` must be in [0, 1], got {fe.fraction_evaluate}")
     _check(p, fe.min_hospitals >= 1, f"`federation.min-hospitals` must be >= 1, got {fe.min_hospitals}")
     if d.partitioner != "natural":
         _check(p, fe.min_hospitals <= d.num_hospitals,
                f"`federation.min-hospitals` ({fe.min_hospitals}) must not exceed `data.num-hospitals` ({d.num_hospitals})")
+    _check(p, fe.evaluate_every >= 1, f"`federation.evaluate-every` must be >= 1, got {fe.evaluate_every}")
     _check(p, fe.num_workers >= 0, f"`federation.num-workers` must be >= 0, got {fe.num_workers}")
     _check(p, fe.threads_per_worker >= 0, f"`federation.threads-per-worker` must be >= 0, got {fe.threads_per_worker}")
     _check(p, fe.round_timeout > 0, f"`federation.round-timeout` must be > 0, got {fe.round_timeout}")
+    st = config.strategy
+    _check(p, st.proximal_mu >= 0, f"`strategy.proximal-mu` must be >= 0, got {st.proximal_mu}")
+    _check(p, st.server_learning_rate > 0, f"`strategy.server-learning-rate` must be > 0, got {st.server_learning_rate}")
+    _check(p, 0 <= st.server_momentum < 1, f"`strategy.server-momentum` must be in [0, 1), got {st.server_momentum}")
+    _check(p, st.eta > 0, f"`strategy.eta` must be > 0, got {st.eta}")
+    _check(p, 0 <= st.beta_1 < 1, f"`strategy.beta-1` must be in [0, 1), got {st.beta_1}")
+    _check(p, 0 <= st.beta_2 < 1, f"`strategy.beta-2` must be in [0, 1), got {st.beta_2}")
+    _check(p, st.tau > 0, f"`strategy.tau` must be > 0, got {st.tau}")
+    _check(p, 0 <= st.trim_fraction < 0.5, f"`strategy.trim-fraction` must be in [0, 0.5), got {st.trim_fraction}")
+    _check(p, st.byzantine >= 0, f"`strategy.byzantine` must be >= 0, got {st.byzantine}")
+    _check(p, st.krum_select >= 0, f"`strategy.krum-select` must be >= 0, got {st.krum_select}")
+    _check(p, st.hetlora_weighting in HETLORA_WEIGHTINGS,
+           f"`strategy.hetlora-weighting` must be one of {list(HETLORA_WEIGHTINGS)}, got {st.hetlora_weighting!r}")
+    at = config.attack
+    _check(p, at.kind in ATTACKS, f"`attack.kind` must be one of {list(ATTACKS)}, got {at.kind!r}")
+    _check(p, at.scale > 0, f"`attack.scale` must be > 0, got {at.scale}")
+    _check(p, all(h >= 0 for h in at.hospitals), f"`attack.hospitals` must be hospital indices >= 0, got {list(at.hospitals)}")
     return p
+
+
+def evaluation_due(spec: FederationSpec, server_round: int) -> bool:
+    """Whether round ``server_round`` is evaluated (round 0 is the initial adapter, always scored)."""
+    return server_round in (0, spec.num_rounds) or server_round % spec.evaluate_every == 0
+
+
+def hospital_rank(config: RunConfig, hospital: int) -> int:
+    """The LoRA rank hospital ``hospital`` trains: ``federation.client-ranks`` cycled, else ``lora.r``."""
+    ranks = config.federation.client_ranks
+    return ranks[hospital % len(ranks)] if ranks else config.lora.r
 
 
 def describe() -> str:

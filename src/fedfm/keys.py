@@ -10,9 +10,13 @@ ARRAYS = "arrays"
 CONFIG = "config"
 METRICS = "metrics"
 
+# A hospital's persistent context state: tensors it keeps across rounds (FedSA-LoRA's B).
+KEPT_ARRAYS = "fedfm-kept-arrays"
+
 # ConfigRecord entries sent by the server.
 SERVER_ROUND = "server-round"
 RUN_CONFIG = "fedfm-config"
+CLIENT_PLANS = "fedfm-client-plans"
 
 # MetricRecord entries sent by a hospital.
 NUM_EXAMPLES = "num-examples"

@@ -143,12 +143,13 @@ def run(config: RunConfig | str | Path, *, out: str | Path | None = None, verbos
     import torch
     from flwr.simulation import run_simulation
 
-    from fedfm import client
+    from fedfm import client, strategies
     from fedfm.server import make_server_app
     from fedfm.workspace import federation_for
 
     run_dir = Path(out) if out else Path(config.output.dir) if config.output.dir else default_run_dir()
-    # Data problems surface here, before Ray or any model starts.
+    # Strategy and data problems surface here, before Ray or any model starts.
+    strategies.check(config)
     federation = federation_for(config.data)
     num_hospitals = len(federation.hospitals)
     workers, threads = resolve_parallelism(config.federation)

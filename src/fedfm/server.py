@@ -12,16 +12,19 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
 from fedfm import keys, strategies
-from fedfm.adapters import export_adapter, set_adapter_state
-from fedfm.config import RunConfig, from_flat, to_json
+from fedfm.adapters import export_adapter, set_adapter_state, set_base_delta
+from fedfm.config import RunConfig, evaluation_due, from_flat, to_json
 from fedfm.rundir import RunDirectory, default_run_dir
 from fedfm.strategies import GuardedStrategy
+from fedfm.strategies.plan import encode_plans
 from fedfm.train import autocast
-from fedfm.wire import record_to_numpy, record_to_state, state_to_record
+from fedfm.wire import numpy_to_record, record_to_numpy
 from fedfm.workspace import Workspace, workspace_for
 
 logger = logging.getLogger("fedfm")
@@ -57,11 +60,13 @@ class _Recorder:
         self.started = time.perf_counter()
         self.last = self.started
 
-    def central(self, arrays: ArrayRecord) -> dict[str, float] | None:
+    def central(self, server_round: int, arrays: ArrayRecord) -> dict[str, float] | None:
         if not self.config.federation.central_evaluation:
             return None
+        if not evaluation_due(self.config.federation, server_round):
+            return None
         loaded = self.workspace.loaded
-        set_adapter_state(loaded.model, record_to_state(arrays))
+        load_global(self.workspace, self.config, record_to_numpy(arrays))
         with autocast(loaded.device, self.config.model.dtype):
             return self.workspace.task.evaluate(
                 loaded.model,
@@ -72,7 +77,7 @@ class _Recorder:
             )
 
     def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
-        central = self.central(arrays)
+        central = self.central(server_round, arrays)
         if server_round == 0:
             self.initial = central
             logger.info("round 0/%d  global %s (before training)", self.config.federation.num_rounds, _fmt(central))
@@ -122,18 +127,42 @@ class _Recorder:
         )
 
 
-def _build_strategy(config: RunConfig, num_hospitals: int) -> GuardedStrategy:
+def _initial_numpy(workspace: Workspace) -> dict[str, np.ndarray]:
+    return {k: v.numpy() for k, v in workspace.loaded.initial_state.items()}
+
+
+def load_global(
+    workspace: Workspace, config: RunConfig, arrays: dict[str, np.ndarray]
+) -> tuple[dict[str, torch.Tensor], dict[str, tuple[np.ndarray, np.ndarray]]]:
+    """Put a global record into this process's model as the server sees it; returns state and folded factors."""
+    plan = strategies.client_plan(config, -1)
+    state, fold = plan.materialize(_initial_numpy(workspace), arrays)
+    tensors = {k: torch.from_numpy(v) for k, v in state.items()}
+    set_base_delta(workspace.loaded, fold)
+    set_adapter_state(workspace.loaded.model, tensors)
+    return tensors, fold
+
+
+def _build_strategy(config: RunConfig, workspace: Workspace) -> GuardedStrategy:
     fed = config.federation
+    num_hospitals = len(workspace.federation.hospitals)
     minimum = min(fed.min_hospitals, num_hospitals)
     inner = strategies.create(
-        fed.strategy,
+        config,
+        num_hospitals=num_hospitals,
         fraction_train=fed.fraction_train,
         fraction_evaluate=fed.fraction_evaluate,
         min_train_nodes=minimum,
         min_evaluate_nodes=minimum if fed.fraction_evaluate > 0 else 0,
         min_available_nodes=num_hospitals,
     )
-    return GuardedStrategy(inner, min_replies=minimum)
+    return GuardedStrategy(
+        inner,
+        min_replies=minimum,
+        initial=_initial_numpy(workspace),
+        plan_of=lambda hospital: strategies.client_plan(config, hospital),
+        evaluate_when=lambda server_round: evaluation_due(fed, server_round),
+    )
 
 
 def serve(grid: Grid, config: RunConfig, run_dir: Path) -> dict[str, Any]:
@@ -154,28 +183,33 @@ def serve(grid: Grid, config: RunConfig, run_dir: Path) -> dict[str, Any]:
         The summary also written to ``summary.json``.
     """
     started = time.perf_counter()
+    strategies.check(config)
     directory = RunDirectory(run_dir)
     directory.write_config(config)
     workspace = workspace_for(config)
     hospitals = workspace.federation.hospitals
-    strategy = _build_strategy(config, len(hospitals))
+    strategy = _build_strategy(config, workspace)
     recorder = _Recorder(config, workspace, strategy, directory)
-    flwr_config = ConfigRecord({keys.RUN_CONFIG: to_json(config)})
+    plans = encode_plans([strategies.client_plan(config, i) for i in range(len(hospitals))])
+    flwr_config = ConfigRecord({keys.RUN_CONFIG: to_json(config), keys.CLIENT_PLANS: plans})
+    initial = strategies.initial_arrays(strategy.inner, config, _initial_numpy(workspace))
     result = strategy.start(
         grid=grid,
-        initial_arrays=state_to_record(workspace.loaded.initial_state),
+        initial_arrays=numpy_to_record(initial),
         num_rounds=config.federation.num_rounds,
         timeout=config.federation.round_timeout,
         train_config=flwr_config,
         evaluate_config=ConfigRecord(dict(flwr_config)),
         evaluate_fn=recorder,
     )
-    final_state = record_to_state(result.arrays) if result.arrays is not None else workspace.loaded.initial_state
+    final_arrays = record_to_numpy(result.arrays) if result.arrays is not None else initial
+    final_state, fold = load_global(workspace, config, final_arrays)
     export_adapter(
         workspace.loaded,
         final_state,
         directory.adapter_dir,
         merged_dir=directory.merged_dir if config.output.merged_model else None,
+        fold=fold,
     )
     last = recorder.history[-1] if recorder.history else {}
     summary = {
@@ -197,7 +231,8 @@ def serve(grid: Grid, config: RunConfig, run_dir: Path) -> dict[str, Any]:
         "adapter_parameters": workspace.loaded.adapter_parameters,
         "base_parameters": workspace.loaded.base_parameters,
         "adapter_tensors": len(workspace.loaded.initial_state),
-        "adapter_bytes": int(sum(v.numel() * v.element_size() for v in final_state.values())),
+        "adapter_bytes": int(sum(v.nbytes for v in final_arrays.values())),
+        "personalized": bool(getattr(strategy.inner, "personalized", False)),
         "wall_seconds": round(time.perf_counter() - started, 3),
         "model": config.model.name,
         "dataset": config.data.dataset,

@@ -78,6 +78,20 @@ def _batches(lengths: list[int], spec: TrainSpec, rng: np.random.Generator) -> I
             yield from bucketed_batches(lengths, spec.batch_size, rng)
 
 
+def _rank_hooks(named: list[tuple[str, torch.nn.Parameter]], rank: int) -> list[Any]:
+    """Gradient masks that keep LoRA components past ``rank`` where they are."""
+    hooks = []
+    for name, param in named:
+        if "lora_A" in name or "lora_B" in name:
+            mask = torch.zeros_like(param)
+            if "lora_A" in name:
+                mask[:rank] = 1.0
+            else:
+                mask[:, :rank] = 1.0
+            hooks.append(param.register_hook(lambda grad, mask=mask: grad * mask))
+    return hooks
+
+
 def train_local(
     model: torch.nn.Module,
     task: Task,
@@ -88,6 +102,9 @@ def train_local(
     device: torch.device,
     dtype: str = "float32",
     seed: int = 0,
+    frozen: tuple[str, ...] = (),
+    rank: int | None = None,
+    proximal_mu: float = 0.0,
 ) -> TrainResult:
     """Train the model's trainable (LoRA) parameters on tokenized rows.
 
@@ -107,6 +124,14 @@ def train_local(
         ``float32`` or ``bfloat16`` autocast.
     seed : int
         Seeds shuffling and dropout; vary it per round and hospital.
+    frozen : tuple of str
+        Name fragments of trainable parameters to leave untouched in this call
+        (FFA-LoRA freezes ``lora_A``); they are trainable again afterwards.
+    rank : int, optional
+        Train only the first ``rank`` LoRA components (rows of A, columns of B);
+        the rest keep their values (zero, for heterogeneous-rank strategies).
+    proximal_mu : float
+        FedProx: add ``mu/2 * ||w - w_start||^2`` over the trained parameters.
 
     Returns
     -------
@@ -116,26 +141,43 @@ def train_local(
     start = time.perf_counter()
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
-    params = [p for p in model.parameters() if p.requires_grad]
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    held = [p for n, p in named if any(fragment in n for fragment in frozen)]
+    trained = [(n, p) for n, p in named if not any(fragment in n for fragment in frozen)]
+    params = [p for _, p in trained]
+    hooks = _rank_hooks(trained, rank) if rank is not None else []
+    anchor = [p.detach().clone() for p in params] if proximal_mu > 0 else []
     optimizer = torch.optim.AdamW(params, lr=spec.learning_rate, weight_decay=spec.weight_decay)
     collate = task.collate(tokenizer)
     lengths = [len(ids) for ids in dataset["input_ids"]]
-    model.train()
     losses: list[float] = []
     examples = 0
-    for indices in _batches(lengths, spec, rng):
-        batch = collate([dataset[i] for i in indices])
-        batch = {k: v.to(device) for k, v in batch.items()}
-        with autocast(device, dtype):
-            loss = task.loss(model, batch)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if spec.max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_(params, spec.max_grad_norm)
-        optimizer.step()
-        losses.append(float(loss.detach()))
-        examples += len(indices)
-    model.eval()
+    for p in held:
+        p.requires_grad_(False)
+    model.train()
+    try:
+        for indices in _batches(lengths, spec, rng):
+            batch = collate([dataset[i] for i in indices])
+            batch = {k: v.to(device) for k, v in batch.items()}
+            with autocast(device, dtype):
+                loss = task.loss(model, batch)
+            objective = loss
+            if anchor:
+                drift = sum(((p - a) ** 2).sum() for p, a in zip(params, anchor, strict=True))
+                objective = loss + 0.5 * proximal_mu * drift
+            optimizer.zero_grad(set_to_none=True)
+            objective.backward()
+            if spec.max_grad_norm > 0:
+                torch.nn.utils.clip_grad_norm_(params, spec.max_grad_norm)
+            optimizer.step()
+            losses.append(float(loss.detach()))
+            examples += len(indices)
+    finally:
+        model.eval()
+        for p in held:
+            p.requires_grad_(True)
+        for hook in hooks:
+            hook.remove()
     return TrainResult(
         loss=float(np.mean(losses)) if losses else 0.0,
         steps=len(losses),

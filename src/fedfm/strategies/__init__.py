@@ -1,51 +1,80 @@
-"""Aggregation strategies: a registry of Flower strategies wired to adapters.
+"""Aggregation strategies: Flower's, LoRA-aware ones, and yours, behind one registry.
 
-``federation.strategy = "name"`` picks a class registered with :func:`register`;
-:class:`GuardedStrategy` wraps whichever is chosen so that bad replies are left
-out of the round.
+``federation.strategy = "name"`` picks a class registered with :func:`register`
+(or ``module:Class``); :class:`GuardedStrategy` wraps whichever is chosen so
+that bad replies are left out of the round. Parameters come from the
+``[strategy]`` config section.
+
+==================  =======  ==================================================
+name                linear   what it does
+==================  =======  ==================================================
+``fedavg``          yes      weighted mean (Flower)
+``fedavgm``         yes      FedAvg with server momentum (Flower)
+``fedprox``         yes      FedAvg; proximal term in each local loss (Flower)
+``fedadam``         yes      server Adam on the mean update (Flower)
+``fedyogi``         yes      server Yogi on the mean update (Flower)
+``fedadagrad``      yes      server Adagrad on the mean update (Flower)
+``fedmedian``       no       coordinate-wise median (Flower)
+``fedtrimmedavg``   no       coordinate-wise trimmed mean (Flower)
+``krum``            no       the one update closest to its neighbours (Flower)
+``multikrum``       no       mean of the updates Krum scores best (Flower)
+``ffa-lora``        yes      A frozen and never sent; B averaged (exact)
+``fedsa-lora``      yes      A averaged; each hospital keeps its own B
+``hetlora``         no       per-hospital ranks; zero-pad, sparsity-weighted mean
+``flora``           no       per-hospital ranks; stacked factors (exact sum of B_k A_k)
+==================  =======  ==================================================
 """
 
 from __future__ import annotations
 
-from typing import Any
-
-from flwr.serverapp.strategy import FedAvg, Strategy
-
-from fedfm.errors import ConfigError
+from fedfm.strategies import flower as _flower  # noqa: F401  # registers Flower's strategies
+from fedfm.strategies.base import AdapterStrategy, Update, weighted_mean
+from fedfm.strategies.fedsa_lora import FedSaLora
+from fedfm.strategies.ffa_lora import FfaLora
+from fedfm.strategies.flora import FLoRA
 from fedfm.strategies.guard import GuardedStrategy, RoundRecord
+from fedfm.strategies.hetlora import HetLora
+from fedfm.strategies.plan import ClientPlan
+from fedfm.strategies.registry import (
+    available,
+    check,
+    client_plan,
+    config_problems,
+    create,
+    entry,
+    initial_arrays,
+    is_linear,
+    register,
+    require_linear,
+)
 from fedfm.strategies.validation import update_problems
 
-_REGISTRY: dict[str, type[Strategy]] = {}
+register("ffa-lora", FfaLora)
+register("fedsa-lora", FedSaLora)
+register("hetlora", HetLora)
+register("flora", FLoRA)
 
+__all__ = [
+    "AdapterStrategy",
+    "ClientPlan",
+    "FLoRA",
+    "FedSaLora",
+    "FfaLora",
+    "GuardedStrategy",
+    "HetLora",
+    "RoundRecord",
+    "Update",
+    "available",
+    "check",
+    "client_plan",
+    "config_problems",
+    "create",
+    "entry",
+    "initial_arrays",
+    "is_linear",
+    "register",
+    "require_linear",
+    "update_problems",
+    "weighted_mean",
+]
 
-def register(name: str, cls: type[Strategy]) -> None:
-    """Make ``cls`` available as ``federation.strategy = name``.
-
-    The class is built with Flower's sampling keywords (``fraction_train``,
-    ``fraction_evaluate``, ``min_train_nodes``, ``min_evaluate_nodes``,
-    ``min_available_nodes``), as Flower's FedAvg family accepts them.
-    """
-    _REGISTRY[name] = cls
-
-
-def available() -> list[str]:
-    """Sorted names of the registered strategies."""
-    return sorted(_REGISTRY)
-
-
-def create(name: str, **kwargs: Any) -> Strategy:
-    """An instance of the strategy registered as ``name``.
-
-    Raises
-    ------
-    ConfigError
-        For an unknown name, listing the known ones.
-    """
-    if name not in _REGISTRY:
-        raise ConfigError(f"`federation.strategy` must be one of {available()}, got {name!r}")
-    return _REGISTRY[name](**kwargs)
-
-
-register("fedavg", FedAvg)
-
-__all__ = ["GuardedStrategy", "RoundRecord", "available", "create", "register", "update_problems"]

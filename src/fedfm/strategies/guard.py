@@ -9,7 +9,7 @@ hospital's id and left out of the round; it never reaches the aggregate.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,6 +18,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from fedfm import keys
+from fedfm.strategies.plan import ClientPlan
 from fedfm.strategies.validation import update_problems
 from fedfm.wire import payload_bytes, record_to_numpy
 
@@ -51,14 +52,42 @@ class GuardedStrategy(Strategy):
     min_replies : int
         Fewest valid training replies needed to aggregate; below it the round
         keeps the previous global adapter.
+    initial : dict of str to ndarray, optional
+        The model's full initial adapter. With ``plan_of``, each hospital's
+        reply must have the names and shapes its plan sends (e.g. its own
+        LoRA rank); without, replies must match the global record sent.
+    plan_of : callable, optional
+        ``hospital index -> ClientPlan``.
+    evaluate_when : callable, optional
+        ``server round -> bool``: rounds whose hospitals evaluate (default: all).
     """
 
-    def __init__(self, inner: Strategy, *, min_replies: int = 1) -> None:
+    def __init__(
+        self,
+        inner: Strategy,
+        *,
+        min_replies: int = 1,
+        initial: dict[str, Any] | None = None,
+        plan_of: Callable[[int], ClientPlan] | None = None,
+        evaluate_when: Callable[[int], bool] | None = None,
+    ) -> None:
         self.inner = inner
         self.min_replies = min_replies
         self.rounds: dict[int, RoundRecord] = {}
         self._reference: dict[str, Any] = {}
         self._node_to_hospital: dict[int, int] = {}
+        self._initial = initial
+        self._plan_of = plan_of
+        self._templates: dict[int, dict[str, Any]] = {}
+        self._evaluate_when = evaluate_when
+
+    def _template(self, index: int) -> dict[str, Any]:
+        """Names and shapes hospital ``index`` must send."""
+        if self._initial is None or self._plan_of is None:
+            return self._reference
+        if index not in self._templates:
+            self._templates[index] = self._plan_of(index).shared(self._initial)
+        return self._templates[index]
 
     def summary(self) -> None:
         self.inner.summary()
@@ -96,6 +125,8 @@ class GuardedStrategy(Strategy):
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
+        if self._evaluate_when is not None and not self._evaluate_when(server_round):
+            return []
         return self._record_down(server_round, self.inner.configure_evaluate(server_round, arrays, config, grid))
 
     def _leave_out(self, record: RoundRecord, node_id: int, phase: str, reason: str) -> None:
@@ -124,7 +155,7 @@ class GuardedStrategy(Strategy):
         except Exception as err:  # noqa: BLE001  # a corrupt buffer must not crash the server
             self._leave_out(record, node, "train", f"unreadable arrays: {err}")
             return False
-        problems = update_problems(update, self._reference)
+        problems = update_problems(update, self._template(index))
         if problems:
             self._leave_out(record, node, "train", "; ".join(problems))
             return False
