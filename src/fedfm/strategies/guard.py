@@ -13,14 +13,14 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from fedfm import keys
-from fedfm.strategies.plan import ClientPlan
+from fedfm.strategies.plan import ClientPlan, truncate_rank
 from fedfm.strategies.validation import update_problems
-from fedfm.wire import payload_bytes, record_to_numpy
+from fedfm.wire import numpy_to_record, payload_bytes, record_to_numpy
 
 logger = logging.getLogger("fedfm")
 
@@ -120,7 +120,22 @@ class GuardedStrategy(Strategy):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         self._reference = record_to_numpy(arrays)
-        return self._record_down(server_round, self.inner.configure_train(server_round, arrays, config, grid))
+        messages = [self._fit_to_rank(m) for m in self.inner.configure_train(server_round, arrays, config, grid)]
+        return self._record_down(server_round, messages)
+
+    def _fit_to_rank(self, msg: Message) -> Message:
+        """Send a hospital of smaller LoRA rank only its components, once its replies have named it."""
+        index = self._node_to_hospital.get(msg.metadata.dst_node_id)
+        if index is None or self._plan_of is None:
+            return msg
+        rank = self._plan_of(index).rank
+        content = msg.content
+        if rank is None or not isinstance(content.get(keys.ARRAYS), ArrayRecord):
+            return msg
+        arrays = truncate_rank(record_to_numpy(content[keys.ARRAYS]), rank)  # type: ignore[arg-type]
+        fitted = RecordDict({name: record for name, record in content.items() if name != keys.ARRAYS})
+        fitted[keys.ARRAYS] = numpy_to_record(arrays)
+        return Message(content=fitted, dst_node_id=msg.metadata.dst_node_id, message_type=msg.metadata.message_type)
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
