@@ -172,7 +172,8 @@ class ClientPlan:
             if name.endswith(STACKED_A):
                 module = module_of(name)
                 fold[module] = (np.asarray(value), np.asarray(received[module + STACKED_B]))
-            elif name.endswith(STACKED_B):
+            elif name.endswith(STACKED_B) or not self.is_shared(name):
+                # Fixed tensors stay at the shared initialisation, private ones come from `kept`.
                 continue
             elif name in state:
                 if self.rank is not None and is_lora(name) and value.shape != state[name].shape:
@@ -184,7 +185,6 @@ class ClientPlan:
         if self.rank is not None:
             state = mask_rank(state, self.rank)
         return state, fold
-
 
 
 def encode_plans(plans: Sequence[ClientPlan]) -> str:
