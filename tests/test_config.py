@@ -97,3 +97,23 @@ def test_reference_lists_every_key() -> None:
     for key in to_flat(RunConfig()):
         section, name = key.split(".")
         assert f"[{section}]" in text and f"  {name} = " in text
+
+
+def test_configuration_docs_match_the_dataclasses() -> None:
+    # docs/configuration.md embeds `fedfm config-reference`; regenerate it when a key changes.
+    docs = (Path(__file__).resolve().parents[1] / "docs" / "configuration.md").read_text()
+    assert describe().rstrip() in docs
+
+
+def test_strategy_and_attack_sections_are_validated() -> None:
+    with pytest.raises(ConfigError) as err:
+        RunConfig().replace(**{"strategy.trim-fraction": 0.5, "strategy.hetlora-weighting": "median",
+                               "attack.kind": "poison", "federation.client-ranks": "4,x"})
+    text = str(err.value)
+    assert "`strategy.trim-fraction` must be in [0, 0.5), got 0.5" in text
+    assert "`strategy.hetlora-weighting` must be one of ['sparsity', 'examples'], got 'median'" in text
+    assert "`attack.kind` must be one of ['sign-flip', 'scale', 'noise'], got 'poison'" in text
+    assert "`federation.client-ranks` must be a list of integers" in text
+    config = RunConfig().replace(**{"federation.client-ranks": [4, 8], "lora.r": 8})
+    assert config.federation.client_ranks == (4, 8)
+    assert from_json(to_json(config)) == config
