@@ -164,6 +164,7 @@ def run_arm(label: str, settings: dict[str, Any], *, verbose: bool) -> dict[str,
     }
     print(
         f"[{label}] global macro-F1 {arm['global'].get('macro-f1', float('nan')):.3f}  "
+        f"loss {arm['global'].get('loss', float('nan')):.4f}  "
         f"worst hospital {arm['worst_hospital_macro_f1']:.3f}  "
         f"up {arm['bytes_up_per_round'] / 1e6:.2f} MB/round  {wall:.0f} s",
         flush=True,
@@ -176,16 +177,16 @@ def markdown(part: str, arms: list[dict[str, Any]]) -> str:
     lines = [
         f"**{part}**",
         "",
-        "| strategy | global acc. | global macro-F1 | worst hospital macro-F1 | mean hospital macro-F1 "
+        "| strategy | global acc. | global macro-F1 | global loss | worst hospital macro-F1 | mean hospital macro-F1 "
         "| MB up / round | MB down / round | s |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for arm in arms:
         g = arm["global"]
         label = arm["label"] + (" (personalized)" if arm["personalized"] else "")
         lines.append(
             f"| {label} | {g.get('accuracy', float('nan')):.3f} | {g.get('macro-f1', float('nan')):.3f} "
-            f"| {arm['worst_hospital_macro_f1']:.3f} | {arm['mean_hospital_macro_f1']:.3f} "
+            f"| {g.get('loss', float('nan')):.4f} | {arm['worst_hospital_macro_f1']:.3f} | {arm['mean_hospital_macro_f1']:.3f} "
             f"| {arm['bytes_up_per_round'] / 1e6:.2f} | {arm['bytes_down_per_round'] / 1e6:.2f} "
             f"| {arm['wall_seconds']:.0f} |"
         )
