@@ -191,7 +191,17 @@ class GuardedStrategy(Strategy):
             return None, None
         arrays, metrics = self.inner.aggregate_train(server_round, valid)
         record.train_aggregated = arrays is not None
-        return arrays, metrics
+        return self._keep_dtypes(arrays), metrics
+
+    def _keep_dtypes(self, arrays: ArrayRecord | None) -> ArrayRecord | None:
+        """The global keeps the dtypes it was sent in (Flower's FedOpt steps promote float32 to float64)."""
+        if arrays is None:
+            return None
+        values = record_to_numpy(arrays)
+        drifted = {n for n, v in values.items() if n in self._reference and v.dtype != self._reference[n].dtype}
+        if not drifted:
+            return arrays
+        return numpy_to_record({n: v.astype(self._reference[n].dtype) if n in drifted else v for n, v in values.items()})
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         record = self._round(server_round)
