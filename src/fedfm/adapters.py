@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import importlib.util
+import json
 import logging
 import os
 import threading
@@ -25,6 +26,11 @@ if TYPE_CHECKING:
     from fedfm.tasks import Task
 
 logger = logging.getLogger(__name__)
+
+#: File in an exported adapter folder naming what fedfm changed in the base model
+#: (e.g. ``{"pooling": "mean"}``: call :func:`fedfm.tasks.pooling.apply_pooling` on
+#: the base before ``PeftModel.from_pretrained``).
+EXPORT_SETTINGS = "fedfm.json"
 
 #: LoRA targets when ``lora.target-modules`` is empty, by transformers ``model_type``.
 DEFAULT_TARGETS: dict[str, list[str]] = {
@@ -95,6 +101,8 @@ class LoadedModel:
     base_parameters: int
     adapter_parameters: int
     initial_state: dict[str, torch.Tensor]
+    #: What the task changed in the base (e.g. ``{"pooling": "mean"}``); exported beside the adapter.
+    model_settings: dict[str, str] = field(default_factory=dict)
     #: Original weights of base layers that :func:`set_base_delta` changed, by module path.
     original_weights: dict[str, torch.Tensor] = field(default_factory=dict)
 
@@ -149,6 +157,7 @@ def _build(spec: ModelSpec, lora: LoraSpec, task: Task, *, num_labels: int, seed
         base = task.model_class().from_pretrained(path, **task.model_kwargs(num_labels=num_labels))
     except (OSError, ValueError) as err:
         raise ModelError(f"cannot load model `{spec.name}` from {path}: {err}") from err
+    settings = task.adapt_model(base, model_dir=path, pooling=spec.pooling)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     if getattr(base.config, "pad_token_id", None) is None:
@@ -175,6 +184,7 @@ def _build(spec: ModelSpec, lora: LoraSpec, task: Task, *, num_labels: int, seed
         base_parameters=base_parameters,
         adapter_parameters=sum(v.numel() for v in state.values()),
         initial_state=state,
+        model_settings=settings,
     )
 
 
@@ -295,10 +305,12 @@ def export_adapter(
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir)
     loaded.tokenizer.save_pretrained(out_dir)
+    (out_dir / EXPORT_SETTINGS).write_text(json.dumps(loaded.model_settings, indent=2, sort_keys=True) + "\n")
     if merged_dir is not None:
         merged = copy.deepcopy(model).merge_and_unload()
         merged.save_pretrained(merged_dir)
         loaded.tokenizer.save_pretrained(merged_dir)
+        (merged_dir / EXPORT_SETTINGS).write_text(json.dumps(loaded.model_settings, indent=2, sort_keys=True) + "\n")
 
 
 def _stacked_model(loaded: LoadedModel, state: dict[str, torch.Tensor], fold: dict[str, tuple[Any, Any]]) -> Any:

@@ -19,6 +19,7 @@ from fedfm.adapters import get_adapter_state, set_adapter_state, set_base_delta
 from fedfm.attacks import corrupt
 from fedfm.config import RunConfig, from_json, resolve_parallelism
 from fedfm.errors import ConfigError
+from fedfm.privacy.hospital import keep_ledger, ledger_for, ledger_metrics, round_plan
 from fedfm.strategies import ClientPlan
 from fedfm.strategies.plan import decode_plan
 from fedfm.train import autocast, train_local
@@ -74,6 +75,20 @@ def train(msg: Message, context: Context) -> Message:
     config, index, workspace, plan, start = _unpack(msg, context)
     rows = workspace.hospital_rows("train", index)
     server_round = int(msg.content[keys.CONFIG][keys.SERVER_ROUND])  # type: ignore[arg-type]
+    ledger = None
+    if config.privacy.mode == "dp-sgd":
+        name = workspace.hospital_names[index]
+        ledger = ledger_for(config, context, index=index, name=name, num_rows=len(rows))
+        if not ledger.allows(ledger.steps_per_round):
+            # The hospital, not the server, enforces its budget: it sends no update at all.
+            ledger = ledger.after_refusal(server_round)
+            keep_ledger(config, context, ledger)
+            logger.warning(
+                "%s refuses round %d: another round would take ε from %.3f past its budget %g",
+                name, server_round, ledger.epsilon(), ledger.target_epsilon,
+            )
+            refusal = {keys.NUM_EXAMPLES: len(rows), keys.HOSPITAL_INDEX: index, **ledger_metrics(ledger, refused=True)}
+            return Message(RecordDict({keys.METRICS: MetricRecord(refusal)}), reply_to=msg)  # type: ignore[arg-type]
     result = train_local(
         workspace.loaded.model,
         workspace.task,
@@ -86,16 +101,20 @@ def train(msg: Message, context: Context) -> Message:
         frozen=plan.fixed,
         rank=plan.rank,
         proximal_mu=plan.proximal_mu,
+        dp=round_plan(ledger, config) if ledger is not None else None,
     )
-    metrics = MetricRecord(
-        {
-            keys.NUM_EXAMPLES: len(rows),
-            keys.HOSPITAL_INDEX: index,
-            keys.TRAIN_LOSS: result.loss,
-            keys.TRAIN_SECONDS: result.seconds,
-            "train-steps": result.steps,
-        }
-    )
+    reported: dict[str, float | int] = {
+        keys.NUM_EXAMPLES: len(rows),
+        keys.HOSPITAL_INDEX: index,
+        keys.TRAIN_LOSS: result.loss,
+        keys.TRAIN_SECONDS: result.seconds,
+        "train-steps": result.steps,
+    }
+    if ledger is not None:
+        ledger = ledger.after_training(server_round, result.steps)
+        keep_ledger(config, context, ledger)
+        reported.update(ledger_metrics(ledger))
+    metrics = MetricRecord(reported)  # type: ignore[arg-type]
     trained = _numpy(get_adapter_state(workspace.loaded.model))
     kept = plan.kept(trained)
     if kept:

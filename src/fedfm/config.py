@@ -30,6 +30,9 @@ HETLORA_WEIGHTINGS = ("sparsity", "examples")
 ATTACKS = ("sign-flip", "scale", "noise")
 DTYPES = ("float32", "bfloat16")
 DEVICES = ("auto", "cpu", "cuda")
+POOLINGS = ("auto", "cls", "mean")
+PRIVACY_MODES = ("none", "dp-sgd")
+ACCOUNTANTS = ("rdp", "prv")
 
 
 def _help(text: str, default: Any = dataclasses.MISSING, factory: Any = dataclasses.MISSING) -> Any:
@@ -47,6 +50,12 @@ class ModelSpec:
     max_length: int = _help("Tokens kept per example (longer inputs are truncated).", 128)
     dtype: str = _help("Autocast dtype for forward passes: `float32` (safe everywhere) or `bfloat16`.", "float32")
     device: str = _help("`auto` (cuda when present), `cpu` or `cuda`.", "auto")
+    pooling: str = _help(
+        "Sequence classification: how token states become one vector. `mean` (mask-aware mean of the last "
+        "layer, as sentence-transformers models are trained), `cls` (the architecture's own first-token "
+        "pooler) or `auto` (`mean` when the model folder's 1_Pooling/config.json says so, else `cls`).",
+        "auto",
+    )
 
 
 @dataclass(frozen=True)
@@ -155,6 +164,33 @@ class AttackSpec:
 
 
 @dataclass(frozen=True)
+class PrivacySpec:
+    """Differential privacy: DP-SGD inside each hospital, with one ledger across rounds and restarts."""
+
+    mode: str = _help(
+        "`none`, or `dp-sgd`: sample-level DP-SGD (Opacus) on the LoRA tensors in every hospital, "
+        "each keeping its own accountant across rounds.",
+        "none",
+    )
+    target_epsilon: float = _help(
+        "Each hospital's ε budget for the whole run. With noise-multiplier 0 the noise is calibrated so "
+        "the planned rounds end at this ε; a hospital refuses any round that would take it past.",
+        8.0,
+    )
+    delta: float = _help("δ of the guarantee, in (0, 1); 0 picks 1e-5 or 1/N^1.1 per hospital (N its rows), whichever is smaller.", 0.0)
+    max_grad_norm: float = _help("Per-example gradient clipping norm of DP-SGD.", 1.0)
+    noise_multiplier: float = _help(
+        "σ of DP-SGD's Gaussian noise (in units of max-grad-norm); 0 calibrates it from target-epsilon.", 0.0
+    )
+    accountant: str = _help("Opacus accountant that turns steps into ε: `rdp` or `prv`.", "rdp")
+    hospital_epsilon: tuple[str, ...] = _help(
+        'Per-hospital budgets overriding target-epsilon, as "name=epsilon" or "index=epsilon" '
+        '(e.g. ["cleveland=3", "2=1.5"]). A SuperNode may also cap its own with node config privacy-epsilon.',
+        factory=tuple,
+    )
+
+
+@dataclass(frozen=True)
 class OutputSpec:
     """Where and what a run writes."""
 
@@ -173,6 +209,7 @@ class RunConfig:
     federation: FederationSpec = field(default_factory=FederationSpec)
     strategy: StrategySpec = field(default_factory=StrategySpec)
     attack: AttackSpec = field(default_factory=AttackSpec)
+    privacy: PrivacySpec = field(default_factory=PrivacySpec)
     output: OutputSpec = field(default_factory=OutputSpec)
 
     def __post_init__(self) -> None:
@@ -204,6 +241,7 @@ SECTIONS: dict[str, type] = {
     "federation": FederationSpec,
     "strategy": StrategySpec,
     "attack": AttackSpec,
+    "privacy": PrivacySpec,
     "output": OutputSpec,
 }
 
@@ -452,6 +490,7 @@ def validate(config: RunConfig) -> list[str]:
     _check(p, m.max_length >= 8, f"`model.max-length` must be >= 8, got {m.max_length}")
     _check(p, m.dtype in DTYPES, f"`model.dtype` must be one of {list(DTYPES)}, got {m.dtype!r}")
     _check(p, m.device in DEVICES, f"`model.device` must be one of {list(DEVICES)}, got {m.device!r}")
+    _check(p, m.pooling in POOLINGS, f"`model.pooling` must be one of {list(POOLINGS)}, got {m.pooling!r}")
     _check(p, lo.r >= 1, f"`lora.r` must be >= 1, got {lo.r}")
     _check(p, lo.alpha > 0, f"`lora.alpha` must be > 0, got {lo.alpha}")
     _check(p, 0 <= lo.dropout < 1, f"`lora.dropout` must be in [0, 1), got {lo.dropout}")
@@ -507,7 +546,39 @@ def validate(config: RunConfig) -> list[str]:
     _check(p, at.kind in ATTACKS, f"`attack.kind` must be one of {list(ATTACKS)}, got {at.kind!r}")
     _check(p, at.scale > 0, f"`attack.scale` must be > 0, got {at.scale}")
     _check(p, all(h >= 0 for h in at.hospitals), f"`attack.hospitals` must be hospital indices >= 0, got {list(at.hospitals)}")
+    p.extend(_privacy_problems(config))
     return p
+
+
+def _privacy_problems(config: RunConfig) -> list[str]:
+    p: list[str] = []
+    pr = config.privacy
+    _check(p, pr.mode in PRIVACY_MODES, f"`privacy.mode` must be one of {list(PRIVACY_MODES)}, got {pr.mode!r}")
+    _check(p, pr.target_epsilon > 0 and math.isfinite(pr.target_epsilon),
+           f"`privacy.target-epsilon` must be a finite number > 0, got {pr.target_epsilon}")
+    _check(p, 0 <= pr.delta < 1, f"`privacy.delta` must be in (0, 1), or 0 for the default, got {pr.delta}")
+    _check(p, pr.max_grad_norm > 0 and math.isfinite(pr.max_grad_norm),
+           f"`privacy.max-grad-norm` must be a finite number > 0, got {pr.max_grad_norm}")
+    _check(p, pr.noise_multiplier >= 0 and math.isfinite(pr.noise_multiplier),
+           f"`privacy.noise-multiplier` must be >= 0 (0 calibrates it), got {pr.noise_multiplier}")
+    _check(p, pr.accountant in ACCOUNTANTS, f"`privacy.accountant` must be one of {list(ACCOUNTANTS)}, got {pr.accountant!r}")
+    for entry in pr.hospital_epsilon:
+        name, sep, value = entry.partition("=")
+        try:
+            ok = bool(sep and name.strip()) and float(value) > 0 and math.isfinite(float(value))
+        except ValueError:
+            ok = False
+        _check(p, ok, f'`privacy.hospital-epsilon` entries must be "name=epsilon" with epsilon > 0, got {entry!r}')
+    return p
+
+
+def hospital_epsilons(spec: PrivacySpec) -> dict[str, float]:
+    """``privacy.hospital-epsilon`` as ``{name or index: epsilon}``."""
+    out = {}
+    for entry in spec.hospital_epsilon:
+        name, _, value = entry.partition("=")
+        out[name.strip()] = float(value)
+    return out
 
 
 def evaluation_due(spec: FederationSpec, server_round: int) -> bool:

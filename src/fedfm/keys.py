@@ -13,6 +13,9 @@ METRICS = "metrics"
 # A hospital's persistent context state: tensors it keeps across rounds (FedSA-LoRA's B).
 KEPT_ARRAYS = "fedfm-kept-arrays"
 
+# A hospital's persistent context state: its DP-SGD ledger (a ConfigRecord holding JSON).
+PRIVACY_LEDGER = "fedfm-privacy-ledger"
+
 # ConfigRecord entries sent by the server.
 SERVER_ROUND = "server-round"
 RUN_CONFIG = "fedfm-config"
@@ -26,6 +29,15 @@ TRAIN_SECONDS = "train-seconds"
 LOSS = "loss"
 ACCURACY = "accuracy"
 MACRO_F1 = "macro-f1"
+
+# MetricRecord entries of a hospital training with DP-SGD: its ledger after the round.
+DP_EPSILON = "dp-epsilon"
+DP_DELTA = "dp-delta"
+DP_TARGET_EPSILON = "dp-target-epsilon"
+DP_NOISE_MULTIPLIER = "dp-noise-multiplier"
+DP_SAMPLE_RATE = "dp-sample-rate"
+DP_STEPS = "dp-steps"
+DP_REFUSED = "dp-refused"
 
 # node_config entries a SuperNode (or the simulation engine) provides.
 PARTITION_ID = "partition-id"

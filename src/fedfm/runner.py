@@ -143,7 +143,7 @@ def run(config: RunConfig | str | Path, *, out: str | Path | None = None, verbos
     import torch
     from flwr.simulation import run_simulation
 
-    from fedfm import client, strategies
+    from fedfm import client, privacy, strategies
     from fedfm.server import make_server_app
     from fedfm.workspace import federation_for
 
@@ -151,6 +151,7 @@ def run(config: RunConfig | str | Path, *, out: str | Path | None = None, verbos
     # Strategy and data problems surface here, before Ray or any model starts.
     strategies.check(config)
     federation = federation_for(config.data)
+    privacy.check(config, federation)
     num_hospitals = len(federation.hospitals)
     workers, threads = resolve_parallelism(config.federation)
     torch.set_num_threads(threads)

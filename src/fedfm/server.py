@@ -17,7 +17,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
-from fedfm import keys, strategies
+from fedfm import keys, privacy, strategies
 from fedfm.adapters import export_adapter, set_adapter_state, set_base_delta
 from fedfm.config import RunConfig, evaluation_due, from_flat, to_json
 from fedfm.rundir import RunDirectory, default_run_dir
@@ -25,7 +25,7 @@ from fedfm.strategies import GuardedStrategy
 from fedfm.strategies.plan import encode_plans
 from fedfm.train import autocast
 from fedfm.wire import numpy_to_record, record_to_numpy
-from fedfm.workspace import Workspace, workspace_for
+from fedfm.workspace import Workspace, federation_for, workspace_for
 
 logger = logging.getLogger("fedfm")
 
@@ -102,6 +102,7 @@ class _Recorder:
                 "bytes_down": bytes_down.get(index, 0),
             }
         federated = _weighted(record.evaluate)
+        privacy = _privacy_of(per_hospital)
         now = time.perf_counter()
         entry: dict[str, Any] = {
             "round": server_round,
@@ -114,6 +115,8 @@ class _Recorder:
             "left_out": record.left_out,
             "seconds": round(now - self.last, 3),
         }
+        if privacy:
+            entry["privacy"] = privacy
         self.last = now
         self.history.append(entry)
         self.run_dir.append_round(entry)
@@ -125,6 +128,35 @@ class _Recorder:
             "round %d/%d  global %s | %s | %.1f s",
             server_round, self.config.federation.num_rounds, _fmt(entry["global"]), hospitals, entry["seconds"],
         )
+
+
+def _privacy_of(per_hospital: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The round's privacy ledger: ε each hospital reported (DP-SGD), by hospital name."""
+    spent = {
+        name: v["train"][keys.DP_EPSILON] for name, v in per_hospital.items() if keys.DP_EPSILON in v.get("train", {})
+    }
+    return {"sample_level_epsilon": spent} if spent else {}
+
+
+def privacy_summary(history: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per hospital: the last ledger it reported, the rounds it trained in and those it refused."""
+    ledger: dict[str, dict[str, Any]] = {}
+    for entry in history:
+        for name, v in entry.get("per_hospital", {}).items():
+            train = v.get("train", {})
+            if keys.DP_EPSILON not in train:
+                continue
+            row = ledger.setdefault(name, {"rounds_trained": [], "rounds_refused": []})
+            row["rounds_refused" if train.get(keys.DP_REFUSED) else "rounds_trained"].append(entry["round"])
+            row.update(
+                epsilon=train[keys.DP_EPSILON],
+                delta=train[keys.DP_DELTA],
+                target_epsilon=train[keys.DP_TARGET_EPSILON],
+                noise_multiplier=train[keys.DP_NOISE_MULTIPLIER],
+                sample_rate=train[keys.DP_SAMPLE_RATE],
+                steps=int(train[keys.DP_STEPS]),
+            )
+    return ledger
 
 
 def _initial_numpy(workspace: Workspace) -> dict[str, np.ndarray]:
@@ -184,14 +216,19 @@ def serve(grid: Grid, config: RunConfig, run_dir: Path) -> dict[str, Any]:
     """
     started = time.perf_counter()
     strategies.check(config)
+    plans = privacy.check(config, federation_for(config.data))
+    if plans:
+        logger.info("DP-SGD in every hospital (%s accountant):\n%s", config.privacy.accountant, privacy.describe(plans))
     directory = RunDirectory(run_dir)
     directory.write_config(config)
+    # Hospitals keep their own state (the privacy ledger) under the run directory in a simulation.
+    config = config.replace(**{"output.dir": str(Path(run_dir).resolve())})
     workspace = workspace_for(config)
     hospitals = workspace.federation.hospitals
     strategy = _build_strategy(config, workspace)
     recorder = _Recorder(config, workspace, strategy, directory)
-    plans = encode_plans([strategies.client_plan(config, i) for i in range(len(hospitals))])
-    flwr_config = ConfigRecord({keys.RUN_CONFIG: to_json(config), keys.CLIENT_PLANS: plans})
+    client_plans = encode_plans([strategies.client_plan(config, i) for i in range(len(hospitals))])
+    flwr_config = ConfigRecord({keys.RUN_CONFIG: to_json(config), keys.CLIENT_PLANS: client_plans})
     initial = strategies.initial_arrays(strategy.inner, config, _initial_numpy(workspace))
     result = strategy.start(
         grid=grid,
@@ -233,6 +270,7 @@ def serve(grid: Grid, config: RunConfig, run_dir: Path) -> dict[str, Any]:
         "adapter_tensors": len(workspace.loaded.initial_state),
         "adapter_bytes": int(sum(v.nbytes for v in final_arrays.values())),
         "personalized": bool(getattr(strategy.inner, "personalized", False)),
+        "privacy": {"mode": config.privacy.mode, "hospitals": privacy_summary(recorder.history)},
         "wall_seconds": round(time.perf_counter() - started, 3),
         "model": config.model.name,
         "dataset": config.data.dataset,

@@ -13,6 +13,7 @@ import torch
 from datasets import Dataset
 
 from fedfm.config import TrainSpec
+from fedfm.privacy.dpsgd import DpSgd, empty_step, poisson_batches, private_training, secret_rng
 from fedfm.tasks import Task
 
 
@@ -78,9 +79,9 @@ def _batches(lengths: list[int], spec: TrainSpec, rng: np.random.Generator) -> I
             yield from bucketed_batches(lengths, spec.batch_size, rng)
 
 
-def _rank_hooks(named: list[tuple[str, torch.nn.Parameter]], rank: int) -> list[Any]:
-    """Gradient masks that keep LoRA components past ``rank`` where they are."""
-    hooks = []
+def _rank_masks(named: list[tuple[str, torch.nn.Parameter]], rank: int) -> dict[torch.nn.Parameter, torch.Tensor]:
+    """Masks that keep LoRA components past ``rank`` where they are (rows of A, columns of B)."""
+    masks = {}
     for name, param in named:
         if "lora_A" in name or "lora_B" in name:
             mask = torch.zeros_like(param)
@@ -88,8 +89,8 @@ def _rank_hooks(named: list[tuple[str, torch.nn.Parameter]], rank: int) -> list[
                 mask[:rank] = 1.0
             else:
                 mask[:, :rank] = 1.0
-            hooks.append(param.register_hook(lambda grad, mask=mask: grad * mask))
-    return hooks
+            masks[param] = mask
+    return masks
 
 
 def train_local(
@@ -105,6 +106,7 @@ def train_local(
     frozen: tuple[str, ...] = (),
     rank: int | None = None,
     proximal_mu: float = 0.0,
+    dp: DpSgd | None = None,
 ) -> TrainResult:
     """Train the model's trainable (LoRA) parameters on tokenized rows.
 
@@ -132,6 +134,12 @@ def train_local(
         the rest keep their values (zero, for heterogeneous-rank strategies).
     proximal_mu : float
         FedProx: add ``mu/2 * ||w - w_start||^2`` over the trained parameters.
+    dp : DpSgd, optional
+        Train with DP-SGD instead (Opacus): ``dp.steps`` Poisson-sampled steps,
+        each example's gradient clipped to ``dp.max_grad_norm``, Gaussian noise
+        added; ``spec``'s epochs, steps and clipping are then not used. The
+        proximal term and rank masks act on the noised gradient (they do not
+        read data, so the guarantee holds).
 
     Returns
     -------
@@ -145,42 +153,60 @@ def train_local(
     held = [p for n, p in named if any(fragment in n for fragment in frozen)]
     trained = [(n, p) for n, p in named if not any(fragment in n for fragment in frozen)]
     params = [p for _, p in trained]
-    hooks = _rank_hooks(trained, rank) if rank is not None else []
+    masks = _rank_masks(trained, rank) if rank is not None else {}
     anchor = [p.detach().clone() for p in params] if proximal_mu > 0 else []
-    optimizer = torch.optim.AdamW(params, lr=spec.learning_rate, weight_decay=spec.weight_decay)
     collate = task.collate(tokenizer)
     lengths = [len(ids) for ids in dataset["input_ids"]]
     losses: list[float] = []
-    examples = 0
+    steps = examples = 0
+
+    def adjust_gradients() -> None:
+        # Rank masks and FedProx's pull towards the round's start, on whatever gradient the step uses.
+        for p, mask in masks.items():
+            if p.grad is not None:
+                p.grad.mul_(mask)
+        for p, a in zip(params if anchor else [], anchor, strict=True):
+            if p.grad is not None:
+                p.grad.add_(p.detach() - a, alpha=proximal_mu)
+
     for p in held:
         p.requires_grad_(False)
     model.train()
     try:
-        for indices in _batches(lengths, spec, rng):
-            batch = collate([dataset[i] for i in indices])
-            batch = {k: v.to(device) for k, v in batch.items()}
-            with autocast(device, dtype):
-                loss = task.loss(model, batch)
-            objective = loss
-            if anchor:
-                drift = sum(((p - a) ** 2).sum() for p, a in zip(params, anchor, strict=True))
-                objective = loss + 0.5 * proximal_mu * drift
-            optimizer.zero_grad(set_to_none=True)
-            objective.backward()
-            if spec.max_grad_norm > 0:
-                torch.nn.utils.clip_grad_norm_(params, spec.max_grad_norm)
-            optimizer.step()
-            losses.append(float(loss.detach()))
-            examples += len(indices)
+        with contextlib.ExitStack() as stack:
+            optimizer: Any = torch.optim.AdamW(params, lr=spec.learning_rate, weight_decay=spec.weight_decay)
+            forward: torch.nn.Module = model
+            if dp is not None:
+                forward, optimizer = stack.enter_context(private_training(model, optimizer, dp, len(lengths)))
+                optimizer.attach_step_hook(lambda _: adjust_gradients())
+                batches: Iterator[list[int]] = poisson_batches(len(lengths), dp.sample_rate, dp.steps, secret_rng())
+            else:
+                batches = _batches(lengths, spec, rng)
+            for indices in batches:
+                optimizer.zero_grad(set_to_none=True)
+                steps += 1
+                if not indices:
+                    empty_step(optimizer)
+                    continue
+                batch = collate([dataset[i] for i in indices])
+                batch = {k: v.to(device) for k, v in batch.items()}
+                with autocast(device, dtype):
+                    loss = task.loss(forward, batch)
+                loss.backward()
+                if dp is None:
+                    adjust_gradients()
+                    if spec.max_grad_norm > 0:
+                        torch.nn.utils.clip_grad_norm_(params, spec.max_grad_norm)
+                optimizer.step()
+                losses.append(float(loss.detach()))
+                examples += len(indices)
     finally:
         model.eval()
         for p in held:
             p.requires_grad_(True)
-        for hook in hooks:
-            hook.remove()
     return TrainResult(
         loss=float(np.mean(losses)) if losses else 0.0,
-        steps=len(losses),
+        steps=steps,
         examples=examples,
         seconds=time.perf_counter() - start,
     )

@@ -157,6 +157,16 @@ class GuardedStrategy(Strategy):
         content = msg.content
         metrics = _metrics_of(content)
         index = self._hospital(node, metrics)
+        if metrics is not None and metrics.get(keys.DP_REFUSED):
+            # Its ledger still counts: the round's metrics line shows the ε it stopped at.
+            record.train[index] = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}  # type: ignore[arg-type]
+            record.bytes_up[index] = record.bytes_up.get(index, 0) + payload_bytes(content)
+            self._leave_out(
+                record, node, "train",
+                f"refused to train: its DP budget ε {metrics.get(keys.DP_TARGET_EPSILON)} is spent "
+                f"(ε {float(metrics.get(keys.DP_EPSILON, 0.0)):.3f} so far)",  # type: ignore[arg-type]
+            )
+            return False
         arrays = [r for r in content.values() if isinstance(r, ArrayRecord)]
         if len(arrays) != 1 or metrics is None:
             self._leave_out(record, node, "train", "reply must hold exactly one ArrayRecord and one MetricRecord")

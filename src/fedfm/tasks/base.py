@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -26,6 +27,14 @@ class Task(ABC):
 
     def model_kwargs(self, *, num_labels: int) -> dict[str, Any]:
         """Extra ``from_pretrained`` / ``from_config`` arguments (e.g. ``num_labels``)."""
+        return {}
+
+    def adapt_model(self, model: Any, *, model_dir: Path, pooling: str) -> dict[str, str]:
+        """Change the freshly loaded base model for this task before LoRA wraps it.
+
+        Returns what a colleague must repeat to rebuild the same model from the
+        exported adapter (written to the adapter folder's ``fedfm.json``).
+        """
         return {}
 
     @abstractmethod

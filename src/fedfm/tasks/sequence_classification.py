@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -12,6 +13,7 @@ from transformers import AutoModelForSequenceClassification
 
 from fedfm.tasks.base import Task
 from fedfm.tasks.metrics import classification_metrics
+from fedfm.tasks.pooling import apply_pooling, resolve_pooling
 
 
 class SequenceClassification(Task):
@@ -25,6 +27,11 @@ class SequenceClassification(Task):
 
     def model_kwargs(self, *, num_labels: int) -> dict[str, Any]:
         return {"num_labels": num_labels}
+
+    def adapt_model(self, model: Any, *, model_dir: Path, pooling: str) -> dict[str, str]:
+        chosen = resolve_pooling(pooling, model_dir)
+        apply_pooling(model, chosen)
+        return {"pooling": chosen}
 
     def tokenize(self, dataset: Dataset, tokenizer: Any, *, max_length: int) -> Dataset:
         def encode(batch: dict[str, list[Any]]) -> dict[str, Any]:

@@ -1,0 +1,111 @@
+"""Differential privacy for fedfm: DP-SGD in each hospital and a privacy ledger that survives restarts.
+
+- :mod:`fedfm.privacy.accounting`: the ledger, ε from Opacus's accountants, calibration.
+- :mod:`fedfm.privacy.dpsgd`: Poisson sampling, per-example clipping and noise (Opacus).
+- :mod:`fedfm.privacy.hospital`: a hospital's budget, ledger storage and round plan.
+
+:func:`check` is called before any model loads: it refuses settings that
+cannot work for this federation and says what each hospital will spend.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from fedfm.config import RunConfig, hospital_epsilons
+from fedfm.errors import ConfigError
+from fedfm.privacy.accounting import HospitalLedger, calibrate, compose, epsilon_of
+from fedfm.privacy.dpsgd import DpSgd, sample_rate, steps_per_round
+
+if TYPE_CHECKING:
+    from fedfm.data import Federation
+
+__all__ = ["DpSgd", "HospitalLedger", "PlannedBudget", "calibrate", "check", "compose", "describe", "epsilon_of"]
+
+logger = logging.getLogger("fedfm")
+
+
+@dataclass(frozen=True)
+class PlannedBudget:
+    """What DP-SGD will do in one hospital over the planned run."""
+
+    hospital: str
+    rows: int
+    target_epsilon: float
+    delta: float
+    noise_multiplier: float
+    sample_rate: float
+    steps_per_round: int
+    epsilon_after_first_round: float
+
+
+def check(config: RunConfig, federation: Federation) -> list[PlannedBudget]:
+    """Refuse DP settings that cannot work for these hospitals, before any model loads.
+
+    Returns
+    -------
+    list of PlannedBudget
+        Each hospital's plan (empty when ``privacy.mode`` is ``none``).
+
+    Raises
+    ------
+    ConfigError
+        Opacus is missing, a δ is not below 1/N, a per-hospital budget names
+        no hospital, or a budget cannot pay for even one round.
+    """
+    from fedfm.privacy.hospital import budget_for, delta_for  # imports Flower; train.py must not
+
+    spec = config.privacy
+    if spec.mode == "none":
+        return []
+    if importlib.util.find_spec("opacus") is None:
+        raise ConfigError("`privacy.mode` 'dp-sgd' needs Opacus: pip install 'fedfm[dp]' (or opacus==1.6.0)")
+    problems: list[str] = []
+    names = [h.name for h in federation.hospitals]
+    known = set(names) | {str(i) for i in range(len(names))}
+    for key in hospital_epsilons(spec):
+        if key not in known:
+            problems.append(f"`privacy.hospital-epsilon` names {key!r}, which is no hospital of this run; hospitals: {names}")
+    plans: list[PlannedBudget] = []
+    for index, hospital in enumerate(federation.hospitals):
+        rows = len(hospital.train)
+        delta = delta_for(config, rows)
+        if delta >= 1.0 / max(rows, 1):
+            problems.append(
+                f"`privacy.delta` {delta:g} is not below 1/N = {1 / rows:.3g} for hospital {hospital.name!r} "
+                f"({rows} rows): a mechanism that leaks one whole row would satisfy it"
+            )
+            continue
+        budget = budget_for(config, index, hospital.name)
+        q, steps = sample_rate(config.train, rows), steps_per_round(config.train, rows)
+        sigma = spec.noise_multiplier
+        if sigma <= 0:
+            try:
+                sigma = calibrate(budget, delta, q, steps * config.federation.num_rounds, spec.accountant)
+            except ConfigError as err:
+                problems.append(f"hospital {hospital.name!r}: {err.problems[0]}")
+                continue
+        first = epsilon_of(compose([], sigma, q, steps), delta, spec.accountant)
+        if first > budget:
+            problems.append(
+                f"hospital {hospital.name!r} cannot train one round within ε {budget:g}: one round of {steps} "
+                f"steps at noise multiplier {sigma:g} spends ε {first:.3g}; raise `privacy.noise-multiplier` "
+                f"or set it to 0 to calibrate"
+            )
+            continue
+        plans.append(PlannedBudget(hospital.name, rows, budget, delta, sigma, q, steps, first))
+    if problems:
+        raise ConfigError(problems)
+    return plans
+
+
+def describe(plans: list[PlannedBudget]) -> str:
+    """One line per hospital: budget, δ, noise and sampling."""
+    return "\n".join(
+        f"  {p.hospital}: ε budget {p.target_epsilon:g} at δ {p.delta:.2g}, noise multiplier {p.noise_multiplier:.3f}, "
+        f"sample rate {p.sample_rate:.4f}, {p.steps_per_round} steps/round (ε {p.epsilon_after_first_round:.2f} after round 1)"
+        for p in plans
+    )

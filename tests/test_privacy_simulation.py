@@ -1,0 +1,68 @@
+"""DP-SGD in a real Flower simulation: 3 hospitals, ε growing every round, one stopping at its budget."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from fedfm import keys
+from fedfm.config import RunConfig
+from fedfm.privacy.accounting import HospitalLedger, default_delta
+from fedfm.privacy.dpsgd import sample_rate
+from fedfm.privacy.hospital import LEDGER_FILE
+from fedfm.workspace import workspace_for
+
+pytestmark = pytest.mark.integration
+
+SIGMA, STEPS = 0.9, 3
+
+
+def test_three_hospitals_spend_their_budgets_round_by_round(tiny_csv_settings: dict[str, Any], tmp_path: Path) -> None:
+    # Prepare: fixed noise; hospital-0's budget pays for two of the four rounds, the others' for all four
+    import fedfm
+
+    config = RunConfig().replace(**{
+        **tiny_csv_settings,
+        "data.partitioner": "iid",
+        "data.num-hospitals": 3,
+        "train.learning-rate": 2e-2,
+        "train.local-steps": STEPS,
+        "federation.num-rounds": 4,
+        "federation.min-hospitals": 2,
+        "privacy.mode": "dp-sgd",
+        "privacy.noise-multiplier": SIGMA,
+        "privacy.target-epsilon": 1000.0,
+    })
+    rows = len(workspace_for(config).hospital_rows("train", 0))
+    ledger = HospitalLedger("hospital-0", 1e9, default_delta(rows), SIGMA, sample_rate(config.train, rows), STEPS)
+    two_rounds = ledger.after_training(1, STEPS).after_training(2, STEPS).epsilon()
+    config = config.replace(**{"privacy.hospital-epsilon": (f"hospital-0={two_rounds * 1.01:.6f}",)})
+    # Execute
+    result = fedfm.run(config, out=tmp_path / "run")
+    # Assert: every round aggregates; hospital-0 trains in rounds 1-2, then refuses and sends nothing
+    lines = [json.loads(x) for x in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [line["aggregated"] for line in lines] == [True] * 4
+    spent = {name: [line["privacy"]["sample_level_epsilon"][name] for line in lines] for name in result.summary["hospitals"]}
+    for name in ("hospital-1", "hospital-2"):
+        assert all(b > a for a, b in zip(spent[name], spent[name][1:], strict=False)), spent[name]
+    assert spent["hospital-0"][1] > spent["hospital-0"][0]
+    assert spent["hospital-0"][1] == spent["hospital-0"][2] == spent["hospital-0"][3]
+    for line in lines[2:]:
+        assert line["per_hospital"]["hospital-0"]["train"][keys.DP_REFUSED] == 1
+        # Its reply is a few scalars (training and evaluation metrics), no adapter.
+        assert line["per_hospital"]["hospital-0"]["bytes_up"] < 1000 < line["per_hospital"]["hospital-1"]["bytes_up"]
+        assert any("refused to train" in reason for reason in line["left_out"].values())
+    ledger_summary = result.summary["privacy"]["hospitals"]
+    assert ledger_summary["hospital-0"]["rounds_trained"] == [1, 2]
+    assert ledger_summary["hospital-0"]["rounds_refused"] == [3, 4]
+    assert ledger_summary["hospital-1"]["rounds_trained"] == [1, 2, 3, 4]
+    assert ledger_summary["hospital-1"]["steps"] == 4 * STEPS
+    assert ledger_summary["hospital-0"]["epsilon"] <= ledger_summary["hospital-0"]["target_epsilon"]
+    # Each hospital's own ledger file agrees with what the server recorded.
+    for name, row in ledger_summary.items():
+        stored = HospitalLedger.load(result.run_dir / "hospitals" / name / LEDGER_FILE)
+        assert stored is not None
+        assert stored.epsilon() == pytest.approx(row["epsilon"])
