@@ -21,6 +21,7 @@ from fedfm.config import RunConfig, from_json, resolve_parallelism
 from fedfm.errors import ConfigError
 from fedfm.privacy.hospital import keep_ledger, ledger_for, ledger_metrics, round_plan
 from fedfm.strategies import ClientPlan
+from fedfm.strategies.client_dp import clipping_mod
 from fedfm.strategies.plan import decode_plan
 from fedfm.train import autocast, train_local
 from fedfm.wire import numpy_to_record, record_to_numpy
@@ -28,7 +29,8 @@ from fedfm.workspace import Workspace, workspace_for
 
 logger = logging.getLogger("fedfm")
 
-app = ClientApp()
+# Flower's client-side clipping mods run only when the server's client-level DP wrapper asks for them.
+app = ClientApp(mods=[clipping_mod])
 
 _threads_set = False
 

@@ -32,6 +32,7 @@ DTYPES = ("float32", "bfloat16")
 DEVICES = ("auto", "cpu", "cuda")
 POOLINGS = ("auto", "cls", "mean")
 PRIVACY_MODES = ("none", "dp-sgd")
+CLIENT_DP_MODES = ("none", "server-fixed", "server-adaptive", "client-fixed", "client-adaptive")
 ACCOUNTANTS = ("rdp", "prv")
 
 
@@ -187,6 +188,28 @@ class PrivacySpec:
         'Per-hospital budgets overriding target-epsilon, as "name=epsilon" or "index=epsilon" '
         '(e.g. ["cleveland=3", "2=1.5"]). A SuperNode may also cap its own with node config privacy-epsilon.',
         factory=tuple,
+    )
+    client_dp: str = _help(
+        "Client-level (hospital-level) DP with Flower's wrappers: `none`, `server-fixed`, `server-adaptive` "
+        "(the server clips each update), `client-fixed`, `client-adaptive` (each hospital clips its own); "
+        "Gaussian noise is added to the mean on the server. Needs a strategy that aggregates by FedAvg's mean.",
+        "none",
+    )
+    client_noise_multiplier: float = _help(
+        "Client-level DP: σ of the noise on the mean, in units of the clipping norm divided by the hospitals sampled.", 1.0
+    )
+    client_clipping_norm: float = _help(
+        "Client-level DP: L2 bound of each hospital's update (fixed), or its starting value (adaptive).", 0.1
+    )
+    client_target_quantile: float = _help("Adaptive client-level DP: share of updates the norm should leave unclipped.", 0.5)
+    client_clip_learning_rate: float = _help("Adaptive client-level DP: learning rate of the clipping norm.", 0.2)
+    client_clipped_count_stddev: float = _help(
+        "Adaptive client-level DP: σ of the noise on the count of clipped updates; 0 uses Flower's default "
+        "(hospitals sampled / 20). client-noise-multiplier must stay below twice this value.",
+        0.0,
+    )
+    client_delta: float = _help(
+        "Client-level DP: δ, in (0, 1); 0 picks 1e-5 or 1/H^1.1 (H hospitals), whichever is smaller.", 0.0
     )
 
 
@@ -562,6 +585,19 @@ def _privacy_problems(config: RunConfig) -> list[str]:
     _check(p, pr.noise_multiplier >= 0 and math.isfinite(pr.noise_multiplier),
            f"`privacy.noise-multiplier` must be >= 0 (0 calibrates it), got {pr.noise_multiplier}")
     _check(p, pr.accountant in ACCOUNTANTS, f"`privacy.accountant` must be one of {list(ACCOUNTANTS)}, got {pr.accountant!r}")
+    _check(p, pr.client_dp in CLIENT_DP_MODES,
+           f"`privacy.client-dp` must be one of {list(CLIENT_DP_MODES)}, got {pr.client_dp!r}")
+    _check(p, pr.client_noise_multiplier > 0 and math.isfinite(pr.client_noise_multiplier),
+           f"`privacy.client-noise-multiplier` must be a finite number > 0, got {pr.client_noise_multiplier}")
+    _check(p, pr.client_clipping_norm > 0 and math.isfinite(pr.client_clipping_norm),
+           f"`privacy.client-clipping-norm` must be a finite number > 0, got {pr.client_clipping_norm}")
+    _check(p, 0 <= pr.client_target_quantile <= 1,
+           f"`privacy.client-target-quantile` must be in [0, 1], got {pr.client_target_quantile}")
+    _check(p, pr.client_clip_learning_rate > 0,
+           f"`privacy.client-clip-learning-rate` must be > 0, got {pr.client_clip_learning_rate}")
+    _check(p, pr.client_clipped_count_stddev >= 0,
+           f"`privacy.client-clipped-count-stddev` must be >= 0 (0 for Flower's default), got {pr.client_clipped_count_stddev}")
+    _check(p, 0 <= pr.client_delta < 1, f"`privacy.client-delta` must be in (0, 1), or 0 for the default, got {pr.client_delta}")
     for entry in pr.hospital_epsilon:
         name, sep, value = entry.partition("=")
         try:

@@ -20,6 +20,7 @@ from flwr.serverapp import Grid, ServerApp
 from fedfm import keys, privacy, strategies
 from fedfm.adapters import export_adapter, set_adapter_state, set_base_delta
 from fedfm.config import RunConfig, evaluation_due, from_flat, to_json
+from fedfm.privacy.accounting import ClientLevelLedger, default_delta, sampled_hospitals
 from fedfm.rundir import RunDirectory, default_run_dir
 from fedfm.strategies import GuardedStrategy
 from fedfm.strategies.plan import encode_plans
@@ -59,6 +60,7 @@ class _Recorder:
         self.initial: dict[str, float] | None = None
         self.started = time.perf_counter()
         self.last = self.started
+        self.client_ledger, self.sampled = _client_level_ledger(config, len(self.names))
 
     def central(self, server_round: int, arrays: ArrayRecord) -> dict[str, float] | None:
         if not self.config.federation.central_evaluation:
@@ -103,6 +105,17 @@ class _Recorder:
             }
         federated = _weighted(record.evaluate)
         privacy = _privacy_of(per_hospital)
+        if self.client_ledger is not None:
+            if record.train_aggregated:
+                self.client_ledger = self.client_ledger.after_round(record.train_replies, self.sampled)
+            privacy["client_level"] = {
+                "epsilon": self.client_ledger.epsilon(),
+                "delta": self.client_ledger.delta,
+                "releases": self.client_ledger.releases,
+                "noise_multiplier": self.client_ledger.noise_multiplier,
+                "sample_rate": self.client_ledger.sample_rate,
+                "clipping_norm": float(getattr(self.strategy.inner, "clipping_norm", float("nan"))),
+            }
         now = time.perf_counter()
         entry: dict[str, Any] = {
             "round": server_round,
@@ -128,6 +141,20 @@ class _Recorder:
             "round %d/%d  global %s | %s | %.1f s",
             server_round, self.config.federation.num_rounds, _fmt(entry["global"]), hospitals, entry["seconds"],
         )
+
+
+def _client_level_ledger(config: RunConfig, num_hospitals: int) -> tuple[ClientLevelLedger | None, int]:
+    spec, fed = config.privacy, config.federation
+    sampled = sampled_hospitals(num_hospitals, fed.fraction_train, min(fed.min_hospitals, num_hospitals))
+    if spec.client_dp == "none":
+        return None, sampled
+    ledger = ClientLevelLedger(
+        noise_multiplier=spec.client_noise_multiplier,
+        sample_rate=sampled / num_hospitals,
+        delta=spec.client_delta or default_delta(num_hospitals),
+        accountant=spec.accountant,
+    )
+    return ledger, sampled
 
 
 def _privacy_of(per_hospital: dict[str, dict[str, Any]]) -> dict[str, Any]:
@@ -194,6 +221,7 @@ def _build_strategy(config: RunConfig, workspace: Workspace) -> GuardedStrategy:
         initial=_initial_numpy(workspace),
         plan_of=lambda hospital: strategies.client_plan(config, hospital),
         evaluate_when=lambda server_round: evaluation_due(fed, server_round),
+        uniform_weights=config.privacy.client_dp != "none",
     )
 
 
@@ -270,7 +298,12 @@ def serve(grid: Grid, config: RunConfig, run_dir: Path) -> dict[str, Any]:
         "adapter_tensors": len(workspace.loaded.initial_state),
         "adapter_bytes": int(sum(v.nbytes for v in final_arrays.values())),
         "personalized": bool(getattr(strategy.inner, "personalized", False)),
-        "privacy": {"mode": config.privacy.mode, "hospitals": privacy_summary(recorder.history)},
+        "privacy": {
+            "mode": config.privacy.mode,
+            "hospitals": privacy_summary(recorder.history),
+            "client_dp": config.privacy.client_dp,
+            "client_level": last.get("privacy", {}).get("client_level"),
+        },
         "wall_seconds": round(time.perf_counter() - started, 3),
         "model": config.model.name,
         "dataset": config.data.dataset,

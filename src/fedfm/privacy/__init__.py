@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 from fedfm.config import RunConfig, hospital_epsilons
 from fedfm.errors import ConfigError
-from fedfm.privacy.accounting import HospitalLedger, calibrate, compose, epsilon_of
+from fedfm.privacy.accounting import HospitalLedger, calibrate, compose, epsilon_of, sampled_hospitals
 from fedfm.privacy.dpsgd import DpSgd, sample_rate, steps_per_round
 
 if TYPE_CHECKING:
@@ -59,11 +59,15 @@ def check(config: RunConfig, federation: Federation) -> list[PlannedBudget]:
     from fedfm.privacy.hospital import budget_for, delta_for  # imports Flower; train.py must not
 
     spec = config.privacy
-    if spec.mode == "none":
+    if spec.mode == "none" and spec.client_dp == "none":
         return []
     if importlib.util.find_spec("opacus") is None:
-        raise ConfigError("`privacy.mode` 'dp-sgd' needs Opacus: pip install 'fedfm[dp]' (or opacus==1.6.0)")
-    problems: list[str] = []
+        raise ConfigError("fedfm's privacy accounting needs Opacus: pip install 'fedfm[dp]' (or opacus==1.6.0)")
+    problems = _client_level_problems(config, len(federation.hospitals))
+    if spec.mode == "none":
+        if problems:
+            raise ConfigError(problems)
+        return []
     names = [h.name for h in federation.hospitals]
     known = set(names) | {str(i) for i in range(len(names))}
     for key in hospital_epsilons(spec):
@@ -100,6 +104,24 @@ def check(config: RunConfig, federation: Federation) -> list[PlannedBudget]:
     if problems:
         raise ConfigError(problems)
     return plans
+
+
+def _client_level_problems(config: RunConfig, num_hospitals: int) -> list[str]:
+    spec, fed = config.privacy, config.federation
+    if not spec.client_dp.endswith("adaptive"):
+        return []
+    sampled = sampled_hospitals(num_hospitals, fed.fraction_train, min(fed.min_hospitals, num_hospitals))
+    count_stddev = spec.client_clipped_count_stddev or sampled / 20
+    if spec.client_noise_multiplier < 2 * count_stddev:
+        return []
+    default = " = hospitals sampled / 20" if not spec.client_clipped_count_stddev else ""
+    message = (
+        f"`privacy.client-dp` {spec.client_dp!r} splits its noise between the update and the count of clipped "
+        f"updates (Andrew et al. 2021): `privacy.client-noise-multiplier` ({spec.client_noise_multiplier:g}) must be "
+        f"below twice `privacy.client-clipped-count-stddev` ({count_stddev:g}{default}); raise the latter or "
+        "lower the noise"
+    )
+    return [message]
 
 
 def describe(plans: list[PlannedBudget]) -> str:

@@ -214,3 +214,44 @@ def open_ledger(
         steps_per_round=steps_per_round,
         accountant=accountant,
     )
+
+
+def sampled_hospitals(num_hospitals: int, fraction: float, minimum: int) -> int:
+    """How many hospitals Flower's FedAvg samples for training each round."""
+    return max(int(num_hospitals * fraction), minimum)
+
+
+@dataclass(frozen=True)
+class ClientLevelLedger:
+    """The server's ledger of client-level (hospital-level) DP over the rounds.
+
+    Each aggregated round is one Gaussian release of the mean of clipped
+    updates, with hospitals sampled at rate ``sample_rate`` (sampled / all).
+    Flower's wrappers scale the noise to the number of hospitals *sampled*; when
+    fewer reply, the mean is over fewer updates, so the round is accounted at
+    the effective noise multiplier σ · replied / sampled.
+
+    Sampling: Flower draws a fixed-size subset each round; Opacus's analysis
+    is that of Poisson sampling at the same rate, the usual approximation for
+    fixed-size sampling. With every hospital in every round (rate 1) there is
+    no amplification and the accounting is exact.
+    """
+
+    noise_multiplier: float
+    sample_rate: float
+    delta: float
+    accountant: str = "rdp"
+    history: list[HistoryEntry] = field(default_factory=list)
+
+    def after_round(self, replied: int, sampled: int) -> ClientLevelLedger:
+        if replied <= 0:
+            return self
+        effective = self.noise_multiplier * replied / sampled
+        return replace(self, history=compose(self.history, effective, self.sample_rate, 1))
+
+    @property
+    def releases(self) -> int:
+        return sum(n for _, _, n in self.history)
+
+    def epsilon(self) -> float:
+        return epsilon_of(self.history, self.delta, self.accountant)

@@ -19,12 +19,14 @@ import secrets
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
 from fedfm.config import TrainSpec
+
+if TYPE_CHECKING:  # torch is imported where it is used: the server's accounting never needs it
+    import torch
 
 
 @dataclass(frozen=True)
@@ -74,6 +76,7 @@ def private_training(
     On exit every Opacus hook and per-parameter attribute is removed again.
     Parameters must already have their final ``requires_grad`` for the round.
     """
+    import torch
     from opacus.grad_sample import GradSampleModule
     from opacus.optimizers import DPOptimizer
 
@@ -101,6 +104,8 @@ def private_training(
 
 def empty_step(optimizer: Any) -> None:
     """A step on an empty Poisson batch: no gradient, but the noise is still added (and accounted)."""
+    import torch
+
     for p in optimizer.params:
         p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
     optimizer.step()

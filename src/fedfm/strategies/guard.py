@@ -35,6 +35,8 @@ class RoundRecord:
     bytes_up: dict[int, int] = field(default_factory=dict)
     left_out: dict[str, str] = field(default_factory=dict)
     train_aggregated: bool = False
+    #: Training replies that passed the screen and went into the aggregate.
+    train_replies: int = 0
 
 
 def _metrics_of(content: Any) -> MetricRecord | None:
@@ -60,6 +62,10 @@ class GuardedStrategy(Strategy):
         ``hospital index -> ClientPlan``.
     evaluate_when : callable, optional
         ``server round -> bool``: rounds whose hospitals evaluate (default: all).
+    uniform_weights : bool
+        Give every hospital the same weight (example count 1) in the aggregate,
+        as client-level DP's sensitivity assumes. The recorded metrics keep the
+        real counts.
     """
 
     def __init__(
@@ -70,8 +76,10 @@ class GuardedStrategy(Strategy):
         initial: dict[str, Any] | None = None,
         plan_of: Callable[[int], ClientPlan] | None = None,
         evaluate_when: Callable[[int], bool] | None = None,
+        uniform_weights: bool = False,
     ) -> None:
         self.inner = inner
+        self.uniform_weights = uniform_weights
         self.min_replies = min_replies
         self.rounds: dict[int, RoundRecord] = {}
         self._reference: dict[str, Any] = {}
@@ -199,6 +207,10 @@ class GuardedStrategy(Strategy):
                 server_round, len(valid), self.min_replies,
             )
             return None, None
+        if self.uniform_weights:
+            for msg in valid:
+                _metrics_of(msg.content)[keys.NUM_EXAMPLES] = 1  # type: ignore[index]
+        record.train_replies = len(valid)
         arrays, metrics = self.inner.aggregate_train(server_round, valid)
         record.train_aggregated = arrays is not None
         return self._keep_dtypes(arrays), metrics

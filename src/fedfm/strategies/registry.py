@@ -29,6 +29,8 @@ import numpy as np
 from flwr.serverapp.strategy import Strategy
 
 from fedfm.errors import ConfigError
+from fedfm.privacy.accounting import sampled_hospitals
+from fedfm.strategies import client_dp
 from fedfm.strategies.plan import ClientPlan
 
 if TYPE_CHECKING:
@@ -158,6 +160,9 @@ def config_problems(config: RunConfig) -> list[str]:
         return list(err.problems)
     check = getattr(item.cls, "config_problems", None)
     problems = list(check(config)) if callable(check) else []
+    plan = client_plan(config, 0)
+    shares_everything = not (plan.fixed or plan.private or plan.fold) and plan.rank is None
+    problems.extend(client_dp.problems(config, item.cls, shares_everything))
     if config.federation.client_ranks and not getattr(item.cls, "heterogeneous_ranks", False):
         ranked = [n for n in available() if getattr(_REGISTRY[n].cls, "heterogeneous_ranks", False)]
         problems.append(
@@ -193,12 +198,15 @@ def create(config: RunConfig, *, num_hospitals: int, **sampling: Any) -> Strateg
     """
     check(config)
     item = entry(config.federation.strategy)
-    if item.options is not None:
-        return item.cls(**sampling, **item.options(config, num_hospitals))
     factory = getattr(item.cls, "from_config", None)
-    if callable(factory):
-        return factory(config, num_hospitals=num_hospitals, **sampling)  # type: ignore[no-any-return]
-    return item.cls(**sampling)
+    if item.options is not None:
+        strategy = item.cls(**sampling, **item.options(config, num_hospitals))
+    elif callable(factory):
+        strategy = factory(config, num_hospitals=num_hospitals, **sampling)
+    else:
+        strategy = item.cls(**sampling)
+    sampled = sampled_hospitals(num_hospitals, sampling.get("fraction_train", 1.0), sampling.get("min_train_nodes", 2))
+    return client_dp.wrap(strategy, config, sampled)
 
 
 def initial_arrays(strategy: Strategy, config: RunConfig, initial: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
