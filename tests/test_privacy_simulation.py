@@ -20,8 +20,9 @@ pytestmark = pytest.mark.integration
 SIGMA, STEPS = 0.9, 3
 
 
-def test_three_hospitals_spend_their_budgets_round_by_round(tiny_csv_settings: dict[str, Any], tmp_path: Path) -> None:
-    # Prepare: fixed noise; hospital-0's budget pays for two of the four rounds, the others' for all four
+@pytest.fixture(scope="module")
+def dp_run(tiny_csv_settings: dict[str, Any], tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    """Fixed noise; hospital-0's budget pays for two of the four rounds, the others' for all four; audited."""
     import fedfm
 
     config = RunConfig().replace(**{
@@ -35,14 +36,18 @@ def test_three_hospitals_spend_their_budgets_round_by_round(tiny_csv_settings: d
         "privacy.mode": "dp-sgd",
         "privacy.noise-multiplier": SIGMA,
         "privacy.target-epsilon": 1000.0,
+        "privacy.audit": True,
     })
     rows = len(workspace_for(config).hospital_rows("train", 0))
     ledger = HospitalLedger("hospital-0", 1e9, default_delta(rows), SIGMA, sample_rate(config.train, rows), STEPS)
     two_rounds = ledger.after_training(1, STEPS).after_training(2, STEPS).epsilon()
     config = config.replace(**{"privacy.hospital-epsilon": (f"hospital-0={two_rounds * 1.01:.6f}",)})
-    # Execute
-    result = fedfm.run(config, out=tmp_path / "run")
-    # Assert: every round aggregates; hospital-0 trains in rounds 1-2, then refuses and sends nothing
+    return fedfm.run(config, out=tmp_path_factory.mktemp("dp") / "run")
+
+
+def test_three_hospitals_spend_their_budgets_round_by_round(dp_run) -> None:  # type: ignore[no-untyped-def]
+    result = dp_run
+    # Every round aggregates; hospital-0 trains in rounds 1-2, then refuses and sends nothing
     lines = [json.loads(x) for x in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [line["aggregated"] for line in lines] == [True] * 4
     spent = {name: [line["privacy"]["sample_level_epsilon"][name] for line in lines] for name in result.summary["hospitals"]}
@@ -66,3 +71,37 @@ def test_three_hospitals_spend_their_budgets_round_by_round(tiny_csv_settings: d
         stored = HospitalLedger.load(result.run_dir / "hospitals" / name / LEDGER_FILE)
         assert stored is not None
         assert stored.epsilon() == pytest.approx(row["epsilon"])
+
+
+def test_each_hospital_reports_its_membership_inference_auc(dp_run) -> None:  # type: ignore[no-untyped-def]
+    audit = dp_run.summary["privacy"]["audit"]
+    assert sorted(audit["hospitals"]) == ["hospital-0", "hospital-1", "hospital-2"]
+    for name, row in audit["hospitals"].items():
+        assert 0.0 <= row["auc"] <= 1.0
+        assert row["members"] == dp_run.summary["hospitals"][name]["train_rows"]
+        assert row["nonmembers"] == dp_run.summary["hospitals"][name]["test_rows"]
+    assert audit["mean_auc"] == pytest.approx(sum(r["auc"] for r in audit["hospitals"].values()) / 3)
+
+
+def test_privacy_report_prints_the_ledger_and_draws_it(dp_run, tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+    from fedfm.cli import main
+
+    png = tmp_path / "eps.png"
+    assert main(["privacy-report", str(dp_run.run_dir), "--plot", str(png)]) == 0
+    out = capsys.readouterr().out
+    lines = out.splitlines()
+    assert lines[0].split() == ["round", "hospital-0", "hospital-1", "hospital-2"]
+    assert [line.split()[0] for line in lines[1:5]] == ["1", "2", "3", "4"]
+    assert "hospital-0: ε" in out and "refused rounds [3, 4]" in out
+    assert "membership-inference audit" in out
+    sent = dp_run.summary["sent_by_hospital"]["hospital-1"]
+    assert all(".lora_" in name or "classifier" in name for name in sent["tensors"])
+    assert f"{len(sent['tensors'])} tensors" in out
+    assert png.is_file() and png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_privacy_report_names_a_directory_that_is_not_a_run(tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+    from fedfm.cli import main
+
+    assert main(["privacy-report", str(tmp_path)]) == 2
+    assert "has no metrics.jsonl" in capsys.readouterr().err

@@ -32,6 +32,10 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("config", nargs="?")
     check.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
 
+    report = commands.add_parser("privacy-report", help="print a run's privacy ledger (ε per hospital and round, audit, what left)")
+    report.add_argument("run_dir", help="a run directory written by fedfm run")
+    report.add_argument("--plot", metavar="PNG", help="also draw ε over rounds into this PNG file")
+
     commands.add_parser("config-reference", help="list every configuration key with its default and meaning")
     commands.add_parser("strategies", help="list the registered aggregation strategies")
     return parser
@@ -71,6 +75,16 @@ def main(argv: list[str] | None = None) -> int:
                 doc = (entry.cls.__doc__ or "").strip().splitlines()
                 linear = "linear" if entry.linear else "non-linear"
                 print(f"{name:15} {linear:10} {doc[0] if doc else entry.cls.__name__}")
+            return 0
+        if args.command == "privacy-report":
+            from pathlib import Path
+
+            from fedfm.privacy.report import ledger_table, load_run, plot_epsilon
+
+            rounds, summary = load_run(Path(args.run_dir))
+            print(ledger_table(rounds, summary))
+            if args.plot:
+                print(f"plot: {plot_epsilon(rounds, Path(args.plot))}")
             return 0
         if args.command == "config-reference":
             print(describe())

@@ -19,6 +19,7 @@ from fedfm.adapters import get_adapter_state, set_adapter_state, set_base_delta
 from fedfm.attacks import corrupt
 from fedfm.config import RunConfig, from_json, resolve_parallelism
 from fedfm.errors import ConfigError
+from fedfm.privacy.audit import loss_threshold_auc
 from fedfm.privacy.hospital import keep_ledger, ledger_for, ledger_metrics, round_plan
 from fedfm.strategies import ClientPlan
 from fedfm.strategies.client_dp import clipping_mod
@@ -135,13 +136,33 @@ def evaluate(msg: Message, context: Context) -> Message:
     """Score the global adapter on this hospital's local test rows (with its own kept tensors, if any)."""
     config, index, workspace, _, _ = _unpack(msg, context)
     rows = workspace.hospital_rows("test", index)
-    with autocast(workspace.loaded.device, config.model.dtype):
-        scores = workspace.task.evaluate(
-            workspace.loaded.model,
-            rows,
-            workspace.loaded.tokenizer,
-            batch_size=config.train.eval_batch_size,
-            device=workspace.loaded.device,
-        )
+    if msg.content[keys.CONFIG].get(keys.AUDIT):  # type: ignore[union-attr]
+        scores = _audit(config, workspace, index)
+    else:
+        with autocast(workspace.loaded.device, config.model.dtype):
+            scores = workspace.task.evaluate(
+                workspace.loaded.model,
+                rows,
+                workspace.loaded.tokenizer,
+                batch_size=config.train.eval_batch_size,
+                device=workspace.loaded.device,
+            )
     metrics = MetricRecord({keys.NUM_EXAMPLES: len(rows), keys.HOSPITAL_INDEX: index, **scores})
     return Message(RecordDict({keys.METRICS: metrics}), reply_to=msg)
+
+
+def _audit(config: RunConfig, workspace: Workspace, index: int) -> dict[str, float]:
+    """The membership-inference AUC on this hospital's own rows; only the scalars leave."""
+    loaded = workspace.loaded
+    losses = []
+    for split in ("train", "test"):
+        with autocast(loaded.device, config.model.dtype):
+            losses.append(workspace.task.example_losses(
+                loaded.model, workspace.hospital_rows(split, index), loaded.tokenizer,
+                batch_size=config.train.eval_batch_size, device=loaded.device,
+            ))
+    return {
+        keys.AUDIT_AUC: loss_threshold_auc(losses[0], losses[1]),
+        keys.AUDIT_MEMBERS: len(losses[0]),
+        keys.AUDIT_NONMEMBERS: len(losses[1]),
+    }

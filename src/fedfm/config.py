@@ -189,6 +189,11 @@ class PrivacySpec:
         '(e.g. ["cleveland=3", "2=1.5"]). A SuperNode may also cap its own with node config privacy-epsilon.',
         factory=tuple,
     )
+    audit: bool = _help(
+        "After the last round, each hospital runs a loss-threshold membership-inference attack on the final "
+        "model (its training rows vs its held-out rows) and reports the attack's AUC (0.5: nothing visible).",
+        False,
+    )
     client_dp: str = _help(
         "Client-level (hospital-level) DP with Flower's wrappers: `none`, `server-fixed`, `server-adaptive` "
         "(the server clips each update), `client-fixed`, `client-adaptive` (each hospital clips its own); "

@@ -20,6 +20,7 @@ PRIVACY_LEDGER = "fedfm-privacy-ledger"
 SERVER_ROUND = "server-round"
 RUN_CONFIG = "fedfm-config"
 CLIENT_PLANS = "fedfm-client-plans"
+AUDIT = "fedfm-audit"
 
 # MetricRecord entries sent by a hospital.
 NUM_EXAMPLES = "num-examples"
@@ -38,6 +39,11 @@ DP_NOISE_MULTIPLIER = "dp-noise-multiplier"
 DP_SAMPLE_RATE = "dp-sample-rate"
 DP_STEPS = "dp-steps"
 DP_REFUSED = "dp-refused"
+
+# MetricRecord entries of a hospital's membership-inference audit.
+AUDIT_AUC = "audit-auc"
+AUDIT_MEMBERS = "audit-members"
+AUDIT_NONMEMBERS = "audit-nonmembers"
 
 # node_config entries a SuperNode (or the simulation engine) provides.
 PARTITION_ID = "partition-id"

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
 from fedfm import keys, privacy, strategies
@@ -268,6 +268,7 @@ def serve(grid: Grid, config: RunConfig, run_dir: Path) -> dict[str, Any]:
         evaluate_fn=recorder,
     )
     final_arrays = record_to_numpy(result.arrays) if result.arrays is not None else initial
+    audit = run_audit(grid, config, final_arrays, flwr_config, workspace.hospital_names) if config.privacy.audit else None
     final_state, fold = load_global(workspace, config, final_arrays)
     export_adapter(
         workspace.loaded,
@@ -293,6 +294,7 @@ def serve(grid: Grid, config: RunConfig, run_dir: Path) -> dict[str, Any]:
             "up": int(sum(e["bytes_up"] for e in recorder.history)),
             "down": int(sum(e["bytes_down"] for e in recorder.history)),
         },
+        "sent_by_hospital": _sent_by_hospital(strategy, recorder.history, workspace.hospital_names),
         "adapter_parameters": workspace.loaded.adapter_parameters,
         "base_parameters": workspace.loaded.base_parameters,
         "adapter_tensors": len(workspace.loaded.initial_state),
@@ -303,6 +305,7 @@ def serve(grid: Grid, config: RunConfig, run_dir: Path) -> dict[str, Any]:
             "hospitals": privacy_summary(recorder.history),
             "client_dp": config.privacy.client_dp,
             "client_level": last.get("privacy", {}).get("client_level"),
+            "audit": audit,
         },
         "wall_seconds": round(time.perf_counter() - started, 3),
         "model": config.model.name,
@@ -311,6 +314,51 @@ def serve(grid: Grid, config: RunConfig, run_dir: Path) -> dict[str, Any]:
     }
     directory.write_summary(summary)
     return summary
+
+
+def _sent_by_hospital(strategy: GuardedStrategy, history: list[dict[str, Any]], names: list[str]) -> dict[str, Any]:
+    """The tensor names each hospital's replies had to hold (the guard rejects any other) and its bytes up."""
+    sent = {}
+    for index, name in enumerate(names):
+        sent[name] = {
+            "tensors": sorted(strategy.template(index)),
+            "bytes_up": int(sum(e["per_hospital"].get(name, {}).get("bytes_up", 0) for e in history)),
+        }
+    return sent
+
+
+def run_audit(
+    grid: Grid, config: RunConfig, arrays: dict[str, np.ndarray], flwr_config: ConfigRecord, names: list[str]
+) -> dict[str, Any]:
+    """Ask every hospital for the membership-inference AUC of the final model on its own rows."""
+    instructions = {
+        **dict(flwr_config), keys.SERVER_ROUND: config.federation.num_rounds, keys.AUDIT: True,
+    }
+    messages = [
+        Message(
+            RecordDict({keys.ARRAYS: numpy_to_record(arrays), keys.CONFIG: ConfigRecord(dict(instructions))}),
+            dst_node_id=node,
+            message_type=MessageType.EVALUATE,
+        )
+        for node in grid.get_node_ids()
+    ]
+    hospitals: dict[str, dict[str, float]] = {}
+    for reply in grid.send_and_receive(messages, timeout=config.federation.round_timeout):
+        if reply.has_error():
+            logger.warning("privacy audit: node %d failed: %s", reply.metadata.src_node_id, reply.error.reason)
+            continue
+        metrics = reply.content[keys.METRICS]
+        index = int(metrics[keys.HOSPITAL_INDEX])  # type: ignore[arg-type]
+        hospitals[names[index] if 0 <= index < len(names) else f"hospital-{index}"] = {
+            "auc": float(metrics[keys.AUDIT_AUC]),  # type: ignore[arg-type]
+            "members": int(metrics[keys.AUDIT_MEMBERS]),  # type: ignore[arg-type]
+            "nonmembers": int(metrics[keys.AUDIT_NONMEMBERS]),  # type: ignore[arg-type]
+        }
+    hospitals = dict(sorted(hospitals.items()))
+    aucs = [v["auc"] for v in hospitals.values() if np.isfinite(v["auc"])]
+    logger.info("privacy audit: membership-inference AUC %s (0.5 = nothing visible)",
+                "  ".join(f"{name} {v['auc']:.3f}" for name, v in hospitals.items()))
+    return {"attack": "loss threshold", "hospitals": hospitals, "mean_auc": float(np.mean(aucs)) if aucs else None}
 
 
 def make_server_app(config: RunConfig, run_dir: Path) -> ServerApp:

@@ -89,7 +89,7 @@ class GuardedStrategy(Strategy):
         self._templates: dict[int, dict[str, Any]] = {}
         self._evaluate_when = evaluate_when
 
-    def _template(self, index: int) -> dict[str, Any]:
+    def template(self, index: int) -> dict[str, Any]:
         """Names and shapes hospital ``index`` must send."""
         if self._initial is None or self._plan_of is None:
             return self._reference
@@ -188,7 +188,7 @@ class GuardedStrategy(Strategy):
         except Exception as err:  # noqa: BLE001  # a corrupt buffer must not crash the server
             self._leave_out(record, node, "train", f"unreadable arrays: {err}")
             return False
-        problems = update_problems(update, self._template(index))
+        problems = update_problems(update, self.template(index))
         if problems:
             self._leave_out(record, node, "train", "; ".join(problems))
             return False

@@ -7,6 +7,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from datasets import Dataset
 
@@ -54,6 +55,12 @@ class Task(ABC):
         self, model: torch.nn.Module, dataset: Dataset, tokenizer: Any, *, batch_size: int, device: torch.device
     ) -> dict[str, float]:
         """Metrics of the model on tokenized rows: at least ``loss``, ``accuracy``, ``macro-f1``."""
+
+    def example_losses(
+        self, model: torch.nn.Module, dataset: Dataset, tokenizer: Any, *, batch_size: int, device: torch.device
+    ) -> np.ndarray:
+        """Each row's loss under ``model`` (the membership-inference audit compares members and non-members)."""
+        raise NotImplementedError(f"task {self.name!r} has no per-example loss")
 
 
 def lengths_of(dataset: Dataset) -> list[int]:

@@ -240,6 +240,20 @@ class CausalQA(Task):
         return classification_metrics(labels, scores.argmax(axis=1), scores.shape[1], float(gold_nll.mean()))
 
     @torch.no_grad()
+    def example_losses(
+        self, model: torch.nn.Module, dataset: Dataset, tokenizer: Any, *, batch_size: int, device: torch.device
+    ) -> np.ndarray:
+        """Each question's mean token NLL of its right answer."""
+        if len(dataset) == 0:
+            return np.zeros(0)
+        log_likelihood, n_tokens = self.option_log_likelihoods(
+            model, dataset, tokenizer, batch_size=batch_size, device=device
+        )
+        labels = np.asarray(dataset["label"], dtype=np.int64)
+        rows = np.arange(len(labels))
+        return -log_likelihood[rows, labels] / np.maximum(n_tokens[rows, labels], 1)
+
+    @torch.no_grad()
     def option_log_likelihoods(
         self,
         model: torch.nn.Module,

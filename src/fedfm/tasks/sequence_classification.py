@@ -59,22 +59,39 @@ class SequenceClassification(Task):
     def evaluate(
         self, model: torch.nn.Module, dataset: Dataset, tokenizer: Any, *, batch_size: int, device: torch.device
     ) -> dict[str, float]:
+        labels, logits = self._score(model, dataset, tokenizer, batch_size=batch_size, device=device)
+        if len(labels) == 0:
+            return {"loss": 0.0, "accuracy": 0.0, "macro-f1": 0.0, "weighted-f1": 0.0}
+        loss = float(torch.nn.functional.cross_entropy(logits, labels, reduction="mean"))
+        num_classes = int(model.config.num_labels)  # type: ignore[union-attr,arg-type]
+        return classification_metrics(labels.numpy(), logits.argmax(-1).numpy(), num_classes, loss)
+
+    @torch.no_grad()
+    def example_losses(
+        self, model: torch.nn.Module, dataset: Dataset, tokenizer: Any, *, batch_size: int, device: torch.device
+    ) -> np.ndarray:
+        labels, logits = self._score(model, dataset, tokenizer, batch_size=batch_size, device=device)
+        if len(labels) == 0:
+            return np.zeros(0)
+        return torch.nn.functional.cross_entropy(logits, labels, reduction="none").numpy()
+
+    def _score(
+        self, model: torch.nn.Module, dataset: Dataset, tokenizer: Any, *, batch_size: int, device: torch.device
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Labels and float32 logits of every row, on the CPU (rows ordered by length, which pads least)."""
         was_training = model.training
         model.eval()
         collate = self.collate(tokenizer)
-        order = np.argsort([len(ids) for ids in dataset["input_ids"]])  # similar lengths pad less
-        labels, preds, loss_sum = [], [], 0.0
+        order = np.argsort([len(ids) for ids in dataset["input_ids"]])
+        labels, logits = [], []
         for start in range(0, len(order), batch_size):
             batch = collate([dataset[int(i)] for i in order[start : start + batch_size]])
             batch = {k: v.to(device) for k, v in batch.items()}
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
-            loss_sum += float(torch.nn.functional.cross_entropy(logits, batch["labels"], reduction="sum"))
-            labels.append(batch["labels"].cpu().numpy())
-            preds.append(logits.argmax(-1).cpu().numpy())
+            out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+            labels.append(batch["labels"].cpu())
+            logits.append(out.cpu())
         if was_training:
             model.train()
         if not labels:
-            return {"loss": 0.0, "accuracy": 0.0, "macro-f1": 0.0, "weighted-f1": 0.0}
-        num_classes = int(model.config.num_labels)  # type: ignore[union-attr,arg-type]
-        y, p = np.concatenate(labels), np.concatenate(preds)
-        return classification_metrics(y, p, num_classes, loss_sum / len(y))
+            return torch.zeros(0, dtype=torch.long), torch.zeros(0, 1)
+        return torch.cat(labels), torch.cat(logits)
