@@ -14,7 +14,7 @@ import torch
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedfm import keys, strategies
+from fedfm import keys, legacy, strategies
 from fedfm.adapters import get_adapter_state, set_adapter_state, set_base_delta
 from fedfm.attacks import corrupt
 from fedfm.config import RunConfig, from_json, resolve_parallelism
@@ -30,8 +30,9 @@ from fedfm.workspace import Workspace, workspace_for
 
 logger = logging.getLogger("fedfm")
 
-# Flower's client-side clipping mods run only when the server's client-level DP wrapper asks for them.
-app = ClientApp(mods=[clipping_mod])
+# Flower's SecAgg+ mod and client-side clipping mods run only when the server's workflow or
+# client-level DP wrapper asks for them.
+app = ClientApp(mods=[legacy.secure_aggregation_mod, clipping_mod])
 
 _threads_set = False
 
@@ -41,10 +42,10 @@ def _numpy(state: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
 
 
 def _unpack(
-    msg: Message, context: Context
+    content: RecordDict, context: Context
 ) -> tuple[RunConfig, int, Workspace, ClientPlan, dict[str, np.ndarray]]:
     global _threads_set
-    config = from_json(str(msg.content[keys.CONFIG][keys.RUN_CONFIG]))
+    config = from_json(str(content[keys.CONFIG][keys.RUN_CONFIG]))
     if not _threads_set:
         torch.set_num_threads(resolve_parallelism(config.federation)[1])
         _threads_set = True
@@ -55,7 +56,7 @@ def _unpack(
         )
     index = int(context.node_config[keys.PARTITION_ID])
     workspace = workspace_for(config)
-    instructions = msg.content[keys.CONFIG]
+    instructions = content[keys.CONFIG]
     if keys.CLIENT_PLANS in instructions:  # type: ignore[operator]
         plan = decode_plan(str(instructions[keys.CLIENT_PLANS]), index)  # type: ignore[index]
     else:
@@ -63,7 +64,7 @@ def _unpack(
     kept = context.state.get(keys.KEPT_ARRAYS)
     state, fold = plan.materialize(
         _numpy(workspace.loaded.initial_state),
-        record_to_numpy(msg.content[keys.ARRAYS]),  # type: ignore[arg-type]
+        record_to_numpy(content[keys.ARRAYS]),  # type: ignore[arg-type]
         record_to_numpy(kept) if isinstance(kept, ArrayRecord) else None,
     )
     # Always called: restores the original base if another strategy folded into it in this process.
@@ -75,9 +76,30 @@ def _unpack(
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """Train the global adapter on this hospital's rows and send the new adapter back."""
-    config, index, workspace, plan, start = _unpack(msg, context)
+    if legacy.is_legacy(msg.content, "fitins"):  # the SecAgg+ workflow speaks Flower's legacy format
+        content = legacy.from_legacy(msg.content, "fitins", _shared_names)
+        return Message(legacy.to_fitres(_train(content, context)), reply_to=msg)
+    return Message(_train(msg.content, context), reply_to=msg)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    """Score the global adapter on this hospital's local test rows (with its own kept tensors, if any)."""
+    if legacy.is_legacy(msg.content, "evaluateins"):
+        content = legacy.from_legacy(msg.content, "evaluateins", _shared_names)
+        return Message(legacy.to_evaluateres(_evaluate(content, context)), reply_to=msg)
+    return Message(_evaluate(msg.content, context), reply_to=msg)
+
+
+def _shared_names(config: RunConfig) -> list[str]:
+    """Names of the tensors exchanged under secure aggregation, in the order the server lists them."""
+    return list(strategies.client_plan(config, -1).shared(_numpy(workspace_for(config).loaded.initial_state)))
+
+
+def _train(content: RecordDict, context: Context) -> RecordDict:
+    config, index, workspace, plan, start = _unpack(content, context)
     rows = workspace.hospital_rows("train", index)
-    server_round = int(msg.content[keys.CONFIG][keys.SERVER_ROUND])  # type: ignore[arg-type]
+    server_round = int(content[keys.CONFIG][keys.SERVER_ROUND])  # type: ignore[arg-type]
     ledger = None
     if config.privacy.mode == "dp-sgd":
         name = workspace.hospital_names[index]
@@ -91,7 +113,7 @@ def train(msg: Message, context: Context) -> Message:
                 name, server_round, ledger.epsilon(), ledger.target_epsilon,
             )
             refusal = {keys.NUM_EXAMPLES: len(rows), keys.HOSPITAL_INDEX: index, **ledger_metrics(ledger, refused=True)}
-            return Message(RecordDict({keys.METRICS: MetricRecord(refusal)}), reply_to=msg)  # type: ignore[arg-type]
+            return RecordDict({keys.METRICS: MetricRecord(refusal)})  # type: ignore[arg-type]
     result = train_local(
         workspace.loaded.model,
         workspace.task,
@@ -128,15 +150,13 @@ def train(msg: Message, context: Context) -> Message:
         attack = config.attack
         shared = corrupt(shared, plan.shared(start), kind=attack.kind, scale=attack.scale, seed=server_round * 7919 + index)
     arrays: ArrayRecord = numpy_to_record(shared)
-    return Message(RecordDict({keys.ARRAYS: arrays, keys.METRICS: metrics}), reply_to=msg)
+    return RecordDict({keys.ARRAYS: arrays, keys.METRICS: metrics})
 
 
-@app.evaluate()
-def evaluate(msg: Message, context: Context) -> Message:
-    """Score the global adapter on this hospital's local test rows (with its own kept tensors, if any)."""
-    config, index, workspace, _, _ = _unpack(msg, context)
+def _evaluate(content: RecordDict, context: Context) -> RecordDict:
+    config, index, workspace, _, _ = _unpack(content, context)
     rows = workspace.hospital_rows("test", index)
-    if msg.content[keys.CONFIG].get(keys.AUDIT):  # type: ignore[union-attr]
+    if content[keys.CONFIG].get(keys.AUDIT):  # type: ignore[union-attr]
         scores = _audit(config, workspace, index)
     else:
         with autocast(workspace.loaded.device, config.model.dtype):
@@ -148,7 +168,7 @@ def evaluate(msg: Message, context: Context) -> Message:
                 device=workspace.loaded.device,
             )
     metrics = MetricRecord({keys.NUM_EXAMPLES: len(rows), keys.HOSPITAL_INDEX: index, **scores})
-    return Message(RecordDict({keys.METRICS: metrics}), reply_to=msg)
+    return RecordDict({keys.METRICS: metrics})
 
 
 def _audit(config: RunConfig, workspace: Workspace, index: int) -> dict[str, float]:

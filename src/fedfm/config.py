@@ -194,6 +194,21 @@ class PrivacySpec:
         "model (its training rows vs its held-out rows) and reports the attack's AUC (0.5: nothing visible).",
         False,
     )
+    secure_aggregation: bool = _help(
+        "Flower's SecAgg+: hospitals mask their updates so the server learns only their weighted sum. "
+        "Needs a linear strategy (fedavg, fedprox, fedavgm, fedadam, fedyogi, fedadagrad, ffa-lora, fedsa-lora).",
+        False,
+    )
+    secagg_reconstruction_threshold: float = _help(
+        "SecAgg+: share of a hospital's key shares needed to unmask a dropped hospital, in (0, 1]; higher is "
+        "safer against a curious server colluding with hospitals, lower tolerates more dropouts.",
+        0.67,
+    )
+    secagg_clipping_range: float = _help(
+        "SecAgg+: adapter values are clipped to [-range, range] before quantization (LoRA tensors are far smaller).",
+        8.0,
+    )
+    secagg_quantization_range: int = _help("SecAgg+: quantization levels over the clipping range (2^22).", 4194304)
     client_dp: str = _help(
         "Client-level (hospital-level) DP with Flower's wrappers: `none`, `server-fixed`, `server-adaptive` "
         "(the server clips each update), `client-fixed`, `client-adaptive` (each hospital clips its own); "
@@ -603,6 +618,15 @@ def _privacy_problems(config: RunConfig) -> list[str]:
     _check(p, pr.client_clipped_count_stddev >= 0,
            f"`privacy.client-clipped-count-stddev` must be >= 0 (0 for Flower's default), got {pr.client_clipped_count_stddev}")
     _check(p, 0 <= pr.client_delta < 1, f"`privacy.client-delta` must be in (0, 1), or 0 for the default, got {pr.client_delta}")
+    _check(p, 0 < pr.secagg_reconstruction_threshold <= 1,
+           f"`privacy.secagg-reconstruction-threshold` must be in (0, 1], got {pr.secagg_reconstruction_threshold}")
+    _check(p, pr.secagg_clipping_range > 0, f"`privacy.secagg-clipping-range` must be > 0, got {pr.secagg_clipping_range}")
+    _check(p, 2 <= pr.secagg_quantization_range < 2**32,
+           f"`privacy.secagg-quantization-range` must be in [2, 2^32), got {pr.secagg_quantization_range}")
+    if pr.secure_aggregation and pr.client_dp != "none":
+        p.append("`privacy.secure-aggregation` cannot be combined with `privacy.client-dp` yet: Flower's client-level "
+                 "DP wrappers and its SecAgg+ workflow use different strategy APIs; use DP-SGD (`privacy.mode`) "
+                 "with secure aggregation")
     for entry in pr.hospital_epsilon:
         name, sep, value = entry.partition("=")
         try:

@@ -17,7 +17,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
-from fedfm import keys, privacy, strategies
+from fedfm import keys, privacy, secagg, strategies
 from fedfm.adapters import export_adapter, set_adapter_state, set_base_delta
 from fedfm.config import RunConfig, evaluation_due, from_flat, to_json
 from fedfm.privacy.accounting import ClientLevelLedger, default_delta, sampled_hospitals
@@ -50,7 +50,8 @@ def _weighted(per_hospital: dict[int, dict[str, float]]) -> dict[str, float]:
 class _Recorder:
     """Turns each finished round into a metrics line, a checkpoint and a progress line."""
 
-    def __init__(self, config: RunConfig, workspace: Workspace, strategy: GuardedStrategy, run_dir: RunDirectory) -> None:
+    def __init__(self, config: RunConfig, workspace: Workspace, strategy: Any, run_dir: RunDirectory) -> None:
+        # ``strategy``: the GuardedStrategy, or secagg's legacy bridge (both keep ``rounds`` and ``hospital_of``).
         self.config = config
         self.workspace = workspace
         self.strategy = strategy
@@ -84,10 +85,10 @@ class _Recorder:
             self.initial = central
             logger.info("round 0/%d  global %s (before training)", self.config.federation.num_rounds, _fmt(central))
         else:
-            self._record_round(server_round, arrays, central)
+            self.record_round(server_round, arrays, central)
         return MetricRecord(dict(central)) if central else None  # type: ignore[arg-type]
 
-    def _record_round(self, server_round: int, arrays: ArrayRecord, central: dict[str, float] | None) -> None:
+    def record_round(self, server_round: int, arrays: ArrayRecord, central: dict[str, float] | None) -> None:
         record = self.strategy.rounds.get(server_round) or strategies.RoundRecord()
         bytes_down: dict[int, int] = {}
         for node, count in record.bytes_down.items():
@@ -225,7 +226,7 @@ def _build_strategy(config: RunConfig, workspace: Workspace) -> GuardedStrategy:
     )
 
 
-def serve(grid: Grid, config: RunConfig, run_dir: Path) -> dict[str, Any]:
+def serve(grid: Grid, config: RunConfig, run_dir: Path, context: Context | None = None) -> dict[str, Any]:
     """Run a whole federation on a Flower grid and write the run directory.
 
     Parameters
@@ -236,6 +237,8 @@ def serve(grid: Grid, config: RunConfig, run_dir: Path) -> dict[str, Any]:
         The validated run configuration.
     run_dir : Path
         Where the run's files go.
+    context : Context, optional
+        The ServerApp's context (SecAgg+ keeps its workflow state there).
 
     Returns
     -------
@@ -253,21 +256,28 @@ def serve(grid: Grid, config: RunConfig, run_dir: Path) -> dict[str, Any]:
     config = config.replace(**{"output.dir": str(Path(run_dir).resolve())})
     workspace = workspace_for(config)
     hospitals = workspace.federation.hospitals
-    strategy = _build_strategy(config, workspace)
-    recorder = _Recorder(config, workspace, strategy, directory)
     client_plans = encode_plans([strategies.client_plan(config, i) for i in range(len(hospitals))])
     flwr_config = ConfigRecord({keys.RUN_CONFIG: to_json(config), keys.CLIENT_PLANS: client_plans})
-    initial = strategies.initial_arrays(strategy.inner, config, _initial_numpy(workspace))
-    result = strategy.start(
-        grid=grid,
-        initial_arrays=numpy_to_record(initial),
-        num_rounds=config.federation.num_rounds,
-        timeout=config.federation.round_timeout,
-        train_config=flwr_config,
-        evaluate_config=ConfigRecord(dict(flwr_config)),
-        evaluate_fn=recorder,
-    )
-    final_arrays = record_to_numpy(result.arrays) if result.arrays is not None else initial
+    strategy: Any
+    if config.privacy.secure_aggregation:
+        strategy = secagg.bridge(config, num_hospitals=len(hospitals), initial=_initial_numpy(workspace),
+                                 instructions=dict(flwr_config))
+        recorder = strategy.recorder = _Recorder(config, workspace, strategy, directory)
+        final_arrays = secagg.run(grid, context, config, strategy, max_weight=max(len(h.train) for h in hospitals))
+    else:
+        strategy = _build_strategy(config, workspace)
+        recorder = _Recorder(config, workspace, strategy, directory)
+        initial = strategies.initial_arrays(strategy.inner, config, _initial_numpy(workspace))
+        result = strategy.start(
+            grid=grid,
+            initial_arrays=numpy_to_record(initial),
+            num_rounds=config.federation.num_rounds,
+            timeout=config.federation.round_timeout,
+            train_config=flwr_config,
+            evaluate_config=ConfigRecord(dict(flwr_config)),
+            evaluate_fn=recorder,
+        )
+        final_arrays = record_to_numpy(result.arrays) if result.arrays is not None else initial
     audit = run_audit(grid, config, final_arrays, flwr_config, workspace.hospital_names) if config.privacy.audit else None
     final_state, fold = load_global(workspace, config, final_arrays)
     export_adapter(
@@ -304,6 +314,9 @@ def serve(grid: Grid, config: RunConfig, run_dir: Path) -> dict[str, Any]:
             "mode": config.privacy.mode,
             "hospitals": privacy_summary(recorder.history),
             "client_dp": config.privacy.client_dp,
+            "secure_aggregation": config.privacy.secure_aggregation,
+            # SecAgg+: how many different adapters the server's strategy was handed per round (1: only the sum).
+            "server_saw_distinct_updates": dict(getattr(strategy, "distinct_vectors", {})) or None,
             "client_level": last.get("privacy", {}).get("client_level"),
             "audit": audit,
         },
@@ -367,7 +380,7 @@ def make_server_app(config: RunConfig, run_dir: Path) -> ServerApp:
 
     @server_app.main()
     def main(grid: Grid, context: Context) -> None:
-        serve(grid, config, run_dir)
+        serve(grid, config, run_dir, context)
 
     return server_app
 
@@ -381,4 +394,4 @@ def _flwr_main(grid: Grid, context: Context) -> None:
     config = from_flat(dict(context.run_config))
     run_dir = Path(config.output.dir) if config.output.dir else default_run_dir()
     logger.info("fedfm run directory: %s", run_dir.resolve())
-    serve(grid, config, run_dir)
+    serve(grid, config, run_dir, context)

@@ -163,6 +163,9 @@ def config_problems(config: RunConfig) -> list[str]:
     plan = client_plan(config, 0)
     shares_everything = not (plan.fixed or plan.private or plan.fold) and plan.rank is None
     problems.extend(client_dp.problems(config, item.cls, shares_everything))
+    from fedfm.strategies import secure  # imports require_linear from this module
+
+    problems.extend(secure.problems(config))
     if config.federation.client_ranks and not getattr(item.cls, "heterogeneous_ranks", False):
         ranked = [n for n in available() if getattr(_REGISTRY[n].cls, "heterogeneous_ranks", False)]
         problems.append(
