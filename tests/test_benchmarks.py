@@ -75,3 +75,29 @@ def test_strategies_quick_writes_each_part(tmp_path: Path) -> None:
     assert robust == ["fedavg, no attack", "fedavg"]
     assert all(len(arm["per_hospital_macro_f1"]) == 10 for arm in report["parts"]["robust"]["arms"])
     assert "| fedavg, no attack |" in done.stdout
+
+
+def test_privacy_quick_compares_dp_with_no_dp(tmp_path: Path) -> None:
+    # Prepare
+    env = dict(os.environ, HF_HOME=str(tmp_path / "hf"))
+
+    # Execute
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "privacy.py"), "--quick", "--dataset", "heart",
+         "--epsilons", "8", "--out", str(tmp_path)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=900, check=False,
+    )
+
+    # Assert: both arms ran; the DP arm's hospitals spent (about) their budget and no more
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    report = json.loads((tmp_path / "privacy-heart-quick.json").read_text())
+    labels = [arm["label"] for arm in report["arms"]]
+    assert labels == ["no DP", "DP-SGD ε=8"]
+    no_dp, dp = report["arms"]
+    assert no_dp["epsilon_spent"] == {}
+    assert len(dp["epsilon_spent"]) == 4
+    assert all(7.9 <= eps <= 8.0 for eps in dp["epsilon_spent"].values())
+    assert all(0.0 <= auc <= 1.0 for auc in dp["audit_auc"].values()) and len(dp["audit_auc"]) == 4
+    assert dp["examples_per_second"] > 0 and no_dp["examples_per_second"] > 0
+    assert "throughput_vs_no_dp" in report["comparison"]["DP-SGD ε=8"]
+    assert "| DP-SGD ε=8 |" in done.stdout

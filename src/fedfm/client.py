@@ -134,6 +134,7 @@ def _train(content: RecordDict, context: Context) -> RecordDict:
         keys.TRAIN_LOSS: result.loss,
         keys.TRAIN_SECONDS: result.seconds,
         "train-steps": result.steps,
+        keys.TRAIN_EXAMPLES: result.examples,
     }
     if ledger is not None:
         ledger = ledger.after_training(server_round, result.steps)

@@ -27,6 +27,7 @@ NUM_EXAMPLES = "num-examples"
 HOSPITAL_INDEX = "hospital-index"
 TRAIN_LOSS = "train-loss"
 TRAIN_SECONDS = "train-seconds"
+TRAIN_EXAMPLES = "train-examples"  # rows seen in the round (Poisson batches under DP-SGD vary)
 LOSS = "loss"
 ACCURACY = "accuracy"
 MACRO_F1 = "macro-f1"
