@@ -37,8 +37,7 @@ def _fmt(value: float | None, digits: int = 3) -> str:
 
 def _tensor_groups(names: list[str]) -> str:
     """``lora_A.weight x12, lora_B.weight x12, classifier.weight x1``: what kinds of tensors, how many."""
-    kinds = Counter(".".join(name.split(".")[-2:]) if "lora_" in name else name.split(".")[-2] + "." + name.split(".")[-1]
-                    for name in names)
+    kinds = Counter(".".join(name.split(".")[-2:]) for name in names)
     return ", ".join(f"{kind} x{count}" for kind, count in sorted(kinds.items()))
 
 
