@@ -36,7 +36,7 @@ def test_every_problem_is_reported_at_once_with_field_value_and_range() -> None:
     problems = info.value.problems
     assert len(problems) == 5
     text = str(info.value)
-    assert "`train.learning-rate` must be in (0, 1), got -1.0" in text
+    assert "`train.learning-rate` must be in (0, 10], got -1.0" in text
     assert "`model.task` must be one of ['sequence-classification', 'causal-qa'], got 'translation'" in text
     assert "unknown key `lora.rank`" in text and "'r'" in text
     assert "`data.num-hospitals` must be an integer, got 'many'" in text
@@ -117,3 +117,21 @@ def test_strategy_and_attack_sections_are_validated() -> None:
     config = RunConfig().replace(**{"federation.client-ranks": [4, 8], "lora.r": 8})
     assert config.federation.client_ranks == (4, 8)
     assert from_json(to_json(config)) == config
+
+
+def test_optimizer_and_dp_batch_are_validated_and_sgd_is_what_training_gets() -> None:
+    import torch
+
+    from fedfm.train import make_optimizer
+
+    with pytest.raises(ConfigError) as err:
+        RunConfig().replace(**{"train.optimizer": "lamb", "train.momentum": 1.0, "privacy.batch-size": -1})
+    text = str(err.value)
+    assert "`train.optimizer` must be one of ['adamw', 'sgd'], got 'lamb'" in text
+    assert "`train.momentum` must be in [0, 1), got 1.0" in text
+    assert "`privacy.batch-size` must be >= 0 (0 uses train.batch-size), got -1" in text
+    params = [torch.nn.Parameter(torch.zeros(3))]
+    spec = RunConfig().replace(**{"train.optimizer": "sgd", "train.learning-rate": 2.0, "train.momentum": 0.5}).train
+    sgd = make_optimizer(params, spec)
+    assert isinstance(sgd, torch.optim.SGD) and sgd.defaults["lr"] == 2.0 and sgd.defaults["momentum"] == 0.5
+    assert isinstance(make_optimizer(params, RunConfig().train), torch.optim.AdamW)

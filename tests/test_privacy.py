@@ -18,8 +18,8 @@ from fedfm.client import app
 from fedfm.config import RunConfig, to_json
 from fedfm.errors import ConfigError
 from fedfm.privacy.accounting import HospitalLedger, compose, default_delta, epsilon_of, open_ledger
-from fedfm.privacy.dpsgd import DpSgd, sample_rate, steps_per_round
-from fedfm.privacy.hospital import LEDGER_FILE
+from fedfm.privacy.dpsgd import DpSgd, micro_batches, private_training, sample_rate, steps_per_round
+from fedfm.privacy.hospital import LEDGER_FILE, dp_batch_size
 from fedfm.train import train_local
 from fedfm.wire import numpy_to_record
 from fedfm.workspace import workspace_for
@@ -188,6 +188,60 @@ def test_an_empty_poisson_batch_still_adds_noise(tiny_csv_settings: dict[str, An
     assert any(not torch.equal(changed[k], v) for k, v in loaded.initial_state.items())
 
 
+def _noised_gradient(workspace: Any, indices: list[int], chunk: int, clip: float) -> dict[str, torch.Tensor]:
+    """The gradient one DP step hands the optimizer (σ = 0), with the batch run in chunks of ``chunk`` rows."""
+    loaded, task = workspace.loaded, workspace.task
+    rows = workspace.hospital_rows("train", 0)
+    set_adapter_state(loaded.model, loaded.initial_state)
+    params = [p for p in loaded.model.parameters() if p.requires_grad]
+    captured: dict[str, torch.Tensor] = {}
+    names = {id(p): n for n, p in loaded.model.named_parameters()}
+    lengths = [len(ids) for ids in rows["input_ids"]]
+    dp = DpSgd(noise_multiplier=0.0, max_grad_norm=clip, sample_rate=len(indices) / len(rows), steps=1)
+    optimizer = torch.optim.SGD(params, lr=0.0)
+    dropouts = [m for m in loaded.model.modules() if isinstance(m, torch.nn.Dropout)]
+    rates = [m.p for m in dropouts]
+    loaded.model.train()  # Opacus records activations in training mode only
+    try:
+        for m in dropouts:
+            m.p = 0.0  # the runs must compute the same function
+        with private_training(loaded.model, optimizer, dp, len(rows), after_noise=lambda: captured.update(
+                {names[id(p)]: p.grad.clone() for p in params})) as (fwd, opt):
+            opt.zero_grad(set_to_none=True)
+            for part in micro_batches(indices, lengths, chunk):
+                batch = task.collate(loaded.tokenizer)([rows[i] for i in part])
+                task.loss(fwd, batch).backward()
+            opt.step()
+    finally:
+        loaded.model.eval()
+        for m, rate in zip(dropouts, rates, strict=True):
+            m.p = rate
+    return captured
+
+
+def test_micro_batches_give_the_step_of_the_whole_poisson_batch(tiny_csv_settings: dict[str, Any]) -> None:
+    # Prepare: one batch of 6 rows of different lengths
+    _, workspace = _workspace(tiny_csv_settings)
+    rows = workspace.hospital_rows("train", 0)
+    lengths = [len(ids) for ids in rows["input_ids"]]
+    indices = [0, 3, 1, 5, 4, 2]
+    chunks = micro_batches(indices, lengths, 4)
+    assert [len(c) for c in chunks] == [4, 2] and sorted(i for c in chunks for i in c) == sorted(indices)
+    assert max(lengths[i] for i in chunks[0]) <= min(lengths[i] for i in chunks[1])
+    # Act: the same step as one pass, as chunks of 4, and one row at a time; then with clipping on
+    whole, fours, ones = (_noised_gradient(workspace, indices, size, clip=1e6) for size in (6, 4, 1))
+    clipped_whole, clipped_ones = (_noised_gradient(workspace, indices, size, clip=1e-3) for size in (6, 1))
+    # Assert: the mean of the per-example gradients, however the batch was cut
+    assert whole and set(whole) == set(fours) == set(ones)
+    for name in whole:
+        torch.testing.assert_close(fours[name], whole[name], rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(ones[name], whole[name], rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(clipped_ones[name], clipped_whole[name], rtol=1e-4, atol=1e-9)
+    # clipped to 1e-3 per example, so the mean over 6 expected rows has norm at most 1e-3
+    norm = torch.sqrt(sum((g.double() ** 2).sum() for g in clipped_whole.values()))
+    assert 0 < float(norm) <= 1e-3 + 1e-9
+
+
 def test_dp_training_keeps_frozen_factors_and_components_past_the_rank(tiny_csv_settings: dict[str, Any]) -> None:
     config, workspace = _workspace(tiny_csv_settings)
     initial = workspace.loaded.initial_state
@@ -206,10 +260,17 @@ def test_dp_training_keeps_frozen_factors_and_components_past_the_rank(tiny_csv_
 
 def test_steps_and_rate_follow_the_training_settings() -> None:
     spec = RunConfig().train
-    assert sample_rate(spec, 160) == pytest.approx(0.1)
-    assert steps_per_round(spec, 160) == 10  # one epoch = 1 / rate expected steps
-    assert steps_per_round(dataclasses.replace(spec, local_steps=7), 160) == 7
-    assert sample_rate(spec, 5) == 1.0
+    assert sample_rate(16, 160) == pytest.approx(0.1)
+    assert steps_per_round(spec, 16, 160) == 10  # one epoch = 1 / rate expected steps
+    assert steps_per_round(spec, 64, 160) == 2  # a larger DP batch, fewer steps per epoch
+    assert steps_per_round(dataclasses.replace(spec, local_steps=7), 16, 160) == 7
+    assert sample_rate(16, 5) == 1.0
+
+
+def test_dp_batch_size_defaults_to_the_training_batch() -> None:
+    config = RunConfig()
+    assert dp_batch_size(config) == config.train.batch_size
+    assert dp_batch_size(config.replace(**{"privacy.batch-size": 128})) == 128
 
 
 # ---- the hospital's ledger through the ClientApp ---------------------------------------------------
@@ -237,7 +298,7 @@ def test_hospital_ledger_grows_persists_and_refuses_past_its_budget(
     # Prepare: fixed noise and a budget that pays for two rounds but not three
     base = _dp_config(tiny_csv_settings)
     rows = len(workspace_for(base).hospital_rows("train", 0))
-    probe = HospitalLedger("north", 1e9, default_delta(rows), 0.8, sample_rate(base.train, rows), 3)
+    probe = HospitalLedger("north", 1e9, default_delta(rows), 0.8, sample_rate(base.train.batch_size, rows), 3)
     two_rounds = probe.after_training(1, 3).after_training(2, 3).epsilon()
     config = _dp_config(tiny_csv_settings, **{
         "privacy.noise-multiplier": 0.8, "privacy.target-epsilon": round(two_rounds * 1.01, 4),

@@ -26,6 +26,7 @@ MODEL_ALIASES = ("minilm", "smollm2-135m")
 TASKS = ("sequence-classification", "causal-qa")
 DATASETS = ("heart_disease_uci", "nicta_piboso", "pubmedqa", "medmcqa", "csv", "jsonl", "parquet")
 PARTITIONERS = ("iid", "dirichlet", "natural")
+OPTIMIZERS = ("adamw", "sgd")
 HETLORA_WEIGHTINGS = ("sparsity", "examples")
 ATTACKS = ("sign-flip", "scale", "noise")
 DTYPES = ("float32", "bfloat16")
@@ -97,10 +98,14 @@ class TrainSpec:
 
     local_epochs: int = _help("Passes over the hospital's training rows per round (unless local-steps is set).", 1)
     local_steps: int = _help("If > 0: optimizer steps per round instead of epochs.", 0)
-    batch_size: int = _help("Examples per optimizer step.", 16)
+    batch_size: int = _help(
+        "Examples per optimizer step (with DP-SGD: per forward pass; see privacy.batch-size).", 16
+    )
     eval_batch_size: int = _help("Examples per evaluation forward pass.", 64)
-    learning_rate: float = _help("AdamW learning rate.", 5e-4)
-    weight_decay: float = _help("AdamW weight decay.", 0.0)
+    optimizer: str = _help("Local optimizer, fresh each round: `adamw` or `sgd` (with momentum).", "adamw")
+    learning_rate: float = _help("Local learning rate.", 5e-4)
+    momentum: float = _help("SGD momentum (optimizer `sgd` only).", 0.9)
+    weight_decay: float = _help("Weight decay (decoupled for AdamW).", 0.0)
     max_grad_norm: float = _help("Gradient-norm clipping; 0 disables.", 1.0)
     seed: int = _help("Seed of initialisation, shuffling and dropout.", 0)
 
@@ -180,6 +185,11 @@ class PrivacySpec:
     )
     delta: float = _help("δ of the guarantee, in (0, 1); 0 picks 1e-5 or 1/N^1.1 per hospital (N its rows), whichever is smaller.", 0.0)
     max_grad_norm: float = _help("Per-example gradient clipping norm of DP-SGD.", 1.0)
+    batch_size: int = _help(
+        "Expected examples per DP-SGD step (Poisson sampling); 0 uses train.batch-size. Larger batches shrink "
+        "the noise on each step's mean; a step runs as length-sorted forward passes of train.batch-size.",
+        0,
+    )
     noise_multiplier: float = _help(
         "σ of DP-SGD's Gaussian noise (in units of max-grad-norm); 0 calibrates it from target-epsilon.", 0.0
     )
@@ -553,7 +563,9 @@ def validate(config: RunConfig) -> list[str]:
     _check(p, t.local_steps >= 0, f"`train.local-steps` must be >= 0, got {t.local_steps}")
     _check(p, t.batch_size >= 1, f"`train.batch-size` must be >= 1, got {t.batch_size}")
     _check(p, t.eval_batch_size >= 1, f"`train.eval-batch-size` must be >= 1, got {t.eval_batch_size}")
-    _check(p, 0 < t.learning_rate < 1, f"`train.learning-rate` must be in (0, 1), got {t.learning_rate}")
+    _check(p, t.optimizer in OPTIMIZERS, f"`train.optimizer` must be one of {list(OPTIMIZERS)}, got {t.optimizer!r}")
+    _check(p, 0 < t.learning_rate <= 10, f"`train.learning-rate` must be in (0, 10], got {t.learning_rate}")
+    _check(p, 0 <= t.momentum < 1, f"`train.momentum` must be in [0, 1), got {t.momentum}")
     _check(p, t.weight_decay >= 0, f"`train.weight-decay` must be >= 0, got {t.weight_decay}")
     _check(p, t.max_grad_norm >= 0, f"`train.max-grad-norm` must be >= 0, got {t.max_grad_norm}")
     _check(p, fe.num_rounds >= 1, f"`federation.num-rounds` must be >= 1, got {fe.num_rounds}")
@@ -602,6 +614,7 @@ def _privacy_problems(config: RunConfig) -> list[str]:
     _check(p, 0 <= pr.delta < 1, f"`privacy.delta` must be in (0, 1), or 0 for the default, got {pr.delta}")
     _check(p, pr.max_grad_norm > 0 and math.isfinite(pr.max_grad_norm),
            f"`privacy.max-grad-norm` must be a finite number > 0, got {pr.max_grad_norm}")
+    _check(p, pr.batch_size >= 0, f"`privacy.batch-size` must be >= 0 (0 uses train.batch-size), got {pr.batch_size}")
     _check(p, pr.noise_multiplier >= 0 and math.isfinite(pr.noise_multiplier),
            f"`privacy.noise-multiplier` must be >= 0 (0 calibrates it), got {pr.noise_multiplier}")
     _check(p, pr.accountant in ACCOUNTANTS, f"`privacy.accountant` must be one of {list(ACCOUNTANTS)}, got {pr.accountant!r}")

@@ -13,7 +13,7 @@ import torch
 from datasets import Dataset
 
 from fedfm.config import TrainSpec
-from fedfm.privacy.dpsgd import DpSgd, empty_step, poisson_batches, private_training, secret_rng
+from fedfm.privacy.dpsgd import DpSgd, empty_step, micro_batches, poisson_batches, private_training, secret_rng
 from fedfm.tasks import Task
 
 
@@ -91,6 +91,13 @@ def _rank_masks(named: list[tuple[str, torch.nn.Parameter]], rank: int) -> dict[
                 mask[:, :rank] = 1.0
             masks[param] = mask
     return masks
+
+
+def make_optimizer(params: list[torch.nn.Parameter], spec: TrainSpec) -> torch.optim.Optimizer:
+    """The local optimizer ``train.optimizer`` names, fresh each round."""
+    if spec.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=spec.learning_rate, momentum=spec.momentum, weight_decay=spec.weight_decay)
+    return torch.optim.AdamW(params, lr=spec.learning_rate, weight_decay=spec.weight_decay)
 
 
 def train_local(
@@ -174,11 +181,12 @@ def train_local(
     model.train()
     try:
         with contextlib.ExitStack() as stack:
-            optimizer: Any = torch.optim.AdamW(params, lr=spec.learning_rate, weight_decay=spec.weight_decay)
+            optimizer: Any = make_optimizer(params, spec)
             forward: torch.nn.Module = model
             if dp is not None:
-                forward, optimizer = stack.enter_context(private_training(model, optimizer, dp, len(lengths)))
-                optimizer.attach_step_hook(lambda _: adjust_gradients())
+                forward, optimizer = stack.enter_context(
+                    private_training(model, optimizer, dp, len(lengths), after_noise=adjust_gradients)
+                )
                 batches: Iterator[list[int]] = poisson_batches(len(lengths), dp.sample_rate, dp.steps, secret_rng())
             else:
                 batches = _batches(lengths, spec, rng)
@@ -188,24 +196,27 @@ def train_local(
                 if not indices:
                     empty_step(optimizer)
                     continue
-                batch = collate([dataset[i] for i in indices])
-                batch = {k: v.to(device) for k, v in batch.items()}
-                with autocast(device, dtype):
-                    loss = task.loss(forward, batch)
-                loss.backward()
+                # DP: a Poisson batch may exceed train.batch-size; it runs as sorted micro-batches.
+                chunks = micro_batches(indices, lengths, spec.batch_size) if dp is not None else [indices]
+                for chunk in chunks:
+                    batch = collate([dataset[i] for i in chunk])
+                    batch = {k: v.to(device) for k, v in batch.items()}
+                    with autocast(device, dtype):
+                        loss = task.loss(forward, batch)
+                    loss.backward()
+                    losses.append(float(loss.detach()) * len(chunk))
+                    examples += len(chunk)
                 if dp is None:
                     adjust_gradients()
                     if spec.max_grad_norm > 0:
                         torch.nn.utils.clip_grad_norm_(params, spec.max_grad_norm)
                 optimizer.step()
-                losses.append(float(loss.detach()))
-                examples += len(indices)
     finally:
         model.eval()
         for p in held:
             p.requires_grad_(True)
     return TrainResult(
-        loss=float(np.mean(losses)) if losses else 0.0,
+        loss=float(np.sum(losses) / examples) if examples else 0.0,
         steps=steps,
         examples=examples,
         seconds=time.perf_counter() - start,

@@ -56,7 +56,7 @@ def check(config: RunConfig, federation: Federation) -> list[PlannedBudget]:
         Opacus is missing, a δ is not below 1/N, a per-hospital budget names
         no hospital, or a budget cannot pay for even one round.
     """
-    from fedfm.privacy.hospital import budget_for, delta_for  # imports Flower; train.py must not
+    from fedfm.privacy.hospital import budget_for, delta_for, dp_batch_size  # imports Flower; train.py must not
 
     spec = config.privacy
     if spec.mode == "none" and spec.client_dp == "none":
@@ -84,7 +84,8 @@ def check(config: RunConfig, federation: Federation) -> list[PlannedBudget]:
             )
             continue
         budget = budget_for(config, index, hospital.name)
-        q, steps = sample_rate(config.train, rows), steps_per_round(config.train, rows)
+        batch = dp_batch_size(config)
+        q, steps = sample_rate(batch, rows), steps_per_round(config.train, batch, rows)
         sigma = spec.noise_multiplier
         if sigma <= 0:
             try:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import contextlib
 import secrets
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -39,16 +39,16 @@ class DpSgd:
     steps: int
 
 
-def sample_rate(spec: TrainSpec, num_rows: int) -> float:
-    """Probability that a row joins a step's batch: batch size / rows (at most 1)."""
-    return min(1.0, spec.batch_size / max(num_rows, 1))
+def sample_rate(batch_size: int, num_rows: int) -> float:
+    """Probability that a row joins a step's batch: expected batch size / rows (at most 1)."""
+    return min(1.0, batch_size / max(num_rows, 1))
 
 
-def steps_per_round(spec: TrainSpec, num_rows: int) -> int:
+def steps_per_round(spec: TrainSpec, batch_size: int, num_rows: int) -> int:
     """DP-SGD steps in one round: ``local-steps``, or the expected steps of ``local-epochs`` passes."""
     if spec.local_steps > 0:
         return spec.local_steps
-    return max(1, round(spec.local_epochs / sample_rate(spec, num_rows)))
+    return max(1, round(spec.local_epochs / sample_rate(batch_size, num_rows)))
 
 
 def secret_rng() -> np.random.Generator:
@@ -66,13 +66,33 @@ def poisson_batches(num_rows: int, rate: float, steps: int, rng: np.random.Gener
         yield np.flatnonzero(rng.random(num_rows) < rate).tolist()
 
 
+def micro_batches(indices: Sequence[int], lengths: Sequence[int], size: int) -> list[list[int]]:
+    """One Poisson batch as length-sorted chunks of at most ``size`` rows.
+
+    A Poisson batch is a random draw, so run as one forward pass every row
+    would be padded to the batch's longest. Sorted chunks pad far less, and
+    give the same per-example gradients: Opacus collects them across the
+    chunks' backward passes and clips, sums and noises them in one step.
+    """
+    ordered = sorted(indices, key=lambda i: lengths[i])
+    return [ordered[start : start + size] for start in range(0, len(ordered), size)]
+
+
 @contextlib.contextmanager
 def private_training(
-    model: torch.nn.Module, optimizer: torch.optim.Optimizer, dp: DpSgd, num_rows: int
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    dp: DpSgd,
+    num_rows: int,
+    after_noise: Callable[[], None] | None = None,
 ) -> Iterator[tuple[torch.nn.Module, Any]]:
     """Wrap ``model`` for per-example gradients and ``optimizer`` for clipping and noise.
 
     Yields the module to run forward passes through and the ``DPOptimizer``.
+    A step may follow several backward passes (micro-batches of one Poisson
+    batch, each with its mean loss): the noised sum of clipped per-example
+    gradients is divided by the *expected* batch size, which does not depend
+    on the data, and then ``after_noise`` runs (it must not read data).
     On exit every Opacus hook and per-parameter attribute is removed again.
     Parameters must already have their final ``requires_grad`` for the round.
     """
@@ -80,16 +100,30 @@ def private_training(
     from opacus.grad_sample import GradSampleModule
     from opacus.optimizers import DPOptimizer
 
+    # "mean" here only tells Opacus that each backward pass's loss is a mean
+    # over its micro-batch, so per-example gradients come out unscaled.
     wrapped = GradSampleModule(model, batch_first=True, loss_reduction="mean", strict=False)
     noise = torch.Generator(device=next(p.device for p in model.parameters()))
     noise.manual_seed(secrets.randbits(63))
+    expected = dp.sample_rate * num_rows
+    # "sum": Opacus's own mean mode would also divide by the number of backward passes.
     private = DPOptimizer(
         optimizer,
         noise_multiplier=dp.noise_multiplier,
         max_grad_norm=dp.max_grad_norm,
-        expected_batch_size=dp.sample_rate * num_rows,  # type: ignore[arg-type]  # a float is what Poisson sampling expects
+        expected_batch_size=None,
+        loss_reduction="sum",
         generator=noise,
     )
+
+    def average() -> None:
+        for p in private.params:
+            if p.grad is not None:
+                p.grad.div_(expected)
+        if after_noise is not None:
+            after_noise()
+
+    private.attach_step_hook(lambda _: average())
     try:
         with warnings.catch_warnings():
             # LoRA layers see inputs that need no gradient; Opacus's hooks fire on outputs, as intended.

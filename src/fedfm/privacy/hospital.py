@@ -40,6 +40,11 @@ def budget_for(config: RunConfig, index: int, name: str, node_config: dict[str, 
     return budget
 
 
+def dp_batch_size(config: RunConfig) -> int:
+    """Expected rows per DP-SGD step: ``privacy.batch-size``, else ``train.batch-size``."""
+    return config.privacy.batch_size or config.train.batch_size
+
+
 def delta_for(config: RunConfig, num_rows: int) -> float:
     return config.privacy.delta or default_delta(num_rows)
 
@@ -60,8 +65,8 @@ def new_ledger(config: RunConfig, *, index: int, name: str, num_rows: int, node_
         hospital=name,
         target_epsilon=budget_for(config, index, name, node_config),
         delta=delta_for(config, num_rows),
-        sample_rate=sample_rate(spec, num_rows),
-        steps_per_round=steps_per_round(spec, num_rows),
+        sample_rate=sample_rate(dp_batch_size(config), num_rows),
+        steps_per_round=steps_per_round(spec, dp_batch_size(config), num_rows),
         planned_rounds=config.federation.num_rounds,
         noise_multiplier=config.privacy.noise_multiplier,
         accountant=config.privacy.accountant,
