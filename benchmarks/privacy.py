@@ -45,6 +45,9 @@ NICTA: dict[str, Any] = {
     "federation.evaluate-every": 4,
 }
 
+#: Settings of the DP-SGD arms only (``--dp-set`` replaces them).
+DP_RECIPE: dict[str, Any] = {}
+
 QUICK: dict[str, Any] = {
     "data.max-train-per-hospital": 32,
     "data.max-test": 96,
@@ -133,6 +136,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="tiny caps: a smoke test, not a result")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="setting applied to every arm, last; repeatable")
+    parser.add_argument("--dp-set", dest="dp_overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="setting applied to the DP-SGD arms only (the DP recipe, e.g. privacy.batch-size=64); "
+                             f"default: {' '.join(f'{k}={v}' for k, v in DP_RECIPE.items())}")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     parser.add_argument("--verbose", action="store_true")
     args = parser.parse_args(argv)
@@ -152,8 +158,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         base.update(QUICK)
     base.update(dict(parse_override(text) for text in args.overrides))
+    recipe = dict(parse_override(text) for text in args.dp_overrides) if args.dp_overrides else DP_RECIPE
     plan = [("no DP", {**base, "privacy.mode": "none"})]
-    plan += [(f"DP-SGD ε={e:g}", {**base, "privacy.mode": "dp-sgd", "privacy.target-epsilon": e}) for e in epsilons]
+    plan += [(f"DP-SGD ε={e:g}", {**base, **recipe, "privacy.mode": "dp-sgd", "privacy.target-epsilon": e})
+             for e in epsilons]
     try:
         # Every arm is checked (strategy, DP calibration for each hospital) before the first one runs.
         for _, settings in plan:
@@ -181,6 +189,7 @@ def main(argv: list[str] | None = None) -> int:
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
         "dataset": args.dataset,
+        "dp_recipe": recipe,
         "arms": arms,
         "comparison": {
             arm["label"]: {

@@ -19,7 +19,7 @@ from fedfm.config import RunConfig, to_json
 from fedfm.errors import ConfigError
 from fedfm.privacy.accounting import HospitalLedger, compose, default_delta, epsilon_of, open_ledger
 from fedfm.privacy.dpsgd import DpSgd, micro_batches, private_training, sample_rate, steps_per_round
-from fedfm.privacy.hospital import LEDGER_FILE, dp_batch_size
+from fedfm.privacy.hospital import LEDGER_FILE, dp_batch_size, dp_train_spec
 from fedfm.train import train_local
 from fedfm.wire import numpy_to_record
 from fedfm.workspace import workspace_for
@@ -267,10 +267,16 @@ def test_steps_and_rate_follow_the_training_settings() -> None:
     assert sample_rate(16, 5) == 1.0
 
 
-def test_dp_batch_size_defaults_to_the_training_batch() -> None:
+def test_dp_recipe_replaces_the_training_optimizer_only_under_dp() -> None:
     config = RunConfig()
-    assert dp_batch_size(config) == config.train.batch_size
-    assert dp_batch_size(config.replace(**{"privacy.batch-size": 128})) == 128
+    assert dp_batch_size(config) == config.privacy.batch_size
+    assert dp_batch_size(config.replace(**{"privacy.batch-size": 0})) == config.train.batch_size
+    spec = dp_train_spec(config)
+    assert (spec.optimizer, spec.learning_rate) == (config.privacy.optimizer, config.privacy.learning_rate)
+    assert (config.train.optimizer, config.train.learning_rate) != (spec.optimizer, spec.learning_rate)
+    kept = dp_train_spec(config.replace(**{"privacy.learning-rate": 0.0}))
+    assert kept.learning_rate == config.train.learning_rate
+    assert dataclasses.replace(spec, optimizer=config.train.optimizer, learning_rate=config.train.learning_rate) == config.train
 
 
 # ---- the hospital's ledger through the ClientApp ---------------------------------------------------
@@ -298,7 +304,7 @@ def test_hospital_ledger_grows_persists_and_refuses_past_its_budget(
     # Prepare: fixed noise and a budget that pays for two rounds but not three
     base = _dp_config(tiny_csv_settings)
     rows = len(workspace_for(base).hospital_rows("train", 0))
-    probe = HospitalLedger("north", 1e9, default_delta(rows), 0.8, sample_rate(base.train.batch_size, rows), 3)
+    probe = HospitalLedger("north", 1e9, default_delta(rows), 0.8, sample_rate(dp_batch_size(base), rows), 3)
     two_rounds = probe.after_training(1, 3).after_training(2, 3).epsilon()
     config = _dp_config(tiny_csv_settings, **{
         "privacy.noise-multiplier": 0.8, "privacy.target-epsilon": round(two_rounds * 1.01, 4),

@@ -12,6 +12,7 @@ from fedfm import keys
 from fedfm.config import RunConfig
 from fedfm.privacy.accounting import HospitalLedger, default_delta
 from fedfm.privacy.dpsgd import sample_rate
+from fedfm.privacy.hospital import dp_batch_size
 from fedfm.privacy.hospital import LEDGER_FILE
 from fedfm.workspace import workspace_for
 
@@ -39,7 +40,7 @@ def dp_run(tiny_csv_settings: dict[str, Any], tmp_path_factory: pytest.TempPathF
         "privacy.audit": True,
     })
     rows = len(workspace_for(config).hospital_rows("train", 0))
-    ledger = HospitalLedger("hospital-0", 1e9, default_delta(rows), SIGMA, sample_rate(config.train.batch_size, rows), STEPS)
+    ledger = HospitalLedger("hospital-0", 1e9, default_delta(rows), SIGMA, sample_rate(dp_batch_size(config), rows), STEPS)
     two_rounds = ledger.after_training(1, STEPS).after_training(2, STEPS).epsilon()
     config = config.replace(**{"privacy.hospital-epsilon": (f"hospital-0={two_rounds * 1.01:.6f}",)})
     return fedfm.run(config, out=tmp_path_factory.mktemp("dp") / "run")

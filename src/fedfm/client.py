@@ -20,7 +20,7 @@ from fedfm.attacks import corrupt
 from fedfm.config import RunConfig, from_json, resolve_parallelism
 from fedfm.errors import ConfigError
 from fedfm.privacy.audit import loss_threshold_auc
-from fedfm.privacy.hospital import keep_ledger, ledger_for, ledger_metrics, round_plan
+from fedfm.privacy.hospital import dp_train_spec, keep_ledger, ledger_for, ledger_metrics, round_plan
 from fedfm.strategies import ClientPlan
 from fedfm.strategies.client_dp import clipping_mod
 from fedfm.strategies.plan import decode_plan
@@ -119,7 +119,7 @@ def _train(content: RecordDict, context: Context) -> RecordDict:
         workspace.task,
         rows,
         workspace.loaded.tokenizer,
-        spec=config.train,
+        spec=dp_train_spec(config) if ledger is not None else config.train,
         device=workspace.loaded.device,
         dtype=config.model.dtype,
         seed=config.train.seed * 1_000_003 + server_round * 1009 + index,

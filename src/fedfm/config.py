@@ -188,8 +188,14 @@ class PrivacySpec:
     batch_size: int = _help(
         "Expected examples per DP-SGD step (Poisson sampling); 0 uses train.batch-size. Larger batches shrink "
         "the noise on each step's mean; a step runs as length-sorted forward passes of train.batch-size.",
-        0,
+        64,
     )
+    optimizer: str = _help(
+        "DP-SGD's local optimizer, `sgd` (with train.momentum) or `adamw`; it replaces train.optimizer under "
+        "DP. AdamW rescales every coordinate's noise into a full-size step; SGD keeps it small where the signal is.",
+        "sgd",
+    )
+    learning_rate: float = _help("DP-SGD's local learning rate (replaces train.learning-rate under DP); 0 keeps train's.", 0.3)
     noise_multiplier: float = _help(
         "σ of DP-SGD's Gaussian noise (in units of max-grad-norm); 0 calibrates it from target-epsilon.", 0.0
     )
@@ -615,6 +621,9 @@ def _privacy_problems(config: RunConfig) -> list[str]:
     _check(p, pr.max_grad_norm > 0 and math.isfinite(pr.max_grad_norm),
            f"`privacy.max-grad-norm` must be a finite number > 0, got {pr.max_grad_norm}")
     _check(p, pr.batch_size >= 0, f"`privacy.batch-size` must be >= 0 (0 uses train.batch-size), got {pr.batch_size}")
+    _check(p, pr.optimizer in OPTIMIZERS, f"`privacy.optimizer` must be one of {list(OPTIMIZERS)}, got {pr.optimizer!r}")
+    _check(p, 0 <= pr.learning_rate <= 10,
+           f"`privacy.learning-rate` must be in [0, 10] (0 keeps train.learning-rate), got {pr.learning_rate}")
     _check(p, pr.noise_multiplier >= 0 and math.isfinite(pr.noise_multiplier),
            f"`privacy.noise-multiplier` must be >= 0 (0 calibrates it), got {pr.noise_multiplier}")
     _check(p, pr.accountant in ACCOUNTANTS, f"`privacy.accountant` must be one of {list(ACCOUNTANTS)}, got {pr.accountant!r}")

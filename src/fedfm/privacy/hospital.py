@@ -10,6 +10,7 @@ the ε each hospital reports.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 from typing import Any
@@ -93,6 +94,16 @@ def keep_ledger(config: RunConfig, context: Context, ledger: HospitalLedger) -> 
     folder = state_dir(config, dict(context.node_config), ledger.hospital)
     if folder is not None:
         ledger.save(folder / LEDGER_FILE)
+
+
+def dp_train_spec(config: RunConfig) -> TrainSpec:
+    """The local training settings under DP-SGD: the privacy section's optimizer and learning rate."""
+    privacy = config.privacy
+    return dataclasses.replace(
+        config.train,
+        optimizer=privacy.optimizer,
+        learning_rate=privacy.learning_rate or config.train.learning_rate,
+    )
 
 
 def round_plan(ledger: HospitalLedger, config: RunConfig) -> DpSgd:
