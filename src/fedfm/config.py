@@ -195,7 +195,7 @@ class PrivacySpec:
         "DP. AdamW rescales every coordinate's noise into a full-size step; SGD keeps it small where the signal is.",
         "sgd",
     )
-    learning_rate: float = _help("DP-SGD's local learning rate (replaces train.learning-rate under DP); 0 keeps train's.", 0.3)
+    learning_rate: float = _help("DP-SGD's local learning rate (replaces train.learning-rate under DP); 0 keeps train's.", 0.1)
     noise_multiplier: float = _help(
         "σ of DP-SGD's Gaussian noise (in units of max-grad-norm); 0 calibrates it from target-epsilon.", 0.0
     )
