@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fedfm.compression import CompressionError, decode, encode, encoded_bytes, topk_count
+from fedfm.compression import INDICES, SCALES, VALUES, CompressionError, decode, encode, encoded_bytes, topk_count
 
 
 def _adapter(seed: int = 0) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
@@ -59,18 +59,18 @@ def test_int8_sends_a_quarter_and_errs_at_most_half_a_step_per_entry() -> None:
         assert np.abs(back[name] - trained[name]).max() <= step / 2 + 1e-7
 
 
-def test_topk_sends_the_largest_entries_of_the_update() -> None:
+def test_topk_sends_the_largest_entries_of_each_tensors_update() -> None:
     start, trained = _adapter()
     sent, kept = encode(trained, start, "topk", fraction=0.1)
     back = decode(sent, start, "topk")
+    assert sent[INDICES].size == sum(topk_count(v.size, 0.1) for v in start.values())
+    assert encoded_bytes(sent) < 0.21 * encoded_bytes(trained)
     for name in trained:
         delta = (trained[name] - start[name]).ravel()
-        k = topk_count(delta.size, 0.1)
-        assert sent[name + "::idx"].size == k
         sent_delta = (back[name] - start[name]).ravel()
-        assert np.count_nonzero(sent_delta) <= k
-        smallest_sent = np.abs(delta[sent[name + "::idx"]]).min()
-        assert np.abs(kept[name]).max() <= smallest_sent  # nothing left behind is larger than what went
+        chosen = np.flatnonzero(sent_delta)
+        assert chosen.size == topk_count(delta.size, 0.1)
+        assert np.abs(kept[name]).max() <= np.abs(delta[chosen]).min()  # nothing left behind is larger than what went
         np.testing.assert_allclose(sent_delta + kept[name].ravel(), delta, atol=1e-7)
 
 
@@ -96,13 +96,23 @@ def test_malformed_parts_are_refused_with_the_reason() -> None:
     start, trained = _adapter()
     sent, _ = encode(trained, start, "int8")
     with pytest.raises(CompressionError, match="missing parts"):
-        decode({k: v for k, v in sent.items() if not k.endswith("scale")}, start, "int8")
+        decode({k: v for k, v in sent.items() if k != SCALES}, start, "int8")
     bad = dict(sent)
-    bad["q.lora_A::scale"] = np.array([np.nan], np.float32)
-    with pytest.raises(CompressionError, match="finite scale"):
+    bad[SCALES] = np.array([np.nan, 1.0, 1.0], np.float32)
+    with pytest.raises(CompressionError, match="finite scales"):
         decode(bad, start, "int8")
+    with pytest.raises(CompressionError, match="finite scales"):
+        decode({**sent, SCALES: sent[SCALES][:2]}, start, "int8")
     topk, _ = encode(trained, start, "topk", fraction=0.2)
-    topk["head.weight::idx"] = topk["head.weight::idx"] + 10_000
+    topk[INDICES] = topk[INDICES] + 10_000
+    with pytest.raises(CompressionError, match="top-k indices"):
+        decode(topk, start, "topk")
+    topk, _ = encode(trained, start, "topk", fraction=0.2)
+    topk[INDICES][1] = topk[INDICES][0]
+    with pytest.raises(CompressionError, match="top-k indices"):
+        decode(topk, start, "topk")
+    topk, _ = encode(trained, start, "topk", fraction=0.2)
+    topk[VALUES] = topk[VALUES][:-1]
     with pytest.raises(CompressionError, match="top-k indices"):
         decode(topk, start, "topk")
     with pytest.raises(CompressionError, match="must be one of"):

@@ -17,6 +17,7 @@ from flwr.clientapp import ClientApp
 from fedfm import keys, legacy, strategies
 from fedfm.adapters import get_adapter_state, set_adapter_state, set_base_delta
 from fedfm.attacks import corrupt
+from fedfm.compression import encode
 from fedfm.config import RunConfig, from_json, resolve_parallelism
 from fedfm.errors import ConfigError
 from fedfm.privacy.audit import loss_threshold_auc
@@ -150,8 +151,24 @@ def _train(content: RecordDict, context: Context) -> RecordDict:
     if index in config.attack.hospitals:
         attack = config.attack
         shared = corrupt(shared, plan.shared(start), kind=attack.kind, scale=attack.scale, seed=server_round * 7919 + index)
+    if config.compression.method != "none":
+        shared = _compress(shared, plan.shared(start), config, context)
     arrays: ArrayRecord = numpy_to_record(shared)
     return RecordDict({keys.ARRAYS: arrays, keys.METRICS: metrics})
+
+
+def _compress(
+    shared: dict[str, np.ndarray], start: dict[str, np.ndarray], config: RunConfig, context: Context
+) -> dict[str, np.ndarray]:
+    """Encode the reply; top-k keeps what it did not send in this hospital's context (never sent)."""
+    stored = context.state.get(keys.COMPRESSION_RESIDUAL)
+    residual = record_to_numpy(stored) if isinstance(stored, ArrayRecord) else None
+    encoded, left = encode(
+        shared, start, config.compression.method, fraction=config.compression.topk_fraction, residual=residual
+    )
+    if left:
+        context.state[keys.COMPRESSION_RESIDUAL] = numpy_to_record(left)
+    return encoded
 
 
 def _evaluate(content: RecordDict, context: Context) -> RecordDict:

@@ -21,8 +21,11 @@ Methods (``[compression] method``):
     <https://arxiv.org/abs/1809.07599>) and joins its next update, so nothing
     is lost for good, only delayed.
 
-Encoded parts travel under derived names: ``name`` (casts),
-``name::q`` and ``name::scale`` (int8), ``name::idx`` and ``name::val`` (top-k).
+Casts keep each tensor's name. The update methods pack every tensor, in name
+order, into two arrays (``::int8`` and ``::scales``; ``::topk-indices`` into
+the concatenated update and ``::topk-values``): for small tensors the wire's
+per-array overhead would otherwise eat the savings. Scales and top-k are
+still chosen per tensor.
 """
 
 from __future__ import annotations
@@ -31,12 +34,14 @@ import math
 
 import numpy as np
 
-METHODS = ("none", "float16", "bfloat16", "int8", "topk")
+from fedfm.config import COMPRESSION_METHODS as METHODS
 
 #: Methods that send the difference to the round's start (the reader must know that start).
 DELTA_METHODS = ("int8", "topk")
 
-SEP = "::"
+#: Names of the packed parts (every tensor's update, concatenated in name order).
+INT8, SCALES = "::int8", "::scales"
+INDICES, VALUES = "::topk-indices", "::topk-values"
 
 
 class CompressionError(ValueError):
@@ -57,6 +62,11 @@ def _from_bfloat16(half: np.ndarray) -> np.ndarray:
 def topk_count(size: int, fraction: float) -> int:
     """Entries top-k keeps of a tensor of ``size`` entries (at least one)."""
     return max(1, min(size, math.ceil(fraction * size)))
+
+
+def _flat_deltas(arrays: dict[str, np.ndarray], start: dict[str, np.ndarray]) -> list[tuple[str, np.ndarray]]:
+    """Each tensor's update, flattened, in name order (the order both sides pack in)."""
+    return [(name, (arrays[name].astype(np.float32) - start[name].astype(np.float32)).ravel()) for name in sorted(start)]
 
 
 def encode(
@@ -98,28 +108,32 @@ def encode(
         return {name: _to_bfloat16(v) for name, v in arrays.items()}, {}
     if start is None:
         raise CompressionError(f"compression {method!r} sends updates and needs the round's start")
-    encoded: dict[str, np.ndarray] = {}
+    if set(arrays) != set(start):
+        raise CompressionError(f"trained tensors {sorted(arrays)} differ from the round's start {sorted(start)}")
+    deltas = _flat_deltas(arrays, start)
+    if method == "int8":
+        peaks = np.array([float(np.max(np.abs(d))) if d.size else 0.0 for _, d in deltas], dtype=np.float32)
+        scales = np.where(peaks > 0, peaks / 127.0, 1.0).astype(np.float32)
+        packed = [np.clip(np.rint(d / s), -127, 127).astype(np.int8) for (_, d), s in zip(deltas, scales, strict=True)]
+        return {INT8: np.concatenate(packed) if packed else np.zeros(0, np.int8), SCALES: scales}, {}
+    indices: list[np.ndarray] = []
+    values: list[np.ndarray] = []
     kept: dict[str, np.ndarray] = {}
-    for name, value in arrays.items():
-        delta = value.astype(np.float32) - start[name].astype(np.float32)
-        if method == "int8":
-            peak = float(np.max(np.abs(delta))) if delta.size else 0.0
-            scale = peak / 127.0 if peak > 0 else 1.0
-            encoded[name + SEP + "q"] = np.clip(np.rint(delta / scale), -127, 127).astype(np.int8)
-            encoded[name + SEP + "scale"] = np.array([scale], dtype=np.float32)
-            continue
+    offset = 0
+    for name, delta in deltas:
         if residual is not None and name in residual:
-            delta = delta + residual[name]
-        flat = delta.ravel()
-        k = topk_count(flat.size, fraction)
-        index = np.argpartition(np.abs(flat), flat.size - k)[flat.size - k :] if k < flat.size else np.arange(flat.size)
-        index = np.sort(index).astype(np.int32)
-        encoded[name + SEP + "idx"] = index
-        encoded[name + SEP + "val"] = flat[index].astype(np.float32)
-        left = flat.copy()
-        left[index] = 0.0
-        kept[name] = left.reshape(delta.shape)
-    return encoded, kept
+            delta = delta + residual[name].ravel()
+        k = topk_count(delta.size, fraction)
+        chosen = np.arange(delta.size) if k >= delta.size else np.argpartition(np.abs(delta), delta.size - k)[delta.size - k :]
+        chosen = np.sort(chosen)
+        indices.append(chosen + offset)
+        values.append(delta[chosen])
+        left = delta.copy()
+        left[chosen] = 0.0
+        kept[name] = left.reshape(start[name].shape)
+        offset += delta.size
+    return {INDICES: np.concatenate(indices).astype(np.int64 if offset >= 2**31 else np.int32),
+            VALUES: np.concatenate(values).astype(np.float32)}, kept
 
 
 def decode(
@@ -140,37 +154,44 @@ def decode(
         raise CompressionError(f"compression method must be one of {list(METHODS)}, got {method!r}")
     if method == "none":
         return dict(encoded)
-    parts = {"float16": ("",), "bfloat16": ("",), "int8": ("q", "scale"), "topk": ("idx", "val")}[method]
-    expected = {name + (SEP + part if part else "") for name in start for part in parts}
+    expected = {"float16": set(start), "bfloat16": set(start), "int8": {INT8, SCALES}, "topk": {INDICES, VALUES}}[method]
     if set(encoded) != expected:
         missing, extra = sorted(expected - set(encoded)), sorted(set(encoded) - expected)
         raise CompressionError(f"{method} update: missing parts {missing}, unexpected parts {extra}")
-    decoded: dict[str, np.ndarray] = {}
-    for name, reference in start.items():
-        shape = reference.shape
-        if method in ("float16", "bfloat16"):
+    if method in ("float16", "bfloat16"):
+        decoded: dict[str, np.ndarray] = {}
+        want = np.float16 if method == "float16" else np.uint16
+        for name, reference in start.items():
             value = encoded[name]
-            want = np.float16 if method == "float16" else np.uint16
-            if value.dtype != want or value.shape != shape:
-                raise CompressionError(f"{name}: expected {np.dtype(want).name} {shape}, got {value.dtype} {value.shape}")
+            if value.dtype != want or value.shape != reference.shape:
+                raise CompressionError(
+                    f"{name}: expected {np.dtype(want).name} {reference.shape}, got {value.dtype} {value.shape}"
+                )
             decoded[name] = value.astype(np.float32) if method == "float16" else _from_bfloat16(value)
-            continue
-        base = reference.astype(np.float32)
-        if method == "int8":
-            q, scale = encoded[name + SEP + "q"], encoded[name + SEP + "scale"]
-            if q.dtype != np.int8 or q.shape != shape or scale.shape != (1,) or not np.isfinite(scale).all():
-                raise CompressionError(f"{name}: expected int8 {shape} and one finite scale, got {q.dtype} {q.shape} "
-                                       f"and scale {scale.ravel()[:2]}")
-            decoded[name] = base + q.astype(np.float32) * np.float32(scale[0])
-            continue
-        index, values = encoded[name + SEP + "idx"], encoded[name + SEP + "val"]
-        size = int(np.prod(shape))
+        return decoded
+    names = sorted(start)
+    sizes = [start[name].size for name in names]
+    total = int(sum(sizes))
+    flat = np.concatenate([start[name].astype(np.float32).ravel() for name in names]) if names else np.zeros(0, np.float32)
+    if method == "int8":
+        q, scales = encoded[INT8], encoded[SCALES]
+        if q.dtype != np.int8 or q.shape != (total,) or scales.shape != (len(names),) or not np.isfinite(scales).all():
+            raise CompressionError(
+                f"int8 update: expected {total} int8 values and {len(names)} finite scales, got {q.dtype} {q.shape} "
+                f"and scales {scales.dtype} {scales.shape}"
+            )
+        flat = flat + q.astype(np.float32) * np.repeat(scales.astype(np.float32), sizes)
+    else:
+        index, values = encoded[INDICES], encoded[VALUES]
         if (index.ndim != 1 or values.shape != index.shape or not np.issubdtype(index.dtype, np.integer)
-                or (index.size and (index.min() < 0 or index.max() >= size)) or len(np.unique(index)) != index.size):
-            raise CompressionError(f"{name}: top-k indices must be distinct in [0, {size}) with one value each")
-        flat = base.ravel().copy()
+                or (index.size and (index.min() < 0 or index.max() >= total)) or len(np.unique(index)) != index.size):
+            raise CompressionError(f"top-k indices must be distinct in [0, {total}) with one value each")
         flat[index] += values.astype(np.float32)
-        decoded[name] = flat.reshape(shape)
+    decoded = {}
+    offset = 0
+    for name, size in zip(names, sizes, strict=True):
+        decoded[name] = flat[offset : offset + size].reshape(start[name].shape)
+        offset += size
     return decoded
 
 

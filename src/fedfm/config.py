@@ -27,6 +27,7 @@ TASKS = ("sequence-classification", "causal-qa")
 DATASETS = ("heart_disease_uci", "nicta_piboso", "pubmedqa", "medmcqa", "csv", "jsonl", "parquet")
 PARTITIONERS = ("iid", "dirichlet", "natural")
 OPTIMIZERS = ("adamw", "sgd")
+COMPRESSION_METHODS = ("none", "float16", "bfloat16", "int8", "topk")
 HETLORA_WEIGHTINGS = ("sparsity", "examples")
 ATTACKS = ("sign-flip", "scale", "noise")
 DTYPES = ("float32", "bfloat16")
@@ -250,6 +251,18 @@ class PrivacySpec:
 
 
 @dataclass(frozen=True)
+class CompressionSpec:
+    """How hospitals compress the adapter update they send (the server decodes it before aggregating)."""
+
+    method: str = _help(
+        "`none`, `float16` or `bfloat16` (each tensor cast), `int8` (the update quantized with one scale per "
+        "tensor) or `topk` (the largest entries of the update; the rest is kept and sent later: error feedback).",
+        "none",
+    )
+    topk_fraction: float = _help("`topk`: share of each tensor's entries sent, in (0, 1].", 0.1)
+
+
+@dataclass(frozen=True)
 class OutputSpec:
     """Where and what a run writes."""
 
@@ -269,6 +282,7 @@ class RunConfig:
     strategy: StrategySpec = field(default_factory=StrategySpec)
     attack: AttackSpec = field(default_factory=AttackSpec)
     privacy: PrivacySpec = field(default_factory=PrivacySpec)
+    compression: CompressionSpec = field(default_factory=CompressionSpec)
     output: OutputSpec = field(default_factory=OutputSpec)
 
     def __post_init__(self) -> None:
@@ -301,6 +315,7 @@ SECTIONS: dict[str, type] = {
     "strategy": StrategySpec,
     "attack": AttackSpec,
     "privacy": PrivacySpec,
+    "compression": CompressionSpec,
     "output": OutputSpec,
 }
 
@@ -608,6 +623,16 @@ def validate(config: RunConfig) -> list[str]:
     _check(p, at.scale > 0, f"`attack.scale` must be > 0, got {at.scale}")
     _check(p, all(h >= 0 for h in at.hospitals), f"`attack.hospitals` must be hospital indices >= 0, got {list(at.hospitals)}")
     p.extend(_privacy_problems(config))
+    co = config.compression
+    _check(p, co.method in COMPRESSION_METHODS,
+           f"`compression.method` must be one of {list(COMPRESSION_METHODS)}, got {co.method!r}")
+    _check(p, 0 < co.topk_fraction <= 1, f"`compression.topk-fraction` must be in (0, 1], got {co.topk_fraction}")
+    if co.method != "none" and config.privacy.secure_aggregation:
+        p.append("`compression.method` must be 'none' with `privacy.secure-aggregation`: SecAgg+ quantizes and masks "
+                 "the float tensors itself, and the server never sees one hospital's update to decode")
+    if co.method != "none" and config.privacy.client_dp != "none":
+        p.append("`compression.method` must be 'none' with `privacy.client-dp`: Flower's client-level DP clips the "
+                 "update as sent, before fedfm could decode it")
     return p
 
 

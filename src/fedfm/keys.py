@@ -12,6 +12,8 @@ METRICS = "metrics"
 
 # A hospital's persistent context state: tensors it keeps across rounds (FedSA-LoRA's B).
 KEPT_ARRAYS = "fedfm-kept-arrays"
+#: context.state key of what top-k compression has not sent yet (error feedback); never sent.
+COMPRESSION_RESIDUAL = "fedfm-compression-residual"
 
 # A hospital's persistent context state: its DP-SGD ledger (a ConfigRecord holding JSON).
 PRIVACY_LEDGER = "fedfm-privacy-ledger"

@@ -223,6 +223,7 @@ def _build_strategy(config: RunConfig, workspace: Workspace) -> GuardedStrategy:
         plan_of=lambda hospital: strategies.client_plan(config, hospital),
         evaluate_when=lambda server_round: evaluation_due(fed, server_round),
         uniform_weights=config.privacy.client_dp != "none",
+        compression=config.compression.method,
     )
 
 

@@ -18,6 +18,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from fedfm import keys
+from fedfm.compression import DELTA_METHODS, CompressionError, decode
 from fedfm.strategies.plan import ClientPlan, truncate_rank
 from fedfm.strategies.validation import update_problems
 from fedfm.wire import numpy_to_record, payload_bytes, record_to_numpy
@@ -66,6 +67,10 @@ class GuardedStrategy(Strategy):
         Give every hospital the same weight (example count 1) in the aggregate,
         as client-level DP's sensitivity assumes. The recorded metrics keep the
         real counts.
+    compression : str
+        How hospitals encode their replies (``[compression] method``). Replies
+        are counted as sent, then decoded against what this hospital started
+        the round from, then screened; the inner strategy sees float32 arrays.
     """
 
     def __init__(
@@ -77,8 +82,12 @@ class GuardedStrategy(Strategy):
         plan_of: Callable[[int], ClientPlan] | None = None,
         evaluate_when: Callable[[int], bool] | None = None,
         uniform_weights: bool = False,
+        compression: str = "none",
     ) -> None:
         self.inner = inner
+        self.compression = compression
+        self._sent: dict[int, ArrayRecord] = {}
+        self._sent_numpy: dict[int, dict[str, Any]] = {}
         self.uniform_weights = uniform_weights
         self.min_replies = min_replies
         self.rounds: dict[int, RoundRecord] = {}
@@ -129,7 +138,30 @@ class GuardedStrategy(Strategy):
     ) -> Iterable[Message]:
         self._reference = record_to_numpy(arrays)
         messages = [self._fit_to_rank(m) for m in self.inner.configure_train(server_round, arrays, config, grid)]
+        if self.compression in DELTA_METHODS:
+            self._sent_numpy.clear()
+            self._sent = {m.metadata.dst_node_id: m.content[keys.ARRAYS] for m in messages  # type: ignore[misc]
+                          if isinstance(m.content.get(keys.ARRAYS), ArrayRecord)}
         return self._record_down(server_round, messages)
+
+    def _start_of(self, node_id: int, index: int) -> dict[str, Any]:
+        """The shared tensors hospital ``index`` started this round from, as it computed them."""
+        record = self._sent.get(node_id)
+        if record is None:
+            raise CompressionError("no adapter was sent to this node this round")
+        key = id(record)
+        if key not in self._sent_numpy:  # the same global record usually goes to every hospital
+            self._sent_numpy[key] = record_to_numpy(record)
+        sent = self._sent_numpy[key]
+        if self._initial is None or self._plan_of is None:
+            return sent
+        plan = self._plan_of(index)
+        return plan.shared(plan.materialize(self._initial, sent)[0])
+
+    def _decode(self, update: dict[str, Any], node_id: int, index: int) -> dict[str, Any]:
+        if self.compression in DELTA_METHODS:
+            return decode(update, self._start_of(node_id, index), self.compression)
+        return decode(update, self.template(index), self.compression)
 
     def _fit_to_rank(self, msg: Message) -> Message:
         """Send a hospital of smaller LoRA rank only its components, once its replies have named it."""
@@ -188,11 +220,22 @@ class GuardedStrategy(Strategy):
         except Exception as err:  # noqa: BLE001  # a corrupt buffer must not crash the server
             self._leave_out(record, node, "train", f"unreadable arrays: {err}")
             return False
+        sent_bytes = payload_bytes(content)
+        if self.compression != "none":
+            try:
+                update = self._decode(update, node, index)
+            except CompressionError as err:
+                self._leave_out(record, node, "train", f"undecodable {self.compression} update: {err}")
+                return False
         problems = update_problems(update, self.template(index))
         if problems:
             self._leave_out(record, node, "train", "; ".join(problems))
             return False
-        record.bytes_up[index] = record.bytes_up.get(index, 0) + payload_bytes(content)
+        if self.compression != "none":
+            # The inner strategy aggregates the decoded float32 tensors.
+            name = next(k for k, r in content.items() if isinstance(r, ArrayRecord))
+            content[name] = numpy_to_record(update)
+        record.bytes_up[index] = record.bytes_up.get(index, 0) + sent_bytes
         record.train[index] = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}  # type: ignore[arg-type]
         return True
 
