@@ -101,3 +101,27 @@ def test_privacy_quick_compares_dp_with_no_dp(tmp_path: Path) -> None:
     assert dp["examples_per_second"] > 0 and no_dp["examples_per_second"] > 0
     assert "throughput_vs_no_dp" in report["comparison"]["DP-SGD ε=8"]
     assert "| DP-SGD ε=8 |" in done.stdout
+
+
+def test_scale_quick_measures_overhead_memory_and_bytes(tmp_path: Path) -> None:
+    # Execute: every part, small
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "scale.py"), "--quick", "--hospitals", "2,3",
+         "--methods", "none,int8", "--out", str(tmp_path)],
+        cwd=ROOT,
+        env=dict(os.environ, HF_HOME=str(tmp_path / "hf")),
+        capture_output=True,
+        text=True,
+        timeout=1200,
+    )
+    # Assert: the same steps on both sides of the overhead ratio; a peak per size; int8 sends about a quarter
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    report = json.loads((tmp_path / "scale-quick.json").read_text())
+    overhead = report["overhead"]
+    assert overhead["simulated_steps"] == overhead["plain_loop_steps"] > 0
+    assert overhead["overhead"] > 0
+    assert [run["hospitals"] for run in report["memory"]["runs"]] == [2, 3]
+    assert all(run["peak_rss_bytes"] > 100 * 2**20 for run in report["memory"]["runs"])
+    arms = {arm["method"]: arm for arm in report["communication"]["arms"]}
+    assert arms["int8"]["bytes_up_per_hospital_round"] < 0.3 * arms["none"]["bytes_up_per_hospital_round"]
+    assert arms["none"]["full_model_bytes"] > 50 * arms["none"]["bytes_up_per_hospital_round"]
