@@ -69,6 +69,7 @@ def _run(config: RunConfig, out: Path) -> tuple[list[dict[str, Any]], dict[str, 
     import fedfm
 
     result = fedfm.run(config, out=out)
+    assert result.summary["compression"] == config.compression.method
     lines = [json.loads(x) for x in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
     return lines, load_file(str(result.adapter_dir / "adapter_model.safetensors"))
 

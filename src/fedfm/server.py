@@ -325,6 +325,7 @@ def serve(grid: Grid, config: RunConfig, run_dir: Path, context: Context | None 
         "model": config.model.name,
         "dataset": config.data.dataset,
         "strategy": config.federation.strategy,
+        "compression": config.compression.method,
     }
     directory.write_summary(summary)
     return summary
