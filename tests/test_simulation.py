@@ -106,10 +106,10 @@ def test_no_ray_process_outlives_the_run(finished) -> None:  # type: ignore[no-u
 
 def test_cli_reports_bad_config_before_loading_anything(tmp_path: Path) -> None:
     bad = tmp_path / "bad.toml"
-    bad.write_text("[train]\nlearning-rate = 7\n[federation]\nnum-rounds = 0\n")
+    bad.write_text("[train]\nlearning-rate = 70\n[federation]\nnum-rounds = 0\n")
     proc = subprocess.run([sys.executable, "-m", "fedfm.cli", "run", str(bad)], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
-    assert "`train.learning-rate` must be in (0, 1), got 7.0" in proc.stderr
+    assert "`train.learning-rate` must be in (0, 10], got 70.0" in proc.stderr
     assert "`federation.num-rounds` must be >= 1, got 0" in proc.stderr
     assert "Traceback" not in proc.stderr
 
