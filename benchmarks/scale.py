@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import Any
 
 from quality import DEFAULT_OUT, NICTA_SETTINGS, _environment, device_info
+from strategies import QUICK
 
 #: The overhead run: fixed local steps so both sides do exactly the same work.
 OVERHEAD: dict[str, Any] = {
@@ -72,14 +73,6 @@ COMMUNICATION: dict[str, Any] = {
     "federation.evaluate-every": 4,
 }
 METHODS = ("none", "float16", "int8", "topk")
-
-QUICK: dict[str, Any] = {
-    "data.max-train-per-hospital": 24,
-    "data.max-test": 60,
-    "train.local-steps": 2,
-    "federation.num-rounds": 2,
-    "federation.evaluate-every": 2,
-}
 
 
 def _run(settings: dict[str, Any]) -> tuple[Any, float]:
@@ -193,7 +186,7 @@ def _peak_tree_rss(command: list[str], interval: float = 0.2) -> tuple[int, floa
 def memory(sizes: list[int], quick: bool) -> dict[str, Any]:
     rows = []
     for hospitals in sizes:
-        settings = {**MEMORY, **({"data.max-test": 60, "data.max-train-per-hospital": 24} if quick else {}),
+        settings = {**MEMORY, **({k: QUICK[k] for k in ("data.max-test", "data.max-train-per-hospital")} if quick else {}),
                     "data.num-hospitals": hospitals, "federation.min-hospitals": hospitals}
         code = (
             "import json, sys, tempfile, pathlib, fedfm\n"
