@@ -19,6 +19,8 @@ from fedfm.adapters import get_adapter_state, set_adapter_state, set_base_delta
 from fedfm.attacks import corrupt
 from fedfm.compression import encode
 from fedfm.config import RunConfig, from_json, resolve_parallelism
+from fedfm.data import node_data
+from fedfm.data.local import DATA_PATH
 from fedfm.errors import ConfigError
 from fedfm.privacy.audit import loss_threshold_auc
 from fedfm.privacy.hospital import dp_train_spec, keep_ledger, ledger_for, ledger_metrics, round_plan
@@ -50,13 +52,8 @@ def _unpack(
     if not _threads_set:
         torch.set_num_threads(resolve_parallelism(config.federation)[1])
         _threads_set = True
-    if keys.PARTITION_ID not in context.node_config:
-        raise ConfigError(
-            f"this SuperNode has no `{keys.PARTITION_ID}` in its node config; "
-            f"start it with --node-config \"{keys.PARTITION_ID}=<hospital index>\""
-        )
-    index = int(context.node_config[keys.PARTITION_ID])
-    workspace = workspace_for(config)
+    index = _hospital_index(context)
+    workspace = _workspace(config, context)
     instructions = content[keys.CONFIG]
     if keys.CLIENT_PLANS in instructions:  # type: ignore[operator]
         plan = decode_plan(str(instructions[keys.CLIENT_PLANS]), index)  # type: ignore[index]
@@ -74,11 +71,31 @@ def _unpack(
     return config, index, workspace, plan, state
 
 
+def _hospital_index(context: Context) -> int:
+    """This hospital's index in the run: Flower's ``partition-id`` in simulation, the node config's on a SuperNode."""
+    value = context.node_config.get(keys.PARTITION_ID)
+    if value is None:
+        raise ConfigError(
+            f"this SuperNode has no `{keys.PARTITION_ID}` in its node config; "
+            f"start it with --node-config \"{keys.PARTITION_ID}=<hospital index> {DATA_PATH}=<its data file>\""
+        )
+    if isinstance(value, bool) or not str(value).isdigit():
+        raise ConfigError(
+            f"node config `{keys.PARTITION_ID}` must be the hospital's index, an integer >= 0, got {value!r}"
+        )
+    return int(value)
+
+
+def _workspace(config: RunConfig, context: Context) -> Workspace:
+    """The hospital's workspace: over its own file when the node config has ``data-path``, else the run's federation."""
+    return workspace_for(config, node_data(context.node_config))
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """Train the global adapter on this hospital's rows and send the new adapter back."""
     if legacy.is_legacy(msg.content, "fitins"):  # the SecAgg+ workflow speaks Flower's legacy format
-        content = legacy.from_legacy(msg.content, "fitins", _shared_names)
+        content = legacy.from_legacy(msg.content, "fitins", lambda config: _shared_names(config, context))
         return Message(legacy.to_fitres(_train(content, context)), reply_to=msg)
     return Message(_train(msg.content, context), reply_to=msg)
 
@@ -87,14 +104,14 @@ def train(msg: Message, context: Context) -> Message:
 def evaluate(msg: Message, context: Context) -> Message:
     """Score the global adapter on this hospital's local test rows (with its own kept tensors, if any)."""
     if legacy.is_legacy(msg.content, "evaluateins"):
-        content = legacy.from_legacy(msg.content, "evaluateins", _shared_names)
+        content = legacy.from_legacy(msg.content, "evaluateins", lambda config: _shared_names(config, context))
         return Message(legacy.to_evaluateres(_evaluate(content, context)), reply_to=msg)
     return Message(_evaluate(msg.content, context), reply_to=msg)
 
 
-def _shared_names(config: RunConfig) -> list[str]:
+def _shared_names(config: RunConfig, context: Context) -> list[str]:
     """Names of the tensors exchanged under secure aggregation, in the order the server lists them."""
-    return list(strategies.client_plan(config, -1).shared(_numpy(workspace_for(config).loaded.initial_state)))
+    return list(strategies.client_plan(config, -1).shared(_numpy(_workspace(config, context).loaded.initial_state)))
 
 
 def _train(content: RecordDict, context: Context) -> RecordDict:
@@ -103,7 +120,7 @@ def _train(content: RecordDict, context: Context) -> RecordDict:
     server_round = int(content[keys.CONFIG][keys.SERVER_ROUND])  # type: ignore[arg-type]
     ledger = None
     if config.privacy.mode == "dp-sgd":
-        name = workspace.hospital_names[index]
+        name = workspace.hospital_name(index)
         ledger = ledger_for(config, context, index=index, name=name, num_rows=len(rows))
         if not ledger.allows(ledger.steps_per_round):
             # The hospital, not the server, enforces its budget: it sends no update at all.

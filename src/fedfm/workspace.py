@@ -3,6 +3,10 @@
 The data of the federation, the LoRA-wrapped model and each hospital's
 tokenized rows are built once per process and reused across rounds and
 hospitals; only adapter tensors change between calls.
+
+A SuperNode whose node config names its own data file (``data-path``, see
+:mod:`fedfm.data.local`) gets a workspace over that file alone: its hospital
+is the only one it knows, whatever index the server gives it.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from datasets import Dataset
 
 from fedfm.adapters import LoadedModel, load_model
 from fedfm.config import DataSpec, RunConfig
-from fedfm.data import Federation, build_federation, load_source
+from fedfm.data import Federation, NodeData, build_federation, load_source, node_federation
 from fedfm.errors import ConfigError
 from fedfm.tasks import Task, get_task
 
@@ -25,6 +29,7 @@ datasets.disable_progress_bars()
 
 _LOCK = threading.RLock()
 _FEDERATIONS: dict[DataSpec, Federation] = {}
+_NODE_FEDERATIONS: dict[tuple[DataSpec, NodeData], Federation] = {}
 _WORKSPACES: dict[tuple[Any, ...], Workspace] = {}
 
 
@@ -55,21 +60,35 @@ def federation_for(data: DataSpec) -> Federation:
 
 @dataclass
 class Workspace:
-    """The model, task and data one process works with."""
+    """The model, task and data one process works with.
+
+    ``node`` is set on a SuperNode that reads its own file: ``federation`` then
+    holds that one hospital, and every hospital index means it.
+    """
 
     config: RunConfig
     task: Task
     loaded: LoadedModel
     federation: Federation
     num_labels: int
+    node: NodeData | None = None
     _tokenized: dict[tuple[str, int], Dataset] = field(default_factory=dict)
 
     @property
     def hospital_names(self) -> list[str]:
         return [h.name for h in self.federation.hospitals]
 
+    def hospital_name(self, index: int) -> str:
+        """The name of hospital ``index`` (on a SuperNode with its own file: that hospital's name)."""
+        return self.node.name if self.node is not None else self.hospital_names[index]
+
     def hospital_rows(self, split: str, index: int) -> Dataset:
-        """Tokenized rows of hospital ``index`` (``split`` is ``train`` or ``test``), or of the global test set (index -1)."""
+        """Tokenized rows of hospital ``index`` (``split`` is ``train`` or ``test``), or of the global test set (index -1).
+
+        On a SuperNode with its own file, the rows of that file whatever the index.
+        """
+        if self.node is not None:
+            index = 0  # the federation holds this SuperNode's hospital only
         key = (split, index)
         with _LOCK:
             if key not in self._tokenized:
@@ -89,17 +108,52 @@ class Workspace:
             return self._tokenized[key]
 
 
-def workspace_for(config: RunConfig) -> Workspace:
-    """This process's workspace for a configuration, built on first use."""
-    key = (config.model, config.lora, config.data, config.train.seed)
+def node_federation_for(data: DataSpec, node: NodeData) -> Federation:
+    """A SuperNode's own hospital, split as the data spec says (cached per process).
+
+    Only the spec's column names, test fraction, seed and caps are used; its
+    dataset, path and partitioner describe the coordinator's data, not this hospital's.
+    """
+    key = (data, node)
+    with _LOCK:
+        if key not in _NODE_FEDERATIONS:
+            _NODE_FEDERATIONS[key] = node_federation(
+                node,
+                text_column=data.text_column,
+                label_column=data.label_column,
+                test_fraction=data.test_fraction,
+                seed=data.seed,
+                max_train_per_hospital=data.max_train_per_hospital or None,
+                max_test=data.max_test or None,
+            )
+        return _NODE_FEDERATIONS[key]
+
+
+def workspace_for(config: RunConfig, node: NodeData | None = None) -> Workspace:
+    """This process's workspace for a configuration, built on first use.
+
+    Parameters
+    ----------
+    config : RunConfig
+        The run configuration.
+    node : NodeData or None
+        A SuperNode's own data file (:func:`fedfm.data.node_data`); ``None`` builds
+        the federation of the run configuration (simulation, and the server).
+
+    Returns
+    -------
+    Workspace
+        The cached workspace.
+    """
+    key = (config.model, config.lora, config.data, config.train.seed, node)
     with _LOCK:
         if key not in _WORKSPACES:
             task = get_task(config.model.task)
-            federation = federation_for(config.data)
+            federation = federation_for(config.data) if node is None else node_federation_for(config.data, node)
             source = federation.source
             num_labels = len(source.label_names) if source.kind == "classification" else 0
             loaded = load_model(config.model, config.lora, task, num_labels=num_labels, seed=config.train.seed)
-            _WORKSPACES[key] = Workspace(config, task, loaded, federation, num_labels)
+            _WORKSPACES[key] = Workspace(config, task, loaded, federation, num_labels, node)
         return _WORKSPACES[key]
 
 
@@ -107,4 +161,5 @@ def clear() -> None:
     """Forget every cached federation and workspace of this process."""
     with _LOCK:
         _FEDERATIONS.clear()
+        _NODE_FEDERATIONS.clear()
         _WORKSPACES.clear()

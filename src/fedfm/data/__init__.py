@@ -2,14 +2,16 @@
 
 Load a source with :func:`load_source`, then :func:`build_federation` partitions
 its rows into hospitals (IID, Dirichlet label skew, or a natural site column)
-with a local train/test split each.
+with a local train/test split each. On a SuperNode, :func:`node_data` reads the
+hospital's own file from the node config and :func:`node_federation` splits it.
 """
 
 from __future__ import annotations
 
 from fedfm.data._cache import clear_caches
 from fedfm.data.base import CLASSIFICATION, MULTIPLE_CHOICE, SourceData, SourceRequest
-from fedfm.data.federation import Federation, HospitalData, build_federation, split_rows
+from fedfm.data.federation import Federation, HospitalData, build_federation, split_hospital, split_rows
+from fedfm.data.local import NodeData, node_data, node_federation
 from fedfm.data.partitioners import (
     Partition,
     PartitionFn,
@@ -31,6 +33,7 @@ __all__ = [
     "MULTIPLE_CHOICE",
     "Federation",
     "HospitalData",
+    "NodeData",
     "Partition",
     "PartitionFn",
     "SourceData",
@@ -46,9 +49,12 @@ __all__ = [
     "known_sources",
     "load_source",
     "natural_partition",
+    "node_data",
+    "node_federation",
     "partition",
     "register_partitioner",
     "register_source",
     "resolve_data_dir",
+    "split_hospital",
     "split_rows",
 ]

@@ -123,6 +123,47 @@ def split_rows(labels: Sequence[Any], test_fraction: float, rng: np.random.Gener
     return [i for i in range(n) if i not in test_set], sorted(test_set)
 
 
+def split_hospital(
+    name: str,
+    rows: Dataset,
+    *,
+    index: int,
+    test_fraction: float,
+    seed: int,
+    max_train_per_hospital: int | None = None,
+    max_test: int | None = None,
+) -> HospitalData:
+    """One hospital's rows split into local train and test (stratified), then capped.
+
+    Parameters
+    ----------
+    name : str
+        The hospital's name.
+    rows : datasets.Dataset
+        All of the hospital's rows, with a ``label`` column.
+    index : int
+        The hospital's position; with ``seed`` it seeds the split and the caps.
+    test_fraction : float
+        Share of rows held out as the local test split, in (0, 1).
+    seed : int
+        Seed of the split and the caps.
+    max_train_per_hospital, max_test : int or None
+        Keep at most this many train / test rows (a seeded sample).
+
+    Returns
+    -------
+    HospitalData
+        The hospital.
+    """
+    train_rows, test_rows = split_rows(list(rows["label"]), test_fraction, _rng(seed, 0, index))
+    capper = _rng(seed, 1, index)
+    return HospitalData(
+        name=name,
+        train=_cap(rows.select(train_rows), max_train_per_hospital, capper),
+        test=_cap(rows.select(test_rows), max_test, capper),
+    )
+
+
 def _quotas(counts: np.ndarray, n_test: int) -> np.ndarray:
     # Largest-remainder apportionment; remainders go first to classes that can
     # still leave a row in train, so every class is seen on both sides.
@@ -284,13 +325,10 @@ def _build(
                 f"hospital {name!r} got no rows: the {partitioner!r} partitioner split "
                 f"{len(source.train)} rows into {len(parts)} hospitals; use fewer hospitals"
             )
-        train_rows, test_rows = split_rows(list(rows["label"]), test_fraction, _rng(seed, 0, index))
-        capper = _rng(seed, 1, index)
         hospitals.append(
-            HospitalData(
-                name=name,
-                train=_cap(rows.select(train_rows), max_train, capper),
-                test=_cap(rows.select(test_rows), max_test, capper),
+            split_hospital(
+                name, rows, index=index, test_fraction=test_fraction, seed=seed,
+                max_train_per_hospital=max_train, max_test=max_test,
             )
         )
     pooled = source.test if source.test is not None else concatenate_datasets([h.test for h in hospitals])

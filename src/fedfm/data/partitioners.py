@@ -14,7 +14,6 @@ from typing import Any, NamedTuple, Protocol
 
 import numpy as np
 from datasets import Dataset
-from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner, NaturalIdPartitioner
 
 from fedfm.data.base import is_count
 from fedfm.errors import ConfigError, DataError
@@ -211,6 +210,8 @@ def iid_partition(
         ``hospital-0`` .. ``hospital-<n-1>``.
     """
     _check_enough_rows(len(dataset), num_partitions)
+    from flwr_datasets.partitioner import IidPartitioner  # lazily: flwr_datasets pulls in seaborn and scipy
+
     order = np.random.default_rng(seed).permutation(len(dataset))
     # IidPartitioner takes contiguous shards without shuffling; on files sorted by
     # site or label (the heart table is) that would not be IID at all.
@@ -286,6 +287,8 @@ def dirichlet_partition(
 
 
 def _flwr_dirichlet(labels: list[Any], num_partitions: int, alpha: float, seed: int, min_size: int) -> list[list[int]]:
+    from flwr_datasets.partitioner import DirichletPartitioner
+
     splitter = DirichletPartitioner(
         num_partitions=num_partitions,
         partition_by=_KEY,
@@ -344,6 +347,8 @@ def natural_partition(
     if column is None:
         raise ConfigError("the natural partitioner needs `column` (e.g. column='hospital')")
     values = _column_values(dataset, column, "column")
+    from flwr_datasets.partitioner import NaturalIdPartitioner
+
     splitter = NaturalIdPartitioner(partition_by=_KEY)
     splitter.dataset = _key_dataset(values)
     names = splitter.partition_id_to_natural_id if splitter.num_partitions else {}
