@@ -26,7 +26,8 @@ Usage::
     python benchmarks/scale.py --parts memory --hospitals 2,20,100
     python benchmarks/scale.py --quick              # smoke test
 
-Writes ``<out>/scale.json`` (``scale-quick.json`` with ``--quick``) and prints tables.
+Writes ``<out>/scale.json`` (``scale-quick.json`` with ``--quick``), keeping the parts of an
+earlier file that this run did not redo, and prints tables.
 """
 
 from __future__ import annotations
@@ -228,6 +229,25 @@ def communication(methods: list[str], quick: bool) -> dict[str, Any]:
     return {"arms": arms}
 
 
+def _merged(path: Path, report: dict[str, Any], parts: list[str]) -> dict[str, Any]:
+    """Keep the parts of an earlier report at ``path`` that this run did not redo.
+
+    Each part carries the date and command that produced it, so a file
+    assembled from several runs still says where every figure came from.
+    """
+    for part in parts:
+        report[part] = {**report[part], "date": report["date"], "command": report["command"]}
+    if not path.is_file():
+        return report
+    try:
+        earlier = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return report
+    kept = {part: earlier[part] for part in ("overhead", "memory", "communication")
+            if part in earlier and part not in parts}
+    return {**report, **kept}
+
+
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point."""
     parser = argparse.ArgumentParser(description="Framework overhead, memory scaling and communication, side by side.")
@@ -260,6 +280,7 @@ def main(argv: list[str] | None = None) -> int:
     report["total_wall_seconds"] = round(time.perf_counter() - started, 1)
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"scale{'-quick' if args.quick else ''}.json"
+    report = _merged(path, report, parts)
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(report, indent=2, default=str) + "\n")
     tmp.replace(path)

@@ -10,6 +10,7 @@ from fedfm.adapters import (
     export_adapter,
     get_adapter_state,
     load_model,
+    resolve_device,
     resolve_model_path,
     set_adapter_state,
 )
@@ -92,3 +93,20 @@ def test_exported_adapter_loads_with_plain_peft_and_merged_model_matches(loaded,
 def test_unknown_model_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(ModelError, match="neither a known alias"):
         resolve_model_path(str(tmp_path))
+
+
+def test_device_follows_the_config() -> None:
+    assert resolve_device(ModelSpec(device="cpu")) == torch.device("cpu")
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    assert resolve_device(ModelSpec(device="auto")).type == expected
+    if torch.cuda.is_available():
+        assert resolve_device(ModelSpec(device="cuda")).type == "cuda"
+    else:
+        with pytest.raises(ModelError, match="`model.device` is 'cuda'"):
+            resolve_device(ModelSpec(device="cuda"))
+
+
+def test_model_lives_on_its_device_and_the_exchanged_state_on_the_cpu(loaded) -> None:  # type: ignore[no-untyped-def]
+    # What leaves a hospital is serialized from CPU tensors whatever device trains.
+    assert {p.device.type for p in loaded.model.parameters()} == {loaded.device.type}
+    assert {v.device.type for v in get_adapter_state(loaded.model).values()} == {"cpu"}

@@ -108,11 +108,17 @@ def test_configuration_docs_match_the_dataclasses() -> None:
 def test_strategy_and_attack_sections_are_validated() -> None:
     with pytest.raises(ConfigError) as err:
         RunConfig().replace(**{"strategy.trim-fraction": 0.5, "strategy.hetlora-weighting": "median",
-                               "attack.kind": "poison", "federation.client-ranks": "4,x"})
+                               "attack.kind": "poison", "federation.client-ranks": "4,x",
+                               "attack.kinds": ["nan", "bad"], "attack.failure-rate": 1.0,
+                               "federation.round-retries": -1, "federation.update-norm-limit": 0.5})
     text = str(err.value)
     assert "`strategy.trim-fraction` must be in [0, 0.5), got 0.5" in text
     assert "`strategy.hetlora-weighting` must be one of ['sparsity', 'examples'], got 'median'" in text
-    assert "`attack.kind` must be one of ['sign-flip', 'scale', 'noise'], got 'poison'" in text
+    assert "`attack.kind` must be one of ['sign-flip', 'scale', 'noise', 'nan'], got 'poison'" in text
+    assert "`attack.kinds` must each be one of ['sign-flip', 'scale', 'noise', 'nan'], got ['nan', 'bad']" in text
+    assert "`attack.failure-rate` must be in [0, 1), got 1.0" in text
+    assert "`federation.round-retries` must be >= 0, got -1" in text
+    assert "`federation.update-norm-limit` must be 0 (off) or > 1" in text
     assert "`federation.client-ranks` must be a list of integers" in text
     config = RunConfig().replace(**{"federation.client-ranks": [4, 8], "lora.r": 8})
     assert config.federation.client_ranks == (4, 8)

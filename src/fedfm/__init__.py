@@ -17,7 +17,7 @@ if TYPE_CHECKING:
     from fedfm.runner import RunResult
 
 
-def run(config: RunConfig | str, **kwargs: Any) -> RunResult:
+def run(config: RunConfig | str | None = None, **kwargs: Any) -> RunResult:
     """Run a federated fine-tune; see :func:`fedfm.runner.run`."""
     from fedfm.runner import run as _run
 

@@ -25,7 +25,7 @@ def corrupt(
         The same tensors as they were before training (the global).
     kind : str
         ``sign-flip``: ``global - scale * update``; ``scale``: ``global + scale * update``;
-        ``noise``: ``global + N(0, scale^2)``.
+        ``noise``: ``global + N(0, scale^2)``; ``nan``: NaN everywhere.
     scale : float
         Strength.
     seed : int
@@ -47,7 +47,16 @@ def corrupt(
             bad = base + scale * update
         elif kind == "noise":
             bad = base + rng.normal(0.0, scale, size=base.shape)
+        elif kind == "nan":
+            bad = np.full(base.shape, np.nan)
         else:
-            raise ValueError(f"unknown attack kind {kind!r}; known: sign-flip, scale, noise")
+            raise ValueError(f"unknown attack kind {kind!r}; known: sign-flip, scale, noise, nan")
         out[name] = bad.astype(value.dtype)
     return out
+
+
+def fails(*, rate: float, seed: int, server_round: int, hospital: int, attempt: int = 0) -> bool:
+    """Whether a simulated hospital crashes this time it is asked (a reproducible draw; ``rate`` 0 never)."""
+    if rate <= 0:
+        return False
+    return bool(np.random.default_rng([seed, server_round, hospital, attempt, 0xFA17]).random() < rate)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 
 from fedfm import __version__
 from fedfm.config import describe, load_config
@@ -27,6 +28,10 @@ def _parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--out", help="run directory (default: runs/<timestamp>)")
     run.add_argument("--verbose", action="store_true", help="show Flower's and Ray's logs")
+    run.add_argument(
+        "--resume", metavar="RUN_DIR",
+        help="continue a killed or stopped run from its last complete round (its own config unless one is given)",
+    )
 
     check = commands.add_parser("check", help="validate a configuration and print it resolved")
     check.add_argument("config", nargs="?")
@@ -52,10 +57,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         if args.command == "run":
-            config = load_config(args.config, args.overrides)
+            if args.resume and not args.config:
+                config = load_config(Path(args.resume) / "config.toml", args.overrides)
+            else:
+                config = load_config(args.config, args.overrides)
             from fedfm.runner import run  # checks the strategy before anything loads
 
-            result = run(config, out=args.out, verbose=args.verbose)
+            result = run(config, out=args.out, verbose=args.verbose, resume=args.resume)
             print()
             print(result.table())
             print(f"\nrun directory: {result.run_dir}")
@@ -77,7 +85,6 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{name:15} {linear:10} {doc[0] if doc else entry.cls.__name__}")
             return 0
         if args.command == "privacy-report":
-            from pathlib import Path
 
             from fedfm.privacy.report import ledger_table, load_run, plot_epsilon
 

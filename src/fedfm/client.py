@@ -16,7 +16,7 @@ from flwr.clientapp import ClientApp
 
 from fedfm import keys, legacy, strategies
 from fedfm.adapters import get_adapter_state, set_adapter_state, set_base_delta
-from fedfm.attacks import corrupt
+from fedfm.attacks import corrupt, fails
 from fedfm.compression import encode
 from fedfm.config import RunConfig, from_json, resolve_parallelism
 from fedfm.data import node_data
@@ -118,6 +118,10 @@ def _train(content: RecordDict, context: Context) -> RecordDict:
     config, index, workspace, plan, start = _unpack(content, context)
     rows = workspace.hospital_rows("train", index)
     server_round = int(content[keys.CONFIG][keys.SERVER_ROUND])  # type: ignore[arg-type]
+    attempt = int(content[keys.CONFIG].get(keys.ATTEMPT, 0))  # type: ignore[union-attr,arg-type]
+    if fails(rate=config.attack.failure_rate, seed=config.train.seed, server_round=server_round, hospital=index,
+             attempt=attempt):
+        raise RuntimeError(f"simulated failure of hospital {index} in round {server_round} (attack.failure-rate)")
     ledger = None
     if config.privacy.mode == "dp-sgd":
         name = workspace.hospital_name(index)
@@ -167,7 +171,7 @@ def _train(content: RecordDict, context: Context) -> RecordDict:
     shared = plan.shared(trained)
     if index in config.attack.hospitals:
         attack = config.attack
-        shared = corrupt(shared, plan.shared(start), kind=attack.kind, scale=attack.scale, seed=server_round * 7919 + index)
+        shared = corrupt(shared, plan.shared(start), kind=attack.kind_of(index), scale=attack.scale, seed=server_round * 7919 + index)
     if config.compression.method != "none":
         shared = _compress(shared, plan.shared(start), config, context)
     arrays: ArrayRecord = numpy_to_record(shared)

@@ -29,7 +29,7 @@ PARTITIONERS = ("iid", "dirichlet", "natural")
 OPTIMIZERS = ("adamw", "sgd")
 COMPRESSION_METHODS = ("none", "float16", "bfloat16", "int8", "topk")
 HETLORA_WEIGHTINGS = ("sparsity", "examples")
-ATTACKS = ("sign-flip", "scale", "noise")
+ATTACKS = ("sign-flip", "scale", "noise", "nan")
 DTYPES = ("float32", "bfloat16")
 DEVICES = ("auto", "cpu", "cuda")
 POOLINGS = ("auto", "cls", "mean")
@@ -134,6 +134,14 @@ class FederationSpec:
     num_workers: int = _help("Simulation worker processes; 0 picks one per two cores (at least 1).", 0)
     threads_per_worker: int = _help("Torch threads inside each worker; 0 derives it from the cores.", 0)
     round_timeout: float = _help("Seconds the server waits for replies in a round.", 3600.0)
+    round_retries: int = _help(
+        "Times a round is run again when fewer than min-hospitals replied (hospitals down or timed out); "
+        "after that the run stops cleanly and can be resumed.", 2
+    )
+    update_norm_limit: float = _help(
+        "Leave out a hospital's update whose change to the global adapter is larger than this many times the "
+        "round's median change (a scaled or runaway update); 0 turns the check off.", 10.0
+    )
 
 
 @dataclass(frozen=True)
@@ -161,13 +169,27 @@ class StrategySpec:
 class AttackSpec:
     """Simulated faulty or hostile hospitals, for robustness experiments only."""
 
+    def kind_of(self, hospital: int) -> str:
+        """The corruption hospital ``hospital`` (one of ``hospitals``) sends."""
+        if not self.kinds:
+            return self.kind
+        return self.kinds[self.hospitals.index(hospital) % len(self.kinds)]
+
     hospitals: tuple[int, ...] = _help("Indices of the hospitals that send corrupted updates; empty for none.", factory=tuple)
     kind: str = _help(
         "`sign-flip` (send global - scale x update), `scale` (global + scale x update) or "
-        "`noise` (global + Gaussian noise of std scale).",
+        "`noise` (global + Gaussian noise of std scale) or `nan` (NaN in every tensor).",
         "sign-flip",
     )
+    kinds: tuple[str, ...] = _help(
+        "A kind per listed hospital (cycled), to mix corruptions in one run; empty gives every one `kind`.",
+        factory=tuple,
+    )
     scale: float = _help("Strength of the corruption.", 5.0)
+    failure_rate: float = _help(
+        "Chance that each hospital fails (raises) in each round, drawn from train.seed, round and hospital; "
+        "simulates crashes and drop-outs.", 0.0
+    )
 
 
 @dataclass(frozen=True)
@@ -268,6 +290,9 @@ class OutputSpec:
 
     dir: str = _help("Run directory; empty uses runs/<timestamp>.", "")
     merged_model: bool = _help("Also export the base model with the adapter merged in.", False)
+    resume: bool = _help(
+        "Continue the run in `dir` from its last complete round (its checkpoint) instead of starting afresh.", False
+    )
 
 
 @dataclass(frozen=True)
@@ -605,6 +630,9 @@ def validate(config: RunConfig) -> list[str]:
     _check(p, fe.num_workers >= 0, f"`federation.num-workers` must be >= 0, got {fe.num_workers}")
     _check(p, fe.threads_per_worker >= 0, f"`federation.threads-per-worker` must be >= 0, got {fe.threads_per_worker}")
     _check(p, fe.round_timeout > 0, f"`federation.round-timeout` must be > 0, got {fe.round_timeout}")
+    _check(p, fe.round_retries >= 0, f"`federation.round-retries` must be >= 0, got {fe.round_retries}")
+    _check(p, fe.update_norm_limit == 0 or fe.update_norm_limit > 1,
+           f"`federation.update-norm-limit` must be 0 (off) or > 1 (times the median change), got {fe.update_norm_limit}")
     st = config.strategy
     _check(p, st.proximal_mu >= 0, f"`strategy.proximal-mu` must be >= 0, got {st.proximal_mu}")
     _check(p, st.server_learning_rate > 0, f"`strategy.server-learning-rate` must be > 0, got {st.server_learning_rate}")
@@ -620,7 +648,9 @@ def validate(config: RunConfig) -> list[str]:
            f"`strategy.hetlora-weighting` must be one of {list(HETLORA_WEIGHTINGS)}, got {st.hetlora_weighting!r}")
     at = config.attack
     _check(p, at.kind in ATTACKS, f"`attack.kind` must be one of {list(ATTACKS)}, got {at.kind!r}")
+    _check(p, all(k in ATTACKS for k in at.kinds), f"`attack.kinds` must each be one of {list(ATTACKS)}, got {list(at.kinds)}")
     _check(p, at.scale > 0, f"`attack.scale` must be > 0, got {at.scale}")
+    _check(p, 0 <= at.failure_rate < 1, f"`attack.failure-rate` must be in [0, 1), got {at.failure_rate}")
     _check(p, all(h >= 0 for h in at.hospitals), f"`attack.hospitals` must be hospital indices >= 0, got {list(at.hospitals)}")
     p.extend(_privacy_problems(config))
     co = config.compression

@@ -40,6 +40,10 @@ class AdapterError(FedfmError, ValueError):
     """An adapter state has the wrong keys, shapes or values."""
 
 
+class CheckpointError(FedfmError, ValueError):
+    """A run's checkpoint is missing, corrupt (checksum), or does not fit the run that resumes it."""
+
+
 class MissingExtraError(FedfmError, ImportError):
     """An optional dependency is not installed.
 

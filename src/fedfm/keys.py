@@ -51,3 +51,6 @@ AUDIT_NONMEMBERS = "audit-nonmembers"
 # node_config entries a SuperNode (or the simulation engine) provides.
 PARTITION_ID = "partition-id"
 NUM_PARTITIONS = "num-partitions"
+
+# Train-config entry: which attempt at its round an instruction is (0 first; retries count up).
+ATTEMPT = "fedfm-attempt"

@@ -118,25 +118,47 @@ def _environment() -> None:
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
 
 
-def run(config: RunConfig | str | Path, *, out: str | Path | None = None, verbose: bool = False) -> RunResult:
+def run(
+    config: RunConfig | str | Path | None = None,
+    *,
+    out: str | Path | None = None,
+    verbose: bool = False,
+    resume: str | Path | None = None,
+) -> RunResult:
     """Run a federated fine-tune in Flower's simulation engine, one simulated SuperNode per hospital.
 
     Parameters
     ----------
-    config : RunConfig or path
-        A configuration, or a TOML file to load one from.
+    config : RunConfig or path, optional
+        A configuration, or a TOML file to load one from. With ``resume`` and
+        no configuration, the run directory's own ``config.toml``.
     out : str or Path, optional
         Run directory; overrides ``output.dir`` (default ``runs/<timestamp>``).
     verbose : bool
         Show Flower's and Ray's own logs.
+    resume : str or Path, optional
+        A run directory to continue from its last complete round (its
+        checkpoint: global adapter, strategy state, random generators,
+        privacy ledgers). Only ``output.*`` and ``federation.num-rounds`` may
+        differ from the run's own configuration.
 
     Returns
     -------
     RunResult
         Final global and per-hospital metrics, history, and the run directory.
     """
+    if resume is not None:
+        if out is not None and Path(out) != Path(resume):
+            raise FedfmError(f"a resumed run writes into its own directory {resume}, not {out}")
+        out = resume
+        if config is None:
+            config = Path(resume) / "config.toml"
+    if config is None:
+        config = RunConfig()
     if not isinstance(config, RunConfig):
         config = load_config(config)
+    if resume is not None:
+        config = config.replace(**{"output.resume": True, "output.dir": str(resume)})
     _environment()
     setup_logging(verbose)
 
@@ -144,7 +166,7 @@ def run(config: RunConfig | str | Path, *, out: str | Path | None = None, verbos
     from flwr.simulation import run_simulation
 
     from fedfm import client, privacy, strategies
-    from fedfm.server import make_server_app
+    from fedfm.server import make_server_app, resume_point
     from fedfm.workspace import federation_for
 
     run_dir = Path(out) if out else Path(config.output.dir) if config.output.dir else default_run_dir()
@@ -152,6 +174,8 @@ def run(config: RunConfig | str | Path, *, out: str | Path | None = None, verbos
     strategies.check(config)
     federation = federation_for(config.data)
     privacy.check(config, federation)
+    if config.output.resume:
+        resume_point(config, run_dir)  # a missing, corrupt or mismatched checkpoint is refused here, before Ray
     num_hospitals = len(federation.hospitals)
     workers, threads = resolve_parallelism(config.federation)
     torch.set_num_threads(threads)

@@ -7,7 +7,9 @@ loads (it reads the run configuration from Flower's run config), and
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import random
 import time
 from pathlib import Path
 from typing import Any
@@ -19,11 +21,13 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedfm import keys, privacy, secagg, strategies
 from fedfm.adapters import export_adapter, set_adapter_state, set_base_delta
-from fedfm.config import RunConfig, evaluation_due, from_flat, to_json
+from fedfm.config import RunConfig, evaluation_due, from_flat, load_config, to_flat, to_json
+from fedfm.errors import CheckpointError
 from fedfm.privacy.accounting import ClientLevelLedger, default_delta, sampled_hospitals
-from fedfm.rundir import RunDirectory, default_run_dir
+from fedfm.rundir import Checkpoint, RunDirectory, default_run_dir, read_checkpoint
 from fedfm.strategies import GuardedStrategy
 from fedfm.strategies.plan import encode_plans
+from fedfm.strategies.state import capture, restore
 from fedfm.train import autocast
 from fedfm.wire import numpy_to_record, record_to_numpy
 from fedfm.workspace import Workspace, federation_for, workspace_for
@@ -61,7 +65,44 @@ class _Recorder:
         self.initial: dict[str, float] | None = None
         self.started = time.perf_counter()
         self.last = self.started
+        self.earlier_seconds = 0.0
         self.client_ledger, self.sampled = _client_level_ledger(config, len(self.names))
+
+    def server_state(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+        """What a resumed run needs besides the global adapter: strategy, random generators, ledger, history."""
+        arrays: dict[str, np.ndarray] = {}
+        strategy: dict[str, Any] | None = None
+        if isinstance(self.strategy, GuardedStrategy):
+            strategy, arrays = capture(self.strategy)
+        version, internal, gauss = random.getstate()
+        name, keys_, position, has_gauss, cached = np.random.get_state()  # type: ignore[misc]
+        arrays["numpy-random"] = np.asarray(keys_)
+        state = {
+            "strategy": strategy,
+            "python_random": [version, list(internal), gauss],
+            "numpy_random": [name, int(position), int(has_gauss), float(cached)],
+            "client_ledger": dataclasses.asdict(self.client_ledger) if self.client_ledger is not None else None,
+            "initial": self.initial,
+            "seconds": time.perf_counter() - self.started + self.earlier_seconds,
+        }
+        return state, arrays
+
+    def resume_from(self, checkpoint: Checkpoint) -> None:
+        """Continue after ``checkpoint``: its history, ledger and random generators (the strategy: see serve)."""
+        state, arrays = checkpoint.state, checkpoint.state_arrays
+        self.history = [e for e in self.run_dir.lines() if e["round"] <= checkpoint.server_round]
+        self.initial = state.get("initial")
+        self.earlier_seconds = float(state.get("seconds", 0.0))
+        if state.get("client_ledger") is not None and self.client_ledger is not None:
+            saved = dict(state["client_ledger"])
+            saved["history"] = [tuple(h) for h in saved.get("history", [])]
+            self.client_ledger = ClientLevelLedger(**saved)
+        if "python_random" in state:
+            version, internal, gauss = state["python_random"]
+            random.setstate((version, tuple(internal), gauss))
+        if "numpy_random" in state and "numpy-random" in arrays:
+            name, position, has_gauss, cached = state["numpy_random"]
+            np.random.set_state((name, arrays["numpy-random"], position, has_gauss, cached))
 
     def central(self, server_round: int, arrays: ArrayRecord) -> dict[str, float] | None:
         if not self.config.federation.central_evaluation:
@@ -84,6 +125,9 @@ class _Recorder:
         if server_round == 0:
             self.initial = central
             logger.info("round 0/%d  global %s (before training)", self.config.federation.num_rounds, _fmt(central))
+            # Round 0's checkpoint: a run stopped in its first round resumes too.
+            state, state_arrays = self.server_state()
+            self.run_dir.write_checkpoint(0, record_to_numpy(arrays), state=state, state_arrays=state_arrays)
         else:
             self.record_round(server_round, arrays, central)
         return MetricRecord(dict(central)) if central else None  # type: ignore[arg-type]
@@ -127,6 +171,7 @@ class _Recorder:
             "bytes_down": int(sum(record.bytes_down.values())),
             "aggregated": record.train_aggregated,
             "left_out": record.left_out,
+            "retries": record.retries,
             "seconds": round(now - self.last, 3),
         }
         if privacy:
@@ -134,7 +179,8 @@ class _Recorder:
         self.last = now
         self.history.append(entry)
         self.run_dir.append_round(entry)
-        self.run_dir.write_checkpoint(server_round, record_to_numpy(arrays))
+        state, state_arrays = self.server_state()
+        self.run_dir.write_checkpoint(server_round, record_to_numpy(arrays), state=state, state_arrays=state_arrays)
         hospitals = "  ".join(
             f"{name} {v['evaluate'].get('accuracy', float('nan')):.3f}" for name, v in per_hospital.items() if v["evaluate"]
         )
@@ -203,6 +249,50 @@ def load_global(
     return tensors, fold
 
 
+#: Settings a resumed run may change: where it writes, how many rounds it runs in all, how it waits and
+#: retries, how many workers simulate it, and the simulated failure rate. Nothing that changes what is learnt.
+_RESUMABLE_CHANGES = (
+    "output.", "federation.num-rounds", "federation.round-timeout", "federation.round-retries",
+    "federation.num-workers", "federation.threads-per-worker", "attack.failure-rate",
+)
+
+
+def resume_point(config: RunConfig, run_dir: Path) -> Checkpoint:
+    """The checkpoint a run continues from, after checking it fits ``config``.
+
+    Raises
+    ------
+    CheckpointError
+        No run or checkpoint in ``run_dir``, a corrupt checkpoint (named), a
+        configuration that differs from the run's in more than
+        :data:`_RESUMABLE_CHANGES`, a run already past ``num-rounds``,
+        or secure aggregation (its rounds are Flower's legacy workflow).
+    """
+    saved_file = run_dir / "config.toml"
+    if not saved_file.is_file():
+        raise CheckpointError(f"cannot resume {run_dir}: it holds no config.toml (is it a fedfm run directory?)")
+    if config.privacy.secure_aggregation:
+        raise CheckpointError("resuming a run with privacy.secure-aggregation is not supported; start it afresh")
+    saved, wanted = to_flat(load_config(saved_file)), to_flat(config)
+    changed = sorted(
+        k for k in set(saved) | set(wanted)
+        if saved.get(k) != wanted.get(k) and not k.startswith(_RESUMABLE_CHANGES)
+    )
+    if changed:
+        detail = ", ".join(f"{k} = {saved.get(k)!r} in the run, {wanted.get(k)!r} now" for k in changed[:5])
+        raise CheckpointError(
+            f"cannot resume {run_dir} with a different configuration ({len(changed)} setting(s) differ: {detail}); "
+            f"only {', '.join(k.rstrip('.') + ('.*' if k.endswith('.') else '') for k in _RESUMABLE_CHANGES)} may change"
+        )
+    checkpoint = read_checkpoint(run_dir)
+    if checkpoint.server_round > config.federation.num_rounds:
+        raise CheckpointError(
+            f"{run_dir} already completed round {checkpoint.server_round}, past federation.num-rounds "
+            f"= {config.federation.num_rounds}"
+        )
+    return checkpoint
+
+
 def _build_strategy(config: RunConfig, workspace: Workspace) -> GuardedStrategy:
     fed = config.federation
     num_hospitals = len(workspace.federation.hospitals)
@@ -214,7 +304,8 @@ def _build_strategy(config: RunConfig, workspace: Workspace) -> GuardedStrategy:
         fraction_evaluate=fed.fraction_evaluate,
         min_train_nodes=minimum,
         min_evaluate_nodes=minimum if fed.fraction_evaluate > 0 else 0,
-        min_available_nodes=num_hospitals,
+        # Wait for no more than the fewest hospitals a round needs: a hospital that is down must not stall the run.
+        min_available_nodes=minimum,
     )
     return GuardedStrategy(
         inner,
@@ -224,6 +315,7 @@ def _build_strategy(config: RunConfig, workspace: Workspace) -> GuardedStrategy:
         evaluate_when=lambda server_round: evaluation_due(fed, server_round),
         uniform_weights=config.privacy.client_dp != "none",
         compression=config.compression.method,
+        update_norm_limit=fed.update_norm_limit,
     )
 
 
@@ -251,8 +343,12 @@ def serve(grid: Grid, config: RunConfig, run_dir: Path, context: Context | None 
     plans = privacy.check(config, federation_for(config.data))
     if plans:
         logger.info("DP-SGD in every hospital (%s accountant):\n%s", config.privacy.accountant, privacy.describe(plans))
+    checkpoint = resume_point(config, Path(run_dir)) if config.output.resume else None
     directory = RunDirectory(run_dir)
-    directory.write_config(config)
+    if checkpoint is not None:
+        directory.restart_from(checkpoint.server_round)
+        logger.info("resuming %s after round %d of %d", run_dir, checkpoint.server_round, config.federation.num_rounds)
+    directory.write_config(config.replace(**{"output.resume": False}))
     # Hospitals keep their own state (the privacy ledger) under the run directory in a simulation.
     config = config.replace(**{"output.dir": str(Path(run_dir).resolve())})
     workspace = workspace_for(config)
@@ -265,20 +361,33 @@ def serve(grid: Grid, config: RunConfig, run_dir: Path, context: Context | None 
                                  instructions=dict(flwr_config))
         recorder = strategy.recorder = _Recorder(config, workspace, strategy, directory)
         final_arrays = secagg.run(grid, context, config, strategy, max_weight=max(len(h.train) for h in hospitals))
+        stopped = None
     else:
         strategy = _build_strategy(config, workspace)
         recorder = _Recorder(config, workspace, strategy, directory)
         initial = strategies.initial_arrays(strategy.inner, config, _initial_numpy(workspace))
-        result = strategy.start(
-            grid=grid,
-            initial_arrays=numpy_to_record(initial),
+        first_round = 1
+        if checkpoint is not None:
+            try:
+                restore(strategy, checkpoint.state.get("strategy") or {"levels": []}, checkpoint.state_arrays)
+            except (ValueError, KeyError, TypeError) as err:
+                raise CheckpointError(f"the checkpoint of {run_dir} does not fit this run's strategy: {err}") from err
+            recorder.resume_from(checkpoint)
+            initial, first_round = checkpoint.arrays, checkpoint.server_round + 1
+        final, stopped = strategy.run(
+            grid,
+            numpy_to_record(initial),
+            first_round=first_round,
             num_rounds=config.federation.num_rounds,
             timeout=config.federation.round_timeout,
+            retries=config.federation.round_retries,
             train_config=flwr_config,
             evaluate_config=ConfigRecord(dict(flwr_config)),
             evaluate_fn=recorder,
         )
-        final_arrays = record_to_numpy(result.arrays) if result.arrays is not None else initial
+        final_arrays = record_to_numpy(final)
+        if stopped:
+            logger.error("the run stopped early: %s; resume it with: fedfm run --resume %s", stopped, run_dir)
     audit = run_audit(grid, config, final_arrays, flwr_config, workspace.hospital_names) if config.privacy.audit else None
     final_state, fold = load_global(workspace, config, final_arrays)
     export_adapter(
@@ -291,6 +400,8 @@ def serve(grid: Grid, config: RunConfig, run_dir: Path, context: Context | None 
     last = recorder.history[-1] if recorder.history else {}
     summary = {
         "rounds": len(recorder.history),
+        "stopped": stopped,
+        "resumed_from": checkpoint.server_round if checkpoint is not None else None,
         "initial": {"global": recorder.initial},
         "final": {
             "global": last.get("global", {}),
@@ -321,7 +432,7 @@ def serve(grid: Grid, config: RunConfig, run_dir: Path, context: Context | None 
             "client_level": last.get("privacy", {}).get("client_level"),
             "audit": audit,
         },
-        "wall_seconds": round(time.perf_counter() - started, 3),
+        "wall_seconds": round(time.perf_counter() - started + recorder.earlier_seconds, 3),
         "model": config.model.name,
         "dataset": config.data.dataset,
         "strategy": config.federation.strategy,

@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
@@ -38,6 +39,20 @@ class RoundRecord:
     train_aggregated: bool = False
     #: Training replies that passed the screen and went into the aggregate.
     train_replies: int = 0
+    #: Hospitals asked to train that sent no reply or an error (the last attempt).
+    faults: int = 0
+    #: Times the round ran again because too few hospitals replied.
+    retries: int = 0
+
+
+def _short(reason: str | None, limit: int = 300) -> str:
+    """The gist of an error reply: the exception's own message, without the traceback a simulation wraps it in."""
+    text = str(reason)
+    if "Message: " in text:
+        text = text.rsplit("Message: ", 1)[1]
+    lines = [line.strip() for line in text.strip().strip("'>").splitlines() if line.strip()]
+    text = lines[-1] if lines else text
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _metrics_of(content: Any) -> MetricRecord | None:
@@ -71,6 +86,11 @@ class GuardedStrategy(Strategy):
         How hospitals encode their replies (``[compression] method``). Replies
         are counted as sent, then decoded against what this hospital started
         the round from, then screened; the inner strategy sees float32 arrays.
+    update_norm_limit : float
+        Leave out an update whose change to what its hospital started from is
+        more than this many times the round's median change (0: no check).
+        Robust to a minority of scaled updates; with two hospitals it can
+        never fire (each is within 2x of the median).
     """
 
     def __init__(
@@ -83,8 +103,11 @@ class GuardedStrategy(Strategy):
         evaluate_when: Callable[[int], bool] | None = None,
         uniform_weights: bool = False,
         compression: str = "none",
+        update_norm_limit: float = 0.0,
     ) -> None:
         self.inner = inner
+        self.update_norm_limit = update_norm_limit
+        self._asked: set[int] = set()
         self.compression = compression
         self._sent: dict[int, ArrayRecord] = {}
         self._sent_numpy: dict[int, dict[str, Any]] = {}
@@ -108,6 +131,13 @@ class GuardedStrategy(Strategy):
 
     def summary(self) -> None:
         self.inner.summary()
+
+    def state_dict(self) -> dict[str, Any]:
+        """Nothing to checkpoint here: what a round exchanged is in ``metrics.jsonl``; node ids change on restart."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """See :meth:`state_dict`."""
 
     def _round(self, server_round: int) -> RoundRecord:
         return self.rounds.setdefault(server_round, RoundRecord())
@@ -138,10 +168,11 @@ class GuardedStrategy(Strategy):
     ) -> Iterable[Message]:
         self._reference = record_to_numpy(arrays)
         messages = [self._fit_to_rank(m) for m in self.inner.configure_train(server_round, arrays, config, grid)]
-        if self.compression in DELTA_METHODS:
-            self._sent_numpy.clear()
-            self._sent = {m.metadata.dst_node_id: m.content[keys.ARRAYS] for m in messages  # type: ignore[misc]
-                          if isinstance(m.content.get(keys.ARRAYS), ArrayRecord)}
+        self._sent_numpy.clear()
+        self._sent = {m.metadata.dst_node_id: m.content[keys.ARRAYS] for m in messages  # type: ignore[misc]
+                      if isinstance(m.content.get(keys.ARRAYS), ArrayRecord)}
+        self._asked = {m.metadata.dst_node_id for m in messages}
+        self._round(server_round).faults = 0
         return self._record_down(server_round, messages)
 
     def _start_of(self, node_id: int, index: int) -> dict[str, Any]:
@@ -186,13 +217,15 @@ class GuardedStrategy(Strategy):
 
     def _leave_out(self, record: RoundRecord, node_id: int, phase: str, reason: str) -> None:
         name = self._name(node_id)
-        record.left_out[f"{phase}:{name}"] = reason
+        attempt = f" (retry {record.retries})" if record.retries and phase == "train" else ""
+        record.left_out[f"{phase}:{name}{attempt}"] = reason
         logger.warning("%s left out of %s: %s", name, phase, reason)
 
     def _screen_train(self, msg: Message, record: RoundRecord) -> bool:
         node = msg.metadata.src_node_id
         if msg.has_error():
-            self._leave_out(record, node, "train", f"error reply: {msg.error.reason}")
+            record.faults += 1
+            self._leave_out(record, node, "train", f"error reply: {_short(msg.error.reason)}")
             return False
         content = msg.content
         metrics = _metrics_of(content)
@@ -243,7 +276,12 @@ class GuardedStrategy(Strategy):
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         record = self._round(server_round)
+        replies = list(replies)
+        for node in sorted(self._asked - {msg.metadata.src_node_id for msg in replies}):
+            record.faults += 1
+            self._leave_out(record, node, "train", "no reply within federation.round-timeout (down, disconnected or too slow)")
         valid = [msg for msg in replies if self._screen_train(msg, record)]
+        valid = self._screen_norms(valid, record)
         if len(valid) < self.min_replies:
             logger.warning(
                 "round %d: %d valid training replies, fewer than the %d required; the global adapter stays as it was",
@@ -257,6 +295,92 @@ class GuardedStrategy(Strategy):
         arrays, metrics = self.inner.aggregate_train(server_round, valid)
         record.train_aggregated = arrays is not None
         return self._keep_dtypes(arrays), metrics
+
+    def _screen_norms(self, valid: list[Message], record: RoundRecord) -> list[Message]:
+        """Leave out updates whose change is far larger than the round's median change."""
+        if self.update_norm_limit <= 0 or len(valid) < 3:
+            return valid
+        norms = []
+        for msg in valid:
+            node = msg.metadata.src_node_id
+            index = self._node_to_hospital.get(node, -1)
+            update = record_to_numpy(next(r for r in msg.content.values() if isinstance(r, ArrayRecord)))
+            start = self._start_of(node, index)
+            norms.append(float(np.sqrt(sum(
+                np.sum((update[k].astype(np.float64) - start[k].astype(np.float64)) ** 2) for k in update
+            ))))
+        median = float(np.median(norms))
+        if median <= 0:
+            return valid
+        kept = []
+        for msg, norm in zip(valid, norms, strict=True):
+            if norm > self.update_norm_limit * median:
+                index = self._node_to_hospital.get(msg.metadata.src_node_id, -1)
+                record.train.pop(index, None)
+                self._leave_out(
+                    record, msg.metadata.src_node_id, "train",
+                    f"update norm {norm:.3g} is {norm / median:.1f}x the round's median {median:.3g} "
+                    f"(federation.update-norm-limit {self.update_norm_limit:g})",
+                )
+            else:
+                kept.append(msg)
+        return kept
+
+    def run(
+        self,
+        grid: Grid,
+        arrays: ArrayRecord,
+        *,
+        first_round: int,
+        num_rounds: int,
+        timeout: float,
+        retries: int,
+        train_config: ConfigRecord,
+        evaluate_config: ConfigRecord,
+        evaluate_fn: Callable[[int, ArrayRecord], Any] | None = None,
+    ) -> tuple[ArrayRecord, str | None]:
+        """Rounds ``first_round`` to ``num_rounds`` (Flower's ``start`` loop, resumable, with retries).
+
+        A round in which hospitals failed (no reply, or an error) and fewer
+        than ``min_replies`` valid updates came is run again, up to
+        ``retries`` times; then the run stops after the last complete round.
+
+        Returns
+        -------
+        tuple
+            The final global record, and why the run stopped early (None when
+            every round completed).
+        """
+        if evaluate_fn is not None and first_round == 1:
+            evaluate_fn(0, arrays)
+        for server_round in range(first_round, num_rounds + 1):
+            record = self._round(server_round)
+            for attempt in range(retries + 1):
+                config = ConfigRecord({**dict(train_config), keys.ATTEMPT: attempt}) if attempt else train_config
+                replies = grid.send_and_receive(
+                    messages=self.configure_train(server_round, arrays, config, grid), timeout=timeout
+                )
+                new_arrays, _ = self.aggregate_train(server_round, replies)
+                if new_arrays is not None or record.faults == 0:
+                    break
+                if attempt < retries:
+                    record.retries += 1
+                    logger.warning("round %d: %d hospital(s) failed; running the round again (retry %d of %d)",
+                                   server_round, record.faults, attempt + 1, retries)
+            else:
+                return arrays, (
+                    f"round {server_round}: fewer than {self.min_replies} hospitals sent a valid update "
+                    f"after {retries} retries ({record.faults} failed in the last attempt)"
+                )
+            if new_arrays is not None:
+                arrays = new_arrays
+            replies = grid.send_and_receive(
+                messages=self.configure_evaluate(server_round, arrays, evaluate_config, grid), timeout=timeout
+            )
+            self.aggregate_evaluate(server_round, replies)
+            if evaluate_fn is not None:
+                evaluate_fn(server_round, arrays)
+        return arrays, None
 
     def _keep_dtypes(self, arrays: ArrayRecord | None) -> ArrayRecord | None:
         """The global keeps the dtypes it was sent in (Flower's FedOpt steps promote float32 to float64)."""
@@ -274,7 +398,7 @@ class GuardedStrategy(Strategy):
         for msg in replies:
             node = msg.metadata.src_node_id
             if msg.has_error():
-                self._leave_out(record, node, "evaluate", f"error reply: {msg.error.reason}")
+                self._leave_out(record, node, "evaluate", f"error reply: {_short(msg.error.reason)}")
                 continue
             metrics = _metrics_of(msg.content)
             if metrics is None or not isinstance(metrics.get(keys.NUM_EXAMPLES), (int, float)):
