@@ -116,7 +116,7 @@ def test_cli_resume_of_a_corrupt_run_fails_before_anything_starts(tmp_path: Path
     directory.write_checkpoint(1, GLOBAL)
     (tmp_path / "run" / "checkpoints" / "round-0001.npz").write_bytes(b"garbage")
     proc = subprocess.run([sys.executable, "-m", "fedfm.cli", "run", "--resume", str(tmp_path / "run")],
-                          capture_output=True, text=True, timeout=300)
+                          check=False, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert "round-0001.npz is corrupt" in proc.stderr
     assert "fedfm: " not in proc.stdout, "the refusal must come before the simulation starts"

@@ -8,13 +8,14 @@ serves the simulation engine and real SuperNodes.
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import numpy as np
 import torch
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedfm import keys, legacy, strategies
+from fedfm import hospital_state, keys, legacy, strategies
 from fedfm.adapters import get_adapter_state, set_adapter_state, set_base_delta
 from fedfm.attacks import corrupt, fails
 from fedfm.compression import encode
@@ -23,7 +24,7 @@ from fedfm.data import node_data
 from fedfm.data.local import DATA_PATH
 from fedfm.errors import ConfigError
 from fedfm.privacy.audit import loss_threshold_auc
-from fedfm.privacy.hospital import dp_train_spec, keep_ledger, ledger_for, ledger_metrics, round_plan
+from fedfm.privacy.hospital import dp_train_spec, keep_ledger, ledger_for, ledger_metrics, round_plan, state_dir
 from fedfm.strategies import ClientPlan
 from fedfm.strategies.client_dp import clipping_mod
 from fedfm.strategies.plan import decode_plan
@@ -45,7 +46,7 @@ def _numpy(state: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
 
 
 def _unpack(
-    content: RecordDict, context: Context
+    content: RecordDict, context: Context, *, training: bool = False
 ) -> tuple[RunConfig, int, Workspace, ClientPlan, dict[str, np.ndarray]]:
     global _threads_set
     config = from_json(str(content[keys.CONFIG][keys.RUN_CONFIG]))
@@ -59,6 +60,10 @@ def _unpack(
         plan = decode_plan(str(instructions[keys.CLIENT_PLANS]), index)  # type: ignore[index]
     else:
         plan = strategies.client_plan(config, index)
+    server_round = int(instructions.get(keys.SERVER_ROUND, 0))  # type: ignore[union-attr,arg-type]
+    if server_round > 0:
+        hospital_state.restore(context, _state_folder(config, context, workspace, index), server_round,
+                               training=training)
     kept = context.state.get(keys.KEPT_ARRAYS)
     state, fold = plan.materialize(
         _numpy(workspace.loaded.initial_state),
@@ -69,6 +74,10 @@ def _unpack(
     set_base_delta(workspace.loaded, fold)
     set_adapter_state(workspace.loaded.model, {k: torch.from_numpy(v) for k, v in state.items()})
     return config, index, workspace, plan, state
+
+
+def _state_folder(config: RunConfig, context: Context, workspace: Workspace, index: int) -> Path | None:
+    return state_dir(config, dict(context.node_config), workspace.hospital_name(index))
 
 
 def _hospital_index(context: Context) -> int:
@@ -115,7 +124,7 @@ def _shared_names(config: RunConfig, context: Context) -> list[str]:
 
 
 def _train(content: RecordDict, context: Context) -> RecordDict:
-    config, index, workspace, plan, start = _unpack(content, context)
+    config, index, workspace, plan, start = _unpack(content, context, training=True)
     rows = workspace.hospital_rows("train", index)
     server_round = int(content[keys.CONFIG][keys.SERVER_ROUND])  # type: ignore[arg-type]
     attempt = int(content[keys.CONFIG].get(keys.ATTEMPT, 0))  # type: ignore[union-attr,arg-type]
@@ -174,6 +183,7 @@ def _train(content: RecordDict, context: Context) -> RecordDict:
         shared = corrupt(shared, plan.shared(start), kind=attack.kind_of(index), scale=attack.scale, seed=server_round * 7919 + index)
     if config.compression.method != "none":
         shared = _compress(shared, plan.shared(start), config, context)
+    hospital_state.save(context, _state_folder(config, context, workspace, index), server_round)
     arrays: ArrayRecord = numpy_to_record(shared)
     return RecordDict({keys.ARRAYS: arrays, keys.METRICS: metrics})
 
