@@ -59,3 +59,21 @@ def test_fedsa_local_b_survives_a_new_process_and_rewinds(tiny_csv_settings: dic
         path.unlink()
     forgetful = _train(config, _context(), 2, sent_1)
     assert any(not np.array_equal(forgetful[k], continued[k]) for k in continued)
+
+
+def test_state_folder_is_never_chosen_by_the_coordinator_on_a_supernode(tmp_path: Path) -> None:
+    import pytest
+
+    from fedfm.errors import ConfigError
+    from fedfm.privacy.hospital import state_dir
+
+    config = RunConfig().replace(**{"output.dir": str(tmp_path / "run")})
+    # Simulation: under the run directory, by hospital name
+    assert state_dir(config, {}, "north") == tmp_path / "run" / "hospitals" / "north"
+    # A SuperNode with its own data ignores the run config's output.dir (the coordinator picked it)
+    assert state_dir(config, {"data-path": "/srv/north.csv"}, "north") is None
+    assert state_dir(config, {"data-path": "/srv/north.csv", "state-dir": str(tmp_path / "s")}, "north") == tmp_path / "s"
+    # A hospital name that would leave the run directory is refused
+    for name in ("../../etc", "a/b", "..", ""):
+        with pytest.raises(ConfigError, match="cannot name a state folder"):
+            state_dir(config, {}, name)

@@ -19,6 +19,8 @@ from flwr.app import ConfigRecord, Context
 
 from fedfm import keys
 from fedfm.config import RunConfig, TrainSpec, hospital_epsilons
+from fedfm.data.local import DATA_PATH
+from fedfm.errors import ConfigError
 from fedfm.privacy.accounting import HospitalLedger, default_delta, open_ledger
 from fedfm.privacy.dpsgd import DpSgd, sample_rate, steps_per_round
 
@@ -51,12 +53,21 @@ def delta_for(config: RunConfig, num_rows: int) -> float:
 
 
 def state_dir(config: RunConfig, node_config: dict[str, Any], name: str) -> Path | None:
-    """Where this hospital keeps state that must outlive the process, if anywhere."""
+    """Where this hospital keeps state that must outlive the process, if anywhere.
+
+    A SuperNode with its own data (node config ``data-path``) writes only
+    where its own node config says (``state-dir``), never where the run
+    configuration, which the coordinator chose, points. In a simulation it is
+    ``<output.dir>/hospitals/<name>``; a hospital name that is not a plain
+    file name (``/``, ``..``) is refused rather than followed.
+    """
     if node_config.get(STATE_DIR):
         return Path(str(node_config[STATE_DIR]))
-    if config.output.dir:
-        return Path(config.output.dir) / "hospitals" / name
-    return None
+    if node_config.get(DATA_PATH) or not config.output.dir:
+        return None
+    if not name or name in {".", ".."} or "/" in name or "\\" in name or "\0" in name:
+        raise ConfigError(f"hospital name {name!r} cannot name a state folder: use a plain name without / or ..")
+    return Path(config.output.dir) / "hospitals" / name
 
 
 def new_ledger(config: RunConfig, *, index: int, name: str, num_rows: int, node_config: dict[str, Any] | None = None) -> HospitalLedger:
