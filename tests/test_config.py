@@ -141,3 +141,67 @@ def test_optimizer_and_dp_batch_are_validated_and_sgd_is_what_training_gets() ->
     sgd = make_optimizer(params, spec)
     assert isinstance(sgd, torch.optim.SGD) and sgd.defaults["lr"] == 2.0 and sgd.defaults["momentum"] == 0.5
     assert isinstance(make_optimizer(params, RunConfig().train), torch.optim.AdamW)
+
+
+# --- a deployment's hospitals and classes ---------------------------------------------------------------------------
+
+
+def test_deployment_keys_travel_as_flower_run_config_and_round_trip() -> None:
+    # Flower's run config holds scalars: the lists arrive comma-separated, as `flwr run --run-config` gives them.
+    config = from_flat({"data.hospitals": "south,east,north", "data.label-names": "no heart disease,heart disease",
+                        "federation.central-evaluation": False})
+    assert config.data.hospitals == ("south", "east", "north")
+    assert config.data.label_names == ("no heart disease", "heart disease")
+    assert from_json(to_json(config)) == config
+    assert from_flat(to_flat(config)) == config
+
+
+def test_every_problem_of_a_deployment_is_named_at_once() -> None:
+    with pytest.raises(ConfigError) as err:
+        RunConfig().replace(**{"data.hospitals": "east,east,st mary", "model.task": "causal-qa",
+                               "federation.min-hospitals": 4, "privacy.secure-aggregation": True})
+    problems = err.value.problems
+    assert "`data.hospitals` must be names of letters, digits, '_', '.' and '-' (as a SuperNode's node config " \
+           "`hospital` gives them), got ['st mary']" in problems
+    assert "`data.hospitals` must not repeat a name, got ['east', 'east', 'st mary']" in problems
+    assert any(p.startswith("`data.hospitals` needs `data.label-names`") for p in problems)
+    assert any(p.startswith("`data.hospitals` needs `model.task` 'sequence-classification'") for p in problems)
+    assert "`federation.min-hospitals` (4) must not exceed the 3 `data.hospitals`" in problems
+    assert any(p.startswith("`federation.central-evaluation` needs a global test set") for p in problems)
+    assert any(p.startswith("`privacy.secure-aggregation` cannot be combined with `data.hospitals`") for p in problems)
+    # The simulation's checks of data.dataset do not apply to a deployment's hospitals.
+    assert not any("causal-qa' needs a multiple-choice dataset" in p for p in problems)
+
+
+@pytest.mark.parametrize(
+    ("settings", "says"),
+    [
+        ({}, "set `data.path` to a labelled test file the server holds, or set `federation.central-evaluation=false`"),
+        ({"data.path": "test.txt"}, ("`data.path` must end in one of ['.csv', '.json', '.jsonl', '.parquet'] with "
+                                    "`data.hospitals`")),
+    ],
+    ids=["no-global-test", "unreadable-suffix"],
+)
+def test_a_deployments_global_test_set_is_a_file_or_central_evaluation_is_off(settings: dict, says: str) -> None:
+    base = {"data.hospitals": "north,south", "data.label-names": "negative,positive"}
+    with pytest.raises(ConfigError) as err:
+        RunConfig().replace(**base, **settings)
+    assert any(says in p for p in err.value.problems), err.value.problems
+    # Either remedy is a valid deployment.
+    assert RunConfig().replace(**base, **{"federation.central-evaluation": False}).data.path == ""
+    assert RunConfig().replace(**base, **{"data.path": "/srv/test.parquet"}).federation.central_evaluation
+
+
+def test_label_names_are_checked_without_hospitals_too() -> None:
+    with pytest.raises(ConfigError) as err:
+        RunConfig().replace(**{"data.label-names": ["flu"]})
+    assert err.value.problems == ["`data.label-names` must name at least two classes, got ['flu']"]
+    with pytest.raises(ConfigError) as err:
+        RunConfig().replace(**{"data.label-names": ["flu", "flu", " "]})
+    assert err.value.problems == [
+        "`data.label-names` must be non-empty names without commas, got ['flu', 'flu', ' ']",
+        "`data.label-names` must not repeat a name, got ['flu', 'flu', ' ']",
+    ]
+    # A csv simulation may fix its class order with label names, and needs no hospitals for it.
+    assert RunConfig().replace(**{"data.dataset": "csv", "data.path": "x.csv",
+                                  "data.label-names": "b,a"}).data.label_names == ("b", "a")

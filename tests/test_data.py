@@ -31,9 +31,12 @@ from fedfm.data import (
     SourceData,
     build_federation,
     clear_caches,
+    deployment_federation,
     get_partitioner,
     heart_row_to_text,
     load_source,
+    node_data,
+    node_federation,
     partition,
     register_partitioner,
     register_source,
@@ -253,7 +256,7 @@ def test_missing_file_and_bad_labels(tmp_path):
         load_source("csv", path=tmp_path / "nothing.csv")
     path = tmp_path / "d.csv"
     pd.DataFrame({"text": ["a", "b"], "label": ["flu", "cold"]}).to_csv(path, index=False)
-    with pytest.raises(DataError, match="not in label_names"):
+    with pytest.raises(DataError, match=r"\['cold'\] are not among the allowed label names \['flu'\]"):
         load_source("csv", path=path, label_names=["flu"])
     with pytest.raises(ConfigError, match="path="):
         load_source("csv")
@@ -499,3 +502,62 @@ def test_federation_errors(heart):
     with pytest.raises(DataError, match=r"0\.\.1"):
         federation.hospital(2)
     assert federation.hospital(1) is federation.hospitals[1]
+
+
+# --- a deployment: label names shared by every hospital, and the coordinator's view -----------------------------
+
+
+def _notes(path: Path, labels: list) -> Path:
+    pd.DataFrame({"text": [f"note {i}" for i in range(len(labels))], "label": labels}).to_csv(path, index=False)
+    return path
+
+
+def test_label_names_number_every_hospital_the_same_even_one_missing_a_class(tmp_path):
+    # Prepare: one hospital has all three classes, the other never saw "flu".
+    full = _notes(tmp_path / "full.csv", ["flu", "cold", "asthma"] * 4)
+    partial = _notes(tmp_path / "partial.csv", ["cold", "asthma"] * 6)
+    names = ["flu", "cold", "asthma"]
+    # Execute
+    federations = [node_federation(node_data({"data-path": str(p)}), label_names=names) for p in (full, partial)]
+    # Assert: the same classes and ids at both; without the list, the partial file would number its own two.
+    for federation in federations:
+        assert federation.source.label_names == names
+    assert set(federations[1].hospitals[0].train["label"]) | set(federations[1].hospitals[0].test["label"]) == {1, 2}
+    assert node_federation(node_data({"data-path": str(partial)})).source.label_names == ["asthma", "cold"]
+
+
+def test_a_label_outside_label_names_names_the_file_the_value_and_the_allowed_names(tmp_path):
+    path = _notes(tmp_path / "north.csv", ["cold", "sepsis", "cold", "cold"])
+    with pytest.raises(DataError) as raised:
+        node_federation(node_data({"data-path": str(path)}), label_names=["flu", "cold"])
+    message = str(raised.value)
+    assert str(path) in message and "['sepsis']" in message and "['flu', 'cold']" in message
+    assert "`data.label-names`" in message
+
+
+def test_integer_labels_are_ids_into_label_names(tmp_path):
+    path = _notes(tmp_path / "ids.csv", [0, 1, 1, 0])
+    source = load_source("csv", path=path, label_names=["healthy", "sick"])
+    assert (source.label_names, source.train["label"]) == (["healthy", "sick"], [0, 1, 1, 0])
+    with pytest.raises(DataError, match=r"label id\(s\) \[2\] are outside 0..1: integer labels are ids into the "
+                                        r"label names \['healthy', 'sick'\]"):
+        load_source("csv", path=_notes(tmp_path / "big.csv", [0, 2]), label_names=["healthy", "sick"])
+
+
+def test_deployment_federation_names_the_hospitals_without_rows():
+    federation = deployment_federation(["south", "east"], label_names=["positive", "negative"])
+    assert [h.name for h in federation.hospitals] == ["south", "east"]
+    assert all(len(h.train) == len(h.test) == 0 for h in federation.hospitals)
+    assert len(federation.global_test) == 0
+    assert federation.source.label_names == ["positive", "negative"]
+
+
+def test_deployment_global_test_is_the_whole_file_encoded_with_the_label_names_and_capped(tmp_path):
+    path = _notes(tmp_path / "test.csv", ["negative", "positive", "negative"] * 5)
+    whole = deployment_federation(["a", "b"], label_names=["positive", "negative"], test_path=path)
+    assert whole.global_test["label"] == [1, 0, 1] * 5
+    capped = deployment_federation(["a", "b"], label_names=["positive", "negative"], test_path=path, max_test=4)
+    assert len(capped.global_test) == 4 and set(capped.global_test["text"]) <= set(whole.global_test["text"])
+    with pytest.raises(ConfigError, match=r"`data.path` '.*test.txt' must end in one of"):
+        deployment_federation(["a"], label_names=["x", "y"], test_path=tmp_path / "test.txt")
+

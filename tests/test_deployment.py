@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import os
 import random
+import shlex
 import signal
 import socket
 import ssl
@@ -27,10 +29,12 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import load_ssh_private_key, load_ssh_public_key
 from flwr.app import ConfigRecord, Context, RecordDict
+from flwr.common.config import parse_config_args
 
+import fedfm
 from conftest import instruction
-from fedfm import keys
-from fedfm.client import app
+from fedfm import keys, privacy
+from fedfm.client import _workspace, app
 from fedfm.config import RunConfig, to_json
 from fedfm.data import load_source, node_data, node_federation
 from fedfm.errors import ConfigError, DataError
@@ -44,11 +48,18 @@ HEART_HOSPITALS = ROOT / "examples" / "deployment" / "heart_hospitals.py"
 WORDS = {0: ["calm", "normal", "stable", "healthy"], 1: ["pain", "severe", "acute", "disease"]}
 # Each hospital's own file has its own size, so a reply's row count says whose file was read.
 HOSPITAL_ROWS = {"east": 20, "north": 30, "south": 40}
+# The coordinator's list of hospitals (index order, not sorted) and classes (id order, not sorted).
+HOSPITALS = ("south", "east", "north")
+LABEL_NAMES = ("positive", "negative")
+# A hospital that never saw one of the classes (its file has only "positive" rows).
+ONE_CLASS = "east"
 CONNECTION = "hospitals"  # the SuperLink connection's name in the flwr config (`flwr run . hospitals`)
 
 
-def _write_notes(path: Path, rows: int, seed: int, *, hospitals: tuple[str, ...] = ()) -> Path:
-    """Labelled notes; with ``hospitals``, ``rows`` rows for each, in a ``hospital`` column."""
+def _write_notes(
+    path: Path, rows: int, seed: int, *, hospitals: tuple[str, ...] = (), labels: tuple[int, ...] = (0, 1)
+) -> Path:
+    """Labelled notes (``labels`` in turn); with ``hospitals``, ``rows`` rows for each, in a ``hospital`` column."""
     rng = random.Random(seed)
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", newline="") as f:
@@ -56,7 +67,7 @@ def _write_notes(path: Path, rows: int, seed: int, *, hospitals: tuple[str, ...]
         writer.writerow(["text", "label"] + (["hospital"] if hospitals else []))
         for site in hospitals or ("",):
             for i in range(rows):
-                label = i % 2
+                label = labels[i % len(labels)]
                 text = " ".join(rng.choice(WORDS[label]) for _ in range(6))
                 writer.writerow([text, ["negative", "positive"][label]] + ([site] if hospitals else []))
     return path
@@ -168,6 +179,117 @@ def test_partition_id_must_be_an_index(tiny_csv_settings: dict[str, Any], tmp_pa
         app(instruction(sent, message_type="train"), context)
 
 
+# ---- the coordinator's list of hospitals (data.hospitals) and classes (data.label-names) ---------------------------
+
+
+def _deployment(**settings: Any) -> RunConfig:
+    """A coordinator's configuration without hospital rows: names, classes, no global test file."""
+    return RunConfig().replace(**{"data.hospitals": ",".join(HOSPITALS), "data.label-names": ",".join(LABEL_NAMES),
+                                  "federation.central-evaluation": False, **settings})
+
+
+def test_a_supernode_known_by_name_trains_a_class_it_never_saw_with_the_servers_head(
+    tmp_path: Path, tiny_bert: Path
+) -> None:
+    # Prepare: the server's adapter comes from the deployment's classes (three); this hospital's file has one.
+    coordinator = _deployment(**{"model.name": str(tiny_bert), "lora.r": 4, "train.batch-size": 8,
+                                 "train.local-steps": 2, "data.label-names": "positive,negative,unsure"})
+    server = workspace_for(coordinator)
+    assert server.num_labels == 3 and [h.name for h in server.federation.hospitals] == list(HOSPITALS)
+    sent = RecordDict({
+        keys.ARRAYS: state_to_record(server.loaded.initial_state),
+        keys.CONFIG: ConfigRecord({keys.RUN_CONFIG: to_json(coordinator), keys.SERVER_ROUND: 1}),
+    })
+    own = _write_notes(tmp_path / "east" / "records.csv", 20, seed=3, labels=(0,))
+    by_name = Context(run_id=1, node_id=7, state=RecordDict(), run_config={},
+                      node_config={"hospital": "east", "data-path": str(own)})
+    by_index = Context(run_id=1, node_id=8, state=RecordDict(), run_config={},
+                       node_config={keys.PARTITION_ID: 2, "data-path": str(own)})
+    # Execute
+    trained = app(instruction(sent, message_type="train"), by_name)
+    # Assert: the index is the name's position in data.hospitals; the 3-class head fits a 1-class file.
+    assert not trained.has_error(), trained.error
+    assert trained.content[keys.METRICS][keys.HOSPITAL_INDEX] == HOSPITALS.index("east")
+    assert trained.content[keys.METRICS][keys.NUM_EXAMPLES] == 14
+    assert _workspace(coordinator, by_name).num_labels == 3
+    # With only a partition-id, the hospital is known by its name in data.hospitals, not by its file's stem.
+    assert _workspace(coordinator, by_index).hospital_name(2) == "north"
+
+
+@pytest.mark.parametrize(
+    ("node_config", "says"),
+    [
+        ({"hospital": "west", "data-path": "{own}"},
+         "node config `hospital` 'west' is not one of the run's `data.hospitals` ['south', 'east', 'north']"),
+        ({keys.PARTITION_ID: 3, "data-path": "{own}"},
+         "node config `partition-id` 3 is out of range: the run's `data.hospitals` lists 3 hospitals"),
+        ({keys.PARTITION_ID: 0, "hospital": "east", "data-path": "{own}"},
+         ("node config `partition-id` 0 is 'south' in the run's `data.hospitals` ['south', 'east', 'north'], "
+         "but `hospital` says 'east'")),
+        ({"data-path": "{own}"}, "this SuperNode has no `partition-id` in its node config"),
+        ({keys.PARTITION_ID: 1, "hospital": "east"},
+         "this hospital has no `data-path` in its node config, but the run lists `data.hospitals`"),
+    ],
+    ids=["unknown-name", "index-out-of-range", "index-and-name-disagree", "neither", "no-data-path"],
+)
+def test_a_supernode_that_is_no_listed_hospital_is_refused_before_any_model_loads(
+    tmp_path: Path, node_config: dict[str, Any], says: str
+) -> None:
+    # Prepare: model.name is an alias that would need loading, so an error after the lookup would be another one.
+    own = _write_notes(tmp_path / "records.csv", 6, seed=1)
+    sent = RecordDict({keys.CONFIG: ConfigRecord({keys.RUN_CONFIG: to_json(_deployment()), keys.SERVER_ROUND: 1})})
+    filled = {k: v.replace("{own}", str(own)) if isinstance(v, str) else v for k, v in node_config.items()}
+    context = Context(run_id=1, node_id=7, state=RecordDict(), run_config={}, node_config=filled)
+    # Execute / Assert
+    with pytest.raises(ConfigError) as raised:
+        app(instruction(sent, message_type="train"), context)
+    assert says in str(raised.value)
+
+
+def test_federation_for_builds_a_deployment_from_data_hospitals(tmp_path: Path) -> None:
+    # Prepare: the coordinator holds a labelled test file, and no hospital's rows.
+    path = _write_notes(tmp_path / "test.csv", 6, seed=1)
+    data = _deployment(**{"data.path": str(path), "federation.central-evaluation": True}).data
+    # Execute
+    federation = federation_for(data)
+    # Assert: the hospitals in data.hospitals' order, no rows; the whole file as global test, ids by data.label-names.
+    assert [(h.name, len(h.train), len(h.test)) for h in federation.hospitals] == [(h, 0, 0) for h in HOSPITALS]
+    assert federation.source.label_names == list(LABEL_NAMES)
+    assert federation.global_test["label"] == [1, 0] * 3  # rows alternate negative, positive
+
+
+def test_label_names_must_match_a_built_in_datasets_classes() -> None:
+    data = RunConfig().replace(**{"data.label-names": "healthy,sick"}).data
+    with pytest.raises(ConfigError, match=r"`data.label-names` \['healthy', 'sick'\] differ from the classes of "
+                                          r"'heart_disease_uci', \['no heart disease', 'heart disease'\]"):
+        federation_for(data)
+
+
+def test_dp_sgd_leaves_each_hospitals_noise_to_the_hospital_when_the_server_has_no_rows(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Prepare
+    config = _deployment(**{"privacy.mode": "dp-sgd", "privacy.hospital-epsilon": "east=2"})
+    # Execute
+    with caplog.at_level(logging.INFO, logger="fedfm"):
+        plans = privacy.check(config, federation_for(config.data))
+    # Assert: no plan from rows the server does not have, and the log says who calibrates.
+    assert plans == []
+    assert "each hospital calibrates its own noise from its own rows" in caplog.text
+    # Per-hospital budgets are still checked against the listed names.
+    wrong = config.replace(**{"privacy.hospital-epsilon": "west=2"})
+    with pytest.raises(ConfigError, match=r"`privacy.hospital-epsilon` names 'west', which is no hospital of this "
+                                          r"run; hospitals: \['south', 'east', 'north'\]"):
+        privacy.check(wrong, federation_for(wrong.data))
+
+
+def test_a_simulation_refuses_data_hospitals_before_ray_starts(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"`data.hospitals` \['south', 'east', 'north'\] lists a deployment's "
+                                          r"hospitals"):
+        fedfm.run(_deployment(), out=tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
 # ---- the certificate script ---------------------------------------------------------------------------------------
 
 
@@ -199,14 +321,23 @@ def test_heart_hospital_files_hold_each_hospitals_training_rows(tmp_path: Path) 
     assert done.returncode == 0, done.stderr
     # The files hold the quickstart federation's training rows, so the coordinator's test rows are in none.
     federation = federation_for(RunConfig().data)
-    for index, hospital in enumerate(federation.hospitals):
-        folder = tmp_path / hospital.name.lower().replace(" ", "-")
-        assert f"partition-id={index} " in done.stdout and str(folder) in done.stdout
-        node = node_data({"data-root": str(folder), "data-path": "records.csv"})
+    slugs = [hospital.name.lower().replace(" ", "-") for hospital in federation.hospitals]
+    for slug, hospital in zip(slugs, federation.hospitals, strict=True):
+        assert f'hospital="{slug}" data-root="{tmp_path / slug}"' in done.stdout
+        node = node_data({"data-root": str(tmp_path / slug), "data-path": "records.csv"})
         assert node is not None
         rows = load_source("csv", path=node.path).train
         assert rows["text"] == hospital.train["text"]
         assert rows["label"] == hospital.train["label"]
+    # The printed run configuration is a valid deployment: these hospitals, the table's classes, the held-out rows.
+    [line] = [line for line in done.stdout.splitlines() if line.startswith("coordinator: --run-config ")]
+    [run_config] = shlex.split(line.split("--run-config ", 1)[1])
+    coordinator = RunConfig().replace(**parse_config_args([run_config]))  # as `flwr run --run-config` reads it
+    assert coordinator.data.hospitals == tuple(slugs)
+    deployment = federation_for(coordinator.data)
+    assert deployment.source.label_names == federation.source.label_names
+    assert deployment.global_test["text"] == federation.global_test["text"]
+    assert deployment.global_test["label"] == federation.global_test["label"]
 
 
 # ---- a real network: SuperLink + one SuperNode per hospital, over TLS, with node authentication ----------------------
@@ -237,7 +368,6 @@ class Network:
     port: int
     certificates: Path
     keys: Path
-    reference: Path
     processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     logs: dict[str, Path] = field(default_factory=dict)
     _files: list[IO[str]] = field(default_factory=list)
@@ -252,10 +382,10 @@ class Network:
         self.processes[name] = process
         return process
 
-    def supernode(self, hospital: str, partition_id: int) -> subprocess.Popen[bytes]:
-        """A hospital's SuperNode as docs/how-to/deploy.md starts it: its own key, its own data."""
-        node_config = (f'partition-id={partition_id} hospital="{hospital}" '
-                       f'data-root="{self.folder / hospital}" data-path="records.csv"')
+    def supernode(self, hospital: str, partition_id: int | None = None) -> subprocess.Popen[bytes]:
+        """A hospital's SuperNode as docs/how-to/deploy.md starts it: its own key, its own data, its name."""
+        index = f"partition-id={partition_id} " if partition_id is not None else ""
+        node_config = f'{index}hospital="{hospital}" data-root="{self.folder / hospital}" data-path="records.csv"'
         return self.start(hospital, [
             str(BIN / "flower-supernode"), "--superlink", f"127.0.0.1:{self.port}",
             "--root-certificates", str(self.certificates / "ca.crt"),
@@ -308,12 +438,10 @@ def _start_network(folder: Path) -> Network:
     # The SuperLink and SuperNodes start `flower-superexec`, `flwr-serverapp`, `flwr-clientapp` by name.
     env = {**os.environ, "FLWR_HOME": str(home), "FLWR_TELEMETRY_ENABLED": "0", "PYTHONUNBUFFERED": "1",
            "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
-    network = Network(folder=folder, env=env, port=port, certificates=folder / "certificates", keys=folder / "keys",
-                      reference=folder / "coordinator" / "reference.csv")
-    # The coordinator's reference rows name the hospitals; each hospital's own file lies in its own folder.
-    _write_notes(network.reference, 10, seed=1, hospitals=tuple(HOSPITAL_ROWS))
+    network = Network(folder=folder, env=env, port=port, certificates=folder / "certificates", keys=folder / "keys")
+    # Each hospital's own file lies in its own folder; the coordinator holds no rows.
     for seed, (hospital, rows) in enumerate(HOSPITAL_ROWS.items()):
-        _write_notes(folder / hospital / "records.csv", rows, seed=10 + seed)
+        _write_notes(folder / hospital / "records.csv", rows, seed=10 + seed, labels=(0,) if hospital == ONE_CLASS else (0, 1))
     network.start("superlink", [
         str(BIN / "flower-superlink"),
         "--ssl-ca-certfile", str(network.certificates / "ca.crt"),
@@ -327,8 +455,8 @@ def _start_network(folder: Path) -> Network:
     for hospital in HOSPITAL_ROWS:  # the coordinator lists the hospitals' public keys
         done = network.flwr("supernode", "register", str(network.keys / f"{hospital}.pub"), CONNECTION)
         assert done.returncode == 0, done.stdout + done.stderr
-    for partition_id, hospital in enumerate(sorted(HOSPITAL_ROWS)):  # sorted: the server's natural order
-        network.supernode(hospital, partition_id)
+    for hospital in HOSPITAL_ROWS:  # known by name in data.hospitals; east also by its index there
+        network.supernode(hospital, HOSPITALS.index(hospital) if hospital == "east" else None)
     _wait_until(lambda: network.log("superlink").count("[Fleet.ActivateNode] Activated") == len(HOSPITAL_ROWS),
                 "every listed SuperNode connecting", 180, list(network.logs.values()))
     return network
@@ -349,14 +477,14 @@ def network(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Network]:
 
 
 def _flwr_run(network: Network, tiny_bert: Path, run_dir: Path, **settings: Any) -> list[str]:
-    """``flwr run . hospitals`` with the coordinator's settings (the test's tiny model and reference rows)."""
+    """``flwr run . hospitals`` with the coordinator's settings: the test's tiny model, the hospitals' names and classes."""
     overrides = {
         "model.name": str(tiny_bert), "lora.r": 4, "train.batch-size": 8, "train.local-steps": 2,
-        "data.dataset": "csv", "data.path": str(network.reference), "data.partitioner": "natural",
-        "data.partition-column": "hospital", "federation.num-rounds": 2, "federation.min-hospitals": 2,
+        "data.hospitals": ",".join(HOSPITALS), "data.label-names": ",".join(LABEL_NAMES),
+        "federation.central-evaluation": False, "federation.num-rounds": 2, "federation.min-hospitals": 2,
         "output.dir": str(run_dir), **settings,
     }
-    text = " ".join(f"{k}={json.dumps(v) if isinstance(v, str) else v}" for k, v in overrides.items())
+    text = " ".join(f"{k}={json.dumps(v)}" for k, v in overrides.items())
     return [str(BIN / "flwr"), "run", str(ROOT), CONNECTION, "--stream", "--run-config", text]
 
 
@@ -375,7 +503,7 @@ def test_three_hospitals_train_on_their_own_files_over_tls_and_an_unlisted_key_i
         assert tls.version() in ("TLSv1.2", "TLSv1.3")
     # Execute: an intruder's SuperNode (a key the coordinator never registered) tries to join while the three
     # hospitals run two rounds; they evaluate after the last one.
-    intruder = network.supernode("intruder", 3)
+    intruder = network.supernode("intruder")
     run_dir = tmp_path / "run"
     done = subprocess.run(_flwr_run(network, tiny_bert, run_dir, **{"federation.evaluate-every": 2}),
                           env=network.env, cwd=network.folder, capture_output=True, text=True, timeout=900, check=False)
@@ -391,14 +519,21 @@ def test_three_hospitals_train_on_their_own_files_over_tls_and_an_unlisted_key_i
     assert set(summary["final"]["per_hospital"]) == set(HOSPITAL_ROWS)
     rounds = _rounds(run_dir)
     for entry in rounds:
-        # Each hospital trained on its own file (70 % of its rows), not on the coordinator's reference rows.
+        # Each hospital trained on its own file (70 % of its rows) under its own name (looked up in data.hospitals),
+        # and east, which never saw "negative", was not left out for a smaller classifier head.
         trained = {name: v["train"][keys.NUM_EXAMPLES] for name, v in entry["per_hospital"].items()}
         assert trained == {name: rows - round(0.3 * rows) for name, rows in HOSPITAL_ROWS.items()}
         assert entry["left_out"] == {}
     assert {name: v["evaluate"][keys.NUM_EXAMPLES] for name, v in rounds[1]["per_hospital"].items()} == {
         name: round(0.3 * rows) for name, rows in HOSPITAL_ROWS.items()
     }
-    assert set(rounds[1]["global"]) >= {"accuracy", "macro-f1"}  # the coordinator scored it on its reference rows
+    # No global test file: the round's global score is the hospitals' own evaluation, and the row counts in
+    # summary.json are the ones the hospitals reported.
+    assert rounds[1]["global"] == rounds[1]["federated"] and set(rounds[1]["global"]) >= {"accuracy", "macro-f1"}
+    assert summary["global_test_rows"] == 0
+    assert summary["hospitals"] == {
+        name: {"train_rows": rows - round(0.3 * rows), "test_rows": round(0.3 * rows)} for name, rows in HOSPITAL_ROWS.items()
+    }
     assert (run_dir / "adapter" / "adapter_model.safetensors").is_file()
 
 
@@ -433,4 +568,6 @@ def test_the_run_completes_when_a_hospital_dies_mid_round(network: Network, tiny
     assert any(key.startswith("train:") for key in rounds[1]["left_out"]), rounds[1]["left_out"]
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["rounds"] == 2
+    assert summary["hospitals"]["east"] == {"train_rows": HOSPITAL_ROWS["east"] - round(0.3 * HOSPITAL_ROWS["east"]),
+                                            "test_rows": None}  # it never evaluated
     assert (run_dir / "adapter" / "adapter_model.safetensors").is_file()

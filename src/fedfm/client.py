@@ -7,6 +7,7 @@ serves the simulation engine and real SuperNodes.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 
@@ -21,7 +22,7 @@ from fedfm.attacks import corrupt, fails
 from fedfm.compression import encode
 from fedfm.config import RunConfig, from_json, resolve_parallelism
 from fedfm.data import node_data
-from fedfm.data.local import DATA_PATH
+from fedfm.data.local import DATA_PATH, HOSPITAL
 from fedfm.errors import ConfigError
 from fedfm.privacy.audit import loss_threshold_auc
 from fedfm.privacy.hospital import dp_train_spec, keep_ledger, ledger_for, ledger_metrics, round_plan, state_dir
@@ -53,7 +54,7 @@ def _unpack(
     if not _threads_set:
         torch.set_num_threads(resolve_parallelism(config.federation)[1])
         _threads_set = True
-    index = _hospital_index(context)
+    index = _hospital_index(config, context)
     workspace = _workspace(config, context)
     instructions = content[keys.CONFIG]
     if keys.CLIENT_PLANS in instructions:  # type: ignore[operator]
@@ -80,24 +81,58 @@ def _state_folder(config: RunConfig, context: Context, workspace: Workspace, ind
     return state_dir(config, dict(context.node_config), workspace.hospital_name(index))
 
 
-def _hospital_index(context: Context) -> int:
-    """This hospital's index in the run: Flower's ``partition-id`` in simulation, the node config's on a SuperNode."""
-    value = context.node_config.get(keys.PARTITION_ID)
+def _hospital_index(config: RunConfig, context: Context) -> int:
+    """This hospital's index in the run.
+
+    Flower's ``partition-id`` in simulation; on a SuperNode, the node config's
+    ``partition-id``, or the position of its ``hospital`` name in the run's ``data.hospitals``.
+    """
+    hospitals = list(config.data.hospitals)
+    value, name = context.node_config.get(keys.PARTITION_ID), context.node_config.get(HOSPITAL)
     if value is None:
+        if hospitals and name is not None:
+            if str(name) not in hospitals:
+                raise ConfigError(f"node config `{HOSPITAL}` {name!r} is not one of the run's `data.hospitals` "
+                                  f"{hospitals}; start the SuperNode with {HOSPITAL}=<one of them>")
+            return hospitals.index(str(name))
         raise ConfigError(
-            f"this SuperNode has no `{keys.PARTITION_ID}` in its node config; "
-            f"start it with --node-config \"{keys.PARTITION_ID}=<hospital index> {DATA_PATH}=<its data file>\""
+            f"this SuperNode has no `{keys.PARTITION_ID}` in its node config; start it with --node-config "
+            f"\"{keys.PARTITION_ID}=<hospital index> {DATA_PATH}=<its data file>\", or, when the run lists "
+            f"`data.hospitals`, \"{HOSPITAL}=<its name there> {DATA_PATH}=<its data file>\""
         )
     if isinstance(value, bool) or not str(value).isdigit():
         raise ConfigError(
             f"node config `{keys.PARTITION_ID}` must be the hospital's index, an integer >= 0, got {value!r}"
         )
-    return int(value)
+    index = int(value)
+    if hospitals and index >= len(hospitals):
+        raise ConfigError(f"node config `{keys.PARTITION_ID}` {index} is out of range: the run's `data.hospitals` "
+                          f"lists {len(hospitals)} hospitals {hospitals} (indices 0..{len(hospitals) - 1})")
+    if hospitals and name is not None and str(name) != hospitals[index]:
+        raise ConfigError(
+            f"node config `{keys.PARTITION_ID}` {index} is {hospitals[index]!r} in the run's `data.hospitals` "
+            f"{hospitals}, but `{HOSPITAL}` says {name!r}; give only `{HOSPITAL}`, or make the two agree"
+        )
+    return index
 
 
 def _workspace(config: RunConfig, context: Context) -> Workspace:
-    """The hospital's workspace: over its own file when the node config has ``data-path``, else the run's federation."""
-    return workspace_for(config, node_data(context.node_config))
+    """The hospital's workspace: over its own file when the node config has ``data-path``, else the run's federation.
+
+    With ``data.hospitals`` (a deployment) a hospital must have its own file, and
+    it is known by its name in that list.
+    """
+    node = node_data(context.node_config)
+    hospitals = config.data.hospitals
+    if node is None and hospitals:
+        raise ConfigError(
+            f"this hospital has no `{DATA_PATH}` in its node config, but the run lists `data.hospitals` (a "
+            f"deployment: the server holds no hospital rows); start its SuperNode with --node-config "
+            f"\"{HOSPITAL}=<its name in {list(hospitals)}> {DATA_PATH}=<its data file>\""
+        )
+    if node is not None and hospitals and HOSPITAL not in context.node_config:
+        node = dataclasses.replace(node, name=hospitals[_hospital_index(config, context)])
+    return workspace_for(config, node)
 
 
 @app.train()

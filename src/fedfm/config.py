@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, get_type_hints
@@ -74,6 +75,12 @@ class LoraSpec:
     )
 
 
+#: The form of a hospital's name in `data.hospitals` and in a SuperNode's node config `hospital`.
+HOSPITAL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+#: File suffixes a hospital's file (and a deployment's global test file) may have.
+HOSPITAL_FILE_SUFFIXES = (".csv", ".json", ".jsonl", ".parquet")
+
+
 @dataclass(frozen=True)
 class DataSpec:
     """Where the data comes from and how it is split into hospitals."""
@@ -91,6 +98,19 @@ class DataSpec:
     max_train_per_hospital: int = _help("Cap on each hospital's training rows; 0 keeps all.", 0)
     max_test: int = _help("Cap on test rows (global and per hospital); 0 keeps all.", 0)
     seed: int = _help("Seed of the partition and split.", 0)
+    hospitals: tuple[str, ...] = _help(
+        "A deployment's hospitals, by name in index order (letters, digits, '_', '.', '-'). When set, the server "
+        "holds no hospital rows: each SuperNode reads its own file (node config `data-path`) and gives its "
+        "`partition-id` or its `hospital` name from this list; `data.path`, if set, is the server's global test "
+        "file (read by its suffix), else `federation.central-evaluation` must be false. Needs `data.label-names`. "
+        "Empty: hospitals are partitions of `data.dataset`.",
+        factory=tuple,
+    )
+    label_names: tuple[str, ...] = _help(
+        "Class names in label-id order, the same at every hospital (string labels must be one of them, integer "
+        "labels are ids into the list); empty numbers a file's string labels in sorted order.",
+        factory=tuple,
+    )
 
 
 @dataclass(frozen=True)
@@ -594,7 +614,7 @@ def validate(config: RunConfig) -> list[str]:
     _check(p, lo.alpha > 0, f"`lora.alpha` must be > 0, got {lo.alpha}")
     _check(p, 0 <= lo.dropout < 1, f"`lora.dropout` must be in [0, 1), got {lo.dropout}")
     _check(p, d.dataset in DATASETS, f"`data.dataset` must be one of {list(DATASETS)}, got {d.dataset!r}")
-    if d.dataset in ("csv", "jsonl", "parquet"):
+    if d.dataset in ("csv", "jsonl", "parquet") and not d.hospitals:
         _check(p, bool(d.path), f"`data.path` must name a file when `data.dataset` is {d.dataset!r}")
     _check(p, d.partitioner in PARTITIONERS, f"`data.partitioner` must be one of {list(PARTITIONERS)}, got {d.partitioner!r}")
     _check(p, d.num_hospitals >= 1, f"`data.num-hospitals` must be >= 1, got {d.num_hospitals}")
@@ -602,7 +622,8 @@ def validate(config: RunConfig) -> list[str]:
     _check(p, 0 < d.test_fraction < 1, f"`data.test-fraction` must be in (0, 1), got {d.test_fraction}")
     _check(p, d.max_train_per_hospital >= 0, f"`data.max-train-per-hospital` must be >= 0, got {d.max_train_per_hospital}")
     _check(p, d.max_test >= 0, f"`data.max-test` must be >= 0, got {d.max_test}")
-    if m.task == "causal-qa":
+    p.extend(_deployment_problems(config))
+    if m.task == "causal-qa" and not d.hospitals:
         _check(p, d.dataset in ("pubmedqa", "medmcqa"),
                f"`model.task` 'causal-qa' needs a multiple-choice dataset ('pubmedqa', 'medmcqa'), got {d.dataset!r}")
     _check(p, t.local_epochs >= 1, f"`train.local-epochs` must be >= 1, got {t.local_epochs}")
@@ -663,6 +684,45 @@ def validate(config: RunConfig) -> list[str]:
     if co.method != "none" and config.privacy.client_dp != "none":
         p.append("`compression.method` must be 'none' with `privacy.client-dp`: Flower's client-level DP clips the "
                  "update as sent, before fedfm could decode it")
+    return p
+
+
+def _deployment_problems(config: RunConfig) -> list[str]:
+    """Problems of `data.hospitals` and `data.label-names` (a deployment's hospitals and classes)."""
+    p: list[str] = []
+    d, fe = config.data, config.federation
+    if d.label_names:
+        _check(p, len(d.label_names) >= 2,
+               f"`data.label-names` must name at least two classes, got {list(d.label_names)}")
+        _check(p, all(n.strip() and "," not in n for n in d.label_names),
+               f"`data.label-names` must be non-empty names without commas, got {list(d.label_names)}")
+        _check(p, len(set(d.label_names)) == len(d.label_names),
+               f"`data.label-names` must not repeat a name, got {list(d.label_names)}")
+    if not d.hospitals:
+        return p
+    bad = [n for n in d.hospitals if not HOSPITAL_NAME.match(n)]
+    _check(p, not bad, f"`data.hospitals` must be names of letters, digits, '_', '.' and '-' (as a SuperNode's "
+                       f"node config `hospital` gives them), got {bad}")
+    _check(p, len(set(d.hospitals)) == len(d.hospitals), f"`data.hospitals` must not repeat a name, got {list(d.hospitals)}")
+    _check(p, bool(d.label_names),
+           "`data.hospitals` needs `data.label-names`: the class names in label-id order, so that the server's "
+           "classifier and every hospital number the classes the same way")
+    _check(p, config.model.task == "sequence-classification",
+           f"`data.hospitals` needs `model.task` 'sequence-classification' (each hospital's file is a text "
+           f"classification file), got {config.model.task!r}")
+    _check(p, fe.min_hospitals <= len(d.hospitals),
+           f"`federation.min-hospitals` ({fe.min_hospitals}) must not exceed the {len(d.hospitals)} `data.hospitals`")
+    _check(p, bool(d.path) or not fe.central_evaluation,
+           "`federation.central-evaluation` needs a global test set: with `data.hospitals` the server holds no "
+           "hospital rows, so set `data.path` to a labelled test file the server holds, or set "
+           "`federation.central-evaluation=false` (the hospitals' own evaluation is then the global score)")
+    if d.path:
+        _check(p, Path(d.path).suffix.lower() in HOSPITAL_FILE_SUFFIXES,
+               f"`data.path` must end in one of {list(HOSPITAL_FILE_SUFFIXES)} with `data.hospitals` (the suffix "
+               f"picks the reader), got {d.path!r}")
+    _check(p, not config.privacy.secure_aggregation,
+           "`privacy.secure-aggregation` cannot be combined with `data.hospitals` yet: SecAgg+ bounds the "
+           "hospitals' weights by the largest row count, which the server does not know in a deployment")
     return p
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from fedfm.config import RunConfig, load_config, resolve_parallelism
-from fedfm.errors import FedfmError
+from fedfm.errors import ConfigError, FedfmError
 from fedfm.rundir import default_run_dir, read_jsonl
 
 logger = logging.getLogger("fedfm")
@@ -172,6 +172,12 @@ def run(
     run_dir = Path(out) if out else Path(config.output.dir) if config.output.dir else default_run_dir()
     # Strategy and data problems surface here, before Ray or any model starts.
     strategies.check(config)
+    if config.data.hospitals:
+        raise ConfigError(
+            f"`data.hospitals` {list(config.data.hospitals)} lists a deployment's hospitals, whose rows are on their "
+            "own SuperNodes (docs/how-to/deploy.md); a simulation splits `data.dataset` into hospitals: leave "
+            "`data.hospitals` empty"
+        )
     federation = federation_for(config.data)
     privacy.check(config, federation)
     if config.output.resume:

@@ -408,9 +408,7 @@ def serve(grid: Grid, config: RunConfig, run_dir: Path, context: Context | None 
             "federated": last.get("federated", {}),
             "per_hospital": {name: v["evaluate"] for name, v in last.get("per_hospital", {}).items()},
         },
-        "hospitals": {
-            h.name: {"train_rows": len(h.train), "test_rows": len(h.test)} for h in hospitals
-        },
+        "hospitals": _hospital_rows(config, workspace, recorder.history),
         "global_test_rows": len(workspace.federation.global_test),
         "bytes": {
             "up": int(sum(e["bytes_up"] for e in recorder.history)),
@@ -440,6 +438,25 @@ def serve(grid: Grid, config: RunConfig, run_dir: Path, context: Context | None 
     }
     directory.write_summary(summary)
     return summary
+
+
+def _hospital_rows(config: RunConfig, workspace: Workspace, history: list[dict[str, Any]]) -> dict[str, Any]:
+    """Each hospital's train and test rows: as the hospitals reported them in a deployment, else the federation's.
+
+    With ``data.hospitals`` the server holds no rows; the counts are the latest
+    ``num-examples`` of each hospital's train and evaluate replies (None if it never sent one).
+    """
+    hospitals = workspace.federation.hospitals
+    if not config.data.hospitals:
+        return {h.name: {"train_rows": len(h.train), "test_rows": len(h.test)} for h in hospitals}
+    rows: dict[str, dict[str, int | None]] = {h.name: {"train_rows": None, "test_rows": None} for h in hospitals}
+    for entry in history:
+        for name, replies in entry["per_hospital"].items():
+            for key, kind in (("train_rows", "train"), ("test_rows", "evaluate")):
+                if keys.NUM_EXAMPLES in replies[kind]:
+                    counts = rows.setdefault(name, {"train_rows": None, "test_rows": None})
+                    counts[key] = int(replies[kind][keys.NUM_EXAMPLES])
+    return rows
 
 
 def _sent_by_hospital(strategy: GuardedStrategy, history: list[dict[str, Any]], names: list[str]) -> dict[str, Any]:

@@ -20,7 +20,7 @@ from datasets import Dataset
 
 from fedfm.adapters import LoadedModel, load_model
 from fedfm.config import DataSpec, RunConfig
-from fedfm.data import Federation, NodeData, build_federation, load_source, node_federation
+from fedfm.data import Federation, NodeData, build_federation, deployment_federation, load_source, node_federation
 from fedfm.errors import ConfigError
 from fedfm.tasks import Task, get_task
 
@@ -34,8 +34,22 @@ _WORKSPACES: dict[tuple[Any, ...], Workspace] = {}
 
 
 def federation_for(data: DataSpec) -> Federation:
-    """The hospitals of a data spec (deterministic, cached per process)."""
+    """The hospitals of a data spec (deterministic, cached per process).
+
+    With ``data.hospitals`` (a deployment) the hospitals are those names
+    without rows, and the global test set is the ``data.path`` file or empty.
+    """
     with _LOCK:
+        if data not in _FEDERATIONS and data.hospitals:
+            _FEDERATIONS[data] = deployment_federation(
+                data.hospitals,
+                label_names=data.label_names,
+                test_path=data.path or None,
+                text_column=data.text_column,
+                label_column=data.label_column,
+                seed=data.seed,
+                max_test=data.max_test or None,
+            )
         if data not in _FEDERATIONS:
             source = load_source(
                 data.dataset,
@@ -43,7 +57,13 @@ def federation_for(data: DataSpec) -> Federation:
                 path=data.path or None,
                 text_column=data.text_column,
                 label_column=data.label_column,
+                label_names=data.label_names or None,
             )
+            if data.label_names and list(data.label_names) != source.label_names:
+                raise ConfigError(
+                    f"`data.label-names` {list(data.label_names)} differ from the classes of {data.dataset!r}, "
+                    f"{source.label_names}; leave it empty for a built-in dataset, or list these"
+                )
             _FEDERATIONS[data] = build_federation(
                 source,
                 partitioner=data.partitioner,
@@ -111,8 +131,8 @@ class Workspace:
 def node_federation_for(data: DataSpec, node: NodeData) -> Federation:
     """A SuperNode's own hospital, split as the data spec says (cached per process).
 
-    Only the spec's column names, test fraction, seed and caps are used; its
-    dataset, path and partitioner describe the coordinator's data, not this hospital's.
+    Only the spec's column names, label names, test fraction, seed and caps are used;
+    its dataset, path and partitioner describe the coordinator's data, not this hospital's.
     """
     key = (data, node)
     with _LOCK:
@@ -121,6 +141,7 @@ def node_federation_for(data: DataSpec, node: NodeData) -> Federation:
                 node,
                 text_column=data.text_column,
                 label_column=data.label_column,
+                label_names=data.label_names or None,
                 test_fraction=data.test_fraction,
                 seed=data.seed,
                 max_train_per_hospital=data.max_train_per_hospital or None,

@@ -3,7 +3,8 @@
 Load a source with :func:`load_source`, then :func:`build_federation` partitions
 its rows into hospitals (IID, Dirichlet label skew, or a natural site column)
 with a local train/test split each. On a SuperNode, :func:`node_data` reads the
-hospital's own file from the node config and :func:`node_federation` splits it.
+hospital's own file from the node config and :func:`node_federation` splits it;
+:func:`deployment_federation` is the coordinator's view of such hospitals (names, no rows).
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 from fedfm.data._cache import clear_caches
 from fedfm.data.base import CLASSIFICATION, MULTIPLE_CHOICE, SourceData, SourceRequest
 from fedfm.data.federation import Federation, HospitalData, build_federation, split_hospital, split_rows
-from fedfm.data.local import NodeData, node_data, node_federation
+from fedfm.data.local import NodeData, deployment_federation, node_data, node_federation
 from fedfm.data.partitioners import (
     Partition,
     PartitionFn,
@@ -41,6 +42,7 @@ __all__ = [
     "SourceRequest",
     "build_federation",
     "clear_caches",
+    "deployment_federation",
     "dirichlet_partition",
     "get_partitioner",
     "heart_row_to_text",

@@ -189,6 +189,26 @@ def _cap(rows: Dataset, limit: int | None, rng: np.random.Generator) -> Dataset:
     return rows.select(np.sort(rng.choice(len(rows), size=limit, replace=False)).tolist())
 
 
+def cap_global_test(rows: Dataset, max_test: int | None, seed: int) -> Dataset:
+    """The global test set capped at ``max_test`` rows (a seeded sample, in row order).
+
+    Parameters
+    ----------
+    rows : datasets.Dataset
+        The whole global test set.
+    max_test : int or None
+        Keep at most this many rows; ``None`` keeps all.
+    seed : int
+        Seed of the sample (``data.seed``).
+
+    Returns
+    -------
+    datasets.Dataset
+        The capped rows.
+    """
+    return _cap(rows, max_test, _rng(seed, 2))
+
+
 def _rng(seed: int, *key: int) -> np.random.Generator:
     return np.random.default_rng(np.random.SeedSequence(seed, spawn_key=key))
 
@@ -332,4 +352,4 @@ def _build(
             )
         )
     pooled = source.test if source.test is not None else concatenate_datasets([h.test for h in hospitals])
-    return Federation(source=source, hospitals=hospitals, global_test=_cap(pooled, max_test, _rng(seed, 2)))
+    return Federation(source=source, hospitals=hospitals, global_test=cap_global_test(pooled, max_test, seed))

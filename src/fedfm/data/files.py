@@ -80,7 +80,8 @@ def encode_labels(
         index = {name: i for i, name in enumerate(names)}
         unknown = sorted(set(values) - set(index))
         if unknown:
-            raise DataError(f"{where}: label(s) {unknown[:10]} are not in label_names {names}")
+            raise DataError(f"{where}: label(s) {unknown[:10]} are not among the allowed label names {names} "
+                            f"(`data.label-names`)")
         return [index[v] for v in values], names
     ids = [_as_int(v) for v in values]
     if any(i is None for i in ids):
@@ -92,7 +93,8 @@ def encode_labels(
     out_of_range = sorted({i for i in int_ids if not 0 <= i < len(names)})
     if out_of_range:
         raise DataError(
-            f"{where}: label id(s) {out_of_range[:10]} are outside 0..{len(names) - 1} ({len(names)} label_names)"
+            f"{where}: label id(s) {out_of_range[:10]} are outside 0..{len(names) - 1}: integer labels are ids "
+            f"into the label names {names} (`data.label-names`)"
         )
     return int_ids, names
 

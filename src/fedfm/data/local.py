@@ -17,13 +17,16 @@ another file. ``data-root``, when given, is the one folder the file may lie in
 from __future__ import annotations
 
 import os
-import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fedfm.data.federation import Federation, split_hospital
+from datasets import Dataset
+
+from fedfm.config import HOSPITAL_FILE_SUFFIXES, HOSPITAL_NAME
+from fedfm.data.base import CLASSIFICATION, SourceData
+from fedfm.data.federation import Federation, HospitalData, cap_global_test, split_hospital
 from fedfm.data.sources import load_source
 from fedfm.errors import ConfigError, DataError
 
@@ -35,10 +38,9 @@ DATA_ROOT = "data-root"
 HOSPITAL = "hospital"
 
 #: File suffixes a hospital's file may have, and the reader each selects.
-FORMATS = {".csv": "csv", ".jsonl": "jsonl", ".json": "json", ".parquet": "parquet"}
+FORMATS = {suffix: suffix[1:] for suffix in HOSPITAL_FILE_SUFFIXES}
 
 _FORM = f'--node-config \'{DATA_PATH}="/path/to/records.csv" {HOSPITAL}="north"\''
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
 @dataclass(frozen=True)
@@ -93,7 +95,7 @@ def node_data(node_config: Mapping[str, Any]) -> NodeData | None:
     if raw_root is not None and (not isinstance(raw_root, str) or not Path(raw_root).expanduser().is_absolute()):
         problems.append(f"node config `{DATA_ROOT}` must be an absolute folder path, e.g. {DATA_ROOT}=\"/srv/fedfm\", "
                         f"got {raw_root!r}")
-    if raw_name is not None and (not isinstance(raw_name, str) or not _NAME.match(raw_name)):
+    if raw_name is not None and (not isinstance(raw_name, str) or not HOSPITAL_NAME.match(raw_name)):
         problems.append(f"node config `{HOSPITAL}` must be a name of letters, digits, '_', '.' and '-', "
                         f"e.g. {HOSPITAL}=\"north\", got {raw_name!r}")
     if problems:
@@ -135,6 +137,7 @@ def node_federation(
     *,
     text_column: str = "text",
     label_column: str = "label",
+    label_names: Sequence[str] | None = None,
     test_fraction: float = 0.3,
     seed: int = 0,
     max_train_per_hospital: int | None = None,
@@ -143,9 +146,9 @@ def node_federation(
     """The one-hospital federation a SuperNode sees: its own file, split into local train and test.
 
     The split is stratified and seeded as a simulated hospital's
-    (:func:`fedfm.data.split_hospital`). Labels are numbered as in
-    :func:`fedfm.data.load_source` (string labels in sorted order), so every
-    hospital's file must use the same label names for the classes to line up.
+    (:func:`fedfm.data.split_hospital`). Labels are numbered by ``label_names``
+    (the run's ``data.label-names``), the same list at every hospital, so a
+    hospital without one of the classes still builds the same classifier.
 
     Parameters
     ----------
@@ -154,6 +157,9 @@ def node_federation(
     text_column, label_column : str
         The file's text and label columns (the run configuration's ``data.text-column`` and
         ``data.label-column``: the same at every hospital).
+    label_names : Sequence[str] or None
+        Class names in label-id order; a string label not among them is an error naming
+        the file. ``None`` numbers string labels in sorted order.
     test_fraction : float
         Share of rows kept as the local test split.
     seed : int
@@ -166,7 +172,8 @@ def node_federation(
     Federation
         One hospital named ``node.name``; ``global_test`` is its local test split.
     """
-    source = load_source(node.file_format, path=node.path, text_column=text_column, label_column=label_column)
+    source = load_source(node.file_format, path=node.path, text_column=text_column, label_column=label_column,
+                         label_names=label_names)
     hospital = split_hospital(
         node.name, source.train, index=0, test_fraction=test_fraction, seed=seed,
         max_train_per_hospital=max_train_per_hospital, max_test=max_test,
@@ -174,3 +181,63 @@ def node_federation(
     if len(hospital.train) == 0:
         raise DataError(f"{node.path} (node config `{DATA_PATH}`) has no rows to train on")
     return Federation(source=source, hospitals=[hospital], global_test=hospital.test)
+
+
+def deployment_federation(
+    hospitals: Sequence[str],
+    *,
+    label_names: Sequence[str],
+    test_path: str | Path | None = None,
+    text_column: str = "text",
+    label_column: str = "label",
+    seed: int = 0,
+    max_test: int | None = None,
+) -> Federation:
+    """The coordinator's view of a deployment: the hospitals by name, without their rows.
+
+    Each hospital's rows stay on its SuperNode (:func:`node_federation`); the
+    server knows only the names (``data.hospitals``) and the classes
+    (``data.label-names``), and scores the global adapter on ``test_path``, a
+    labelled file it holds, when one is given.
+
+    Parameters
+    ----------
+    hospitals : Sequence[str]
+        The hospitals' names in index order.
+    label_names : Sequence[str]
+        Class names in label-id order.
+    test_path : str or Path or None
+        The global test file (``.csv``, ``.jsonl``/``.json`` or ``.parquet``); ``None`` for no global test set.
+    text_column, label_column : str
+        The test file's text and label columns.
+    seed : int
+        Seed of the ``max_test`` sample.
+    max_test : int or None
+        Cap on the global test rows.
+
+    Returns
+    -------
+    Federation
+        Hospitals with empty train and test splits; ``global_test`` is the whole test file, or empty.
+    """
+    if not hospitals or not label_names:
+        raise ConfigError(f"a deployment needs hospital names and label names, got {list(hospitals)} and "
+                          f"{list(label_names)}")
+    empty = Dataset.from_dict({"text": [], "label": []})
+    if test_path is not None:
+        suffix = Path(test_path).suffix.lower()
+        if suffix not in FORMATS:
+            raise ConfigError(f"`data.path` {str(test_path)!r} must end in one of {sorted(FORMATS)} (the suffix "
+                              f"picks the reader), got {suffix or 'no suffix'!r}")
+        test = load_source(FORMATS[suffix], path=test_path, text_column=text_column, label_column=label_column,
+                           label_names=label_names).train
+        global_test = cap_global_test(test, max_test, seed)
+    else:
+        global_test = empty
+    source = SourceData(name="deployment", kind=CLASSIFICATION, train=empty, test=global_test,
+                        label_names=list(label_names))
+    return Federation(
+        source=source,
+        hospitals=[HospitalData(name=name, train=empty, test=empty) for name in hospitals],
+        global_test=global_test,
+    )

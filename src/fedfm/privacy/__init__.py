@@ -48,7 +48,8 @@ def check(config: RunConfig, federation: Federation) -> list[PlannedBudget]:
     Returns
     -------
     list of PlannedBudget
-        Each hospital's plan (empty when ``privacy.mode`` is ``none``).
+        Each hospital's plan (empty when ``privacy.mode`` is ``none``, and when the
+        server holds no hospital rows: a deployment's hospitals plan their own).
 
     Raises
     ------
@@ -73,6 +74,15 @@ def check(config: RunConfig, federation: Federation) -> list[PlannedBudget]:
     for key in hospital_epsilons(spec):
         if key not in known:
             problems.append(f"`privacy.hospital-epsilon` names {key!r}, which is no hospital of this run; hospitals: {names}")
+    if not any(len(h.train) for h in federation.hospitals):
+        if problems:
+            raise ConfigError(problems)
+        # A deployment (`data.hospitals`): the rows are on the SuperNodes, and each hospital's ledger
+        # calibrates σ from its own row count at its first round (privacy.hospital.new_ledger).
+        logger.info("DP-SGD in every hospital (%s accountant): the server holds no hospital rows, so each hospital "
+                    "calibrates its own noise from its own rows at its first round; no plan here",
+                    spec.accountant)
+        return []
     plans: list[PlannedBudget] = []
     for index, hospital in enumerate(federation.hospitals):
         rows = len(hospital.train)
