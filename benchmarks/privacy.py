@@ -109,8 +109,8 @@ def markdown(arms: list[dict[str, Any]]) -> str:
     """The arms as a Markdown table (throughput relative to the first, no-DP arm)."""
     reference = arms[0]["examples_per_second"] if arms else float("nan")
     lines = [
-        "| arm | accuracy | macro-F1 | weighted-F1 | max ε spent | σ (max) | audit AUC (mean) "
-        "| examples/s | vs no DP | s |",
+        ("| arm | accuracy | macro-F1 | weighted-F1 | max ε spent | σ (max) | audit AUC (mean) "
+         "| examples/s | vs no DP | s |"),
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for arm in arms:

@@ -354,8 +354,8 @@ def table(report: dict[str, Any]) -> str:
         f"{'loss':>6}  {'examples':>8}  {'seconds':>7}"
     )
     lines = [
-        f"{report['dataset']}: global test set of {report['global_test_rows']} rows, "
-        f"{len(report['hospitals'])} hospitals",
+        (f"{report['dataset']}: global test set of {report['global_test_rows']} rows, "
+         f"{len(report['hospitals'])} hospitals"),
         head,
         "-" * len(head),
     ]

@@ -177,8 +177,8 @@ def markdown(part: str, arms: list[dict[str, Any]]) -> str:
     lines = [
         f"**{part}**",
         "",
-        "| strategy | global acc. | global macro-F1 | global loss | worst hospital macro-F1 | mean hospital macro-F1 "
-        "| MB up / round | MB down / round | s |",
+        ("| strategy | global acc. | global macro-F1 | global loss | worst hospital macro-F1 | mean hospital macro-F1 "
+         "| MB up / round | MB down / round | s |"),
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for arm in arms:
