@@ -179,3 +179,36 @@ def test_a_killed_run_resumes_and_ends_with_the_uninterrupted_adapter(
     assert resumed.summary["resumed_from"] == killed_at
     assert resumed.summary["stopped"] is None
     assert load_config(resumed.run_dir / "config.toml").output.resume is False
+
+
+@pytest.mark.integration
+def test_a_resumed_run_continues_every_hospitals_privacy_ledger(tiny_csv_settings: dict[str, Any], tmp_path: Path) -> None:
+    import fedfm
+    from fedfm.privacy.accounting import HospitalLedger, default_delta
+    from fedfm.privacy.dpsgd import sample_rate
+    from fedfm.privacy.hospital import dp_batch_size
+    from fedfm.workspace import workspace_for
+
+    # Prepare: DP-SGD with a fixed σ, 2 rounds; then the same run resumed and extended to 3
+    sigma, steps = 0.9, 2
+    config = RunConfig().replace(**{
+        **tiny_csv_settings,
+        "train.local-steps": steps,
+        "federation.num-rounds": 2,
+        "federation.fraction-evaluate": 0.0,
+        "privacy.mode": "dp-sgd",
+        "privacy.noise-multiplier": sigma,
+        "privacy.target-epsilon": 1000.0,
+    })
+    # Execute
+    fedfm.run(config, out=tmp_path / "run")
+    resumed = fedfm.run(config.replace(**{"federation.num-rounds": 3}), resume=tmp_path / "run")
+    # Assert: round 3's ε is that of one accountant over all three rounds' steps, not of one round
+    assert [e["round"] for e in resumed.history] == [1, 2, 3]
+    for index, name in enumerate(workspace_for(config).hospital_names):
+        rows = len(workspace_for(config).hospital_rows("train", index))
+        ledger = HospitalLedger(name, 1000.0, default_delta(rows), sigma, sample_rate(dp_batch_size(config), rows), steps)
+        spent = [e["privacy"]["sample_level_epsilon"][name] for e in resumed.history]
+        three = ledger.after_training(1, steps).after_training(2, steps).after_training(3, steps).epsilon()
+        assert spent[2] > spent[1] > spent[0]
+        assert spent[2] == pytest.approx(three, rel=1e-9)
