@@ -127,6 +127,12 @@ def test_federation_survives_crashes_nan_and_scaled_updates(tiny_csv_settings: d
         trained = {int(name.split("-")[1]) for name, v in entry["per_hospital"].items() if v["train"]}
         assert not trained & {8, 9}, "a corrupted update entered the aggregate"
     assert reasons["crash"] >= 3 and reasons["nan"] >= 1 and reasons["scaled"] >= 1, reasons
+    # A hospital that crashed in a round comes back and trains in a later one
+    crashed = {(e["round"], int(why.split("hospital ")[1].split()[0]))
+               for e in result.history for why in e["left_out"].values() if "simulated failure" in why}
+    trained_in = {(e["round"], int(name.split("-")[1]))
+                  for e in result.history for name, v in e["per_hospital"].items() if v["train"]}
+    assert any((r2, h) in trained_in for r, h in crashed for r2 in range(r + 1, 4)), (crashed, trained_in)
     logged = [r.getMessage() for r in caplog.records if "left out of train" in r.getMessage()]
     assert len(logged) == sum(reasons.values())
     final = read_checkpoint(result.run_dir)
