@@ -22,6 +22,7 @@ Usage::
     python benchmarks/quality.py --dataset heart
     python benchmarks/quality.py --quick                  # smoke test, both datasets
     python benchmarks/quality.py --dataset nicta --set train.learning-rate=1e-3
+    python benchmarks/quality.py --dataset ncbi --arms centralized   # NER: entity-level F1 too
 
 Writes ``<out>/quality-<dataset>.json`` (default ``benchmarks/results/``) and
 prints a table.
@@ -43,6 +44,8 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 HEART_TOML = ROOT / "examples" / "quickstart" / "heart.toml"
+#: NCBI-disease NER (``--dataset ncbi``): the example as it is; arms compare entity-level F1 too.
+NCBI_TOML = ROOT / "examples" / "ncbi_disease.toml"
 DEFAULT_OUT = ROOT / "benchmarks" / "results"
 
 #: Settings of the NICTA-PIBOSO benchmark. Sentences are short (99th percentile
@@ -79,9 +82,12 @@ NICTA_SETTINGS: dict[str, Any] = {
 QUICK_SETTINGS: dict[str, dict[str, Any]] = {
     "heart": {"data.max-train-per-hospital": 32, "data.max-test": 96, "federation.num-rounds": 2},
     "nicta": {"data.max-train-per-hospital": 48, "data.max-test": 150, "federation.num-rounds": 2},
+    "ncbi": {"data.max-train-per-hospital": 48, "data.max-test": 100, "federation.num-rounds": 2},
 }
 
 DATASETS = ("heart", "nicta")
+#: Run only when named (``--dataset ncbi``), not by ``--dataset all``.
+OTHER_DATASETS = ("ncbi",)
 ARMS = ("federated", "centralized", "local")
 
 
@@ -108,7 +114,8 @@ def base_config(dataset: str, *, quick: bool, overrides: list[str]) -> Any:
     Parameters
     ----------
     dataset : str
-        ``heart`` (the quickstart TOML as it is now) or ``nicta`` (:data:`NICTA_SETTINGS`).
+        ``heart`` (the quickstart TOML as it is now), ``nicta`` (:data:`NICTA_SETTINGS`) or
+        ``ncbi`` (``examples/ncbi_disease.toml`` as it is now).
     quick : bool
         Apply the :data:`QUICK_SETTINGS` caps.
     overrides : list of str
@@ -127,6 +134,8 @@ def base_config(dataset: str, *, quick: bool, overrides: list[str]) -> Any:
         else:
             print(f"note: {HEART_TOML} not found; using fedfm's defaults for heart_disease_uci", flush=True)
             config = RunConfig().replace(**{"data.dataset": "heart_disease_uci", "data.partitioner": "natural"})
+    elif dataset == "ncbi":
+        config = load_config(NCBI_TOML)
     else:
         config = RunConfig().replace(**NICTA_SETTINGS)
     flat: dict[str, Any] = {}
@@ -263,7 +272,8 @@ def run_local(config: Any) -> dict[str, Any]:
             f"[local-only] {hospital.name} ({len(rows)} rows): {_fmt(arm['global'])}  {arm['wall_seconds']:.0f} s",
             flush=True,
         )
-    names = ("accuracy", "macro-f1", "weighted-f1", "loss")
+    names = [k for k in ("accuracy", "macro-f1", "weighted-f1", *ENTITY_METRICS, "loss")
+             if all(k in a["global"] for a in per_hospital.values())]
     mean = {k: sum(a["global"][k] for a in per_hospital.values()) / len(per_hospital) for k in names}
     return {
         "global": mean,
@@ -274,15 +284,31 @@ def run_local(config: Any) -> dict[str, Any]:
     }
 
 
-def run_federated(config: Any, *, verbose: bool) -> dict[str, Any]:
-    """FedAvg through Flower's simulation engine; the run directory is temporary."""
+def run_federated(config: Any, *, verbose: bool, engine: str = "simulation", logs: Path | None = None) -> dict[str, Any]:
+    """FedAvg through Flower's simulation engine, or its Deployment Engine on this machine; the run directory is temporary."""
     import fedfm
-    from fedfm import keys
 
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="fedfm-quality-") as tmp:
-        result = fedfm.run(config, out=Path(tmp) / "run", verbose=verbose)
+        if engine == "deployment":
+            from deployment_engine import LocalFederation
+
+            run_dir = Path(tmp) / "run"
+            flat = {**config.to_flat(), "output.dir": str(run_dir)}
+            with LocalFederation(Path(tmp) / "network", config.data.num_hospitals, keep_logs=logs) as federation:
+                federation.run(flat, timeout=3 * 3600)
+                if not (run_dir / "summary.json").is_file():  # `flwr run` exits 0 even when the ServerApp failed
+                    raise RuntimeError(f"the run wrote no summary; flwr run said:\n{federation.log('flwr-run')[-4000:]}")
+            result = fedfm.RunResult.load(run_dir)
+        else:
+            result = fedfm.run(config, out=Path(tmp) / "run", verbose=verbose)
     wall = time.perf_counter() - started
+    return _federated_arm(config, result, wall, engine)
+
+
+def _federated_arm(config: Any, result: Any, wall: float, engine: str) -> dict[str, Any]:
+    from fedfm import keys
+
     examples = 0
     for entry in result.history:
         for hospital in entry.get("per_hospital", {}).values():
@@ -292,6 +318,7 @@ def run_federated(config: Any, *, verbose: bool) -> dict[str, Any]:
             else:
                 examples += int(trained.get(keys.NUM_EXAMPLES, 0)) * config.train.local_epochs
     return {
+        "engine": engine,
         "global": {k: float(v) for k, v in result.final_global.items()},
         "initial_global": (result.summary.get("initial") or {}).get("global"),
         "per_round_global": [
@@ -311,8 +338,13 @@ def run_federated(config: Any, *, verbose: bool) -> dict[str, Any]:
     }
 
 
+#: What token classification (NCBI-disease) reports beyond the classification metrics.
+ENTITY_METRICS = ("entity-precision", "entity-recall", "entity-f1")
+
+
 def _fmt(metrics: dict[str, float]) -> str:
-    return "  ".join(f"{k} {metrics[k]:.3f}" for k in ("accuracy", "macro-f1", "weighted-f1"))
+    return "  ".join(f"{k} {metrics[k]:.3f}" for k in ("accuracy", "macro-f1", "weighted-f1", "entity-f1")
+                     if k in metrics)
 
 
 def comparison(arms: dict[str, Any]) -> dict[str, Any]:
@@ -326,6 +358,9 @@ def comparison(arms: dict[str, Any]) -> dict[str, Any]:
         out["federated_over_centralized_macro_f1"] = round(ratio, 4)
         out["target_federated_over_centralized"] = 0.90
         out["met_federated_over_centralized"] = bool(ratio >= 0.90)
+        if "entity-f1" in fed["global"] and "entity-f1" in cen["global"]:
+            f, c = fed["global"]["entity-f1"], cen["global"]["entity-f1"]
+            out["federated_over_centralized_entity_f1"] = round(f / c, 4) if c > 0 else float("nan")
     if fed and loc:
         gain = fed["global"]["macro-f1"] - loc["global"]["macro-f1"]
         out["federated_minus_local_mean_macro_f1"] = round(gain, 4)
@@ -370,6 +405,13 @@ def table(report: dict[str, Any]) -> str:
         ok = "met" if c["met_federated_over_centralized"] else "NOT met"
         ratio = c["federated_over_centralized_macro_f1"]
         lines.append(f"federated / centralized macro-F1:     {ratio:.3f}  (target >= 0.90: {ok})")
+    if "federated_over_centralized_entity_f1" in c:
+        lines.append(f"federated / centralized entity-F1:    {c['federated_over_centralized_entity_f1']:.3f}")
+    for name, arm in rows:
+        if "entity-f1" in arm["global"]:
+            m = arm["global"]
+            lines.append(f"{name:{width}}  entity P {m['entity-precision']:.3f}  R {m['entity-recall']:.3f}  "
+                         f"F1 {m['entity-f1']:.3f}")
     if "federated_minus_local_mean_macro_f1" in c:
         ok = "met" if c["met_federated_minus_local_mean"] else "NOT met"
         gain = c["federated_minus_local_mean_macro_f1"]
@@ -378,7 +420,8 @@ def table(report: dict[str, Any]) -> str:
 
 
 def benchmark(
-    dataset: str, *, quick: bool, overrides: list[str], arms: list[str], out: Path, verbose: bool
+    dataset: str, *, quick: bool, overrides: list[str], arms: list[str], out: Path, verbose: bool,
+    engine: str = "simulation", tag: str = "",
 ) -> dict[str, Any]:
     """Run the chosen arms of one dataset one after another, print the table, write the JSON.
 
@@ -396,6 +439,12 @@ def benchmark(
         Folder of the JSON file.
     verbose : bool
         Show Flower's and Ray's own logs.
+    engine : str
+        ``simulation`` (Flower's simulation engine) or ``deployment`` (a SuperLink and one
+        SuperNode per hospital on this machine, :mod:`deployment_engine`) for the federated arm.
+    tag : str
+        Appended to the JSON file's name (``quality-nicta-<tag>.json``), so a run on
+        another machine does not overwrite the reference figures.
 
     Returns
     -------
@@ -417,7 +466,7 @@ def benchmark(
     # The federated arm goes first: it is the likeliest to fail, and Ray has
     # shut down before the in-process arms take the cores.
     if "federated" in arms:
-        results["federated"] = run_federated(config, verbose=verbose)
+        results["federated"] = run_federated(config, verbose=verbose, engine=engine, logs=out / "deployment-logs")
         arm = results["federated"]
         print(f"[federated] {_fmt(arm['global'])}  {arm['wall_seconds']:.0f} s", flush=True)
     # fedfm.run sets the driver's threads for its worker layout; the in-process
@@ -446,8 +495,8 @@ def benchmark(
         "total_wall_seconds": round(time.perf_counter() - started, 2),
     }
     out.mkdir(parents=True, exist_ok=True)
-    short = "heart" if dataset == "heart" else "nicta"
-    path = out / f"quality-{short}{'-quick' if quick else ''}.json"
+    short = dataset
+    path = out / f"quality-{short}{'-quick' if quick else ''}{'-' + tag if tag else ''}.json"
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(report, indent=2, sort_keys=False) + "\n")
     tmp.replace(path)
@@ -462,9 +511,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description="Federated vs centralized vs local-only LoRA fine-tuning on the same examples and test set.",
     )
-    parser.add_argument("--dataset", choices=(*DATASETS, "all"), default="all",
+    parser.add_argument("--dataset", choices=(*DATASETS, *OTHER_DATASETS, "all"), default="all",
                         help="heart (UCI heart disease, 4 natural hospitals), "
-                        "nicta (NICTA-PIBOSO, 5 Dirichlet hospitals) or all")
+                        "nicta (NICTA-PIBOSO, 5 Dirichlet hospitals), all (these two), "
+                        "or ncbi (NCBI-disease NER, examples/ncbi_disease.toml)")
     parser.add_argument("--quick", action="store_true",
                         help="cap rows and rounds for a smoke test of a few minutes (figures are not meaningful)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT,
@@ -474,6 +524,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--arms", default=",".join(ARMS),
                         help="comma-separated subset of federated,centralized,local (default: all three)")
     parser.add_argument("--verbose", action="store_true", help="show Flower's and Ray's own logs")
+    parser.add_argument("--engine", choices=("simulation", "deployment"), default="simulation",
+                        help="federated arm in Flower's simulation engine (Ray) or on its Deployment Engine, "
+                        "a SuperLink and one SuperNode per hospital on this machine (no Ray needed)")
+    parser.add_argument("--tag", default="", help="suffix of the JSON file's name, e.g. the machine (default: none)")
     args = parser.parse_args(argv)
     arms = [a.strip() for a in args.arms.split(",") if a.strip()]
     unknown = sorted(set(arms) - set(ARMS))
@@ -489,7 +543,8 @@ def main(argv: list[str] | None = None) -> int:
         for name in datasets:
             base_config(name, quick=args.quick, overrides=args.overrides)
         for name in datasets:
-            benchmark(name, quick=args.quick, overrides=args.overrides, arms=arms, out=args.out, verbose=args.verbose)
+            benchmark(name, quick=args.quick, overrides=args.overrides, arms=arms, out=args.out, verbose=args.verbose,
+                      engine=args.engine, tag=args.tag)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -110,3 +110,16 @@ def test_model_lives_on_its_device_and_the_exchanged_state_on_the_cpu(loaded) ->
     # What leaves a hospital is serialized from CPU tensors whatever device trains.
     assert {p.device.type for p in loaded.model.parameters()} == {loaded.device.type}
     assert {v.device.type for v in get_adapter_state(loaded.model).values()} == {"cpu"}
+
+
+def test_a_float16_checkpoint_trains_in_float32(tiny_bert: Path, tmp_path: Path) -> None:
+    # transformers 5 keeps a checkpoint's own dtype; a float16 folder trained without
+    # autocast overflowed to NaN on the CPU. The frozen base is always float32.
+    from transformers import AutoModel, AutoTokenizer
+
+    half = tmp_path / "half"
+    AutoModel.from_pretrained(tiny_bert, dtype=torch.float16).save_pretrained(half)
+    AutoTokenizer.from_pretrained(tiny_bert).save_pretrained(half)
+    loaded = load_model(ModelSpec(name=str(half)), LoraSpec(r=2), get_task("sequence-classification"), num_labels=2, seed=0)
+    assert {p.dtype for p in loaded.model.parameters()} == {torch.float32}
+    assert all(v.dtype == torch.float32 for v in loaded.initial_state.values())

@@ -154,7 +154,11 @@ def _build(spec: ModelSpec, lora: LoraSpec, task: Task, *, num_labels: int, seed
     torch.manual_seed(seed)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
-        base = task.model_class().from_pretrained(path, **task.model_kwargs(num_labels=num_labels))
+        # Frozen weights stay float32 whatever the folder stores (transformers 5 would keep a
+        # float16 checkpoint in float16, and training it without autocast overflows to NaN);
+        # `model.dtype` is the autocast dtype of the forward passes.
+        kwargs = {"dtype": torch.float32, **task.model_kwargs(num_labels=num_labels)}
+        base = task.model_class().from_pretrained(path, **kwargs)
     except (OSError, ValueError) as err:
         raise ModelError(f"cannot load model `{spec.name}` from {path}: {err}") from err
     settings = task.adapt_model(base, model_dir=path, pooling=spec.pooling)
