@@ -24,8 +24,10 @@ import tomllib
 from fedfm.errors import ConfigError
 
 MODEL_ALIASES = ("minilm", "smollm2-135m")
-TASKS = ("sequence-classification", "causal-qa")
-DATASETS = ("heart_disease_uci", "nicta_piboso", "pubmedqa", "medmcqa", "csv", "jsonl", "parquet")
+TASKS = ("sequence-classification", "causal-qa", "token-classification")
+DATASETS = ("heart_disease_uci", "nicta_piboso", "pubmedqa", "medmcqa", "ncbi_disease", "csv", "jsonl", "parquet")
+#: Datasets tagged word by word, for `model.task = "token-classification"` (and only for it).
+TOKEN_DATASETS = ("ncbi_disease",)
 PARTITIONERS = ("iid", "dirichlet", "natural")
 OPTIMIZERS = ("adamw", "sgd")
 COMPRESSION_METHODS = ("none", "float16", "bfloat16", "int8", "topk")
@@ -50,8 +52,16 @@ class ModelSpec:
     """Which foundation model to fine-tune, and for which task."""
 
     name: str = _help("A model alias (`minilm`, `smollm2-135m`) or a local model directory.", "minilm")
-    task: str = _help("`sequence-classification` (encoder + head) or `causal-qa` (answer scoring with a causal LM).", "sequence-classification")
-    max_length: int = _help("Tokens kept per example (longer inputs are truncated).", 128)
+    task: str = _help(
+        "`sequence-classification` (encoder + head), `causal-qa` (answer scoring with a causal LM) or "
+        "`token-classification` (encoder + per-token head, BIO tags; entity-level F1).",
+        "sequence-classification",
+    )
+    max_length: int = _help(
+        "Tokens kept per example (longer inputs are truncated; token classification instead cuts long "
+        "sentences into windows at word boundaries, so no word is lost).",
+        128,
+    )
     dtype: str = _help("Autocast dtype for forward passes: `float32` (safe everywhere) or `bfloat16`.", "float32")
     device: str = _help("`auto` (cuda when present), `cpu` or `cuda`.", "auto")
     pooling: str = _help(
@@ -623,6 +633,12 @@ def validate(config: RunConfig) -> list[str]:
     _check(p, d.max_train_per_hospital >= 0, f"`data.max-train-per-hospital` must be >= 0, got {d.max_train_per_hospital}")
     _check(p, d.max_test >= 0, f"`data.max-test` must be >= 0, got {d.max_test}")
     p.extend(_deployment_problems(config))
+    if not d.hospitals:
+        _check(p, m.task != "token-classification" or d.dataset in TOKEN_DATASETS,
+               f"`model.task` 'token-classification' needs a word-tagged dataset {list(TOKEN_DATASETS)}, got {d.dataset!r}")
+        _check(p, d.dataset not in TOKEN_DATASETS or m.task == "token-classification",
+               f"`data.dataset` {d.dataset!r} is tagged word by word and needs `model.task` 'token-classification', "
+               f"got {m.task!r}")
     if m.task == "causal-qa" and not d.hospitals:
         _check(p, d.dataset in ("pubmedqa", "medmcqa"),
                f"`model.task` 'causal-qa' needs a multiple-choice dataset ('pubmedqa', 'medmcqa'), got {d.dataset!r}")

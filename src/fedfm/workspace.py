@@ -172,7 +172,7 @@ def workspace_for(config: RunConfig, node: NodeData | None = None) -> Workspace:
             task = get_task(config.model.task)
             federation = federation_for(config.data) if node is None else node_federation_for(config.data, node)
             source = federation.source
-            num_labels = len(source.label_names) if source.kind == "classification" else 0
+            num_labels = len(source.label_names) if source.kind in ("classification", "token-classification") else 0
             loaded = load_model(config.model, config.lora, task, num_labels=num_labels, seed=config.train.seed)
             _WORKSPACES[key] = Workspace(config, task, loaded, federation, num_labels, node)
         return _WORKSPACES[key]

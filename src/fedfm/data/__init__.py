@@ -10,7 +10,7 @@ hospital's own file from the node config and :func:`node_federation` splits it;
 from __future__ import annotations
 
 from fedfm.data._cache import clear_caches
-from fedfm.data.base import CLASSIFICATION, MULTIPLE_CHOICE, SourceData, SourceRequest
+from fedfm.data.base import CLASSIFICATION, MULTIPLE_CHOICE, TOKEN_CLASSIFICATION, SourceData, SourceRequest
 from fedfm.data.federation import Federation, HospitalData, build_federation, split_hospital, split_rows
 from fedfm.data.local import NodeData, deployment_federation, node_data, node_federation
 from fedfm.data.partitioners import (
@@ -32,6 +32,7 @@ __all__ = [
     "CLASSIFICATION",
     "DATA_DIR_ENV",
     "MULTIPLE_CHOICE",
+    "TOKEN_CLASSIFICATION",
     "Federation",
     "HospitalData",
     "NodeData",

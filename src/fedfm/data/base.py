@@ -13,12 +13,15 @@ from fedfm.errors import DataError
 
 CLASSIFICATION = "classification"
 MULTIPLE_CHOICE = "multiple-choice"
-KINDS = (CLASSIFICATION, MULTIPLE_CHOICE)
+TOKEN_CLASSIFICATION = "token-classification"
+KINDS = (CLASSIFICATION, MULTIPLE_CHOICE, TOKEN_CLASSIFICATION)
 
 # The columns a task can rely on; loaders may add more (hospital, pmid, ...).
 REQUIRED_COLUMNS: dict[str, tuple[str, ...]] = {
     CLASSIFICATION: ("text", "label"),
     MULTIPLE_CHOICE: ("question", "context", "options", "label"),
+    # `label` is a sentence-level summary (e.g. "mentions an entity") for stratified splits and label skew.
+    TOKEN_CLASSIFICATION: ("tokens", "tags", "label"),
 }
 
 
@@ -47,7 +50,10 @@ class SourceData:
     Classification rows carry ``text`` (str) and ``label`` (int); multiple-choice
     rows carry ``question`` (str), ``context`` (str, "" when none), ``options``
     (list[str]) and ``label`` (int, index of the right option). Extra columns are
-    allowed. Objects returned by :func:`fedfm.data.load_source` are cached and
+    allowed. Token-classification rows carry ``tokens`` (list[str], one per
+    word), ``tags`` (list[int], one tag id per word, into ``label_names``) and
+    ``label`` (int, a sentence-level summary the stratified local split and the
+    Dirichlet partitioner use). Objects returned by :func:`fedfm.data.load_source` are cached and
     shared: treat them as read-only (use ``Dataset.with_format``, which returns a
     copy, rather than ``set_format``, which changes the shared object).
 
@@ -56,13 +62,14 @@ class SourceData:
     name : str
         The source's registry name, e.g. ``"heart_disease_uci"``.
     kind : str
-        ``"classification"`` or ``"multiple-choice"``.
+        ``"classification"``, ``"multiple-choice"`` or ``"token-classification"``.
     train : datasets.Dataset
         The rows hospitals are built from.
     test : datasets.Dataset or None
         The dataset's official test split, when it has one.
     label_names : list[str]
-        Class names (index = label id) for classification; the option names
+        Class names (index = label id) for classification; the tag names
+        (index = tag id) for token classification; the option names
         (e.g. ``["A", "B", "C", "D"]``) for multiple-choice.
     natural_column : str or None
         A column naming a natural site (hospital, subject) to partition by.
@@ -89,8 +96,8 @@ class SourceData:
                         f"{split_name} split lacks column(s) {missing} required for kind "
                         f"{self.kind!r}; it has {split.column_names}"
                     )
-        if self.kind == CLASSIFICATION and not self.label_names:
-            problems.append("`label_names` must name at least one class for classification")
+        if self.kind in (CLASSIFICATION, TOKEN_CLASSIFICATION) and not self.label_names:
+            problems.append(f"`label_names` must name at least one class for {self.kind}")
         if self.natural_column is not None and self.natural_column not in self.train.column_names:
             problems.append(
                 f"`natural_column` {self.natural_column!r} is not a column of the train split; "
@@ -101,7 +108,7 @@ class SourceData:
 
     @property
     def num_labels(self) -> int:
-        """Number of classes (classification) or option names (multiple-choice)."""
+        """Number of classes (classification), tags (token classification) or option names (multiple-choice)."""
         return len(self.label_names)
 
 

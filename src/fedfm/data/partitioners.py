@@ -25,7 +25,7 @@ _KEY = "__fedfm_key__"
 class Partition(NamedTuple):
     """One hospital's share of a dataset.
 
-    Parameters
+    Attributes
     ----------
     name : str
         ``"hospital-<i>"``, or the natural id (e.g. ``"Cleveland"``).

@@ -9,6 +9,7 @@ from fedfm.errors import ConfigError
 from fedfm.tasks.base import Task
 from fedfm.tasks.causal_qa import CausalQA
 from fedfm.tasks.sequence_classification import SequenceClassification
+from fedfm.tasks.token_classification import TokenClassification
 
 _REGISTRY: dict[str, type[Task]] = {}
 
@@ -33,5 +34,6 @@ def get_task(name: str) -> Task:
 
 register_task(SequenceClassification.name, SequenceClassification)
 register_task(CausalQA.name, CausalQA)
+register_task(TokenClassification.name, TokenClassification)
 
-__all__ = ["CausalQA", "SequenceClassification", "Task", "get_task", "register_task"]
+__all__ = ["CausalQA", "SequenceClassification", "Task", "TokenClassification", "get_task", "register_task"]

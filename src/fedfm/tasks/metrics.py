@@ -1,6 +1,8 @@
-"""Classification metrics as plain numpy functions."""
+"""Classification and entity metrics as plain numpy / Python functions."""
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -48,4 +50,82 @@ def classification_metrics(labels: np.ndarray, predictions: np.ndarray, num_clas
         "accuracy": accuracy(labels, predictions),
         "macro-f1": macro_f1(labels, predictions, num_classes),
         "weighted-f1": weighted_f1(labels, predictions, num_classes),
+    }
+
+
+def bio_entities(tags: Sequence[str]) -> set[tuple[str, int, int]]:
+    """The entity spans of one BIO-tagged sequence, as ``(type, start, end)`` with ``end`` exclusive.
+
+    ``B-X`` starts an entity of type ``X``; ``I-X`` continues the entity just
+    before it when that entity has type ``X``, and otherwise starts a new one
+    (an ``I-`` after ``O`` or after another type counts, as in CoNLL's
+    ``conlleval``, rather than being dropped). Any other tag (``O``, or a tag
+    without a ``B-``/``I-`` prefix) is outside every entity.
+
+    Parameters
+    ----------
+    tags : Sequence[str]
+        One tag per word.
+
+    Returns
+    -------
+    set of (str, int, int)
+        The spans.
+    """
+    spans: set[tuple[str, int, int]] = set()
+    kind: str | None = None
+    start = 0
+    for i, tag in enumerate(tags):
+        prefix, _, name = tag.partition("-")
+        continues = prefix == "I" and bool(name) and kind == name
+        if continues:
+            continue
+        if kind is not None:
+            spans.add((kind, start, i))
+            kind = None
+        if prefix in ("B", "I") and name:
+            kind, start = name, i
+    if kind is not None:
+        spans.add((kind, start, len(tags)))
+    return spans
+
+
+def entity_scores(gold: Sequence[Sequence[str]], predicted: Sequence[Sequence[str]]) -> dict[str, float]:
+    """Entity-level precision, recall and F1 (exact span and type match), micro over all entities.
+
+    A predicted entity counts only when its type, first and last word all equal
+    a gold entity's; a partly overlapping prediction is one false positive and
+    leaves the gold entity a false negative.
+
+    Parameters
+    ----------
+    gold, predicted : Sequence of Sequence of str
+        BIO tags per sentence, the two sides of equal shape.
+
+    Returns
+    -------
+    dict[str, float]
+        ``entity-precision``, ``entity-recall``, ``entity-f1`` (0 where undefined)
+        and the counts ``entity-true``, ``entity-predicted``, ``entity-correct``.
+    """
+    if len(gold) != len(predicted):
+        raise ValueError(f"{len(gold)} gold sequences but {len(predicted)} predicted")
+    n_gold = n_pred = n_correct = 0
+    for g, p in zip(gold, predicted, strict=True):
+        if len(g) != len(p):
+            raise ValueError(f"a sentence has {len(g)} gold tags but {len(p)} predicted")
+        g_spans, p_spans = bio_entities(g), bio_entities(p)
+        n_gold += len(g_spans)
+        n_pred += len(p_spans)
+        n_correct += len(g_spans & p_spans)
+    precision = n_correct / n_pred if n_pred else 0.0
+    recall = n_correct / n_gold if n_gold else 0.0
+    f1 = 2 * n_correct / (n_gold + n_pred) if n_gold + n_pred else 0.0
+    return {
+        "entity-precision": precision,
+        "entity-recall": recall,
+        "entity-f1": f1,
+        "entity-true": float(n_gold),
+        "entity-predicted": float(n_pred),
+        "entity-correct": float(n_correct),
     }
