@@ -28,6 +28,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--out", help="run directory (default: runs/<timestamp>)")
     run.add_argument("--verbose", action="store_true", help="show Flower's and Ray's logs")
+    run.add_argument("--no-progress", action="store_true", help="show no progress display (on stderr)")
     run.add_argument(
         "--resume", metavar="RUN_DIR",
         help="continue a killed or stopped run from its last complete round (its own config unless one is given)",
@@ -40,6 +41,22 @@ def _parser() -> argparse.ArgumentParser:
     report = commands.add_parser("privacy-report", help="print a run's privacy ledger (ε per hospital and round, audit, what left)")
     report.add_argument("run_dir", help="a run directory written by fedfm run")
     report.add_argument("--plot", metavar="PNG", help="also draw ε over rounds into this PNG file")
+
+    for name, text in (("predict", "run an exported model on every row of a CSV, JSON-lines or Parquet file"),
+                       ("evaluate", "score an exported model on a labelled file with fedfm's metrics")):
+        infer = commands.add_parser(name, help=text)
+        infer.add_argument("--adapter", required=True, metavar="DIR", help="a run's adapter/ or merged/ folder")
+        infer.add_argument("--input", required=True, metavar="FILE", help="rows as .csv, .jsonl or .parquet")
+        infer.add_argument("--output", metavar="FILE", help="predictions as .csv or .jsonl" if name == "predict"
+                           else "also write the metrics to this .json file")
+        infer.add_argument("--text-column", help="the column holding the text (default: the one trained on)")
+        infer.add_argument("--label-column", help="the column holding the label (default: the one trained on)")
+        infer.add_argument("--base-model", metavar="DIR", help="the base model's folder, if not found by its name")
+        infer.add_argument("--batch-size", type=int, default=32, help="rows per forward pass (default 32)")
+
+    run_report = commands.add_parser("report", help="plot a run's metrics, ε and bytes per round into a report.md")
+    run_report.add_argument("run_dir", help="a run directory written by fedfm run (finished, stopped or running)")
+    run_report.add_argument("--out", metavar="DIR", help="where the report goes (default: RUN_DIR/report)")
 
     commands.add_parser("config-reference", help="list every configuration key with its default and meaning")
     commands.add_parser("strategies", help="list the registered aggregation strategies")
@@ -63,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
                 config = load_config(args.config, args.overrides)
             from fedfm.runner import run  # checks the strategy before anything loads
 
-            result = run(config, out=args.out, verbose=args.verbose, resume=args.resume)
+            result = run(config, out=args.out, verbose=args.verbose, resume=args.resume, progress=not args.no_progress)
             print()
             print(result.table())
             print(f"\nrun directory: {result.run_dir}")
@@ -92,6 +109,25 @@ def main(argv: list[str] | None = None) -> int:
             print(ledger_table(rounds, summary))
             if args.plot:
                 print(f"plot: {plot_epsilon(rounds, Path(args.plot))}")
+            return 0
+        if args.command in ("predict", "evaluate"):
+            from fedfm import predict
+
+            options = {"output": args.output, "text_column": args.text_column, "label_column": args.label_column,
+                       "base_model": args.base_model, "batch_size": args.batch_size}
+            if args.command == "evaluate":
+                metrics = predict.evaluate_file(args.adapter, args.input, **options)
+                print("\n".join(f"{key:12} {value:.4f}" for key, value in metrics.items()))
+            else:
+                rows, _, _ = predict.predict_file(args.adapter, args.input, **options)
+                print(f"predicted {len(rows.table)} row(s)" + (f": {args.output}" if args.output else ""))
+            return 0
+        if args.command == "report":
+            from fedfm.report import PLOTS, write_report
+
+            written = write_report(Path(args.run_dir), Path(args.out) if args.out else None)
+            print(f"report: {written}")
+            print("\n".join(f"plot:   {written.parent / name}" for name in PLOTS if (written.parent / name).is_file()))
             return 0
         if args.command == "config-reference":
             print(describe())

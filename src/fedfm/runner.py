@@ -13,6 +13,7 @@ from typing import Any
 
 from fedfm.config import RunConfig, load_config, resolve_parallelism
 from fedfm.errors import ConfigError, FedfmError
+from fedfm.progress import check_mode
 from fedfm.rundir import default_run_dir, read_jsonl
 
 logger = logging.getLogger("fedfm")
@@ -124,6 +125,7 @@ def run(
     out: str | Path | None = None,
     verbose: bool = False,
     resume: str | Path | None = None,
+    progress: bool | str = True,
 ) -> RunResult:
     """Run a federated fine-tune in Flower's simulation engine, one simulated SuperNode per hospital.
 
@@ -141,6 +143,10 @@ def run(
         checkpoint: global adapter, strategy state, random generators,
         privacy ledgers). Only ``output.*`` and ``federation.num-rounds`` may
         differ from the run's own configuration.
+    progress : bool or str
+        Show the rounds as they finish on stderr: a live line on a terminal,
+        a plain line per round elsewhere (``"auto"``, the same as True), or
+        ``"live"``, ``"lines"``, ``"off"`` (False); see :mod:`fedfm.progress`.
 
     Returns
     -------
@@ -161,6 +167,7 @@ def run(
         config = config.replace(**{"output.resume": True, "output.dir": str(resume)})
     _environment()
     setup_logging(verbose)
+    check_mode(progress)  # a bad mode is refused here, not inside the ServerApp's thread
 
     import torch
     from flwr.simulation import run_simulation
@@ -201,7 +208,7 @@ def run(
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
         run_simulation(
-            server_app=make_server_app(config, run_dir),
+            server_app=make_server_app(config, run_dir, progress=progress, verbose=verbose),
             client_app=client.app,
             num_supernodes=num_hospitals,
             backend_config=backend_config,

@@ -19,11 +19,12 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
-from fedfm import keys, privacy, secagg, strategies
+from fedfm import export, keys, privacy, secagg, strategies
 from fedfm.adapters import export_adapter, set_adapter_state, set_base_delta
 from fedfm.config import RunConfig, evaluation_due, from_flat, load_config, to_flat, to_json
-from fedfm.errors import CheckpointError
+from fedfm.errors import CheckpointError, FedfmError
 from fedfm.privacy.accounting import ClientLevelLedger, default_delta, sampled_hospitals
+from fedfm.progress import Progress, progress_display
 from fedfm.rundir import Checkpoint, RunDirectory, default_run_dir, read_checkpoint
 from fedfm.strategies import GuardedStrategy
 from fedfm.strategies.plan import encode_plans
@@ -54,9 +55,13 @@ def _weighted(per_hospital: dict[int, dict[str, float]]) -> dict[str, float]:
 class _Recorder:
     """Turns each finished round into a metrics line, a checkpoint and a progress line."""
 
-    def __init__(self, config: RunConfig, workspace: Workspace, strategy: Any, run_dir: RunDirectory) -> None:
+    def __init__(
+        self, config: RunConfig, workspace: Workspace, strategy: Any, run_dir: RunDirectory,
+        progress: Progress | None = None,
+    ) -> None:
         # ``strategy``: the GuardedStrategy, or secagg's legacy bridge (both keep ``rounds`` and ``hospital_of``).
         self.config = config
+        self.progress = progress if progress is not None else Progress()
         self.workspace = workspace
         self.strategy = strategy
         self.run_dir = run_dir
@@ -188,6 +193,8 @@ class _Recorder:
             "round %d/%d  global %s | %s | %.1f s",
             server_round, self.config.federation.num_rounds, _fmt(entry["global"]), hospitals, entry["seconds"],
         )
+        self.progress.round_done(entry, total_rounds=self.config.federation.num_rounds, hospitals=len(self.names),
+                                 replied=record.train_replies)
 
 
 def _client_level_ledger(config: RunConfig, num_hospitals: int) -> tuple[ClientLevelLedger | None, int]:
@@ -319,7 +326,9 @@ def _build_strategy(config: RunConfig, workspace: Workspace) -> GuardedStrategy:
     )
 
 
-def serve(grid: Grid, config: RunConfig, run_dir: Path, context: Context | None = None) -> dict[str, Any]:
+def serve(
+    grid: Grid, config: RunConfig, run_dir: Path, context: Context | None = None, *, progress: Progress | None = None
+) -> dict[str, Any]:
     """Run a whole federation on a Flower grid and write the run directory.
 
     Parameters
@@ -332,6 +341,8 @@ def serve(grid: Grid, config: RunConfig, run_dir: Path, context: Context | None 
         Where the run's files go.
     context : Context, optional
         The ServerApp's context (SecAgg+ keeps its workflow state there).
+    progress : Progress, optional
+        Shows the rounds as they finish (:func:`fedfm.progress.progress_display`); none by default.
 
     Returns
     -------
@@ -353,18 +364,21 @@ def serve(grid: Grid, config: RunConfig, run_dir: Path, context: Context | None 
     config = config.replace(**{"output.dir": str(Path(run_dir).resolve())})
     workspace = workspace_for(config)
     hospitals = workspace.federation.hospitals
+    progress = progress if progress is not None else Progress()
+    progress.begin(done=checkpoint.server_round if checkpoint is not None else 0,
+                   total_rounds=config.federation.num_rounds, hospitals=len(hospitals))
     client_plans = encode_plans([strategies.client_plan(config, i) for i in range(len(hospitals))])
     flwr_config = ConfigRecord({keys.RUN_CONFIG: to_json(config), keys.CLIENT_PLANS: client_plans})
     strategy: Any
     if config.privacy.secure_aggregation:
         strategy = secagg.bridge(config, num_hospitals=len(hospitals), initial=_initial_numpy(workspace),
                                  instructions=dict(flwr_config))
-        recorder = strategy.recorder = _Recorder(config, workspace, strategy, directory)
+        recorder = strategy.recorder = _Recorder(config, workspace, strategy, directory, progress)
         final_arrays = secagg.run(grid, context, config, strategy, max_weight=max(len(h.train) for h in hospitals))
         stopped = None
     else:
         strategy = _build_strategy(config, workspace)
-        recorder = _Recorder(config, workspace, strategy, directory)
+        recorder = _Recorder(config, workspace, strategy, directory, progress)
         initial = strategies.initial_arrays(strategy.inner, config, _initial_numpy(workspace))
         first_round = 1
         if checkpoint is not None:
@@ -437,6 +451,10 @@ def serve(grid: Grid, config: RunConfig, run_dir: Path, context: Context | None 
         "compression": config.compression.method,
     }
     directory.write_summary(summary)
+    try:  # the adapter and summary are safe on disk already: a failing card must not fail the run
+        export.write_model_card(directory.path, label_names=list(workspace.federation.source.label_names))
+    except (FedfmError, OSError, ValueError, KeyError, TypeError) as err:
+        logger.warning("the model card of %s was not written: %s", directory.adapter_dir, err)
     return summary
 
 
@@ -504,13 +522,19 @@ def run_audit(
     return {"attack": "loss threshold", "hospitals": hospitals, "mean_auc": float(np.mean(aucs)) if aucs else None}
 
 
-def make_server_app(config: RunConfig, run_dir: Path) -> ServerApp:
-    """A ServerApp that runs ``config`` and writes ``run_dir`` (used by :func:`fedfm.run`)."""
+def make_server_app(
+    config: RunConfig, run_dir: Path, *, progress: str | bool = "auto", verbose: bool = False
+) -> ServerApp:
+    """A ServerApp that runs ``config`` and writes ``run_dir`` (used by :func:`fedfm.run`).
+
+    ``progress`` and ``verbose`` choose the progress display (:func:`fedfm.progress.progress_display`).
+    """
     server_app = ServerApp()
 
     @server_app.main()
     def main(grid: Grid, context: Context) -> None:
-        serve(grid, config, run_dir, context)
+        with progress_display(progress, verbose=verbose) as display:
+            serve(grid, config, run_dir, context, progress=display)
 
     return server_app
 
@@ -524,4 +548,5 @@ def _flwr_main(grid: Grid, context: Context) -> None:
     config = from_flat(dict(context.run_config))
     run_dir = Path(config.output.dir) if config.output.dir else default_run_dir()
     logger.info("fedfm run directory: %s", run_dir.resolve())
-    serve(grid, config, run_dir, context)
+    with progress_display() as display:
+        serve(grid, config, run_dir, context, progress=display)
