@@ -162,6 +162,18 @@ def test_medmcqa_options_and_subjects():
     assert all(not o.startswith(("A. ", "B. ")) for o in first["options"])
 
 
+def test_medqa_has_five_options_and_no_natural_split():
+    source = load_source("medqa")
+    assert source.kind == "multiple-choice"
+    assert source.test is None and source.natural_column is None
+    assert len(source.train) == 1273
+    assert {len(o) for o in source.train["options"]} == {5}
+    assert Counter(source.train["label"]) == {0: 273, 1: 277, 2: 252, 3: 269, 4: 202}
+    assert source.train[0]["options"][2] == "Tell the attending that he cannot fail to disclose this mistake"
+    federation = build_federation(source, partitioner="iid", num_hospitals=3)
+    assert len(federation.hospitals) == 3 and len(federation.global_test) > 0
+
+
 def test_load_source_is_cached_and_max_rows_takes_the_first_rows():
     assert load_source("pubmedqa") is load_source("pubmedqa")
     small = load_source("nicta_piboso", max_rows=5)

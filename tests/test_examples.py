@@ -59,3 +59,13 @@ def test_a_users_strategy_named_by_import_path_runs_from_the_command_line(
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["strategy"] == "my_strategy:NormBoundedFedAvg" and summary["rounds"] == 2
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "examples").rglob("*.toml")), ids=lambda p: p.name)
+def test_every_example_configuration_is_valid_and_its_data_loads(path: Path) -> None:
+    from fedfm.config import load_config
+    from fedfm.data import load_source
+
+    config = load_config(path)
+    source = load_source(config.data.dataset)
+    assert len(source.train) > 0

@@ -25,7 +25,7 @@ from fedfm.errors import ConfigError
 
 MODEL_ALIASES = ("minilm", "smollm2-135m")
 TASKS = ("sequence-classification", "causal-qa", "token-classification")
-DATASETS = ("heart_disease_uci", "nicta_piboso", "pubmedqa", "medmcqa", "ncbi_disease", "csv", "jsonl", "parquet")
+DATASETS = ("heart_disease_uci", "nicta_piboso", "pubmedqa", "medmcqa", "medqa", "ncbi_disease", "csv", "jsonl", "parquet")
 #: Datasets tagged word by word, for `model.task = "token-classification"` (and only for it).
 TOKEN_DATASETS = ("ncbi_disease",)
 PARTITIONERS = ("iid", "dirichlet", "natural")
@@ -255,7 +255,7 @@ class PrivacySpec:
     accountant: str = _help("Opacus accountant that turns steps into ε: `rdp` or `prv`.", "rdp")
     hospital_epsilon: tuple[str, ...] = _help(
         'Per-hospital budgets overriding target-epsilon, as "name=epsilon" or "index=epsilon" '
-        '(e.g. ["cleveland=3", "2=1.5"]). A SuperNode may also cap its own with node config privacy-epsilon.',
+        '(e.g. ["Cleveland=3", "2=1.5"]). A SuperNode may also cap its own with node config privacy-epsilon.',
         factory=tuple,
     )
     audit: bool = _help(
@@ -640,8 +640,8 @@ def validate(config: RunConfig) -> list[str]:
                f"`data.dataset` {d.dataset!r} is tagged word by word and needs `model.task` 'token-classification', "
                f"got {m.task!r}")
     if m.task == "causal-qa" and not d.hospitals:
-        _check(p, d.dataset in ("pubmedqa", "medmcqa"),
-               f"`model.task` 'causal-qa' needs a multiple-choice dataset ('pubmedqa', 'medmcqa'), got {d.dataset!r}")
+        _check(p, d.dataset in ("pubmedqa", "medmcqa", "medqa"),
+               f"`model.task` 'causal-qa' needs a multiple-choice dataset ('pubmedqa', 'medmcqa', 'medqa'), got {d.dataset!r}")
     _check(p, t.local_epochs >= 1, f"`train.local-epochs` must be >= 1, got {t.local_epochs}")
     _check(p, t.local_steps >= 0, f"`train.local-steps` must be >= 0, got {t.local_steps}")
     _check(p, t.batch_size >= 1, f"`train.batch-size` must be >= 1, got {t.batch_size}")

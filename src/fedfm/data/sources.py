@@ -15,7 +15,7 @@ from fedfm.data.heart import load_heart_disease
 from fedfm.data.ncbi import load_ncbi_disease
 from fedfm.data.paths import resolve_data_dir_with_origin
 from fedfm.data.piboso import load_piboso
-from fedfm.data.qa import load_medmcqa, load_pubmedqa
+from fedfm.data.qa import load_medmcqa, load_medqa, load_pubmedqa
 from fedfm.errors import ConfigError, DataError
 
 SourceLoader = Callable[[SourceRequest], SourceData]
@@ -72,7 +72,7 @@ def load_source(
     Parameters
     ----------
     name : str
-        ``heart_disease_uci``, ``nicta_piboso``, ``pubmedqa``, ``medmcqa``,
+        ``heart_disease_uci``, ``nicta_piboso``, ``pubmedqa``, ``medmcqa``, ``medqa``,
         ``ncbi_disease``, a
         generic file format (``csv``, ``jsonl``, ``json``, ``parquet``) or a name
         added with :func:`register_source`.
@@ -143,6 +143,7 @@ register_source("heart_disease_uci", load_heart_disease)
 register_source("nicta_piboso", load_piboso)
 register_source("pubmedqa", load_pubmedqa)
 register_source("medmcqa", load_medmcqa)
+register_source("medqa", load_medqa)
 register_source("ncbi_disease", load_ncbi_disease)
 for _format in FILE_FORMATS:
     register_source(_format, load_file)
