@@ -38,6 +38,11 @@ DEFAULT_TARGETS: dict[str, list[str]] = {
     "llama": ["q_proj", "v_proj"],
 }
 
+#: `lora.target-modules = ["all-linear"]`: peft's shorthand for every linear layer but the output layer.
+ALL_LINEAR = "all-linear"
+#: Task heads that train in full (peft's ``modules_to_save``) and so must never also get a LoRA.
+HEAD_MODULES = ["classifier", "score"]
+
 
 def _quiet_transformers() -> None:
     # Load reports and progress bars would flood a federated log with one per hospital.
@@ -131,7 +136,8 @@ def load_model(spec: ModelSpec, lora: LoraSpec, task: Task, *, num_labels: int, 
     LoadedModel
         The cached model; callers set the adapter state they need before use.
     """
-    key = (spec.name, spec.task, num_labels, lora, spec.device, seed)
+    # The task object, not spec.task: callers may pass a task other than the spec's default.
+    key = (spec.name, type(task).__name__, spec.pooling, num_labels, lora, spec.device, seed)
     with _CACHE_LOCK:
         if key not in _CACHE:
             _CACHE[key] = _build(spec, lora, task, num_labels=num_labels, seed=seed)
@@ -167,13 +173,19 @@ def _build(spec: ModelSpec, lora: LoraSpec, task: Task, *, num_labels: int, seed
     if getattr(base.config, "pad_token_id", None) is None:
         base.config.pad_token_id = tokenizer.pad_token_id
     base_parameters = sum(p.numel() for p in base.parameters())
-    targets = list(lora.target_modules) or DEFAULT_TARGETS.get(base.config.model_type)
+    targets: list[str] | str | None = list(lora.target_modules) or DEFAULT_TARGETS.get(base.config.model_type)
+    extra: dict[str, Any] = {}
+    if targets == [ALL_LINEAR]:
+        # peft reads the shorthand only as a plain string. It spares a sequence-classification
+        # head and a causal LM's output layer by itself, but not a token-classification head.
+        targets, extra["exclude_modules"] = ALL_LINEAR, HEAD_MODULES
     config = LoraConfig(
         task_type=task.peft_task_type,
         r=lora.r,
         lora_alpha=lora.alpha,  # type: ignore[arg-type]  # peft annotates int, accepts any number
         lora_dropout=lora.dropout,
         target_modules=targets,
+        **extra,
     )
     try:
         model = get_peft_model(base, config)

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from datasets import Dataset
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
@@ -20,7 +21,7 @@ from fedfm import hospital_state, keys, legacy, strategies
 from fedfm.adapters import get_adapter_state, set_adapter_state, set_base_delta
 from fedfm.attacks import corrupt, fails
 from fedfm.compression import encode
-from fedfm.config import RunConfig, from_json, resolve_parallelism
+from fedfm.config import RunConfig, from_json, resolve_parallelism, round_learning_rate
 from fedfm.data import node_data
 from fedfm.data.local import DATA_PATH, HOSPITAL
 from fedfm.errors import ConfigError
@@ -180,12 +181,16 @@ def _train(content: RecordDict, context: Context) -> RecordDict:
             )
             refusal = {keys.NUM_EXAMPLES: len(rows), keys.HOSPITAL_INDEX: index, **ledger_metrics(ledger, refused=True)}
             return RecordDict({keys.METRICS: MetricRecord(refusal)})  # type: ignore[arg-type]
+    spec = dp_train_spec(config) if ledger is not None else config.train
+    # The round's learning rate is the server's (federation.lr-decay); computed here only when it sent none.
+    sent_lr = content[keys.CONFIG].get(keys.LEARNING_RATE)  # type: ignore[union-attr]
+    learning_rate = float(sent_lr) if sent_lr is not None else round_learning_rate(config, server_round)  # type: ignore[arg-type]
     result = train_local(
         workspace.loaded.model,
         workspace.task,
         rows,
         workspace.loaded.tokenizer,
-        spec=dp_train_spec(config) if ledger is not None else config.train,
+        spec=dataclasses.replace(spec, learning_rate=learning_rate),
         device=workspace.loaded.device,
         dtype=config.model.dtype,
         seed=config.train.seed * 1_000_003 + server_round * 1009 + index,
@@ -200,6 +205,7 @@ def _train(content: RecordDict, context: Context) -> RecordDict:
         keys.TRAIN_LOSS: result.loss,
         keys.TRAIN_SECONDS: result.seconds,
         "train-steps": result.steps,
+        keys.TRAIN_LEARNING_RATE: result.learning_rate,
         keys.TRAIN_EXAMPLES: result.examples,
     }
     if ledger is not None:
@@ -238,21 +244,82 @@ def _compress(
 
 
 def _evaluate(content: RecordDict, context: Context) -> RecordDict:
-    config, index, workspace, _, _ = _unpack(content, context)
+    config, index, workspace, plan, _ = _unpack(content, context)
     rows = workspace.hospital_rows("test", index)
-    if content[keys.CONFIG].get(keys.AUDIT):  # type: ignore[union-attr]
-        scores = _audit(config, workspace, index)
+    instructions = content[keys.CONFIG]
+    personalize = int(instructions.get(keys.PERSONALIZE_EPOCHS, 0))  # type: ignore[union-attr,arg-type]
+    scores: dict[str, float | int]
+    if instructions.get(keys.AUDIT):  # type: ignore[union-attr]
+        scores = dict(_audit(config, workspace, index))
+    elif personalize > 0:
+        server_round = int(instructions.get(keys.SERVER_ROUND, 0))  # type: ignore[union-attr,arg-type]
+        scores = _personalize(config, workspace, plan, index, epochs=personalize, server_round=server_round)
     else:
-        with autocast(workspace.loaded.device, config.model.dtype):
-            scores = workspace.task.evaluate(
-                workspace.loaded.model,
-                rows,
-                workspace.loaded.tokenizer,
-                batch_size=config.train.eval_batch_size,
-                device=workspace.loaded.device,
-            )
+        scores = {}
+        if plan.private and isinstance(context.state.get(keys.KEPT_ARRAYS), ArrayRecord):
+            # The model holds this hospital's own kept parts: that is its personalized model. The plain
+            # metrics below are the global adapter's alone, as every other strategy reports them.
+            scores.update(_prefixed(keys.PERSONALIZED_PREFIX, _score(config, workspace, rows)))
+            _load_global_only(workspace, plan, content)
+        scores.update(_score(config, workspace, rows))
+        validation = workspace.hospital_rows("validation", index)
+        if len(validation):
+            # Scored here, with the test rows, so validation adds no message and no pass over the training rows.
+            scores.update(_prefixed(keys.VALIDATION_PREFIX, _score(config, workspace, validation)))
+            scores[keys.VALIDATION_EXAMPLES] = len(validation)
     metrics = MetricRecord({keys.NUM_EXAMPLES: len(rows), keys.HOSPITAL_INDEX: index, **scores})
     return RecordDict({keys.METRICS: metrics})
+
+
+def _score(config: RunConfig, workspace: Workspace, rows: Dataset) -> dict[str, float]:
+    """The task's metrics of the model as it is now on ``rows``."""
+    loaded = workspace.loaded
+    with autocast(loaded.device, config.model.dtype):
+        return workspace.task.evaluate(
+            loaded.model, rows, loaded.tokenizer, batch_size=config.train.eval_batch_size, device=loaded.device,
+        )
+
+
+def _prefixed(prefix: str, scores: dict[str, float]) -> dict[str, float]:
+    return {f"{prefix}{name}": value for name, value in scores.items()}
+
+
+def _load_global_only(workspace: Workspace, plan: ClientPlan, content: RecordDict) -> None:
+    """Put the received global adapter into the model without this hospital's kept parts."""
+    state, fold = plan.materialize(
+        _numpy(workspace.loaded.initial_state), record_to_numpy(content[keys.ARRAYS]), None  # type: ignore[arg-type]
+    )
+    set_base_delta(workspace.loaded, fold)
+    set_adapter_state(workspace.loaded.model, {k: torch.from_numpy(v) for k, v in state.items()})
+
+
+def _personalize(
+    config: RunConfig, workspace: Workspace, plan: ClientPlan, index: int, *, epochs: int, server_round: int
+) -> dict[str, float | int]:
+    """Fine-tune the received adapter (with this hospital's kept parts) on its own training rows, then score it.
+
+    Only the local-test scores leave (``personalized-*``); the fine-tuned tensors and the
+    hospital's kept state stay as they are, and the next instruction loads its adapter afresh.
+    """
+    loaded = workspace.loaded
+    train_rows = workspace.hospital_rows("train", index)
+    result = train_local(
+        loaded.model,
+        workspace.task,
+        train_rows,
+        loaded.tokenizer,
+        spec=dataclasses.replace(config.train, local_epochs=epochs, local_steps=0),
+        device=loaded.device,
+        dtype=config.model.dtype,
+        seed=config.train.seed * 1_000_003 + (server_round + 1) * 1009 + index,
+        frozen=plan.fixed,
+        rank=plan.rank,
+    )
+    scores: dict[str, float | int] = dict(
+        _prefixed(keys.PERSONALIZED_PREFIX, _score(config, workspace, workspace.hospital_rows("test", index)))
+    )
+    scores.update({f"{keys.PERSONALIZED_PREFIX}train-loss": result.loss, f"{keys.PERSONALIZED_PREFIX}epochs": epochs})
+    return scores
 
 
 def _audit(config: RunConfig, workspace: Workspace, index: int) -> dict[str, float]:

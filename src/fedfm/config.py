@@ -28,8 +28,17 @@ TASKS = ("sequence-classification", "causal-qa", "token-classification")
 DATASETS = ("heart_disease_uci", "nicta_piboso", "pubmedqa", "medmcqa", "medqa", "ncbi_disease", "csv", "jsonl", "parquet")
 #: Datasets tagged word by word, for `model.task = "token-classification"` (and only for it).
 TOKEN_DATASETS = ("ncbi_disease",)
+#: Datasets whose rows are sentences of abstracts, for `data.context` other than "none".
+ABSTRACT_DATASETS = ("nicta_piboso",)
+CONTEXTS = ("none", "position", "neighbours", "both")
 PARTITIONERS = ("iid", "dirichlet", "natural")
 OPTIMIZERS = ("adamw", "sgd")
+#: `train.lr-schedule`: the learning rate over one round's local optimizer steps.
+LR_SCHEDULES = ("constant", "linear", "cosine")
+#: `federation.lr-decay`: the local learning rate over the rounds (the server sends each round's).
+LR_DECAYS = ("none", "linear", "cosine")
+#: `train.class-weights`: per-class weights of the training loss.
+CLASS_WEIGHTS = ("none", "balanced")
 COMPRESSION_METHODS = ("none", "float16", "bfloat16", "int8", "topk")
 HETLORA_WEIGHTINGS = ("sparsity", "examples")
 ATTACKS = ("sign-flip", "scale", "noise", "nan")
@@ -39,6 +48,10 @@ POOLINGS = ("auto", "cls", "mean")
 PRIVACY_MODES = ("none", "dp-sgd")
 CLIENT_DP_MODES = ("none", "server-fixed", "server-adaptive", "client-fixed", "client-adaptive")
 ACCOUNTANTS = ("rdp", "prv")
+#: `federation.select-best`: which round's global adapter is exported.
+SELECT_BEST = ("last", "validation")
+#: `federation.select-metric`: validation metrics every task reports (loss is lower-is-better, the others higher).
+SELECT_METRICS = ("loss", "accuracy", "macro-f1")
 
 
 def _help(text: str, default: Any = dataclasses.MISSING, factory: Any = dataclasses.MISSING) -> Any:
@@ -80,7 +93,8 @@ class LoraSpec:
     alpha: float = _help("LoRA scaling numerator (scale = alpha / r).", 16.0)
     dropout: float = _help("Dropout on the LoRA branch, in [0, 1).", 0.05)
     target_modules: tuple[str, ...] = _help(
-        "Module names to adapt; empty picks a default per architecture (BERT: query, value; Llama: q_proj, v_proj).",
+        "Module names to adapt; empty picks a default per architecture (BERT: query, value; Llama: q_proj, v_proj); "
+        '["all-linear"] adapts every linear layer except the task head (which trains in full) and the LM head.',
         factory=tuple,
     )
 
@@ -105,9 +119,23 @@ class DataSpec:
     num_hospitals: int = _help("For `iid`/`dirichlet`: how many hospitals to simulate.", 4)
     alpha: float = _help("For `dirichlet`: concentration of the label skew (smaller = more skewed).", 0.5)
     test_fraction: float = _help("Share of each hospital's rows kept as its local test split.", 0.3)
+    validation_fraction: float = _help(
+        "Share of each hospital's training rows (after the test split) held out as its validation split, seeded and "
+        "stratified; hospitals score the global adapter on it in the evaluate step (federation.select-best, "
+        "federation.patience). Never taken from test rows; 0 (the default, so existing runs keep their training "
+        "rows) turns it off; 0.1 is a good start.",
+        0.0,
+    )
     max_train_per_hospital: int = _help("Cap on each hospital's training rows; 0 keeps all.", 0)
-    max_test: int = _help("Cap on test rows (global and per hospital); 0 keeps all.", 0)
+    max_test: int = _help("Cap on test rows (global and per hospital) and on each validation split; 0 keeps all.", 0)
     seed: int = _help("Seed of the partition and split.", 0)
+    context: str = _help(
+        "Sentence-role datasets (nicta_piboso): what each sentence is classified with, as the second text of a "
+        "(sentence, context) pair that is truncated before the sentence is: `none`, `position` (\"sentence 3 of "
+        "9\"), `neighbours` (the sentences before and after it) or `both`. Built inside each hospital from its "
+        "own abstracts, which stay whole (one hospital, one side of its local split).",
+        "none",
+    )
     hospitals: tuple[str, ...] = _help(
         "A deployment's hospitals, by name in index order (letters, digits, '_', '.', '-'). When set, the server "
         "holds no hospital rows: each SuperNode reads its own file (node config `data-path`) and gives its "
@@ -138,6 +166,24 @@ class TrainSpec:
     momentum: float = _help("SGD momentum (optimizer `sgd` only).", 0.9)
     weight_decay: float = _help("Weight decay (decoupled for AdamW).", 0.0)
     max_grad_norm: float = _help("Gradient-norm clipping; 0 disables.", 1.0)
+    lr_schedule: str = _help(
+        "Learning rate over each round's local optimizer steps (the optimizer is fresh every round): `constant`, "
+        "`linear` or `cosine` decay to 0 after the warm-up. Also under DP-SGD.",
+        "constant",
+    )
+    warmup_ratio: float = _help(
+        "Share of each round's local optimizer steps spent warming the learning rate up linearly, in [0, 1).", 0.0
+    )
+    gradient_accumulation: int = _help(
+        "Batches of batch-size whose gradients add up to one optimizer step (effective batch = batch-size x "
+        "this); local-steps counts optimizer steps. Not with DP-SGD: use privacy.batch-size there.",
+        1,
+    )
+    class_weights: str = _help(
+        "Sequence classification: `none`, or `balanced` (each class weighted N / (K x N_c) from this hospital's "
+        "own training label counts, never another hospital's; the mean weight over its rows is 1). Not with DP-SGD.",
+        "none",
+    )
     seed: int = _help("Seed of initialisation, shuffling and dropout.", 0)
 
 
@@ -146,6 +192,13 @@ class FederationSpec:
     """The federation: rounds, sampling, aggregation and the simulation engine."""
 
     num_rounds: int = _help("Federated rounds.", 5)
+    lr_decay: str = _help(
+        "Local learning rate across rounds: `none`, `linear` or `cosine` from the full rate in round 1 to "
+        "lr-min-ratio x it in the last round. The server sends each round's rate (train.learning-rate, or "
+        "privacy.learning-rate under DP-SGD), a function of the round number, so a resumed run continues it.",
+        "none",
+    )
+    lr_min_ratio: float = _help("Learning rate of the last round as a share of the first's (lr-decay), in [0, 1].", 0.1)
     strategy: str = _help(
         "Aggregation strategy: a registered name (see `fedfm strategies`) or `module:Class` of your own.", "fedavg"
     )
@@ -171,6 +224,28 @@ class FederationSpec:
     update_norm_limit: float = _help(
         "Leave out a hospital's update whose change to the global adapter is larger than this many times the "
         "round's median change (a scaled or runaway update); 0 turns the check off.", 10.0
+    )
+    select_best: str = _help(
+        "Which round's global adapter is exported: `last`, or `validation` (the round with the best "
+        "example-weighted validation score across hospitals; needs data.validation-fraction > 0). Test scores "
+        "are reported for the best and the last round, never used to choose.",
+        "last",
+    )
+    select_metric: str = _help(
+        "Validation metric that picks the best round and drives patience: `loss` (lower is better), `accuracy` "
+        "or `macro-f1`.",
+        "loss",
+    )
+    patience: int = _help(
+        "Stop cleanly after this many rounds without a better validation score than the best round's "
+        "(resumable); 0 never stops early.",
+        0,
+    )
+    personalize_epochs: int = _help(
+        "After the last round, each hospital fine-tunes the exported global adapter for this many epochs on its "
+        "own training rows and reports the personalized model's local-test score (only scores leave); 0 turns "
+        "it off.",
+        0,
     )
 
 
@@ -630,8 +705,14 @@ def validate(config: RunConfig) -> list[str]:
     _check(p, d.num_hospitals >= 1, f"`data.num-hospitals` must be >= 1, got {d.num_hospitals}")
     _check(p, d.alpha > 0 and math.isfinite(d.alpha), f"`data.alpha` must be > 0, got {d.alpha}")
     _check(p, 0 < d.test_fraction < 1, f"`data.test-fraction` must be in (0, 1), got {d.test_fraction}")
+    _check(p, 0 <= d.validation_fraction < 1,
+           f"`data.validation-fraction` must be in [0, 1) (0 turns it off), got {d.validation_fraction}")
     _check(p, d.max_train_per_hospital >= 0, f"`data.max-train-per-hospital` must be >= 0, got {d.max_train_per_hospital}")
     _check(p, d.max_test >= 0, f"`data.max-test` must be >= 0, got {d.max_test}")
+    _check(p, d.context in CONTEXTS, f"`data.context` must be one of {list(CONTEXTS)}, got {d.context!r}")
+    _check(p, d.context == "none" or (d.dataset in ABSTRACT_DATASETS and not d.hospitals),
+           f"`data.context` {d.context!r} needs a dataset of abstracts {list(ABSTRACT_DATASETS)}, got "
+           f"{'a deployment (data.hospitals)' if d.hospitals else repr(d.dataset)}; use 'none'")
     p.extend(_deployment_problems(config))
     if not d.hospitals:
         _check(p, m.task != "token-classification" or d.dataset in TOKEN_DATASETS,
@@ -651,6 +732,7 @@ def validate(config: RunConfig) -> list[str]:
     _check(p, 0 <= t.momentum < 1, f"`train.momentum` must be in [0, 1), got {t.momentum}")
     _check(p, t.weight_decay >= 0, f"`train.weight-decay` must be >= 0, got {t.weight_decay}")
     _check(p, t.max_grad_norm >= 0, f"`train.max-grad-norm` must be >= 0, got {t.max_grad_norm}")
+    p.extend(_recipe_problems(config))
     _check(p, fe.num_rounds >= 1, f"`federation.num-rounds` must be >= 1, got {fe.num_rounds}")
     # The strategy's name is checked against the registry by fedfm.strategies.config_problems,
     # which also knows strategies registered by users.
@@ -670,6 +752,7 @@ def validate(config: RunConfig) -> list[str]:
     _check(p, fe.round_retries >= 0, f"`federation.round-retries` must be >= 0, got {fe.round_retries}")
     _check(p, fe.update_norm_limit == 0 or fe.update_norm_limit > 1,
            f"`federation.update-norm-limit` must be 0 (off) or > 1 (times the median change), got {fe.update_norm_limit}")
+    p.extend(_selection_problems(config))
     st = config.strategy
     _check(p, st.proximal_mu >= 0, f"`strategy.proximal-mu` must be >= 0, got {st.proximal_mu}")
     _check(p, st.server_learning_rate > 0, f"`strategy.server-learning-rate` must be > 0, got {st.server_learning_rate}")
@@ -700,6 +783,67 @@ def validate(config: RunConfig) -> list[str]:
     if co.method != "none" and config.privacy.client_dp != "none":
         p.append("`compression.method` must be 'none' with `privacy.client-dp`: Flower's client-level DP clips the "
                  "update as sent, before fedfm could decode it")
+    return p
+
+
+def _recipe_problems(config: RunConfig) -> list[str]:
+    """Problems of the training recipe: schedules, accumulation, class weights, LoRA targets."""
+    p: list[str] = []
+    t, fe, lo = config.train, config.federation, config.lora
+    dp = config.privacy.mode == "dp-sgd"
+    _check(p, t.lr_schedule in LR_SCHEDULES,
+           f"`train.lr-schedule` must be one of {list(LR_SCHEDULES)}, got {t.lr_schedule!r}")
+    _check(p, 0 <= t.warmup_ratio < 1, f"`train.warmup-ratio` must be in [0, 1), got {t.warmup_ratio}")
+    _check(p, t.gradient_accumulation >= 1,
+           f"`train.gradient-accumulation` must be >= 1, got {t.gradient_accumulation}")
+    _check(p, t.class_weights in CLASS_WEIGHTS,
+           f"`train.class-weights` must be one of {list(CLASS_WEIGHTS)}, got {t.class_weights!r}")
+    _check(p, fe.lr_decay in LR_DECAYS, f"`federation.lr-decay` must be one of {list(LR_DECAYS)}, got {fe.lr_decay!r}")
+    _check(p, 0 <= fe.lr_min_ratio <= 1, f"`federation.lr-min-ratio` must be in [0, 1], got {fe.lr_min_ratio}")
+    _check(p, t.class_weights == "none" or config.model.task == "sequence-classification",
+           f"`train.class-weights` {t.class_weights!r} needs `model.task` 'sequence-classification', got "
+           f"{config.model.task!r}; use 'none'")
+    if dp:
+        _check(p, t.gradient_accumulation == 1,
+               f"`train.gradient-accumulation` must be 1 with `privacy.mode` 'dp-sgd', got "
+               f"{t.gradient_accumulation}: DP-SGD steps on Poisson batches of `privacy.batch-size` rows "
+               f"(run as forward passes of train.batch-size), so raise `privacy.batch-size` instead")
+        _check(p, t.class_weights == "none",
+               f"`train.class-weights` must be 'none' with `privacy.mode` 'dp-sgd', got {t.class_weights!r}: "
+               f"balanced weights come from the hospital's label counts, so one patient's row would change every "
+               f"row's weight, which DP-SGD's per-example clipping does not bound")
+    if "all-linear" in lo.target_modules:
+        _check(p, len(lo.target_modules) == 1,
+               f"`lora.target-modules` 'all-linear' must be the only entry, got {list(lo.target_modules)}")
+    return p
+
+
+def _selection_problems(config: RunConfig) -> list[str]:
+    """Problems of best-round selection, early stopping and personalization."""
+    p: list[str] = []
+    fe = config.federation
+    _check(p, fe.select_best in SELECT_BEST,
+           f"`federation.select-best` must be one of {list(SELECT_BEST)}, got {fe.select_best!r}")
+    _check(p, fe.select_metric in SELECT_METRICS,
+           f"`federation.select-metric` must be one of {list(SELECT_METRICS)}, got {fe.select_metric!r}")
+    _check(p, fe.patience >= 0, f"`federation.patience` must be >= 0 (0 never stops early), got {fe.patience}")
+    _check(p, fe.personalize_epochs >= 0,
+           f"`federation.personalize-epochs` must be >= 0 (0 turns it off), got {fe.personalize_epochs}")
+    uses = [k for k, on in (("`federation.select-best` 'validation'", fe.select_best == "validation"),
+                            (f"`federation.patience` {fe.patience}", fe.patience > 0)) if on]
+    if uses:
+        _check(p, config.data.validation_fraction > 0,
+               f"{' and '.join(uses)} need a validation split: set `data.validation-fraction` > 0, got "
+               f"{config.data.validation_fraction}")
+        _check(p, fe.fraction_evaluate > 0,
+               f"{' and '.join(uses)} need the hospitals' evaluate step (they score the validation split there): "
+               f"set `federation.fraction-evaluate` > 0, got {fe.fraction_evaluate}")
+    _check(p, fe.patience == 0 or not config.privacy.secure_aggregation,
+           f"`federation.patience` must be 0 with `privacy.secure-aggregation` (Flower's SecAgg+ workflow runs "
+           f"every round and cannot stop early), got {fe.patience}")
+    _check(p, fe.personalize_epochs == 0 or config.privacy.mode == "none",
+           f"`federation.personalize-epochs` must be 0 with `privacy.mode` {config.privacy.mode!r}: the local "
+           f"fine-tune is not DP-SGD and its scores are not counted in the hospitals' ε, got {fe.personalize_epochs}")
     return p
 
 
@@ -802,6 +946,24 @@ def hospital_epsilons(spec: PrivacySpec) -> dict[str, float]:
 def evaluation_due(spec: FederationSpec, server_round: int) -> bool:
     """Whether round ``server_round`` is evaluated (round 0 is the initial adapter, always scored)."""
     return server_round in (0, spec.num_rounds) or server_round % spec.evaluate_every == 0
+
+
+def round_learning_rate(config: RunConfig, server_round: int) -> float:
+    """The local learning rate of round ``server_round`` (1-based) under ``federation.lr-decay``.
+
+    The full rate (``privacy.learning-rate`` under DP-SGD when set, else
+    ``train.learning-rate``) in round 1, falling to ``lr-min-ratio`` times it
+    in round ``num-rounds``; later rounds (a run extended on resume) keep the floor.
+    """
+    base = config.train.learning_rate
+    if config.privacy.mode == "dp-sgd" and config.privacy.learning_rate > 0:
+        base = config.privacy.learning_rate
+    fe = config.federation
+    if fe.lr_decay == "none" or fe.num_rounds <= 1:
+        return base
+    progress = min(max((server_round - 1) / (fe.num_rounds - 1), 0.0), 1.0)
+    shape = 1 - progress if fe.lr_decay == "linear" else 0.5 * (1 + math.cos(math.pi * progress))
+    return base * (fe.lr_min_ratio + (1 - fe.lr_min_ratio) * shape)
 
 
 def hospital_rank(config: RunConfig, hospital: int) -> int:

@@ -593,10 +593,29 @@ def model_card(
         body.append(f"| {name} | {sizes.get('train_rows', '–')} | {sizes.get('test_rows', '–')} |")
     final = summary.get("final") or {}
     per_hospital = final.get("per_hospital") or {}
+    selection = summary.get("selection") or {}
+    chosen = selection.get("best") if selection.get("select_best") == "validation" else None
+    intro = "The final global model, on the global test set and on each hospital's local test split:"
+    if chosen:
+        final, per_hospital = chosen, chosen.get("per_hospital") or {}
+        intro = (f"The exported adapter is round {chosen['round']}'s, the best of the run by the hospitals' "
+                 f"validation {selection.get('metric')} ({_pct(selection.get('best_validation'))}, on rows held out "
+                 f"of their training rows; test rows never chose it). On the global test set and on each "
+                 f"hospital's local test split:")
     rows: list[tuple[str, dict[str, Any], Any]] = [("global test set", final.get("global") or {}, summary.get("global_test_rows"))]
     rows += [(name, m, m.get("num-examples")) for name, m in per_hospital.items()]
-    body += ["", "## Results", "", "The final global model, on the global test set and on each hospital's local test split:", ""]
+    body += ["", "## Results", "", intro, ""]
     body += _metrics_table(rows)
+    last = selection.get("last") or {}
+    if chosen and last and last.get("round") != chosen.get("round"):
+        body += ["", (f"The last round ({last['round']}) scored accuracy {_pct((last.get('global') or {}).get('accuracy'))}, "
+                     f"macro-F1 {_pct((last.get('global') or {}).get('macro-f1'))} on the global test set.")]
+    personalized = (summary.get("final") or {}).get("personalized") or {}
+    if personalized:
+        by = (summary.get("final") or {}).get("personalized_by") or "personalized"
+        body += ["", (f"Personalized per hospital ({by}): each hospital's own model on its local test split. "
+                     "These models stay at their hospitals; the exported adapter is the global one above."), ""]
+        body += _metrics_table([(name, m, m.get("num-examples")) for name, m in personalized.items()])
     initial = (summary.get("initial") or {}).get("global")
     if initial:
         body += ["", (f"Before federated training the same global test set scored accuracy {_pct(initial.get('accuracy'))}, "

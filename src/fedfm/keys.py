@@ -23,16 +23,28 @@ SERVER_ROUND = "server-round"
 RUN_CONFIG = "fedfm-config"
 CLIENT_PLANS = "fedfm-client-plans"
 AUDIT = "fedfm-audit"
+#: Train-config entry: this round's local learning rate (federation.lr-decay), chosen by the server.
+LEARNING_RATE = "fedfm-learning-rate"
+#: Evaluate-config entry after the last round: fine-tune the global adapter locally for this many epochs.
+PERSONALIZE_EPOCHS = "fedfm-personalize-epochs"
 
 # MetricRecord entries sent by a hospital.
 NUM_EXAMPLES = "num-examples"
 HOSPITAL_INDEX = "hospital-index"
 TRAIN_LOSS = "train-loss"
 TRAIN_SECONDS = "train-seconds"
+TRAIN_LEARNING_RATE = "train-learning-rate"  # the round's local learning rate the hospital used
 TRAIN_EXAMPLES = "train-examples"  # rows seen in the round (Poisson batches under DP-SGD vary)
 LOSS = "loss"
 ACCURACY = "accuracy"
 MACRO_F1 = "macro-f1"
+
+# Evaluate-reply prefixes: the task's metrics (loss, accuracy, macro-f1, ...) on other rows or another model.
+#: The global adapter on the hospital's validation split (``val-loss``, ...), with its row count.
+VALIDATION_PREFIX = "val-"
+VALIDATION_EXAMPLES = "val-examples"
+#: The hospital's personalized model (its kept parts, or a local fine-tune) on its local test split.
+PERSONALIZED_PREFIX = "personalized-"
 
 # MetricRecord entries of a hospital training with DP-SGD: its ledger after the round.
 DP_EPSILON = "dp-epsilon"

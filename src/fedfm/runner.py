@@ -61,16 +61,34 @@ class RunResult:
         """Folder loadable with ``peft.PeftModel.from_pretrained(base, adapter_dir)``."""
         return self.run_dir / "adapter"
 
+    @property
+    def final_personalized(self) -> dict[str, dict[str, float]]:
+        """Each hospital's personalized model on its local test split (a local fine-tune or its kept parts); may be empty."""
+        return {k: dict(v) for k, v in (self.summary["final"].get("personalized") or {}).items()}
+
     def table(self) -> str:
-        """The final scores as a plain-text table."""
+        """The final scores as a plain-text table: the global adapter, and each hospital's personalized model if any."""
         rows = [("global test", self.final_global)]
         rows += [(name, m) for name, m in self.final_per_hospital.items()]
+        personalized = self.final_personalized
         width = max(len(name) for name, _ in rows)
-        lines = [f"{'':{width}}  {'accuracy':>8}  {'macro-f1':>8}  {'examples':>8}"]
+        header = f"{'':{width}}  {'accuracy':>8}  {'macro-f1':>8}  {'examples':>8}"
+        lines = [header + (f"  {'personalized acc':>16}  {'personalized f1':>15}" if personalized else "")]
         for name, m in rows:
             examples = m.get("num-examples", self.summary.get("global_test_rows", 0) if name == "global test" else 0)
+            line = (f"{name:{width}}  {m.get('accuracy', float('nan')):8.3f}  {m.get('macro-f1', float('nan')):8.3f}"
+                    f"  {int(examples):8d}")
+            if name in personalized:
+                mine = personalized[name]
+                line += f"  {mine.get('accuracy', float('nan')):16.3f}  {mine.get('macro-f1', float('nan')):15.3f}"
+            lines.append(line)
+        selection = self.summary.get("selection") or {}
+        if selection.get("best_round") is not None:
+            best = (selection.get("best") or {}).get("global") or {}
             lines.append(
-                f"{name:{width}}  {m.get('accuracy', float('nan')):8.3f}  {m.get('macro-f1', float('nan')):8.3f}  {int(examples):8d}"
+                f"best round by validation {selection['metric']}: {selection['best_round']} "
+                f"({selection['best_validation']:.4f}; global test accuracy {best.get('accuracy', float('nan')):.3f}); "
+                f"exported adapter: round {selection.get('exported_round')} (select-best {selection.get('select_best')})"
             )
         return "\n".join(lines)
 

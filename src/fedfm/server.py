@@ -11,6 +11,7 @@ import dataclasses
 import logging
 import random
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,13 +22,14 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedfm import export, keys, privacy, secagg, strategies
 from fedfm.adapters import export_adapter, set_adapter_state, set_base_delta
-from fedfm.config import RunConfig, evaluation_due, from_flat, load_config, to_flat, to_json
+from fedfm.config import RunConfig, evaluation_due, from_flat, load_config, round_learning_rate, to_flat, to_json
 from fedfm.errors import CheckpointError, FedfmError
 from fedfm.privacy.accounting import ClientLevelLedger, default_delta, sampled_hospitals
 from fedfm.progress import Progress, progress_display
 from fedfm.rundir import Checkpoint, RunDirectory, default_run_dir, read_checkpoint
 from fedfm.strategies import GuardedStrategy
 from fedfm.strategies.plan import encode_plans
+from fedfm.strategies.selection import BestRound, validation_of
 from fedfm.strategies.state import capture, restore
 from fedfm.train import autocast
 from fedfm.wire import numpy_to_record, record_to_numpy
@@ -72,6 +74,9 @@ class _Recorder:
         self.last = self.started
         self.earlier_seconds = 0.0
         self.client_ledger, self.sampled = _client_level_ledger(config, len(self.names))
+        # Tracked whenever hospitals report validation scores, so select-best may change on resume.
+        self.best = BestRound(metric=config.federation.select_metric, patience=config.federation.patience)
+        self.early_stopped: str | None = None
 
     def server_state(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
         """What a resumed run needs besides the global adapter: strategy, random generators, ledger, history."""
@@ -82,7 +87,10 @@ class _Recorder:
         version, internal, gauss = random.getstate()
         name, keys_, position, has_gauss, cached = np.random.get_state()  # type: ignore[misc]
         arrays["numpy-random"] = np.asarray(keys_)
+        selection, best_arrays = self.best.state_dict()
+        arrays.update(best_arrays)
         state = {
+            "selection": selection,
             "strategy": strategy,
             "python_random": [version, list(internal), gauss],
             "numpy_random": [name, int(position), int(has_gauss), float(cached)],
@@ -98,6 +106,7 @@ class _Recorder:
         self.history = [e for e in self.run_dir.lines() if e["round"] <= checkpoint.server_round]
         self.initial = state.get("initial")
         self.earlier_seconds = float(state.get("seconds", 0.0))
+        self.best.load_state_dict(state.get("selection"), arrays)
         if state.get("client_ledger") is not None and self.client_ledger is not None:
             saved = dict(state["client_ledger"])
             saved["history"] = [tuple(h) for h in saved.get("history", [])]
@@ -153,7 +162,8 @@ class _Recorder:
                 "bytes_up": record.bytes_up.get(index, 0),
                 "bytes_down": bytes_down.get(index, 0),
             }
-        federated = _weighted(record.evaluate)
+        federated = _weighted({i: _plain(m) for i, m in record.evaluate.items()})
+        validation = validation_of(record.evaluate.values())
         privacy = _privacy_of(per_hospital)
         if self.client_ledger is not None:
             if record.train_aggregated:
@@ -171,6 +181,7 @@ class _Recorder:
             "round": server_round,
             "global": central if central is not None else federated,
             "federated": federated,
+            **({"validation": validation} if validation else {}),
             "per_hospital": per_hospital,
             "bytes_up": int(sum(record.bytes_up.values())),
             "bytes_down": int(sum(record.bytes_down.values())),
@@ -184,6 +195,8 @@ class _Recorder:
         self.last = now
         self.history.append(entry)
         self.run_dir.append_round(entry)
+        if validation and self.best.observe(server_round, validation, record_to_numpy(arrays)):
+            logger.info("round %d: best validation %s so far (%.4f)", server_round, self.best.metric, self.best.score)
         state, state_arrays = self.server_state()
         self.run_dir.write_checkpoint(server_round, record_to_numpy(arrays), state=state, state_arrays=state_arrays)
         hospitals = "  ".join(
@@ -195,6 +208,26 @@ class _Recorder:
         )
         self.progress.round_done(entry, total_rounds=self.config.federation.num_rounds, hospitals=len(self.names),
                                  replied=record.train_replies)
+
+
+    def early_stop(self, server_round: int) -> str | None:
+        """Why the run stops after ``server_round`` (``federation.patience``), or None."""
+        self.early_stopped = self.best.stop_reason(server_round, self.config.federation.num_rounds)
+        return self.early_stopped
+
+
+def _plain(metrics: dict[str, float]) -> dict[str, float]:
+    """A hospital's evaluate metrics without its validation and personalized ones (the global adapter on its test rows)."""
+    return {k: v for k, v in metrics.items()
+            if not k.startswith((keys.VALIDATION_PREFIX, keys.PERSONALIZED_PREFIX))}
+
+
+def _with_prefix(metrics: dict[str, float], prefix: str) -> dict[str, float]:
+    """The ``prefix``-ed metrics with the prefix taken off, and the row count they were measured on."""
+    out = {k[len(prefix):]: v for k, v in metrics.items() if k.startswith(prefix)}
+    if out and keys.NUM_EXAMPLES in metrics:
+        out[keys.NUM_EXAMPLES] = metrics[keys.NUM_EXAMPLES]
+    return out
 
 
 def _client_level_ledger(config: RunConfig, num_hospitals: int) -> tuple[ClientLevelLedger | None, int]:
@@ -261,6 +294,8 @@ def load_global(
 _RESUMABLE_CHANGES = (
     "output.", "federation.num-rounds", "federation.round-timeout", "federation.round-retries",
     "federation.num-workers", "federation.threads-per-worker", "attack.failure-rate",
+    # Which tracked round is exported, when to stop, and the fine-tune after the run: not what rounds learn.
+    "federation.select-best", "federation.patience", "federation.personalize-epochs",
 )
 
 
@@ -298,6 +333,14 @@ def resume_point(config: RunConfig, run_dir: Path) -> Checkpoint:
             f"= {config.federation.num_rounds}"
         )
     return checkpoint
+
+
+def round_instructions(config: RunConfig) -> Callable[[int], dict[str, Any]]:
+    """Train-config entries that change with the round: its local learning rate (``federation.lr-decay``).
+
+    A function of the round number alone, so a resumed run continues the same schedule.
+    """
+    return lambda server_round: {keys.LEARNING_RATE: round_learning_rate(config, server_round)}
 
 
 def _build_strategy(config: RunConfig, workspace: Workspace) -> GuardedStrategy:
@@ -398,11 +441,28 @@ def serve(
             train_config=flwr_config,
             evaluate_config=ConfigRecord(dict(flwr_config)),
             evaluate_fn=recorder,
+            stop_fn=recorder.early_stop,
+            round_config=round_instructions(config),
         )
         final_arrays = record_to_numpy(final)
-        if stopped:
+        if stopped and recorder.early_stopped:
+            logger.info("the run stopped early: %s", stopped)
+        elif stopped:
             logger.error("the run stopped early: %s; resume it with: fedfm run --resume %s", stopped, run_dir)
+    last = recorder.history[-1] if recorder.history else {}
+    last_round = int(last.get("round", checkpoint.server_round if checkpoint is not None else 0))
+    exported_round = last_round
+    if config.federation.select_best == "validation" and recorder.best.arrays is not None:
+        exported_round, final_arrays = int(recorder.best.round), recorder.best.arrays  # type: ignore[arg-type]
+        logger.info("exporting round %d's adapter: best validation %s %.4f (the last round was %d)",
+                    exported_round, recorder.best.metric, recorder.best.score, last_round)
     audit = run_audit(grid, config, final_arrays, flwr_config, workspace.hospital_names) if config.privacy.audit else None
+    personalized = (
+        run_personalization(grid, config, final_arrays, flwr_config, workspace.hospital_names, server_round=last_round)
+        if config.federation.personalize_epochs > 0
+        else {name: p for name, v in last.get("per_hospital", {}).items()
+              if (p := _with_prefix(v["evaluate"], keys.PERSONALIZED_PREFIX))}
+    )
     final_state, fold = load_global(workspace, config, final_arrays)
     export_adapter(
         workspace.loaded,
@@ -411,16 +471,25 @@ def serve(
         merged_dir=directory.merged_dir if config.output.merged_model else None,
         fold=fold,
     )
-    last = recorder.history[-1] if recorder.history else {}
     summary = {
         "rounds": len(recorder.history),
         "stopped": stopped,
+        "early_stopped": bool(stopped and recorder.early_stopped),
+        "best_round": recorder.best.round,
+        "selection": _selection_summary(config, recorder.history, recorder.best, exported_round),
         "resumed_from": checkpoint.server_round if checkpoint is not None else None,
         "initial": {"global": recorder.initial},
         "final": {
             "global": last.get("global", {}),
             "federated": last.get("federated", {}),
             "per_hospital": {name: v["evaluate"] for name, v in last.get("per_hospital", {}).items()},
+            # Each hospital's own model on its local test rows: a local fine-tune of the exported adapter
+            # (federation.personalize-epochs), else the strategy's kept parts (FedSA-LoRA's B); {} for neither.
+            "personalized": personalized,
+            "personalized_by": (
+                f"fine-tune ({config.federation.personalize_epochs} epoch(s))"
+                if config.federation.personalize_epochs > 0 else "kept parts" if personalized else None
+            ),
         },
         "hospitals": _hospital_rows(config, workspace, recorder.history),
         "global_test_rows": len(workspace.federation.global_test),
@@ -458,6 +527,39 @@ def serve(
     return summary
 
 
+def _selection_summary(
+    config: RunConfig, history: list[dict[str, Any]], best: BestRound, exported_round: int
+) -> dict[str, Any]:
+    """Which round was exported and why; the best (by validation) and last rounds' test scores, side by side."""
+    by_round = {e["round"]: e for e in history}
+
+    def scores(server_round: int | None) -> dict[str, Any] | None:
+        entry = by_round.get(server_round)
+        if entry is None:
+            return None
+        return {
+            "round": server_round,
+            "validation": entry.get("validation", {}),
+            "global": entry.get("global", {}),
+            "federated": entry.get("federated", {}),
+            "per_hospital": {name: _plain(v["evaluate"]) for name, v in entry.get("per_hospital", {}).items()},
+        }
+
+    return {
+        "select_best": config.federation.select_best,
+        "metric": best.metric,
+        "patience": config.federation.patience,
+        "best_round": best.round,
+        "best_validation": best.score,
+        "exported_round": exported_round,
+        "validation_by_round": {
+            str(e["round"]): e["validation"].get(best.metric) for e in history if e.get("validation")
+        },
+        "best": scores(best.round),
+        "last": scores(history[-1]["round"]) if history else None,
+    }
+
+
 def _hospital_rows(config: RunConfig, workspace: Workspace, history: list[dict[str, Any]]) -> dict[str, Any]:
     """Each hospital's train and test rows: as the hospitals reported them in a deployment, else the federation's.
 
@@ -466,7 +568,9 @@ def _hospital_rows(config: RunConfig, workspace: Workspace, history: list[dict[s
     """
     hospitals = workspace.federation.hospitals
     if not config.data.hospitals:
-        return {h.name: {"train_rows": len(h.train), "test_rows": len(h.test)} for h in hospitals}
+        return {h.name: {"train_rows": len(h.train), "test_rows": len(h.test),
+                         **({"validation_rows": len(h.validation)} if h.validation is not None else {})}
+                for h in hospitals}
     rows: dict[str, dict[str, int | None]] = {h.name: {"train_rows": None, "test_rows": None} for h in hospitals}
     for entry in history:
         for name, replies in entry["per_hospital"].items():
@@ -488,13 +592,11 @@ def _sent_by_hospital(strategy: GuardedStrategy, history: list[dict[str, Any]], 
     return sent
 
 
-def run_audit(
-    grid: Grid, config: RunConfig, arrays: dict[str, np.ndarray], flwr_config: ConfigRecord, names: list[str]
-) -> dict[str, Any]:
-    """Ask every hospital for the membership-inference AUC of the final model on its own rows."""
-    instructions = {
-        **dict(flwr_config), keys.SERVER_ROUND: config.federation.num_rounds, keys.AUDIT: True,
-    }
+def _ask_every_hospital(
+    grid: Grid, config: RunConfig, arrays: dict[str, np.ndarray], instructions: dict[str, Any], names: list[str],
+    what: str,
+) -> list[tuple[str, Any]]:
+    """One evaluate-type message with ``arrays`` to every node; (hospital name, reply metrics) of each success."""
     messages = [
         Message(
             RecordDict({keys.ARRAYS: numpy_to_record(arrays), keys.CONFIG: ConfigRecord(dict(instructions))}),
@@ -503,23 +605,64 @@ def run_audit(
         )
         for node in grid.get_node_ids()
     ]
-    hospitals: dict[str, dict[str, float]] = {}
+    answers = []
     for reply in grid.send_and_receive(messages, timeout=config.federation.round_timeout):
         if reply.has_error():
-            logger.warning("privacy audit: node %d failed: %s", reply.metadata.src_node_id, reply.error.reason)
+            logger.warning("%s: node %d failed: %s", what, reply.metadata.src_node_id, reply.error.reason)
             continue
         metrics = reply.content[keys.METRICS]
         index = int(metrics[keys.HOSPITAL_INDEX])  # type: ignore[arg-type]
-        hospitals[names[index] if 0 <= index < len(names) else f"hospital-{index}"] = {
-            "auc": float(metrics[keys.AUDIT_AUC]),  # type: ignore[arg-type]
-            "members": int(metrics[keys.AUDIT_MEMBERS]),  # type: ignore[arg-type]
-            "nonmembers": int(metrics[keys.AUDIT_NONMEMBERS]),  # type: ignore[arg-type]
+        answers.append((names[index] if 0 <= index < len(names) else f"hospital-{index}", metrics))
+    return answers
+
+
+def run_audit(
+    grid: Grid, config: RunConfig, arrays: dict[str, np.ndarray], flwr_config: ConfigRecord, names: list[str]
+) -> dict[str, Any]:
+    """Ask every hospital for the membership-inference AUC of the final model on its own rows."""
+    instructions = {
+        **dict(flwr_config), keys.SERVER_ROUND: config.federation.num_rounds, keys.AUDIT: True,
+    }
+    hospitals: dict[str, dict[str, float]] = {}
+    for name, metrics in _ask_every_hospital(grid, config, arrays, instructions, names, "privacy audit"):
+        hospitals[name] = {
+            "auc": float(metrics[keys.AUDIT_AUC]),
+            "members": int(metrics[keys.AUDIT_MEMBERS]),
+            "nonmembers": int(metrics[keys.AUDIT_NONMEMBERS]),
         }
     hospitals = dict(sorted(hospitals.items()))
     aucs = [v["auc"] for v in hospitals.values() if np.isfinite(v["auc"])]
     logger.info("privacy audit: membership-inference AUC %s (0.5 = nothing visible)",
                 "  ".join(f"{name} {v['auc']:.3f}" for name, v in hospitals.items()))
     return {"attack": "loss threshold", "hospitals": hospitals, "mean_auc": float(np.mean(aucs)) if aucs else None}
+
+
+def run_personalization(
+    grid: Grid, config: RunConfig, arrays: dict[str, np.ndarray], flwr_config: ConfigRecord, names: list[str],
+    *, server_round: int,
+) -> dict[str, dict[str, float]]:
+    """Ask every hospital to fine-tune ``arrays`` on its own training rows and score it on its local test rows.
+
+    Each hospital trains ``federation.personalize-epochs`` epochs from the exported
+    adapter (with its kept parts, if its strategy keeps any) and replies only the
+    scores; the personalized tensors never leave it.
+
+    Returns
+    -------
+    dict
+        Hospital name to its personalized metrics (``accuracy``, ``macro-f1``, ``loss``, ``num-examples``, ...).
+    """
+    instructions = {
+        **dict(flwr_config), keys.SERVER_ROUND: server_round,
+        keys.PERSONALIZE_EPOCHS: config.federation.personalize_epochs,
+    }
+    hospitals: dict[str, dict[str, float]] = {}
+    for name, metrics in _ask_every_hospital(grid, config, arrays, instructions, names, "personalization"):
+        hospitals[name] = _with_prefix({k: float(v) for k, v in metrics.items()}, keys.PERSONALIZED_PREFIX)
+    hospitals = dict(sorted(hospitals.items()))
+    logger.info("personalized (%d local epoch(s)): %s", config.federation.personalize_epochs,
+                "  ".join(f"{name} {_fmt(m)}" for name, m in hospitals.items()))
+    return hospitals
 
 
 def make_server_app(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -13,6 +14,7 @@ import torch
 from datasets import Dataset
 
 from fedfm.config import TrainSpec
+from fedfm.errors import ConfigError
 from fedfm.privacy.dpsgd import DpSgd, empty_step, micro_batches, poisson_batches, private_training, secret_rng
 from fedfm.tasks import Task
 
@@ -25,6 +27,8 @@ class TrainResult:
     steps: int
     examples: int
     seconds: float
+    #: The round's peak local learning rate (the schedule's value after warm-up).
+    learning_rate: float = 0.0
 
 
 def autocast(device: torch.device, dtype: str) -> contextlib.AbstractContextManager[Any]:
@@ -65,18 +69,111 @@ def bucketed_batches(lengths: list[int], batch_size: int, rng: np.random.Generat
     return batches
 
 
-def _batches(lengths: list[int], spec: TrainSpec, rng: np.random.Generator) -> Iterator[list[int]]:
+def _batches(lengths: list[int], spec: TrainSpec, rng: np.random.Generator) -> Iterator[list[list[int]]]:
+    """Each optimizer step's batches: ``gradient-accumulation`` batches of ``batch-size`` rows (fewer at the end)."""
+    accumulate = spec.gradient_accumulation
+    if not lengths:
+        return
     if spec.local_steps > 0:
+        group: list[list[int]] = []
         steps = 0
         while True:
             for batch in bucketed_batches(lengths, spec.batch_size, rng):
-                yield batch
-                steps += 1
-                if steps >= spec.local_steps:
-                    return
+                group.append(batch)
+                if len(group) == accumulate:
+                    yield group
+                    group, steps = [], steps + 1
+                    if steps >= spec.local_steps:
+                        return
     else:
-        for _ in range(spec.local_epochs):
-            yield from bucketed_batches(lengths, spec.batch_size, rng)
+        batches = [b for _ in range(spec.local_epochs) for b in bucketed_batches(lengths, spec.batch_size, rng)]
+        for start in range(0, len(batches), accumulate):
+            yield batches[start : start + accumulate]
+
+
+def planned_steps(num_rows: int, spec: TrainSpec) -> int:
+    """Optimizer steps of one round without DP-SGD: ``local-steps``, or the accumulated batches of the epochs."""
+    if spec.local_steps > 0:
+        return spec.local_steps
+    batches = spec.local_epochs * math.ceil(num_rows / spec.batch_size)
+    return math.ceil(batches / spec.gradient_accumulation)
+
+
+def warmup_steps(total: int, ratio: float) -> int:
+    """Warm-up steps of a round of ``total`` optimizer steps: ``ratio`` of them, rounded up (0 when ratio is 0)."""
+    return min(total, math.ceil(ratio * total)) if ratio > 0 else 0
+
+
+def lr_factor(step: int, total: int, *, schedule: str, warmup_ratio: float) -> float:
+    """Multiplier of the learning rate at optimizer step ``step`` (0-based) of ``total`` in one round.
+
+    Linear warm-up over the first ``warmup_steps(total, warmup_ratio)`` steps
+    (the first step already moves: ``1/(W+1)``), then ``constant``, or
+    ``linear`` / ``cosine`` decay towards 0 that never reaches it on the last step.
+
+    Parameters
+    ----------
+    step : int
+        The optimizer step about to be taken, from 0.
+    total : int
+        Optimizer steps in the round.
+    schedule : str
+        ``constant``, ``linear`` or ``cosine`` (``train.lr-schedule``).
+    warmup_ratio : float
+        ``train.warmup-ratio``.
+
+    Returns
+    -------
+    float
+        In (0, 1].
+    """
+    warm = warmup_steps(total, warmup_ratio)
+    if step < warm:
+        return (step + 1) / (warm + 1)
+    if schedule == "constant" or total <= warm:
+        return 1.0
+    progress = (step - warm) / (total - warm)
+    if schedule == "linear":
+        return 1.0 - progress
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def balanced_class_weights(labels: list[int] | np.ndarray, num_classes: int) -> np.ndarray:
+    """``N / (K x N_c)`` per class from one hospital's own training labels (sklearn's "balanced").
+
+    ``K`` counts the classes present, so the weights average to exactly 1 over
+    the rows and the loss keeps its scale; absent classes get weight 1 (they
+    never occur in this hospital's loss).
+
+    Parameters
+    ----------
+    labels : array of int
+        The hospital's training labels.
+    num_classes : int
+        Classes of the model's head.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``num_classes`` float32 weights.
+    """
+    counts = np.bincount(np.asarray(labels, dtype=np.int64), minlength=num_classes).astype(np.float64)
+    present = counts > 0
+    weights = np.ones(num_classes)
+    weights[present] = counts.sum() / (present.sum() * counts[present])
+    return weights.astype(np.float32)
+
+
+def _class_weights(model: torch.nn.Module, task: Task, dataset: Dataset, spec: TrainSpec) -> torch.Tensor | None:
+    if spec.class_weights == "none":
+        return None
+    key = getattr(task, "class_weights_key", None)
+    if key is None:
+        raise ConfigError(f"`train.class-weights` {spec.class_weights!r} is not supported by task {task.name!r}; use 'none'")
+    labels = np.asarray(dataset["labels"], dtype=np.int64)
+    config = getattr(model, "config", None)
+    num_classes = int(getattr(config, "num_labels", 0) or (labels.max() + 1 if labels.size else 1))
+    return torch.from_numpy(balanced_class_weights(labels, num_classes))
 
 
 def _rank_masks(named: list[tuple[str, torch.nn.Parameter]], rank: int) -> dict[torch.nn.Parameter, torch.Tensor]:
@@ -146,7 +243,16 @@ def train_local(
         each example's gradient clipped to ``dp.max_grad_norm``, Gaussian noise
         added; ``spec``'s epochs, steps and clipping are then not used. The
         proximal term and rank masks act on the noised gradient (they do not
-        read data, so the guarantee holds).
+        read data, so the guarantee holds), as does the learning-rate schedule.
+        Gradient accumulation and class weights are refused under DP-SGD.
+
+    Notes
+    -----
+    ``spec.learning_rate`` is the round's rate (the client puts in the rate
+    the server sent for the round); ``train.lr-schedule`` and
+    ``train.warmup-ratio`` shape it over this call's optimizer steps, since
+    the optimizer starts afresh every round. A step's loss is the mean over
+    all its rows, whether they ran as one batch or as accumulated batches.
 
     Returns
     -------
@@ -154,6 +260,16 @@ def train_local(
         Mean loss, steps, examples seen and seconds.
     """
     start = time.perf_counter()
+    if dp is not None and spec.gradient_accumulation > 1:
+        raise ConfigError(
+            f"`train.gradient-accumulation` must be 1 with DP-SGD, got {spec.gradient_accumulation}: raise "
+            f"`privacy.batch-size` instead (Poisson batches of that size, run as forward passes of train.batch-size)"
+        )
+    if dp is not None and spec.class_weights != "none":
+        raise ConfigError(
+            f"`train.class-weights` must be 'none' with DP-SGD, got {spec.class_weights!r}: balanced weights come "
+            f"from the hospital's label counts, which per-example clipping does not protect"
+        )
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
@@ -164,6 +280,8 @@ def train_local(
     anchor = [p.detach().clone() for p in params] if proximal_mu > 0 else []
     collate = task.collate(tokenizer)
     lengths = [len(ids) for ids in dataset["input_ids"]]
+    weights = _class_weights(model, task, dataset, spec)
+    total = dp.steps if dp is not None else planned_steps(len(lengths), spec)
     losses: list[float] = []
     steps = examples = 0
 
@@ -187,23 +305,34 @@ def train_local(
                 forward, optimizer = stack.enter_context(
                     private_training(model, optimizer, dp, len(lengths), after_noise=adjust_gradients)
                 )
-                batches: Iterator[list[int]] = poisson_batches(len(lengths), dp.sample_rate, dp.steps, secret_rng())
+                poisson = poisson_batches(len(lengths), dp.sample_rate, dp.steps, secret_rng())
+                # DP: a Poisson batch may exceed train.batch-size; it runs as sorted micro-batches.
+                groups: Iterator[list[list[int]]] = (
+                    micro_batches(indices, lengths, spec.batch_size) for indices in poisson
+                )
             else:
-                batches = _batches(lengths, spec, rng)
-            for indices in batches:
+                groups = _batches(lengths, spec, rng)
+            for chunks in groups:
+                for group in optimizer.param_groups:
+                    group["lr"] = spec.learning_rate * lr_factor(
+                        steps, total, schedule=spec.lr_schedule, warmup_ratio=spec.warmup_ratio
+                    )
                 optimizer.zero_grad(set_to_none=True)
                 steps += 1
-                if not indices:
+                if not chunks:
                     empty_step(optimizer)
                     continue
-                # DP: a Poisson batch may exceed train.batch-size; it runs as sorted micro-batches.
-                chunks = micro_batches(indices, lengths, spec.batch_size) if dp is not None else [indices]
+                rows = sum(len(chunk) for chunk in chunks)
                 for chunk in chunks:
                     batch = collate([dataset[i] for i in chunk])
                     batch = {k: v.to(device) for k, v in batch.items()}
+                    if weights is not None:
+                        batch[task.class_weights_key] = weights.to(device)  # type: ignore[attr-defined]
                     with autocast(device, dtype):
                         loss = task.loss(forward, batch)
-                    loss.backward()
+                    # Accumulated batches: each weighted by its share of the step's rows. Under DP
+                    # each forward pass keeps its own mean (Opacus undoes it per pass; see dpsgd.py).
+                    (loss if dp is not None else loss * (len(chunk) / rows)).backward()
                     losses.append(float(loss.detach()) * len(chunk))
                     examples += len(chunk)
                 if dp is None:
@@ -220,4 +349,5 @@ def train_local(
         steps=steps,
         examples=examples,
         seconds=time.perf_counter() - start,
+        learning_rate=spec.learning_rate,
     )

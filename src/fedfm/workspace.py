@@ -74,6 +74,8 @@ def federation_for(data: DataSpec) -> Federation:
                 seed=data.seed,
                 max_train_per_hospital=data.max_train_per_hospital or None,
                 max_test=data.max_test or None,
+                context=data.context,
+                validation_fraction=data.validation_fraction,
             )
         return _FEDERATIONS[data]
 
@@ -103,7 +105,8 @@ class Workspace:
         return self.node.name if self.node is not None else self.hospital_names[index]
 
     def hospital_rows(self, split: str, index: int) -> Dataset:
-        """Tokenized rows of hospital ``index`` (``split`` is ``train`` or ``test``), or of the global test set (index -1).
+        """Tokenized rows of hospital ``index`` (``split`` is ``train``, ``test`` or ``validation``), or of the global
+        test set (index -1). A hospital without a validation split has no ``validation`` rows.
 
         On a SuperNode with its own file, the rows of that file whatever the index.
         """
@@ -121,7 +124,10 @@ class Workspace:
                             f"{len(self.federation.hospitals)} hospitals {self.hospital_names}"
                         )
                     hospital = self.federation.hospitals[index]
-                    raw = hospital.train if split == "train" else hospital.test
+                    if split == "validation":
+                        raw = hospital.validation if hospital.validation is not None else hospital.test.select([])
+                    else:
+                        raw = hospital.train if split == "train" else hospital.test
                 self._tokenized[key] = self.task.tokenize(
                     raw, self.loaded.tokenizer, max_length=self.config.model.max_length
                 )
@@ -146,6 +152,7 @@ def node_federation_for(data: DataSpec, node: NodeData) -> Federation:
                 seed=data.seed,
                 max_train_per_hospital=data.max_train_per_hospital or None,
                 max_test=data.max_test or None,
+                validation_fraction=data.validation_fraction,
             )
         return _NODE_FEDERATIONS[key]
 

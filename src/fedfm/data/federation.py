@@ -13,7 +13,8 @@ from datasets import Dataset, concatenate_datasets
 
 from fedfm.data._cache import LruCache
 from fedfm.data.base import SourceData, is_count
-from fedfm.data.partitioners import known_partitioners, partition
+from fedfm.data.partitioners import keep_groups_together, known_partitioners, partition
+from fedfm.data.piboso import ABSTRACT_COLUMN, CONTEXT_MODES, add_context, group_split, has_abstracts
 from fedfm.errors import ConfigError, DataError
 
 
@@ -29,11 +30,15 @@ class HospitalData:
         Rows the hospital trains on.
     test : datasets.Dataset
         Rows the hospital evaluates on locally (may be empty for a one-row hospital).
+    validation : datasets.Dataset or None
+        Rows held out of ``train`` to score the global adapter on and pick the best
+        round (``data.validation-fraction``); None without a validation split.
     """
 
     name: str
     train: Dataset
     test: Dataset
+    validation: Dataset | None = None
 
 
 @dataclass(frozen=True)
@@ -132,8 +137,15 @@ def split_hospital(
     seed: int,
     max_train_per_hospital: int | None = None,
     max_test: int | None = None,
+    context: str = "none",
+    validation_fraction: float = 0.0,
 ) -> HospitalData:
     """One hospital's rows split into local train and test (stratified), then capped.
+
+    With ``context`` other than ``"none"``, rows split into abstracts
+    (``abstract_id``, ``position``, ``num_sentences``) are split by whole abstracts
+    instead, so that no abstract has sentences on both sides, and each side's
+    ``context`` is built from that side's own rows before the caps.
 
     Parameters
     ----------
@@ -149,19 +161,54 @@ def split_hospital(
         Seed of the split and the caps.
     max_train_per_hospital, max_test : int or None
         Keep at most this many train / test rows (a seeded sample).
+    context : str
+        ``data.context``: ``"none"``, ``"position"``, ``"neighbours"`` or ``"both"``
+        (see :func:`fedfm.data.piboso.add_context`).
+    validation_fraction : float
+        Share of the train rows (after the test split) held out as the validation
+        split, stratified (by whole abstracts where rows have them) and capped at
+        ``max_test``; 0 keeps none. Never taken from the test rows.
 
     Returns
     -------
     HospitalData
         The hospital.
     """
-    train_rows, test_rows = split_rows(list(rows["label"]), test_fraction, _rng(seed, 0, index))
+    # Whole abstracts only when sentences carry their neighbours: otherwise a test
+    # sentence's text would reach training as a neighbour's context. Without
+    # context, rows are split one by one, as the label-skew benchmarks were measured.
+    grouped = context != "none" and has_abstracts(rows)
+    if grouped:
+        train_rows, test_rows = group_split(list(rows[ABSTRACT_COLUMN]), test_fraction, _rng(seed, 0, index))
+    else:
+        train_rows, test_rows = split_rows(list(rows["label"]), test_fraction, _rng(seed, 0, index))
+    train_rows, validation_rows = _carve_validation(
+        rows, train_rows, validation_fraction, _rng(seed, 3, index), grouped=grouped
+    )
     capper = _rng(seed, 1, index)
     return HospitalData(
         name=name,
-        train=_cap(rows.select(train_rows), max_train_per_hospital, capper),
-        test=_cap(rows.select(test_rows), max_test, capper),
+        train=_cap(add_context(rows.select(train_rows), context), max_train_per_hospital, capper),
+        test=_cap(add_context(rows.select(test_rows), context), max_test, capper),
+        validation=(
+            _cap(add_context(rows.select(validation_rows), context), max_test, _rng(seed, 4, index))
+            if validation_fraction > 0 else None
+        ),
     )
+
+
+def _carve_validation(
+    rows: Dataset, train_rows: list[int], fraction: float, rng: np.random.Generator, *, grouped: bool
+) -> tuple[list[int], list[int]]:
+    """Train row numbers split into (train, validation), by the same rules as the test split."""
+    if fraction <= 0:
+        return train_rows, []
+    train = rows.select(train_rows)
+    if grouped:
+        keep, held = group_split(list(train[ABSTRACT_COLUMN]), fraction, rng)
+    else:
+        keep, held = split_rows(list(train["label"]), fraction, rng)
+    return [train_rows[i] for i in keep], [train_rows[i] for i in held]
 
 
 def _quotas(counts: np.ndarray, n_test: int) -> np.ndarray:
@@ -221,8 +268,14 @@ def _check(
     seed: int,
     max_train_per_hospital: int | None,
     max_test: int | None,
+    context: str = "none",
+    validation_fraction: float = 0.0,
 ) -> None:
     problems = []
+    if not (isinstance(validation_fraction, (int, float)) and 0 <= validation_fraction < 1):
+        problems.append(f"`validation_fraction` must be in [0, 1), got {validation_fraction!r}")
+    if context not in CONTEXT_MODES:
+        problems.append(f"`context` must be one of {list(CONTEXT_MODES)}, got {context!r}")
     if partitioner not in known_partitioners():
         problems.append(f"`partitioner` must be one of {known_partitioners()}, got {partitioner!r}")
     if partitioner != "natural" and not is_count(num_hospitals, 1):
@@ -251,8 +304,15 @@ def build_federation(
     seed: int = 0,
     max_train_per_hospital: int | None = None,
     max_test: int | None = None,
+    context: str = "none",
+    validation_fraction: float = 0.0,
 ) -> Federation:
     """Partition a source's train rows into hospitals, each with a local train/test split.
+
+    With ``context`` other than ``"none"``, sources split into abstracts
+    (NICTA-PIBOSO) keep each abstract whole: in one hospital
+    (:func:`fedfm.data.partitioners.keep_groups_together`) and on one side of its
+    local split, so no neighbour's text crosses from test to train.
 
     Deterministic (same arguments, same federation) and cached per process, so
     every simulated hospital can build the federation and take its own entry.
@@ -278,13 +338,27 @@ def build_federation(
         Keep at most this many train rows per hospital (a seeded sample).
     max_test : int or None
         Keep at most this many rows in each local test split and in ``global_test``.
+    context : str
+        What each sentence is classified with (``data.context``): ``"none"``,
+        ``"position"``, ``"neighbours"`` or ``"both"``; other than ``"none"`` only
+        for sources split into abstracts. Built inside each hospital from its own
+        rows, and for the global test set from the test abstracts.
+    validation_fraction : float
+        Share of each hospital's train rows held out as its validation split
+        (:func:`split_hospital`); 0 keeps none.
 
     Returns
     -------
     Federation
         The hospitals and the global test set.
     """
-    _check(partitioner, num_hospitals, alpha, test_fraction, seed, max_train_per_hospital, max_test)
+    _check(partitioner, num_hospitals, alpha, test_fraction, seed, max_train_per_hospital, max_test, context,
+           validation_fraction)
+    if context != "none" and not has_abstracts(source.train):
+        raise ConfigError(
+            f"`data.context` {context!r} needs a dataset split into abstracts (nicta_piboso); "
+            f"{source.name!r} has none. Use `data.context = \"none\"`."
+        )
     if partitioner == "natural":
         column = column if column is not None else source.natural_column
         if column is None:
@@ -302,6 +376,8 @@ def build_federation(
         seed,
         max_train_per_hospital,
         max_test,
+        context,
+        validation_fraction,
     )
     return _CACHE.get_or_build(
         key,
@@ -315,6 +391,8 @@ def build_federation(
             int(seed),
             max_train_per_hospital,
             max_test,
+            context,
+            float(validation_fraction),
         ),
     )
 
@@ -329,6 +407,8 @@ def _build(
     seed: int,
     max_train: int | None,
     max_test: int | None,
+    context: str = "none",
+    validation_fraction: float = 0.0,
 ) -> Federation:
     parts = partition(
         source.train,
@@ -338,6 +418,8 @@ def _build(
         alpha=alpha,
         column=column,
     )
+    if context != "none" and has_abstracts(source.train):
+        parts = keep_groups_together(source.train, parts, column=ABSTRACT_COLUMN, seed=seed)
     hospitals = []
     for index, (name, rows) in enumerate(parts):
         if len(rows) == 0:
@@ -348,8 +430,13 @@ def _build(
         hospitals.append(
             split_hospital(
                 name, rows, index=index, test_fraction=test_fraction, seed=seed,
-                max_train_per_hospital=max_train, max_test=max_test,
+                max_train_per_hospital=max_train, max_test=max_test, context=context,
+                validation_fraction=validation_fraction,
             )
         )
-    pooled = source.test if source.test is not None else concatenate_datasets([h.test for h in hospitals])
+    pooled = (
+        add_context(source.test, context)
+        if source.test is not None
+        else concatenate_datasets([h.test for h in hospitals])
+    )
     return Federation(source=source, hospitals=hospitals, global_test=cap_global_test(pooled, max_test, seed))

@@ -142,6 +142,7 @@ def node_federation(
     seed: int = 0,
     max_train_per_hospital: int | None = None,
     max_test: int | None = None,
+    validation_fraction: float = 0.0,
 ) -> Federation:
     """The one-hospital federation a SuperNode sees: its own file, split into local train and test.
 
@@ -166,6 +167,8 @@ def node_federation(
         Seed of the split and the caps.
     max_train_per_hospital, max_test : int or None
         Caps on the train and test rows.
+    validation_fraction : float
+        Share of the train rows held out as the hospital's validation split; 0 keeps none.
 
     Returns
     -------
@@ -176,7 +179,7 @@ def node_federation(
                          label_names=label_names)
     hospital = split_hospital(
         node.name, source.train, index=0, test_fraction=test_fraction, seed=seed,
-        max_train_per_hospital=max_train_per_hospital, max_test=max_test,
+        max_train_per_hospital=max_train_per_hospital, max_test=max_test, validation_fraction=validation_fraction,
     )
     if len(hospital.train) == 0:
         raise DataError(f"{node.path} (node config `{DATA_PATH}`) has no rows to train on")

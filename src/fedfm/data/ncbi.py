@@ -113,8 +113,9 @@ def load_ncbi_disease(request: SourceRequest) -> SourceData:
     """Load NCBI-disease: ``train.tsv`` as train, ``test.tsv`` as the official test.
 
     ``devel.tsv`` is read for its tags only (so the vocabulary is the corpus's)
-    and otherwise left out: fedfm has no validation split (each hospital keeps a
-    local test split), and the published anchors train on the train split.
+    and otherwise left out: a hospital's validation rows come from its own
+    training rows (``data.validation-fraction``), and the published anchors
+    train on the train split.
     The files carry no abstract ids, so hospitals are built from sentences.
 
     Parameters

@@ -317,6 +317,52 @@ def _top_up(assignment: list[list[int]], floor: int, rng: np.random.Generator) -
         moved += 1
 
 
+def keep_groups_together(dataset: Dataset, parts: list[Partition], *, column: str, seed: int) -> list[Partition]:
+    """Move rows so that all rows sharing a value of ``column`` (an abstract) are in one partition.
+
+    Partitioners deal single rows; a hospital holds whole documents. Each group
+    goes to one of the partitions that got some of its rows, drawn with
+    probability proportional to how many it got, so every partition keeps its
+    expected size and leans towards the same labels as before. A partition left
+    with fewer than two groups takes the groups it held the largest share of from
+    partitions that own more than two (when there are enough groups).
+
+    Parameters
+    ----------
+    dataset : datasets.Dataset
+        The rows that were partitioned.
+    parts : list[Partition]
+        The partitions of ``dataset`` (every row in exactly one).
+    column : str
+        The group column, e.g. ``"abstract_id"``.
+    seed : int
+        Seed of the draws.
+
+    Returns
+    -------
+    list[Partition]
+        Same names and order; every group in exactly one partition.
+    """
+    counts: dict[str, np.ndarray] = {}
+    for k, part in enumerate(parts):
+        for g in _column_values(part.rows, column, "group column"):
+            counts.setdefault(str(g), np.zeros(len(parts), dtype=int))[k] += 1
+    rng = np.random.default_rng(seed)
+    owner = {g: int(rng.choice(len(parts), p=c / c.sum())) for g, c in sorted(counts.items())}
+    # Two groups each where there are enough, so every hospital can keep one for its local test split.
+    floor = min(2, len(counts) // len(parts))
+    for k in range(len(parts)):
+        while (owned := np.bincount(list(owner.values()), minlength=len(parts)))[k] < floor:
+            movable = [g for g, o in owner.items() if owned[o] > floor]
+            if not movable:
+                break
+            owner[max(movable, key=lambda g: (counts[g][k] / counts[g].sum(), g))] = k
+    rows_of: list[list[int]] = [[] for _ in parts]
+    for i, g in enumerate(_column_values(dataset, column, "group column")):
+        rows_of[owner[str(g)]].append(i)
+    return [Partition(part.name, dataset.select(rows)) for part, rows in zip(parts, rows_of, strict=True)]
+
+
 def natural_partition(
     dataset: Dataset,
     *,

@@ -7,15 +7,28 @@ single-label files from Jin & Szolovits, EMNLP 2018.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import datasets
+import numpy as np
 
 from fedfm.data.base import CLASSIFICATION, SourceData, SourceRequest
 from fedfm.data.paths import data_file
 from fedfm.errors import DataError
 
 LABEL_NAMES = ["background", "intervention", "other", "outcome", "population", "study design"]
+
+#: Values of ``data.context``: what a sentence is classified together with.
+CONTEXT_MODES = ("none", "position", "neighbours", "both")
+#: The column naming a row's abstract: rows sharing it stay in one hospital and on one side of its split.
+ABSTRACT_COLUMN = "abstract_id"
+#: The column :func:`add_context` writes; sequence classification encodes it as the second text of a pair.
+CONTEXT_COLUMN = "context"
+_ABSTRACT_COLUMNS = (ABSTRACT_COLUMN, "position", "num_sentences")
+# Plain words rather than new special tokens: the tokenizer and the frozen
+# embeddings already know them, and nothing has to be added to the model.
+_START, _END = "start of abstract", "end of abstract"
 
 
 def parse_piboso(path: Path) -> dict[str, list]:
@@ -93,3 +106,142 @@ def load_piboso(request: SourceRequest) -> SourceData:
         label_names=list(LABEL_NAMES),
         natural_column=None,
     )
+
+
+def has_abstracts(rows: datasets.Dataset) -> bool:
+    """Whether ``rows`` carry the abstract structure :func:`add_context` needs.
+
+    Parameters
+    ----------
+    rows : datasets.Dataset
+        Any rows.
+
+    Returns
+    -------
+    bool
+        True when the columns ``abstract_id``, ``position`` and ``num_sentences`` are present.
+    """
+    return all(c in rows.column_names for c in _ABSTRACT_COLUMNS)
+
+
+def context_text(
+    position: int, num_sentences: int, previous: str | None, following: str | None, *, mode: str
+) -> str:
+    """The context of one sentence, as the second text of a (sentence, context) pair.
+
+    Parameters
+    ----------
+    position : int
+        0-based index of the sentence in its abstract.
+    num_sentences : int
+        Sentences in the abstract.
+    previous, following : str or None
+        The neighbouring sentences; ``None`` at the start / end of the abstract.
+    mode : str
+        ``"position"``, ``"neighbours"`` or ``"both"`` (``"none"`` gives ``""``).
+
+    Returns
+    -------
+    str
+        E.g. ``"sentence 3 of 9. before: ... after: ..."``. The position comes
+        first and the following sentence last, so a truncated context loses the
+        end of the following sentence first.
+    """
+    if mode not in CONTEXT_MODES:
+        raise DataError(f"`data.context` must be one of {list(CONTEXT_MODES)}, got {mode!r}")
+    parts = []
+    if mode in ("position", "both"):
+        parts.append(f"sentence {position + 1} of {num_sentences}.")
+    if mode in ("neighbours", "both"):
+        parts.append(f"before: {previous if previous is not None else _START}")
+        parts.append(f"after: {following if following is not None else _END}")
+    return " ".join(parts)
+
+
+def add_context(rows: datasets.Dataset, mode: str) -> datasets.Dataset:
+    """Add a ``context`` column built from ``rows`` alone (one hospital's split, or the test set).
+
+    A neighbour is the row of the same abstract one position before or after,
+    looked up among ``rows`` only: nothing outside the rows a hospital holds
+    enters its context. Callers keep whole abstracts together (see
+    :func:`fedfm.data.split_hospital`), so every neighbour is present.
+
+    Parameters
+    ----------
+    rows : datasets.Dataset
+        Rows with ``text``, ``abstract_id``, ``position`` and ``num_sentences``.
+    mode : str
+        One of :data:`CONTEXT_MODES`; ``"none"`` returns ``rows`` unchanged.
+
+    Returns
+    -------
+    datasets.Dataset
+        ``rows`` plus a ``context`` column (str).
+    """
+    if mode not in CONTEXT_MODES:
+        raise DataError(f"`data.context` must be one of {list(CONTEXT_MODES)}, got {mode!r}")
+    if mode == "none":
+        return rows
+    if not has_abstracts(rows):
+        raise DataError(
+            f"`data.context` {mode!r} needs rows split into abstracts (columns {list(_ABSTRACT_COLUMNS)}); "
+            f"these rows have {rows.column_names}. Use `data.context = \"none\"` for this dataset."
+        )
+    texts: list[str] = list(rows["text"])
+    abstracts: list[str] = [str(a) for a in rows[ABSTRACT_COLUMN]]
+    positions: list[int] = list(rows["position"])
+    sizes: list[int] = list(rows["num_sentences"])
+    at = {(a, p): i for i, (a, p) in enumerate(zip(abstracts, positions, strict=True))}
+
+    def neighbour(i: int, step: int) -> str | None:
+        j = at.get((abstracts[i], positions[i] + step))
+        return None if j is None else texts[j]
+
+    column = [
+        context_text(positions[i], sizes[i], neighbour(i, -1), neighbour(i, 1), mode=mode) for i in range(len(rows))
+    ]
+    if CONTEXT_COLUMN in rows.column_names:
+        rows = rows.remove_columns(CONTEXT_COLUMN)
+    return rows.add_column(CONTEXT_COLUMN, column)
+
+
+def group_split(
+    groups: Sequence[str], test_fraction: float, rng: np.random.Generator
+) -> tuple[list[int], list[int]]:
+    """Split row numbers into train and test by whole groups (abstracts), close to ``test_fraction`` of the rows.
+
+    Groups are taken in a random order into the test side while that brings the
+    test row count closer to ``test_fraction`` of all rows. With two or more
+    groups each side keeps at least one; a single group stays in train.
+
+    Parameters
+    ----------
+    groups : Sequence[str]
+        One group id (abstract id) per row.
+    test_fraction : float
+        Wanted share of rows in test, in (0, 1).
+    rng : numpy.random.Generator
+        Source of randomness.
+
+    Returns
+    -------
+    tuple[list[int], list[int]]
+        Sorted train and test row numbers; no group has rows on both sides.
+    """
+    members: dict[str, list[int]] = {}
+    for i, g in enumerate(groups):
+        members.setdefault(str(g), []).append(i)
+    names = sorted(members)
+    if len(names) < 2:
+        return list(range(len(groups))), []
+    target = test_fraction * len(groups)
+    test: list[int] = []
+    taken = 0
+    for k in rng.permutation(len(names)).tolist()[: len(names) - 1]:
+        size = len(members[names[k]])
+        if taken and abs(taken + size - target) >= abs(taken - target):
+            continue
+        test.extend(members[names[k]])
+        taken += size
+    test_set = set(test)
+    return [i for i in range(len(groups)) if i not in test_set], sorted(test_set)

@@ -338,12 +338,18 @@ class GuardedStrategy(Strategy):
         train_config: ConfigRecord,
         evaluate_config: ConfigRecord,
         evaluate_fn: Callable[[int, ArrayRecord], Any] | None = None,
+        stop_fn: Callable[[int], str | None] | None = None,
+        round_config: Callable[[int], dict[str, Any]] | None = None,
     ) -> tuple[ArrayRecord, str | None]:
         """Rounds ``first_round`` to ``num_rounds`` (Flower's ``start`` loop, resumable, with retries).
 
         A round in which hospitals failed (no reply, or an error) and fewer
         than ``min_replies`` valid updates came is run again, up to
         ``retries`` times; then the run stops after the last complete round.
+        ``stop_fn(server_round)``, asked after each complete round (after
+        ``evaluate_fn``), may stop the run there too by giving a reason (early stopping).
+        ``round_config(server_round)`` gives train-config entries that change with
+        the round (its local learning rate, ``federation.lr-decay``).
 
         Returns
         -------
@@ -356,7 +362,9 @@ class GuardedStrategy(Strategy):
         for server_round in range(first_round, num_rounds + 1):
             record = self._round(server_round)
             for attempt in range(retries + 1):
-                config = ConfigRecord({**dict(train_config), keys.ATTEMPT: attempt}) if attempt else train_config
+                entries = {**(round_config(server_round) if round_config is not None else {}),
+                           **({keys.ATTEMPT: attempt} if attempt else {})}
+                config = ConfigRecord({**dict(train_config), **entries}) if entries else train_config
                 replies = grid.send_and_receive(
                     messages=self.configure_train(server_round, arrays, config, grid), timeout=timeout
                 )
@@ -380,6 +388,9 @@ class GuardedStrategy(Strategy):
             self.aggregate_evaluate(server_round, replies)
             if evaluate_fn is not None:
                 evaluate_fn(server_round, arrays)
+            reason = stop_fn(server_round) if stop_fn is not None else None
+            if reason:
+                return arrays, reason
         return arrays, None
 
     def _keep_dtypes(self, arrays: ArrayRecord | None) -> ArrayRecord | None:

@@ -21,6 +21,8 @@ class SequenceClassification(Task):
 
     name = "sequence-classification"
     peft_task_type = "SEQ_CLS"
+    #: Batch entry holding per-class loss weights (``train.class-weights``), when the training loop sets one.
+    class_weights_key = "class_weights"
 
     def model_class(self) -> Any:
         return AutoModelForSequenceClassification
@@ -34,9 +36,20 @@ class SequenceClassification(Task):
         return {"pooling": chosen}
 
     def tokenize(self, dataset: Dataset, tokenizer: Any, *, max_length: int) -> Dataset:
+        """Encode ``text``; rows with a ``context`` column become (text, context) pairs.
+
+        A pair is truncated in its context only (``only_second``), so the text
+        being classified keeps every token that fits; a text too long to leave
+        room for any context is encoded alone.
+        """
+        with_context = "context" in dataset.column_names
+
         def encode(batch: dict[str, list[Any]]) -> dict[str, Any]:
-            enc = tokenizer(batch["text"], truncation=True, max_length=max_length)
-            return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"], "labels": batch["label"]}
+            if not with_context:
+                enc = tokenizer(batch["text"], truncation=True, max_length=max_length)
+                return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"], "labels": batch["label"]}
+            return {**encode_pairs(tokenizer, batch["text"], batch["context"], max_length=max_length),
+                    "labels": batch["label"]}
 
         return dataset.map(encode, batched=True, remove_columns=dataset.column_names)
 
@@ -53,7 +66,13 @@ class SequenceClassification(Task):
 
     def loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        return torch.nn.functional.cross_entropy(logits.float(), batch["labels"])
+        weights = batch.get(self.class_weights_key)
+        if weights is None:
+            return torch.nn.functional.cross_entropy(logits.float(), batch["labels"])
+        # The mean of each row's weighted loss over the rows (not torch's division by the batch's
+        # weight sum): each row's term is its own, so accumulated batches add up exactly.
+        per_row = torch.nn.functional.cross_entropy(logits.float(), batch["labels"], reduction="none")
+        return (per_row * weights[batch["labels"]]).mean()
 
     @torch.no_grad()
     def evaluate(
@@ -95,3 +114,41 @@ class SequenceClassification(Task):
         if not labels:
             return torch.zeros(0, dtype=torch.long), torch.zeros(0, 1)
         return torch.cat(labels), torch.cat(logits)
+
+
+def encode_pairs(tokenizer: Any, texts: list[str], contexts: list[str], *, max_length: int) -> dict[str, list[list[int]]]:
+    """Encode (text, context) pairs in which only the context is ever truncated.
+
+    Parameters
+    ----------
+    tokenizer : transformers tokenizer
+        The model's tokenizer (a BERT tokenizer joins a pair as ``[CLS] text [SEP] context [SEP]``).
+    texts : list[str]
+        The texts being classified.
+    contexts : list[str]
+        One context per text; ``""`` encodes the text alone.
+    max_length : int
+        Tokens per encoded pair, special tokens included.
+
+    Returns
+    -------
+    dict[str, list[list[int]]]
+        ``input_ids`` and ``attention_mask``, one list per row, unpadded.
+    """
+    # Fast tokenizers raise on `only_second` when the first text alone is over the
+    # limit, so such texts (and empty contexts) are encoded alone.
+    room = max_length - tokenizer.num_special_tokens_to_add(pair=True)
+    lengths = [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+    paired = [i for i, (n, c) in enumerate(zip(lengths, contexts, strict=True)) if c and n < room]
+    alone = sorted(set(range(len(texts))) - set(paired))
+    ids: list[list[int]] = [[] for _ in texts]
+    mask: list[list[int]] = [[] for _ in texts]
+    for rows, enc in (
+        (paired, tokenizer([texts[i] for i in paired], [contexts[i] for i in paired],
+                           truncation="only_second", max_length=max_length) if paired else None),
+        (alone, tokenizer([texts[i] for i in alone], truncation=True, max_length=max_length) if alone else None),
+    ):
+        for k, i in enumerate(rows):
+            ids[i] = list(enc["input_ids"][k])  # type: ignore[index]
+            mask[i] = list(enc["attention_mask"][k])  # type: ignore[index]
+    return {"input_ids": ids, "attention_mask": mask}

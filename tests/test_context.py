@@ -1,0 +1,207 @@
+"""Sentence context for sentence-role tasks (`data.context`): strings, pair encoding, abstracts kept whole."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pytest
+from datasets import Dataset
+
+from conftest import minilm_path
+from fedfm.config import RunConfig
+from fedfm.data import SourceData, build_federation, partition, split_hospital
+from fedfm.data.partitioners import keep_groups_together
+from fedfm.data.piboso import add_context, context_text, group_split
+from fedfm.errors import ConfigError, DataError
+from fedfm.tasks.sequence_classification import SequenceClassification, encode_pairs
+
+
+def abstracts(num: int, *, seed: int = 0) -> dict[str, list[Any]]:
+    """Columns of ``num`` abstracts of 2-9 sentences, in the layout of :func:`parse_piboso`."""
+    rng = np.random.default_rng(seed)
+    cols: dict[str, list[Any]] = {"text": [], "label": [], "abstract_id": [], "position": [], "num_sentences": []}
+    for a in range(num):
+        size = int(rng.integers(2, 10))
+        for p in range(size):
+            cols["text"].append(f"abstract {a} sentence {p} .")
+            cols["label"].append(int(rng.integers(0, 3)) if p else 0)
+            cols["abstract_id"].append(f"A{a}")
+            cols["position"].append(p)
+            cols["num_sentences"].append(size)
+    return cols
+
+
+@pytest.fixture(scope="module")
+def tokenizer() -> Any:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(minilm_path())
+
+
+def test_context_of_first_middle_and_last_sentence() -> None:
+    # Prepare: one abstract of three sentences, rows out of order.
+    rows = Dataset.from_dict({
+        "text": ["Last one .", "First one .", "Middle one ."],
+        "label": [0, 1, 2],
+        "abstract_id": ["7", "7", "7"],
+        "position": [2, 0, 1],
+        "num_sentences": [3, 3, 3],
+    })
+
+    # Execute
+    both = add_context(rows, "both")["context"]
+    position = add_context(rows, "position")["context"]
+    neighbours = add_context(rows, "neighbours")["context"]
+
+    # Assert
+    assert both[1] == "sentence 1 of 3. before: start of abstract after: Middle one ."
+    assert both[2] == "sentence 2 of 3. before: First one . after: Last one ."
+    assert both[0] == "sentence 3 of 3. before: Middle one . after: end of abstract"
+    assert position == ["sentence 3 of 3.", "sentence 1 of 3.", "sentence 2 of 3."]
+    assert neighbours[2] == "before: First one . after: Last one ."
+    assert add_context(rows, "none") is rows
+    assert context_text(0, 1, None, None, mode="none") == ""
+
+
+def test_context_uses_only_the_rows_given() -> None:
+    # A neighbour outside the rows (another hospital's, or the other split's) is never looked up.
+    rows = Dataset.from_dict({
+        "text": ["one", "three"], "label": [0, 0], "abstract_id": ["a", "a"], "position": [0, 2], "num_sentences": [3, 3],
+    })
+    contexts = add_context(rows, "neighbours")["context"]
+    assert "three" not in contexts[0] and "one" not in contexts[1]
+
+
+def test_context_needs_abstracts() -> None:
+    rows = Dataset.from_dict({"text": ["a"], "label": [0]})
+    with pytest.raises(DataError, match="abstract"):
+        add_context(rows, "both")
+    with pytest.raises(DataError, match="data.context"):
+        add_context(rows, "sideways")
+
+
+@pytest.mark.parametrize("max_length", [12, 24, 64])
+def test_sentence_is_never_truncated_before_its_context(tokenizer: Any, max_length: int) -> None:
+    # Prepare: a short, a medium and an over-long sentence, each with a long context.
+    texts = ["Patients were randomized .", "Outcomes were measured at six and twelve months after surgery .",
+             " ".join(["placebo"] * 80)]
+    contexts = ["sentence 2 of 9. before: " + "word " * 60 + "after: end of abstract"] * 3
+
+    # Execute
+    enc = encode_pairs(tokenizer, texts, contexts, max_length=max_length)
+
+    # Assert
+    for text, ids in zip(texts, enc["input_ids"], strict=True):
+        assert len(ids) <= max_length
+        sentence = tokenizer(text, add_special_tokens=False)["input_ids"]
+        first = ids[1 : ids.index(tokenizer.sep_token_id)]
+        # Either the whole sentence comes first, or (only when it alone overflows) as much of it as fits, alone.
+        if len(sentence) + 3 < max_length:
+            assert first == sentence
+            assert len(ids) == max_length  # the context filled the rest
+        else:
+            assert first == sentence[: max_length - 2]
+            assert ids.count(tokenizer.sep_token_id) == 1
+
+
+def test_task_encodes_pairs_only_with_a_context_column(tokenizer: Any) -> None:
+    rows = add_context(Dataset.from_dict(abstracts(2)), "both")
+    task = SequenceClassification()
+
+    paired = task.tokenize(rows, tokenizer, max_length=64)
+    plain = task.tokenize(rows.remove_columns("context"), tokenizer, max_length=64)
+
+    assert all(ids.count(tokenizer.sep_token_id) == 2 for ids in paired["input_ids"])
+    assert all(ids.count(tokenizer.sep_token_id) == 1 for ids in plain["input_ids"])
+    assert paired["labels"] == plain["labels"] == rows["label"]
+
+
+def test_group_split_keeps_abstracts_whole() -> None:
+    groups = abstracts(40)["abstract_id"]
+
+    train, test = group_split(groups, 0.3, np.random.default_rng(0))
+
+    assert sorted(train + test) == list(range(len(groups)))
+    assert not {groups[i] for i in train} & {groups[i] for i in test}
+    assert 0.2 < len(test) / len(groups) < 0.4
+    assert group_split(["only"] * 5, 0.3, np.random.default_rng(0)) == ([0, 1, 2, 3, 4], [])
+
+
+@pytest.mark.parametrize(("partitioner", "alpha"), [("dirichlet", 0.3), ("iid", 0.5)])
+def test_federation_keeps_each_abstract_in_one_hospital_and_one_split(partitioner: str, alpha: float) -> None:
+    # Prepare
+    source = SourceData(
+        name="abstracts", kind="classification", train=Dataset.from_dict(abstracts(120)),
+        test=Dataset.from_dict(abstracts(10, seed=1)), label_names=["a", "b", "c"],
+    )
+
+    # Execute
+    fed = build_federation(source, partitioner=partitioner, num_hospitals=5, alpha=alpha, seed=3, context="both")
+
+    # Assert: every row once, no abstract in two hospitals or in a hospital's train and test.
+    seen: set[str] = set()
+    rows = 0
+    for h in fed.hospitals:
+        train, test = set(h.train["abstract_id"]), set(h.test["abstract_id"])
+        assert train and test and not train & test
+        assert not (train | test) & seen
+        seen |= train | test
+        rows += len(h.train) + len(h.test)
+        # Neighbours come from the same split and abstract: the sentence one position before and after.
+        for split in (h.train, h.test):
+            for row in split:
+                a, p = row["abstract_id"][1:], row["position"]
+                before = f"abstract {a} sentence {p - 1} ." if p else "start of abstract"
+                after = f"abstract {a} sentence {p + 1} ." if p + 1 < row["num_sentences"] else "end of abstract"
+                assert row["context"] == f"sentence {p + 1} of {row['num_sentences']}. before: {before} after: {after}"
+    assert rows == len(source.train)
+    assert "context" in fed.global_test.column_names
+
+
+def test_keep_groups_together_covers_every_row_once() -> None:
+    data = Dataset.from_dict(abstracts(60))
+    parts = partition(data, "dirichlet", num_partitions=8, seed=0, alpha=0.1)
+
+    grouped = keep_groups_together(data, parts, column="abstract_id", seed=0)
+
+    assert [p.name for p in grouped] == [p.name for p in parts]
+    assert all(len(p.rows) for p in grouped)
+    texts = [t for p in grouped for t in p.rows["text"]]
+    assert sorted(texts) == sorted(data["text"])
+    owners = {a: k for k, p in enumerate(grouped) for a in p.rows["abstract_id"]}
+    assert len(owners) == 60
+
+
+def test_split_hospital_without_abstracts_is_unchanged() -> None:
+    rows = Dataset.from_dict({"text": [f"t{i}" for i in range(20)], "label": [i % 2 for i in range(20)]})
+    hospital = split_hospital("h", rows, index=0, test_fraction=0.3, seed=0)
+    assert len(hospital.test) == 6 and "context" not in hospital.train.column_names
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"data.dataset": "heart_disease_uci", "data.context": "both"}, "`data.context` 'both' needs a dataset of abstracts"),
+        ({"data.dataset": "csv", "data.path": "x.csv", "data.context": "position"}, "`data.context` 'position'"),
+        ({"data.dataset": "nicta_piboso", "data.context": "sideways"}, "must be one of ['none', 'position'"),
+    ],
+)
+def test_config_refuses_context_without_abstracts(settings: dict[str, str], message: str) -> None:
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("(", r"\(")):
+        RunConfig().replace(**settings)
+
+
+def test_config_accepts_context_for_nicta() -> None:
+    config = RunConfig().replace(**{"data.dataset": "nicta_piboso", "data.partitioner": "dirichlet",
+                                    "data.context": "both"})
+    assert config.data.context == "both"
+    assert RunConfig().data.context == "none"
+
+
+def test_federation_refuses_context_for_rows_without_abstracts() -> None:
+    source = SourceData(name="notes", kind="classification",
+                        train=Dataset.from_dict({"text": ["a", "b", "c", "d"], "label": [0, 1, 0, 1]}),
+                        test=None, label_names=["x", "y"])
+    with pytest.raises(ConfigError, match="data.context"):
+        build_federation(source, partitioner="iid", num_hospitals=2, context="neighbours")
