@@ -180,6 +180,23 @@ def test_early_stopping_ends_the_round_loop_cleanly(monkeypatch: pytest.MonkeyPa
     np.testing.assert_array_equal(record_to_numpy(final)["lora_A"], _adapter(0)["lora_A"])
 
 
+def test_a_run_resumed_from_round_0_does_not_evaluate_round_0_again(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The zero-shot evaluation of a large test set can take many minutes: its figures are in the checkpoint.
+    from flwr.app import ConfigRecord
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for name in ("_run_id", "_node_id", "_task_id"):
+        monkeypatch.setattr(TaskIdentity, name, 1)
+    strategy = GuardedStrategy(FedAvg(fraction_evaluate=0.0, min_available_nodes=2, min_train_nodes=2), min_replies=2)
+    seen: list[int] = []
+    strategy.run(
+        _Grid(), numpy_to_record(_adapter(0)), first_round=1, num_rounds=1, timeout=5.0, retries=0,
+        train_config=ConfigRecord({}), evaluate_config=ConfigRecord({}),
+        evaluate_fn=lambda r, arrays: seen.append(r), evaluate_initial=False,
+    )
+    assert seen == [1]
+
+
 def test_a_resumed_server_keeps_the_best_round_and_its_adapter(tmp_path: Path) -> None:
     # Prepare: rounds 1..3 recorded (and checkpointed) by one server, with patience 2
     config = _config(**{"federation.patience": 2})

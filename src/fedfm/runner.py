@@ -69,7 +69,8 @@ class RunResult:
     def table(self) -> str:
         """The final scores as a plain-text table: the global adapter, and each hospital's personalized model if any."""
         rows = [("global test", self.final_global)]
-        rows += [(name, m) for name, m in self.final_per_hospital.items()]
+        # Hospitals without local scores (federation.fraction-evaluate = 0) have no row.
+        rows += [(name, m) for name, m in self.final_per_hospital.items() if "accuracy" in m or "macro-f1" in m]
         personalized = self.final_personalized
         width = max(len(name) for name, _ in rows)
         header = f"{'':{width}}  {'accuracy':>8}  {'macro-f1':>8}  {'examples':>8}"

@@ -443,6 +443,7 @@ def serve(
             evaluate_fn=recorder,
             stop_fn=recorder.early_stop,
             round_config=round_instructions(config),
+            evaluate_initial=recorder.initial is None,
         )
         final_arrays = record_to_numpy(final)
         if stopped and recorder.early_stopped:

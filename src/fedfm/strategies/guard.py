@@ -340,6 +340,7 @@ class GuardedStrategy(Strategy):
         evaluate_fn: Callable[[int, ArrayRecord], Any] | None = None,
         stop_fn: Callable[[int], str | None] | None = None,
         round_config: Callable[[int], dict[str, Any]] | None = None,
+        evaluate_initial: bool = True,
     ) -> tuple[ArrayRecord, str | None]:
         """Rounds ``first_round`` to ``num_rounds`` (Flower's ``start`` loop, resumable, with retries).
 
@@ -350,6 +351,8 @@ class GuardedStrategy(Strategy):
         ``evaluate_fn``), may stop the run there too by giving a reason (early stopping).
         ``round_config(server_round)`` gives train-config entries that change with
         the round (its local learning rate, ``federation.lr-decay``).
+        ``evaluate_initial=False`` skips the round-0 evaluation (a run resumed
+        from its round-0 checkpoint has it already).
 
         Returns
         -------
@@ -357,7 +360,7 @@ class GuardedStrategy(Strategy):
             The final global record, and why the run stopped early (None when
             every round completed).
         """
-        if evaluate_fn is not None and first_round == 1:
+        if evaluate_fn is not None and first_round == 1 and evaluate_initial:
             evaluate_fn(0, arrays)
         for server_round in range(first_round, num_rounds + 1):
             record = self._round(server_round)
