@@ -431,15 +431,8 @@ def loading_snippet(settings: ExportSettings, *, folder: str, merged: bool) -> s
     imports, base_expr = _base_line(settings.base_model)
     if settings.task == "causal-qa":
         return _causal_snippet(settings, folder=folder, merged=merged, imports=imports, base_expr=base_expr)
-    lines = ["import torch"]
-    if not merged:
-        lines.append("from peft import PeftModel")
-    lines.append("from transformers import AutoModelForSequenceClassification, AutoTokenizer")
-    if not merged:
-        lines += imports
-    lines += ["", f"folder = {folder!r}  # this folder"]
-    if not merged:
-        lines.append(f"base_path = {base_expr}")
+    lines = _snippet_head("AutoModelForSequenceClassification", folder=folder, merged=merged, imports=imports,
+                          base_expr=base_expr)
     lines.append(f"labels = {settings.label_names!r}")
     if settings.pooling == "mean" and not merged:
         lines.append(_POOLING_SNIPPET.rstrip("\n"))
@@ -465,17 +458,23 @@ def loading_snippet(settings: ExportSettings, *, folder: str, merged: bool) -> s
     return "\n".join(lines) + "\n"
 
 
-def _causal_snippet(settings: ExportSettings, *, folder: str, merged: bool, imports: list[str], base_expr: str) -> str:
-    options = settings.fixed_options or ["first option", "second option"]
+def _snippet_head(model_class: str, *, folder: str, merged: bool, imports: list[str], base_expr: str) -> list[str]:
+    """The card snippet's imports and paths: the folder, and the base model's path unless the model is merged."""
     lines = ["import torch"]
     if not merged:
         lines.append("from peft import PeftModel")
-    lines.append("from transformers import AutoModelForCausalLM, AutoTokenizer")
+    lines.append(f"from transformers import {model_class}, AutoTokenizer")
     if not merged:
         lines += imports
     lines += ["", f"folder = {folder!r}  # this folder"]
     if not merged:
         lines.append(f"base_path = {base_expr}")
+    return lines
+
+
+def _causal_snippet(settings: ExportSettings, *, folder: str, merged: bool, imports: list[str], base_expr: str) -> str:
+    options = settings.fixed_options or ["first option", "second option"]
+    lines = _snippet_head("AutoModelForCausalLM", folder=folder, merged=merged, imports=imports, base_expr=base_expr)
     lines += ["", "tokenizer = AutoTokenizer.from_pretrained(folder)"]
     if merged:
         lines.append("model = AutoModelForCausalLM.from_pretrained(folder).eval()")
