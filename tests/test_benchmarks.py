@@ -107,7 +107,7 @@ def test_scale_quick_measures_overhead_memory_and_bytes(tmp_path: Path) -> None:
     # Execute: every part, small
     done = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "scale.py"), "--quick", "--hospitals", "2,3",
-         "--methods", "none,int8", "--out", str(tmp_path)],
+         "--methods", "none,int8", "--backends", "in-process", "--out", str(tmp_path)],
         cwd=ROOT,
         env=dict(os.environ, HF_HOME=str(tmp_path / "hf")),
         capture_output=True,

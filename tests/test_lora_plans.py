@@ -54,13 +54,14 @@ def test_ffa_lora_hospital_never_sends_or_changes_a(tiny_csv_settings: dict[str,
     # Assert
     assert sent and not any("lora_A" in k for k in sent)
     assert any(not np.allclose(sent[k], initial[k]) for k in sent if "lora_B" in k)
-    model_state = workspace_for(config).loaded.model.state_dict()
+    model_state = workspace_for(config, side="hospital").loaded.model.state_dict()
     for name, value in model_state.items():
         if "lora_A" in name:
             key = name.replace(".default", "")
             np.testing.assert_array_equal(value.numpy(), initial[key])  # A stayed at the shared init
     # Frozen only for that call: A is trainable again for the next strategy in this process.
-    assert all(p.requires_grad for n, p in workspace_for(config).loaded.model.named_parameters() if "lora_A" in n)
+    hospital_model = workspace_for(config, side="hospital").loaded.model
+    assert all(p.requires_grad for n, p in hospital_model.named_parameters() if "lora_A" in n)
 
 
 def test_fedsa_lora_hospital_keeps_its_b_across_rounds_and_never_sends_it(tiny_csv_settings: dict[str, Any]) -> None:

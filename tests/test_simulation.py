@@ -1,4 +1,4 @@
-"""Whole federations in Flower's simulation engine (Ray), with a tiny model."""
+"""Whole federations in Flower's simulation engine (in-process and Ray backends), with a tiny model."""
 
 from __future__ import annotations
 
@@ -22,22 +22,31 @@ def _ray_processes() -> list[str]:
     return [line for line in out.splitlines() if ("raylet" in line or "gcs_server" in line or "ray::" in line)]
 
 
-@pytest.fixture(scope="module")
-def finished(tiny_csv_settings: dict[str, Any], tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+def _tiny_run(settings: dict[str, Any], run_dir: Path, backend: str):  # type: ignore[no-untyped-def]
     import fedfm
 
-    run_dir = tmp_path_factory.mktemp("run") / "tiny"
     config = RunConfig().replace(
-        **tiny_csv_settings,
+        **settings,
         **{
             "train.learning-rate": 2e-2,
             "train.local-epochs": 3,
             "federation.num-rounds": 2,
             "federation.min-hospitals": 2,
+            "federation.backend": backend,
         }
     )
-    result = fedfm.run(config, out=run_dir)
-    return config, result
+    return config, fedfm.run(config, out=run_dir)
+
+
+@pytest.fixture(scope="module")
+def finished(tiny_csv_settings: dict[str, Any], tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    """The default backend on this machine's cores (in-process with one worker)."""
+    return _tiny_run(tiny_csv_settings, tmp_path_factory.mktemp("run") / "tiny", "auto")
+
+
+@pytest.fixture(scope="module")
+def finished_on_ray(tiny_csv_settings: dict[str, Any], tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    return _tiny_run(tiny_csv_settings, tmp_path_factory.mktemp("run") / "tiny-ray", "ray")
 
 
 def test_run_directory_has_every_promised_file(finished) -> None:  # type: ignore[no-untyped-def]
@@ -99,7 +108,20 @@ def test_adapter_loads_with_plain_peft_and_matches_the_final_checkpoint(finished
         torch.testing.assert_close(exported[name], torch.from_numpy(checkpoint[name]))
 
 
-def test_no_ray_process_outlives_the_run(finished) -> None:  # type: ignore[no-untyped-def]
+def test_ray_and_in_process_backends_learn_the_same_federation(finished, finished_on_ray) -> None:  # type: ignore[no-untyped-def]
+    """The in-process backend changes where hospitals run, not what they compute, send or receive."""
+    _, local = finished
+    _, ray = finished_on_ray
+    for mine, theirs in zip(local.history, ray.history, strict=True):
+        assert mine["round"] == theirs["round"]
+        assert mine["global"] == pytest.approx(theirs["global"], abs=1e-5)
+        # Instructions carry the run configuration, whose backend name and paths differ by a few bytes.
+        assert mine["bytes_up"] == theirs["bytes_up"]
+        assert mine["bytes_down"] == pytest.approx(theirs["bytes_down"], rel=0.01)
+        for name, hospital in mine["per_hospital"].items():
+            assert hospital["train"]["train-loss"] == pytest.approx(theirs["per_hospital"][name]["train"]["train-loss"],
+                                                                    abs=1e-5)
+    # Ray stops with its run; the in-process run never started it.
     mine = [line for line in _ray_processes() if str(os.getpid()) in line.split()[1:2]]
     assert mine == []
 

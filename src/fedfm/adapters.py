@@ -116,7 +116,9 @@ _CACHE: dict[tuple[Any, ...], LoadedModel] = {}
 _CACHE_LOCK = threading.Lock()
 
 
-def load_model(spec: ModelSpec, lora: LoraSpec, task: Task, *, num_labels: int, seed: int = 0) -> LoadedModel:
+def load_model(
+    spec: ModelSpec, lora: LoraSpec, task: Task, *, num_labels: int, seed: int = 0, side: str = "server"
+) -> LoadedModel:
     """The LoRA-wrapped model for this process, loaded on first use and cached.
 
     Parameters
@@ -130,6 +132,9 @@ def load_model(spec: ModelSpec, lora: LoraSpec, task: Task, *, num_labels: int, 
     seed : int
         Seeds the new head and the LoRA initialisation, so every process builds
         the same initial adapter.
+    side : str
+        Who uses the copy (:func:`fedfm.workspace.workspace_for`): one process may
+        hold the server's and the hospitals' models side by side.
 
     Returns
     -------
@@ -137,7 +142,7 @@ def load_model(spec: ModelSpec, lora: LoraSpec, task: Task, *, num_labels: int, 
         The cached model; callers set the adapter state they need before use.
     """
     # The task object, not spec.task: callers may pass a task other than the spec's default.
-    key = (spec.name, type(task).__name__, spec.pooling, num_labels, lora, spec.device, seed)
+    key = (spec.name, type(task).__name__, spec.pooling, num_labels, lora, spec.device, seed, side)
     with _CACHE_LOCK:
         if key not in _CACHE:
             _CACHE[key] = _build(spec, lora, task, num_labels=num_labels, seed=seed)

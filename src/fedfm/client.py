@@ -133,7 +133,7 @@ def _workspace(config: RunConfig, context: Context) -> Workspace:
         )
     if node is not None and hospitals and HOSPITAL not in context.node_config:
         node = dataclasses.replace(node, name=hospitals[_hospital_index(config, context)])
-    return workspace_for(config, node)
+    return workspace_for(config, node, side="hospital")
 
 
 @app.train()

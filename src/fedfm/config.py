@@ -33,6 +33,8 @@ ABSTRACT_DATASETS = ("nicta_piboso",)
 CONTEXTS = ("none", "position", "neighbours", "both")
 PARTITIONERS = ("iid", "dirichlet", "natural")
 OPTIMIZERS = ("adamw", "sgd")
+#: Where simulated hospitals run (fedfm.engine).
+BACKENDS = ("auto", "in-process", "ray")
 #: `train.lr-schedule`: the learning rate over one round's local optimizer steps.
 LR_SCHEDULES = ("constant", "linear", "cosine")
 #: `federation.lr-decay`: the local learning rate over the rounds (the server sends each round's).
@@ -216,6 +218,12 @@ class FederationSpec:
     )
     num_workers: int = _help("Simulation worker processes; 0 picks one per two cores (at least 1).", 0)
     threads_per_worker: int = _help("Torch threads inside each worker; 0 derives it from the cores.", 0)
+    backend: str = _help(
+        "Where simulated hospitals run: `in-process` (in this process, one at a time, no Ray: least start-up "
+        "and memory), `ray` (Flower's Ray backend, one process per worker), or `auto` (in-process with one "
+        "worker, Ray with several).",
+        "auto",
+    )
     round_timeout: float = _help("Seconds the server waits for replies in a round.", 3600.0)
     round_retries: int = _help(
         "Times a round is run again when fewer than min-hospitals replied (hospitals down or timed out); "
@@ -748,6 +756,10 @@ def validate(config: RunConfig) -> list[str]:
     _check(p, fe.evaluate_every >= 1, f"`federation.evaluate-every` must be >= 1, got {fe.evaluate_every}")
     _check(p, fe.num_workers >= 0, f"`federation.num-workers` must be >= 0, got {fe.num_workers}")
     _check(p, fe.threads_per_worker >= 0, f"`federation.threads-per-worker` must be >= 0, got {fe.threads_per_worker}")
+    _check(p, fe.backend in BACKENDS, f"`federation.backend` must be one of {list(BACKENDS)}, got {fe.backend!r}")
+    _check(p, fe.backend != "in-process" or fe.num_workers <= 1,
+           f"`federation.backend` 'in-process' runs one hospital at a time, but `federation.num-workers` is "
+           f"{fe.num_workers}; use 'ray' for several workers, or num-workers 1")
     _check(p, fe.round_timeout > 0, f"`federation.round-timeout` must be > 0, got {fe.round_timeout}")
     _check(p, fe.round_retries >= 0, f"`federation.round-retries` must be >= 0, got {fe.round_retries}")
     _check(p, fe.update_norm_limit == 0 or fe.update_norm_limit > 1,

@@ -191,7 +191,7 @@ def run(
     import torch
     from flwr.simulation import run_simulation
 
-    from fedfm import client, privacy, strategies
+    from fedfm import client, engine, privacy, strategies
     from fedfm.server import make_server_app, resume_point
     from fedfm.workspace import federation_for
 
@@ -210,6 +210,7 @@ def run(
         resume_point(config, run_dir)  # a missing, corrupt or mismatched checkpoint is refused here, before Ray
     num_hospitals = len(federation.hospitals)
     workers, threads = resolve_parallelism(config.federation)
+    backend = engine.resolve(config.federation.backend, workers=workers)
     torch.set_num_threads(threads)
     use_gpu = config.model.device != "cpu" and torch.cuda.is_available()
     backend_config: dict[str, Any] = {
@@ -220,11 +221,14 @@ def run(
         # A hospital's failure still reaches the server as an error reply, logged with its id.
         backend_config["init_args"].update({"logging_level": logging.ERROR, "log_to_driver": False})
     logger.info(
-        "fedfm: %d hospitals (%s), %d rounds, model %s, %d worker(s) x %d thread(s); run directory %s",
+        "fedfm: %d hospitals (%s), %d rounds, model %s, %s; run directory %s",
         num_hospitals, ", ".join(h.name for h in federation.hospitals), config.federation.num_rounds,
-        config.model.name, workers, threads, run_dir,
+        config.model.name,
+        f"in this process, {threads} thread(s)" if backend == "in-process"
+        else f"{workers} Ray worker(s) x {threads} thread(s)",
+        run_dir,
     )
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), engine.backend(backend):
         warnings.simplefilter("ignore", DeprecationWarning)
         run_simulation(
             server_app=make_server_app(config, run_dir, progress=progress, verbose=verbose),

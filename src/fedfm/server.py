@@ -293,7 +293,7 @@ def load_global(
 #: retries, how many workers simulate it, and the simulated failure rate. Nothing that changes what is learnt.
 _RESUMABLE_CHANGES = (
     "output.", "federation.num-rounds", "federation.round-timeout", "federation.round-retries",
-    "federation.num-workers", "federation.threads-per-worker", "attack.failure-rate",
+    "federation.num-workers", "federation.threads-per-worker", "federation.backend", "attack.failure-rate",
     # Which tracked round is exported, when to stop, and the fine-tune after the run: not what rounds learn.
     "federation.select-best", "federation.patience", "federation.personalize-epochs",
 )

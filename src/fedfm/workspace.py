@@ -157,7 +157,7 @@ def node_federation_for(data: DataSpec, node: NodeData) -> Federation:
         return _NODE_FEDERATIONS[key]
 
 
-def workspace_for(config: RunConfig, node: NodeData | None = None) -> Workspace:
+def workspace_for(config: RunConfig, node: NodeData | None = None, *, side: str = "server") -> Workspace:
     """This process's workspace for a configuration, built on first use.
 
     Parameters
@@ -167,20 +167,26 @@ def workspace_for(config: RunConfig, node: NodeData | None = None) -> Workspace:
     node : NodeData or None
         A SuperNode's own data file (:func:`fedfm.data.node_data`); ``None`` builds
         the federation of the run configuration (simulation, and the server).
+    side : str
+        ``"server"`` or ``"hospital"``: each side has its own model, so hospitals
+        run in the server's process (the in-process simulation backend) never
+        touch the model the server evaluates and exports. A process that holds
+        one side only (a Ray worker, a SuperNode) loads one model.
 
     Returns
     -------
     Workspace
         The cached workspace.
     """
-    key = (config.model, config.lora, config.data, config.train.seed, node)
+    key = (config.model, config.lora, config.data, config.train.seed, node, side)
     with _LOCK:
         if key not in _WORKSPACES:
             task = get_task(config.model.task)
             federation = federation_for(config.data) if node is None else node_federation_for(config.data, node)
             source = federation.source
             num_labels = len(source.label_names) if source.kind in ("classification", "token-classification") else 0
-            loaded = load_model(config.model, config.lora, task, num_labels=num_labels, seed=config.train.seed)
+            loaded = load_model(config.model, config.lora, task, num_labels=num_labels, seed=config.train.seed,
+                                side=side)
             _WORKSPACES[key] = Workspace(config, task, loaded, federation, num_labels, node)
         return _WORKSPACES[key]
 
