@@ -12,9 +12,10 @@ Three parts, each compared side by side in one run:
     backend), one after the other in the same process.
 ``memory``
     Peak resident memory of the whole process tree (the run and every worker
-    it starts) for 2, 20 and 100 simulated hospitals, 1 round of 2 local
-    steps each, each size in a fresh process. Target: 100 hospitals use at
-    most 1.5x the memory of 2.
+    it starts) for 2, 20 and 100 simulated hospitals, 1 round, the same 200
+    training steps in all at every size (100 hospitals x 2 steps, 2 x 100),
+    each size in a fresh process, on each of ``--backends``. Target: 100
+    hospitals use at most 1.5x the memory of 2.
 ``communication``
     Bytes per hospital per round, measured on the messages, for LoRA r=8
     as float32 and with each ``[compression] method``, beside the computed
@@ -58,7 +59,7 @@ OVERHEAD: dict[str, Any] = {
     "federation.evaluate-every": 3,
 }
 
-#: The memory runs: many small hospitals, one round of two steps, nothing evaluated.
+#: The memory runs: many small hospitals, one round, nothing evaluated (local steps: see memory()).
 MEMORY: dict[str, Any] = {
     **NICTA_SETTINGS,
     "data.partitioner": "iid",
@@ -190,26 +191,44 @@ def _peak_tree_rss(command: list[str], interval: float = 0.2) -> tuple[int, floa
     return peak, time.perf_counter() - started, process.returncode
 
 
-def memory(sizes: list[int], quick: bool) -> dict[str, Any]:
-    rows = []
-    for hospitals in sizes:
-        settings = {**MEMORY, **({k: QUICK[k] for k in ("data.max-test", "data.max-train-per-hospital")} if quick else {}),
-                    "data.num-hospitals": hospitals, "federation.min-hospitals": hospitals}
-        code = (
-            "import json, sys, tempfile, pathlib, fedfm\n"
-            "from fedfm.config import RunConfig\n"
-            "config = RunConfig().replace(**json.loads(sys.argv[1]))\n"
-            "with tempfile.TemporaryDirectory() as tmp:\n"
-            "    result = fedfm.run(config, out=pathlib.Path(tmp) / 'run')\n"
-            "    assert result.history and result.history[-1]['aggregated'], result.history\n"
-        )
-        peak, wall, code_rc = _peak_tree_rss([sys.executable, "-c", code, json.dumps(settings)])
-        if code_rc != 0:
-            raise RuntimeError(f"the {hospitals}-hospital run failed (exit {code_rc})")
-        rows.append({"hospitals": hospitals, "peak_rss_bytes": peak, "wall_seconds": round(wall, 1)})
-        print(f"[memory] {hospitals} hospitals: peak {peak / 2**20:.0f} MiB (process tree), {wall:.0f} s", flush=True)
-    first = rows[0]["peak_rss_bytes"]
-    return {"runs": rows, "ratio_last_to_first": rows[-1]["peak_rss_bytes"] / first if first else None, "target": 1.5}
+def memory(sizes: list[int], quick: bool, backends: list[str]) -> dict[str, Any]:
+    """Peak tree memory per federation size, the same total training steps at every size, on each backend.
+
+    A training step's activations (MiniLM, 16 sentences of up to 96 tokens: up to
+    ~500 MiB with dropout's masks) dwarf a hospital's own state, and the longest
+    batch a run meets grows with the number of batches it draws. So every size
+    trains the same ``2 x max(sizes)`` steps in all (2 hospitals x 100 steps ...
+    100 hospitals x 2 steps): the ratio then measures what hospitals cost, not
+    how many batches were drawn.
+    """
+    total_steps = 2 * max(sizes)
+    by_backend: dict[str, Any] = {}
+    for backend in backends:
+        rows = []
+        for hospitals in sizes:
+            settings = {**MEMORY,
+                        **({k: QUICK[k] for k in ("data.max-test", "data.max-train-per-hospital")} if quick else {}),
+                        "data.num-hospitals": hospitals, "federation.min-hospitals": hospitals,
+                        "train.local-steps": max(1, total_steps // hospitals), "federation.backend": backend}
+            code = (
+                "import json, sys, tempfile, pathlib, fedfm\n"
+                "from fedfm.config import RunConfig\n"
+                "config = RunConfig().replace(**json.loads(sys.argv[1]))\n"
+                "with tempfile.TemporaryDirectory() as tmp:\n"
+                "    result = fedfm.run(config, out=pathlib.Path(tmp) / 'run')\n"
+                "    assert result.history and result.history[-1]['aggregated'], result.history\n"
+            )
+            peak, wall, code_rc = _peak_tree_rss([sys.executable, "-c", code, json.dumps(settings)])
+            if code_rc != 0:
+                raise RuntimeError(f"the {hospitals}-hospital run on {backend} failed (exit {code_rc})")
+            rows.append({"hospitals": hospitals, "local_steps": settings["train.local-steps"], "peak_rss_bytes": peak,
+                         "wall_seconds": round(wall, 1)})
+            print(f"[memory] {backend}, {hospitals} hospitals x {settings['train.local-steps']} steps: peak "
+                  f"{peak / 2**20:.0f} MiB (process tree), {wall:.0f} s", flush=True)
+        first = rows[0]["peak_rss_bytes"]
+        by_backend[backend] = {"runs": rows, "ratio_last_to_first": rows[-1]["peak_rss_bytes"] / first if first else None}
+    main = by_backend[backends[0]]
+    return {**main, "backend": backends[0], "total_steps": total_steps, "by_backend": by_backend, "target": 1.5}
 
 
 def communication(methods: list[str], quick: bool) -> dict[str, Any]:
@@ -261,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--hospitals", default="2,20,100", help="memory part: comma-separated federation sizes")
     parser.add_argument("--methods", default=",".join(METHODS), help="communication part: compression methods")
     parser.add_argument("--backends", default="in-process,ray",
-                        help="overhead part: simulation backends to time, the first against the target")
+                        help="overhead and memory parts: simulation backends to measure, the first against the target")
     parser.add_argument("--quick", action="store_true", help="tiny caps: a smoke test, not a result")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = parser.parse_args(argv)
@@ -279,7 +298,8 @@ def main(argv: list[str] | None = None) -> int:
     if "overhead" in parts:
         report["overhead"] = overhead(args.quick, [b.strip() for b in args.backends.split(",") if b.strip()])
     if "memory" in parts:
-        report["memory"] = memory([int(n) for n in args.hospitals.split(",")], args.quick)
+        report["memory"] = memory([int(n) for n in args.hospitals.split(",")], args.quick,
+                                  [b.strip() for b in args.backends.split(",") if b.strip()])
     if "communication" in parts:
         report["communication"] = communication([m.strip() for m in args.methods.split(",") if m.strip()], args.quick)
     import torch

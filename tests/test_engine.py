@@ -96,3 +96,21 @@ def test_the_ray_backend_is_restored_after_an_in_process_run() -> None:
         assert raybackend.RayBackend is engine.InProcessBackend
         raise KeyError("the run failed")
     assert raybackend.RayBackend is original
+
+
+def test_the_client_app_hands_freed_heap_back_after_every_message(monkeypatch: pytest.MonkeyPatch) -> None:
+    from fedfm import client
+
+    assert client._TRIM is not None  # glibc on Linux, where simulations of many hospitals run
+    calls: list[int] = []
+    monkeypatch.setattr(client, "_TRIM", lambda pad: calls.append(pad) or 1)
+    message = instruction(RecordDict())
+    reply = Message(RecordDict(), reply_to=message)
+
+    def fails(msg: Message, context: Context) -> Message:
+        raise RuntimeError("out of disk")
+
+    assert client.memory_mod(message, _context(), lambda msg, context: reply) is reply
+    with pytest.raises(RuntimeError, match="out of disk"):
+        client.memory_mod(message, _context(), fails)
+    assert calls == [0, 0]

@@ -7,8 +7,11 @@ serves the simulation engine and real SuperNodes.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import dataclasses
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -36,9 +39,41 @@ from fedfm.workspace import Workspace, workspace_for
 
 logger = logging.getLogger("fedfm")
 
+
+
+def _malloc_trim() -> Callable[[int], int] | None:
+    """glibc's ``malloc_trim``, or None where the C library has none (macOS, musl)."""
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return None
+    try:
+        return getattr(ctypes.CDLL(name), "malloc_trim", None)
+    except OSError:
+        return None
+
+
+_TRIM = _malloc_trim()
+
+
+def memory_mod(msg: Message, context: Context, call_next: Callable[[Message, Context], Message]) -> Message:
+    """Hand the heap memory a message's handling freed back to the operating system.
+
+    glibc keeps freed blocks for reuse; a worker that trains hospital after
+    hospital kept a share of each one's peak (100 simulated hospitals of 2
+    steps each: 1,431 MiB resident vs 885 MiB for 2 hospitals doing the same
+    200 steps; 682 vs 665 MiB with a trim after each hospital). A trim costs
+    about 2 ms.
+    """
+    try:
+        return call_next(msg, context)
+    finally:
+        if _TRIM is not None:
+            _TRIM(0)
+
+
 # Flower's SecAgg+ mod and client-side clipping mods run only when the server's workflow or
 # client-level DP wrapper asks for them.
-app = ClientApp(mods=[legacy.secure_aggregation_mod, clipping_mod])
+app = ClientApp(mods=[memory_mod, legacy.secure_aggregation_mod, clipping_mod])
 
 _threads_set = False
 
