@@ -219,9 +219,9 @@ class FederationSpec:
     num_workers: int = _help("Simulation worker processes; 0 picks one per two cores (at least 1).", 0)
     threads_per_worker: int = _help("Torch threads inside each worker; 0 derives it from the cores.", 0)
     backend: str = _help(
-        "Where simulated hospitals run: `in-process` (in this process, one at a time, no Ray: least start-up "
-        "and memory), `ray` (Flower's Ray backend, one process per worker), or `auto` (in-process with one "
-        "worker, Ray with several).",
+        "Where `fedfm run` simulates the hospitals: `in-process` (in its own process, one at a time, no Ray: "
+        "least start-up and memory), `ray` (Flower's Ray backend, one process per worker), or `auto` "
+        "(in-process with one worker, Ray with several). `flwr run` uses Flower's own engine (Ray).",
         "auto",
     )
     round_timeout: float = _help("Seconds the server waits for replies in a round.", 3600.0)
