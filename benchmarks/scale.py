@@ -191,6 +191,17 @@ def _peak_tree_rss(command: list[str], interval: float = 0.2) -> tuple[int, floa
     return peak, time.perf_counter() - started, process.returncode
 
 
+#: One memory run, in a fresh process whose tree is measured.
+_MEMORY_RUN = (
+    "import json, sys, tempfile, pathlib, fedfm\n"
+    "from fedfm.config import RunConfig\n"
+    "config = RunConfig().replace(**json.loads(sys.argv[1]))\n"
+    "with tempfile.TemporaryDirectory() as tmp:\n"
+    "    result = fedfm.run(config, out=pathlib.Path(tmp) / 'run')\n"
+    "    assert result.history and result.history[-1]['aggregated'], result.history\n"
+)
+
+
 def memory(sizes: list[int], quick: bool, backends: list[str]) -> dict[str, Any]:
     """Peak tree memory per federation size, the same total training steps at every size, on each backend.
 
@@ -210,15 +221,7 @@ def memory(sizes: list[int], quick: bool, backends: list[str]) -> dict[str, Any]
                         **({k: QUICK[k] for k in ("data.max-test", "data.max-train-per-hospital")} if quick else {}),
                         "data.num-hospitals": hospitals, "federation.min-hospitals": hospitals,
                         "train.local-steps": max(1, total_steps // hospitals), "federation.backend": backend}
-            code = (
-                "import json, sys, tempfile, pathlib, fedfm\n"
-                "from fedfm.config import RunConfig\n"
-                "config = RunConfig().replace(**json.loads(sys.argv[1]))\n"
-                "with tempfile.TemporaryDirectory() as tmp:\n"
-                "    result = fedfm.run(config, out=pathlib.Path(tmp) / 'run')\n"
-                "    assert result.history and result.history[-1]['aggregated'], result.history\n"
-            )
-            peak, wall, code_rc = _peak_tree_rss([sys.executable, "-c", code, json.dumps(settings)])
+            peak, wall, code_rc = _peak_tree_rss([sys.executable, "-c", _MEMORY_RUN, json.dumps(settings)])
             if code_rc != 0:
                 raise RuntimeError(f"the {hospitals}-hospital run on {backend} failed (exit {code_rc})")
             rows.append({"hospitals": hospitals, "local_steps": settings["train.local-steps"], "peak_rss_bytes": peak,
@@ -295,11 +298,11 @@ def main(argv: list[str] | None = None) -> int:
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
     }
+    backends = [b.strip() for b in args.backends.split(",") if b.strip()]
     if "overhead" in parts:
-        report["overhead"] = overhead(args.quick, [b.strip() for b in args.backends.split(",") if b.strip()])
+        report["overhead"] = overhead(args.quick, backends)
     if "memory" in parts:
-        report["memory"] = memory([int(n) for n in args.hospitals.split(",")], args.quick,
-                                  [b.strip() for b in args.backends.split(",") if b.strip()])
+        report["memory"] = memory([int(n) for n in args.hospitals.split(",")], args.quick, backends)
     if "communication" in parts:
         report["communication"] = communication([m.strip() for m in args.methods.split(",") if m.strip()], args.quick)
     import torch

@@ -40,7 +40,6 @@ from fedfm.workspace import Workspace, workspace_for
 logger = logging.getLogger("fedfm")
 
 
-
 def _malloc_trim() -> Callable[[int], int] | None:
     """glibc's ``malloc_trim``, or None where the C library has none (macOS, musl)."""
     name = ctypes.util.find_library("c")
