@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
+import os
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -205,3 +209,89 @@ def test_federation_refuses_context_for_rows_without_abstracts() -> None:
                         test=None, label_names=["x", "y"])
     with pytest.raises(ConfigError, match="data.context"):
         build_federation(source, partitioner="iid", num_hospitals=2, context="neighbours")
+
+
+def _sentence_file(path: Any, cols: dict[str, list[Any]], *, keep: tuple[str, ...]) -> Any:
+    import pandas as pd
+
+    pd.DataFrame({k: cols[k] for k in keep}).to_csv(path, index=False)
+    return path
+
+
+def test_predict_builds_each_sentences_context_from_the_file(tmp_path: Any) -> None:
+    from fedfm.export import TEXT, ExportSettings
+    from fedfm.predict import read_rows
+
+    cols = abstracts(4, seed=3)
+    expected = add_context(Dataset.from_dict(cols), "both")["context"]
+    settings = ExportSettings(task="sequence-classification", base_model="minilm", label_names=["a", "b", "c"],
+                              input_format=TEXT, context="both")
+    # Execute: once with the position columns, once with only the abstracts' ids and the file's order
+    given = read_rows(_sentence_file(tmp_path / "given.csv", cols,
+                                     keep=("text", "abstract_id", "position", "num_sentences")), settings)
+    ordered = read_rows(_sentence_file(tmp_path / "ordered.csv", cols, keep=("text", "abstract_id")), settings)
+    # Assert: the contexts training built, either way
+    assert given.contexts == expected and ordered.contexts == expected
+    assert read_rows(tmp_path / "ordered.csv", ExportSettings(
+        task="sequence-classification", base_model="minilm", label_names=["a"], input_format=TEXT)).contexts == []
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    ({"drop": "abstract_id"}, r"no column \['abstract_id'\].*one row per sentence"),
+    ({"position": 9}, r"row 0 \(abstract 'A0'\) has position 9 but num_sentences"),
+    ({"position": -1}, r"column 'position': row 0 is -1; expected a whole number >= 0"),
+    ({"position": 1}, r"rows 0 and 1 are both sentence 1 of abstract 'A0'"),
+])
+def test_predict_names_a_bad_sentence_file(tmp_path: Any, change: dict[str, Any], message: str) -> None:
+    from fedfm.export import TEXT, ExportSettings
+    from fedfm.predict import read_rows
+
+    cols = abstracts(2, seed=3)
+    if "position" in change:
+        cols["position"][0] = change["position"]
+    keep = tuple(k for k in ("text", "abstract_id", "position", "num_sentences") if k != change.get("drop"))
+    settings = ExportSettings(task="sequence-classification", base_model="minilm", label_names=["a"],
+                              input_format=TEXT, context="position")
+    with pytest.raises(DataError, match=message):
+        read_rows(_sentence_file(tmp_path / "rows.csv", cols, keep=keep), settings)
+
+
+@pytest.mark.integration
+def test_exported_context_model_scores_as_the_run_did(tiny_bert: Any, tmp_path: Any) -> None:
+    import fedfm
+    from fedfm.export import ExportSettings
+    from fedfm.predict import evaluate_file
+    from fedfm.workspace import federation_for
+
+    config = RunConfig().replace(**{
+        "model.name": str(tiny_bert), "model.max-length": 48, "lora.r": 4, "data.dataset": "nicta_piboso",
+        "data.partitioner": "iid", "data.num-hospitals": 2, "data.context": "position",
+        "data.max-train-per-hospital": 16, "data.max-test": 60, "train.batch-size": 8, "train.local-steps": 2,
+        "train.learning-rate": 5e-2, "federation.num-rounds": 1, "federation.fraction-evaluate": 0.0,
+    })
+    result = fedfm.run(config, out=tmp_path / "run")
+    settings = ExportSettings.read(result.adapter_dir)
+    assert settings.context == "position"
+    card = (result.adapter_dir / "README.md").read_text()
+    assert "paired with its context `position`" in card
+    snippet = card.split("```python\n")[1].split("```")[0]
+    assert "contexts = ['sentence 3 of 9.']" in snippet
+    here = Path.cwd()
+    try:  # the card's code, as a colleague runs it from the run directory
+        os.chdir(result.run_dir)
+        with contextlib.redirect_stdout(io.StringIO()) as printed:
+            exec(snippet, {})  # noqa: S102
+    finally:
+        os.chdir(here)
+    assert printed.getvalue().split(" [")[0] in settings.label_names
+    rows = federation_for(config.data).global_test
+    cols = {k: list(rows[k]) for k in ("text", "abstract_id", "position", "num_sentences")}
+    cols["label"] = [settings.label_names[i] for i in rows["label"]]
+    path = _sentence_file(tmp_path / "test.csv", cols, keep=(*cols,))
+    # Execute: the exported adapter on the run's own global test sentences
+    metrics = evaluate_file(result.adapter_dir, path)
+    # Assert: the figures the server's evaluation of (sentence, context) pairs wrote
+    final = result.summary["final"]["global"]
+    assert metrics["rows"] == result.summary["global_test_rows"] == 60
+    assert metrics["accuracy"] == final["accuracy"] and metrics["macro-f1"] == final["macro-f1"]
+    assert metrics["loss"] == pytest.approx(final["loss"], rel=1e-4)

@@ -100,6 +100,12 @@ class ExportSettings:
         input files then need no ``options`` column.
     length_normalize : bool
         Causal QA: options scored by mean instead of summed token log-probability.
+    context : str
+        Sentence-role classifiers: the ``data.context`` the model was trained
+        with (:data:`fedfm.data.piboso.CONTEXT_MODES`). Other than ``none``,
+        each row is read as the sentence paired with its position and/or
+        neighbours, so input rows need an ``abstract_id`` column (sentences
+        in their abstract's order).
     """
 
     task: str
@@ -112,6 +118,7 @@ class ExportSettings:
     pooling: str = ""
     fixed_options: list[str] = field(default_factory=list)
     length_normalize: bool = False
+    context: str = "none"
 
     def to_json(self) -> dict[str, Any]:
         """The ``fedfm.json`` form (``pooling`` stays a top-level key, as older folders have it)."""
@@ -180,6 +187,7 @@ def export_settings(config: RunConfig, label_names: list[str], *, pooling: str =
         task=config.model.task, base_model=config.model.name, label_names=list(label_names),
         input_format=TEXT, text_column=data.text_column if generic else "text",
         label_column=data.label_column if generic else "label", max_length=config.model.max_length, pooling=pooling,
+        context=data.context,
     )
 
 
@@ -411,6 +419,12 @@ def _example_text(settings: ExportSettings) -> str:
     return "Patient reports chest pain on exertion."
 
 
+def _example_context(mode: str) -> str:
+    from fedfm.data.piboso import context_text
+
+    return context_text(2, 9, "Aspirin may prevent stroke.", "Stroke was the primary outcome.", mode=mode)
+
+
 def loading_snippet(settings: ExportSettings, *, folder: str, merged: bool) -> str:
     """Python that loads the exported folder with transformers (+ peft) alone and predicts.
 
@@ -446,10 +460,23 @@ def loading_snippet(settings: ExportSettings, *, folder: str, merged: bool) -> s
         if settings.pooling == "mean":
             lines.append("use_mean_pooling(base)")
         lines.append("model = PeftModel.from_pretrained(base, folder).eval()")
+    if settings.context != "none":
+        # Trained on (sentence, context) pairs: the context is the pair's second text, cut first.
+        lines += [
+            "",
+            "texts = ['Patients were randomised to aspirin or placebo.']",
+            f"contexts = [{_example_context(settings.context)!r}]  # fedfm.data.piboso.context_text(...)",
+            (f"batch = tokenizer(texts, contexts, truncation=\"only_second\", max_length={settings.max_length}, "
+            "padding=True, return_tensors=\"pt\")"),
+        ]
+    else:
+        lines += [
+            "",
+            f"texts = [{_example_text(settings)!r}]",
+            (f"batch = tokenizer(texts, truncation=True, max_length={settings.max_length}, padding=True, "
+            "return_tensors=\"pt\")"),
+        ]
     lines += [
-        "",
-        f"texts = [{_example_text(settings)!r}]",
-        f"batch = tokenizer(texts, truncation=True, max_length={settings.max_length}, padding=True, return_tensors=\"pt\")",
         "with torch.no_grad():",
         "    probabilities = model(**batch).logits.softmax(dim=-1)",
         "for row in probabilities.tolist():",
@@ -656,6 +683,10 @@ def _input_description(settings: ExportSettings) -> str:
     if settings.input_format == MULTIPLE_CHOICE:
         fixed = f"; options always {settings.fixed_options}" if settings.fixed_options else ""
         return f"a multiple-choice question (columns question, context, options){fixed}, answers scored by likelihood"
+    if settings.context != "none":
+        return (f"the text column `{settings.text_column}` (one sentence per row) paired with its context "
+                f"`{settings.context}` (`fedfm.data.piboso.context_text`): rows need `abstract_id`, sentences in "
+                f"their abstract's order")
     return f"the text column `{settings.text_column}`"
 
 

@@ -43,7 +43,9 @@ class Rows:
     texts : list of str
         Classification: each row's model text.
     questions, contexts : list of str
-        Multiple choice: each row's question and context.
+        Multiple choice: each row's question and context. Classification of
+        a model trained with ``data.context``: ``contexts`` holds each
+        sentence's context text (empty otherwise).
     options : list of list of str
         Multiple choice: each row's options.
     labels : list of int, optional
@@ -197,6 +199,8 @@ def read_rows(
         if empty:
             raise DataError(f"{where} column {column!r}: {len(empty)} row(s) have no text (first: row {empty[0]})")
         texts = [str(t) for t in values]
+        if settings.context != "none":
+            contexts = _sentence_contexts(table, texts, settings.context, where)
     label = label_column or settings.label_column
     if label not in table.columns and settings.input_format == HEART_RECORD and label_column is None \
             and "label" in table.columns:
@@ -212,6 +216,58 @@ def read_rows(
             f"{settings.label_names} or their ids); columns present: {list(table.columns)}"
         )
     return Rows(table=table, texts=texts, questions=questions, contexts=contexts, options=options, labels=labels)
+
+
+def _sentence_contexts(table: pd.DataFrame, texts: list[str], mode: str, where: str) -> list[str]:
+    """Each sentence's context as in training, built from the file's own rows.
+
+    Rows are sentences; ``abstract_id`` groups them into abstracts. A row's
+    ``position`` (0-based) and ``num_sentences`` are read when the file has
+    those columns, otherwise taken from the order of the abstract's rows in
+    the file.
+    """
+    from datasets import Dataset
+
+    from fedfm.data.piboso import ABSTRACT_COLUMN, add_context
+
+    _require(table, [ABSTRACT_COLUMN], where,
+             f"the model reads each sentence with its context {mode!r}: one row per sentence, in its abstract's "
+             f"order, with the abstract's id (optional: position from 0, num_sentences)")
+    if table[ABSTRACT_COLUMN].isna().any():
+        row = int(table[ABSTRACT_COLUMN].isna().to_numpy().argmax())
+        raise DataError(f"{where} column {ABSTRACT_COLUMN!r}: row {row} has no abstract id")
+    abstracts = [str(a) for a in table[ABSTRACT_COLUMN]]
+    if "position" in table.columns:
+        positions = _whole_numbers(table["position"], where, "position")
+    else:
+        seen: dict[str, int] = {}
+        positions = []
+        for a in abstracts:
+            positions.append(seen.get(a, 0))
+            seen[a] = positions[-1] + 1
+    counts = {a: abstracts.count(a) for a in set(abstracts)}
+    sizes = (_whole_numbers(table["num_sentences"], where, "num_sentences") if "num_sentences" in table.columns
+             else [counts[a] for a in abstracts])
+    taken: dict[tuple[str, int], int] = {}
+    for row, (a, p, n) in enumerate(zip(abstracts, positions, sizes, strict=True)):
+        if p >= n:
+            raise DataError(f"{where}: row {row} (abstract {a!r}) has position {p} but num_sentences {n}; "
+                            f"positions count from 0")
+        if (a, p) in taken:
+            raise DataError(f"{where}: rows {taken[(a, p)]} and {row} are both sentence {p} of abstract {a!r}")
+        taken[(a, p)] = row
+    rows = Dataset.from_dict({"text": texts, ABSTRACT_COLUMN: abstracts, "position": positions,
+                              "num_sentences": sizes})
+    return list(add_context(rows, mode)["context"])
+
+
+def _whole_numbers(column: pd.Series, where: str, name: str) -> list[int]:
+    values = pd.to_numeric(column, errors="coerce")
+    bad = values.isna() | (values < 0) | (values % 1 != 0)
+    if bad.any():
+        row = int(bad.to_numpy().argmax())
+        raise DataError(f"{where} column {name!r}: row {row} is {column.tolist()[row]!r}; expected a whole number >= 0")
+    return [int(v) for v in values]
 
 
 def _options(value: Any, where: str, row: int) -> list[str]:
@@ -273,8 +329,14 @@ def predict_rows(exported: Exported, rows: Rows, *, batch_size: int = 32) -> Pre
     logits = torch.zeros(len(rows.texts), len(s.label_names))
     for start in range(0, len(order), batch_size):
         chosen = [int(i) for i in order[start : start + batch_size]]
-        batch = tokenizer([rows.texts[i] for i in chosen], truncation=True, max_length=s.max_length,
-                          padding=True, return_tensors="pt")
+        texts = [rows.texts[i] for i in chosen]
+        if rows.contexts:  # trained on (sentence, context) pairs: encoded exactly as in training
+            from fedfm.tasks.sequence_classification import encode_pairs
+
+            pairs = encode_pairs(tokenizer, texts, [rows.contexts[i] for i in chosen], max_length=s.max_length)
+            batch = tokenizer.pad(pairs, padding=True, return_tensors="pt")
+        else:
+            batch = tokenizer(texts, truncation=True, max_length=s.max_length, padding=True, return_tensors="pt")
         out = model(input_ids=batch["input_ids"].to(exported.device),
                     attention_mask=batch["attention_mask"].to(exported.device)).logits.float().cpu()
         logits[chosen] = out
