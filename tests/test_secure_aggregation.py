@@ -75,3 +75,16 @@ def fedfm_initial(run: Any) -> dict[str, np.ndarray]:
 
     config = load_config(run.run_dir / "config.toml")
     return {k: v.numpy() for k, v in workspace_for(config).loaded.initial_state.items()}
+
+
+def test_secagg_instruction_carries_the_rounds_learning_rate() -> None:
+    from fedfm import keys
+    from fedfm.config import round_learning_rate
+    from fedfm.secagg import bridge
+
+    config = RunConfig().replace(**{"privacy.secure-aggregation": True, "federation.num-rounds": 4,
+                                    "federation.lr-decay": "linear", "train.learning-rate": 1e-3})
+    strategy = bridge(config, num_hospitals=3, initial={"w": np.zeros(2, dtype=np.float32)}, instructions={})
+    rates = [strategy.on_fit_config_fn(r)[keys.LEARNING_RATE] for r in (1, 4)]
+    assert rates == [round_learning_rate(config, 1), round_learning_rate(config, 4)]
+    assert rates[0] == pytest.approx(1e-3) and rates[1] == pytest.approx(1e-4)

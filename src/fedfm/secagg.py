@@ -24,7 +24,7 @@ import numpy as np
 from flwr.app import ArrayRecord, Context
 
 from fedfm import keys, strategies
-from fedfm.config import RunConfig, evaluation_due
+from fedfm.config import RunConfig, evaluation_due, round_learning_rate
 from fedfm.errors import ConfigError
 from fedfm.strategies import RoundRecord
 from fedfm.strategies.secure import LEGACY, problems
@@ -135,7 +135,9 @@ def bridge(config: RunConfig, *, num_hospitals: int, initial: dict[str, np.ndarr
     recording = type(f"Recording{cls.__name__}", (_Recording, cls), {})
 
     def round_config(server_round: int) -> dict[str, Any]:
-        return {**instructions, keys.SERVER_ROUND: server_round}
+        # The round's local learning rate travels as in the message API (federation.lr-decay).
+        return {**instructions, keys.SERVER_ROUND: server_round,
+                keys.LEARNING_RATE: round_learning_rate(config, server_round)}
 
     strategy = recording(
         fraction_fit=fed.fraction_train,
