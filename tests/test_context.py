@@ -260,7 +260,7 @@ def test_predict_names_a_bad_sentence_file(tmp_path: Any, change: dict[str, Any]
 def test_exported_context_model_scores_as_the_run_did(tiny_bert: Any, tmp_path: Any) -> None:
     import fedfm
     from fedfm.export import ExportSettings
-    from fedfm.predict import evaluate_file
+    from fedfm.predict import evaluate_file, predict_file
     from fedfm.workspace import federation_for
 
     config = RunConfig().replace(**{
@@ -284,6 +284,19 @@ def test_exported_context_model_scores_as_the_run_did(tiny_bert: Any, tmp_path: 
     finally:
         os.chdir(here)
     assert printed.getvalue().split(" [")[0] in settings.label_names
+    # The snippet's sentence as a file row (its context says "sentence 3 of 9"): fedfm predicts the same
+    namespace: dict[str, Any] = {}
+    try:
+        os.chdir(result.run_dir)
+        with contextlib.redirect_stdout(io.StringIO()):
+            exec(snippet, namespace)  # noqa: S102
+    finally:
+        os.chdir(here)
+    one = _sentence_file(tmp_path / "one.csv", {"text": namespace["texts"], "abstract_id": ["a"], "position": [2],
+                                                 "num_sentences": [9]}, keep=("text", "abstract_id", "position",
+                                                                              "num_sentences"))
+    _, predicted, _ = predict_file(result.adapter_dir, one)
+    np.testing.assert_allclose(predicted.probabilities, namespace["probabilities"].numpy(), rtol=1e-5, atol=1e-6)
     rows = federation_for(config.data).global_test
     cols = {k: list(rows[k]) for k in ("text", "abstract_id", "position", "num_sentences")}
     cols["label"] = [settings.label_names[i] for i in rows["label"]]

@@ -466,8 +466,9 @@ def loading_snippet(settings: ExportSettings, *, folder: str, merged: bool) -> s
             "",
             "texts = ['Patients were randomised to aspirin or placebo.']",
             f"contexts = [{_example_context(settings.context)!r}]  # fedfm.data.piboso.context_text(...)",
+            # fedfm trains without segment ids: the pair's second text keeps token type 0.
             (f"batch = tokenizer(texts, contexts, truncation=\"only_second\", max_length={settings.max_length}, "
-            "padding=True, return_tensors=\"pt\")"),
+            "padding=True, return_token_type_ids=False, return_tensors=\"pt\")"),
         ]
     else:
         lines += [

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -245,7 +246,7 @@ def _sentence_contexts(table: pd.DataFrame, texts: list[str], mode: str, where: 
         for a in abstracts:
             positions.append(seen.get(a, 0))
             seen[a] = positions[-1] + 1
-    counts = {a: abstracts.count(a) for a in set(abstracts)}
+    counts = Counter(abstracts)
     sizes = (_whole_numbers(table["num_sentences"], where, "num_sentences") if "num_sentences" in table.columns
              else [counts[a] for a in abstracts])
     taken: dict[tuple[str, int], int] = {}
