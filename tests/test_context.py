@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -186,21 +187,26 @@ def test_split_hospital_without_abstracts_is_unchanged() -> None:
 @pytest.mark.parametrize(
     ("settings", "message"),
     [
-        ({"data.dataset": "heart_disease_uci", "data.context": "both"}, "`data.context` 'both' needs a dataset of abstracts"),
-        ({"data.dataset": "csv", "data.path": "x.csv", "data.context": "position"}, "`data.context` 'position'"),
+        ({"data.dataset": "heart_disease_uci", "data.context": "both"}, "`data.context` 'both' needs sentences grouped into abstracts"),
+        ({"data.dataset": "pubmedqa", "data.context": "position"}, "or a file (csv, jsonl, parquet)"),
         ({"data.dataset": "nicta_piboso", "data.context": "sideways"}, "must be one of ['none', 'position'"),
     ],
 )
 def test_config_refuses_context_without_abstracts(settings: dict[str, str], message: str) -> None:
-    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("(", r"\(")):
+    with pytest.raises(ConfigError, match=re.escape(message)):
         RunConfig().replace(**settings)
 
 
-def test_config_accepts_context_for_nicta() -> None:
+def test_config_accepts_context_for_nicta_files_and_deployments() -> None:
     config = RunConfig().replace(**{"data.dataset": "nicta_piboso", "data.partitioner": "dirichlet",
                                     "data.context": "both"})
     assert config.data.context == "both"
     assert RunConfig().data.context == "none"
+    own = RunConfig().replace(**{"data.dataset": "jsonl", "data.path": "x.jsonl", "data.partitioner": "iid",
+                                 "data.context": "position"})
+    deployment = RunConfig().replace(**{"data.hospitals": "north,south", "data.label-names": "a,b",
+                                        "federation.central-evaluation": False, "data.context": "neighbours"})
+    assert (own.data.context, deployment.data.context) == ("position", "neighbours")
 
 
 def test_federation_refuses_context_for_rows_without_abstracts() -> None:
@@ -308,3 +314,132 @@ def test_exported_context_model_scores_as_the_run_did(tiny_bert: Any, tmp_path: 
     assert metrics["rows"] == result.summary["global_test_rows"] == 60
     assert metrics["accuracy"] == final["accuracy"] and metrics["macro-f1"] == final["macro-f1"]
     assert metrics["loss"] == pytest.approx(final["loss"], rel=1e-4)
+
+
+# ---- sentences in a file of one's own, and on a SuperNode -----------------------------------------------------------
+
+
+def _own_sentences(path: Path, num: int, *, seed: int, keep: tuple[str, ...] = ("text", "label", "abstract_id")) -> Any:
+    """A CSV of ``num`` abstracts, one row per sentence in reading order; the contexts training should build."""
+    cols = abstracts(num, seed=seed)
+    cols["label"] = [["background", "method", "result"][v] for v in cols["label"]]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _sentence_file(path, cols, keep=keep)
+    expected = dict(zip(cols["text"], add_context(Dataset.from_dict(cols), "both")["context"], strict=True))
+    return path, expected
+
+
+def _whole_abstracts(*splits: Dataset) -> bool:
+    """No abstract has sentences in two of ``splits``, and each split holds every sentence of its abstracts."""
+    seen: set[str] = set()
+    for rows in splits:
+        ids = set(rows["abstract_id"])
+        if ids & seen or any(rows["abstract_id"].count(a) != n for a, n in
+                             zip(rows["abstract_id"], rows["num_sentences"], strict=True)):
+            return False
+        seen |= ids
+    return True
+
+
+def test_a_file_of_ones_own_is_read_with_context_from_its_abstract_ids(tmp_path: Path) -> None:
+    from fedfm.workspace import federation_for
+
+    # Prepare: only text, label and abstract_id; position and size come from the file's order.
+    path, expected = _own_sentences(tmp_path / "notes.csv", 30, seed=5)
+    config = RunConfig().replace(**{"data.dataset": "csv", "data.path": str(path), "data.partitioner": "iid",
+                                    "data.num-hospitals": 3, "data.context": "both"})
+    # Execute
+    federation = federation_for(config.data)
+    # Assert: every sentence has the context built from its whole abstract; abstracts stay whole.
+    splits = [rows for h in federation.hospitals for rows in (h.train, h.test)]
+    assert sum(len(rows) for rows in splits) == len(expected)
+    assert all(c == expected[t] for rows in splits for t, c in zip(rows["text"], rows["context"], strict=True))
+    assert _whole_abstracts(*splits)
+    assert federation.global_test["context"][0] == expected[federation.global_test["text"][0]]
+
+
+def test_a_supernode_reads_its_own_sentences_with_context(tmp_path: Path) -> None:
+    from fedfm.data import node_data, node_federation
+
+    # Prepare: the file lists positions and sizes itself, rows shuffled.
+    path, expected = _own_sentences(tmp_path / "north" / "sentences.csv", 20, seed=6,
+                                    keep=("text", "label", "abstract_id", "position", "num_sentences"))
+    import pandas as pd
+
+    pd.read_csv(path).sample(frac=1.0, random_state=0).to_csv(path, index=False)
+    node = node_data({"data-path": str(path)})
+    assert node is not None
+    # Execute
+    federation = node_federation(node, test_fraction=0.3, seed=0, context="both")
+    # Assert
+    [hospital] = federation.hospitals
+    assert len(hospital.train) + len(hospital.test) == len(expected) and len(hospital.test) > 0
+    assert all(c == expected[t] for rows in (hospital.train, hospital.test)
+               for t, c in zip(rows["text"], rows["context"], strict=True))
+    assert _whole_abstracts(hospital.train, hospital.test)
+    assert "context" not in node_federation(node, test_fraction=0.3, seed=0).hospitals[0].train.column_names
+
+
+def test_a_deployments_test_file_is_read_with_context(tmp_path: Path) -> None:
+    from fedfm.data import deployment_federation
+
+    path, expected = _own_sentences(tmp_path / "test.csv", 6, seed=7)
+    federation = deployment_federation(["north", "south"], label_names=["background", "method", "result"],
+                                       test_path=path, context="neighbours")
+    texts, contexts = federation.global_test["text"], federation.global_test["context"]
+    assert len(texts) == len(expected)
+    assert all(c == expected[t].split(". ", 1)[1] for t, c in zip(texts, contexts, strict=True))
+
+
+@pytest.mark.parametrize(("columns", "error", "message"), [
+    (("text", "label"), DataError, r"sentences\.csv has no 'abstract_id' column.*columns present"),
+    (("text", "label", "abstract_id", "num_sentences"), None, None),
+])
+def test_a_supernode_file_without_abstracts_is_named(
+    tmp_path: Path, columns: tuple[str, ...], error: Any, message: Any
+) -> None:
+    from fedfm.data import node_data, node_federation
+
+    path, _ = _own_sentences(tmp_path / "sentences.csv", 4, seed=8, keep=columns)
+    node = node_data({"data-path": str(path)})
+    assert node is not None
+    if error is None:
+        assert len(node_federation(node, context="position").hospitals[0].train) > 0
+        return
+    with pytest.raises(error, match=message):
+        node_federation(node, context="position")
+
+
+def test_a_supernode_trains_on_its_sentences_with_context(tmp_path: Path, tiny_bert: Path) -> None:
+    from flwr.app import ConfigRecord, Context, RecordDict
+
+    from conftest import instruction
+    from fedfm import keys
+    from fedfm.client import _workspace, app
+    from fedfm.config import to_json
+    from fedfm.wire import state_to_record
+    from fedfm.workspace import workspace_for
+
+    # Prepare: a deployment whose hospitals read their sentences with their position.
+    coordinator = RunConfig().replace(**{
+        "model.name": str(tiny_bert), "model.max-length": 48, "lora.r": 4, "train.batch-size": 8,
+        "train.local-steps": 2, "data.hospitals": "north,south", "data.label-names": "background,method,result",
+        "federation.central-evaluation": False, "data.context": "position",
+    })
+    sent = RecordDict({
+        keys.ARRAYS: state_to_record(workspace_for(coordinator).loaded.initial_state),
+        keys.CONFIG: ConfigRecord({keys.RUN_CONFIG: to_json(coordinator), keys.SERVER_ROUND: 1}),
+    })
+    path, expected = _own_sentences(tmp_path / "south" / "sentences.csv", 12, seed=9)
+    context = Context(run_id=1, node_id=7, state=RecordDict(), run_config={},
+                      node_config={"hospital": "south", "data-path": str(path)})
+    # Execute
+    trained = app(instruction(sent, message_type="train"), context)
+    # Assert: the hospital trained on (sentence, position) pairs of its own file.
+    assert not trained.has_error(), trained.error
+    workspace = _workspace(coordinator, context)
+    rows = workspace.federation.hospitals[0].train
+    assert trained.content[keys.METRICS][keys.NUM_EXAMPLES] == len(rows)
+    assert all(c == expected[t].split(" before:")[0] for t, c in zip(rows["text"], rows["context"], strict=True))
+    sep = workspace.loaded.tokenizer.sep_token_id
+    assert all(ids.count(sep) == 2 for ids in workspace.hospital_rows("train", 0)["input_ids"])  # pairs

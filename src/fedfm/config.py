@@ -30,6 +30,8 @@ DATASETS = ("heart_disease_uci", "nicta_piboso", "pubmedqa", "medmcqa", "medqa",
 TOKEN_DATASETS = ("ncbi_disease",)
 #: Datasets whose rows are sentences of abstracts, for `data.context` other than "none".
 ABSTRACT_DATASETS = ("nicta_piboso",)
+#: Datasets read from a file of one's own; with an `abstract_id` column they take `data.context` too.
+FILE_DATASETS = ("csv", "jsonl", "parquet")
 CONTEXTS = ("none", "position", "neighbours", "both")
 PARTITIONERS = ("iid", "dirichlet", "natural")
 OPTIMIZERS = ("adamw", "sgd")
@@ -132,10 +134,11 @@ class DataSpec:
     max_test: int = _help("Cap on test rows (global and per hospital) and on each validation split; 0 keeps all.", 0)
     seed: int = _help("Seed of the partition and split.", 0)
     context: str = _help(
-        "Sentence-role datasets (nicta_piboso): what each sentence is classified with, as the second text of a "
-        "(sentence, context) pair that is truncated before the sentence is: `none`, `position` (\"sentence 3 of "
-        "9\"), `neighbours` (the sentences before and after it) or `both`. Built inside each hospital from its "
-        "own abstracts, which stay whole (one hospital, one side of its local split).",
+        "Sentence-role data (nicta_piboso, or a file of one's own and a deployment's SuperNode files with an "
+        "`abstract_id` column, sentences in reading order): what each sentence is classified with, as the second "
+        "text of a (sentence, context) pair that is truncated before the sentence is: `none`, `position` "
+        "(\"sentence 3 of 9\"), `neighbours` (the sentences before and after it) or `both`. Built inside each "
+        "hospital from its own abstracts, which stay whole (one hospital, one side of its local split).",
         "none",
     )
     hospitals: tuple[str, ...] = _help(
@@ -707,7 +710,7 @@ def validate(config: RunConfig) -> list[str]:
     _check(p, lo.alpha > 0, f"`lora.alpha` must be > 0, got {lo.alpha}")
     _check(p, 0 <= lo.dropout < 1, f"`lora.dropout` must be in [0, 1), got {lo.dropout}")
     _check(p, d.dataset in DATASETS, f"`data.dataset` must be one of {list(DATASETS)}, got {d.dataset!r}")
-    if d.dataset in ("csv", "jsonl", "parquet") and not d.hospitals:
+    if d.dataset in FILE_DATASETS and not d.hospitals:
         _check(p, bool(d.path), f"`data.path` must name a file when `data.dataset` is {d.dataset!r}")
     _check(p, d.partitioner in PARTITIONERS, f"`data.partitioner` must be one of {list(PARTITIONERS)}, got {d.partitioner!r}")
     _check(p, d.num_hospitals >= 1, f"`data.num-hospitals` must be >= 1, got {d.num_hospitals}")
@@ -718,9 +721,10 @@ def validate(config: RunConfig) -> list[str]:
     _check(p, d.max_train_per_hospital >= 0, f"`data.max-train-per-hospital` must be >= 0, got {d.max_train_per_hospital}")
     _check(p, d.max_test >= 0, f"`data.max-test` must be >= 0, got {d.max_test}")
     _check(p, d.context in CONTEXTS, f"`data.context` must be one of {list(CONTEXTS)}, got {d.context!r}")
-    _check(p, d.context == "none" or (d.dataset in ABSTRACT_DATASETS and not d.hospitals),
-           f"`data.context` {d.context!r} needs a dataset of abstracts {list(ABSTRACT_DATASETS)}, got "
-           f"{'a deployment (data.hospitals)' if d.hospitals else repr(d.dataset)}; use 'none'")
+    _check(p, d.context == "none" or d.dataset in (*ABSTRACT_DATASETS, *FILE_DATASETS) or bool(d.hospitals),
+           f"`data.context` {d.context!r} needs sentences grouped into abstracts: a dataset of abstracts "
+           f"{list(ABSTRACT_DATASETS)}, or a file ({', '.join(FILE_DATASETS)}) or a deployment's SuperNode files "
+           f"with an 'abstract_id' column; got {d.dataset!r}; use 'none'")
     p.extend(_deployment_problems(config))
     if not d.hospitals:
         _check(p, m.task != "token-classification" or d.dataset in TOKEN_DATASETS,

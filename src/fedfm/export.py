@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 from fedfm.adapters import EXPORT_SETTINGS, resolve_model_path
-from fedfm.config import RunConfig, load_config
+from fedfm.config import FILE_DATASETS, RunConfig, load_config
 from fedfm.errors import FedfmError, ModelError
 from fedfm.rundir import atomic_write_text, read_jsonl
 from fedfm.tasks.pooling import apply_pooling
@@ -182,7 +182,7 @@ def export_settings(config: RunConfig, label_names: list[str], *, pooling: str =
             task=config.model.task, base_model=config.model.name, label_names=list(label_names),
             input_format=HEART_RECORD, label_column="num", max_length=config.model.max_length, pooling=pooling,
         )
-    generic = data.dataset in ("csv", "jsonl", "parquet") or bool(data.hospitals)
+    generic = data.dataset in FILE_DATASETS or bool(data.hospitals)
     return ExportSettings(
         task=config.model.task, base_model=config.model.name, label_names=list(label_names),
         input_format=TEXT, text_column=data.text_column if generic else "text",

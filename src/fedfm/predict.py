@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import math
-from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -225,50 +224,21 @@ def _sentence_contexts(table: pd.DataFrame, texts: list[str], mode: str, where: 
     Rows are sentences; ``abstract_id`` groups them into abstracts. A row's
     ``position`` (0-based) and ``num_sentences`` are read when the file has
     those columns, otherwise taken from the order of the abstract's rows in
-    the file.
+    the file (:func:`fedfm.data.piboso.with_abstract_columns`, as training reads its files).
     """
     from datasets import Dataset
 
-    from fedfm.data.piboso import ABSTRACT_COLUMN, add_context
+    from fedfm.data.piboso import ABSTRACT_COLUMN, add_context, with_abstract_columns
 
     _require(table, [ABSTRACT_COLUMN], where,
              f"the model reads each sentence with its context {mode!r}: one row per sentence, in its abstract's "
              f"order, with the abstract's id (optional: position from 0, num_sentences)")
-    if table[ABSTRACT_COLUMN].isna().any():
-        row = int(table[ABSTRACT_COLUMN].isna().to_numpy().argmax())
-        raise DataError(f"{where} column {ABSTRACT_COLUMN!r}: row {row} has no abstract id")
-    abstracts = [str(a) for a in table[ABSTRACT_COLUMN]]
-    if "position" in table.columns:
-        positions = _whole_numbers(table["position"], where, "position")
-    else:
-        seen: dict[str, int] = {}
-        positions = []
-        for a in abstracts:
-            positions.append(seen.get(a, 0))
-            seen[a] = positions[-1] + 1
-    counts = Counter(abstracts)
-    sizes = (_whole_numbers(table["num_sentences"], where, "num_sentences") if "num_sentences" in table.columns
-             else [counts[a] for a in abstracts])
-    taken: dict[tuple[str, int], int] = {}
-    for row, (a, p, n) in enumerate(zip(abstracts, positions, sizes, strict=True)):
-        if p >= n:
-            raise DataError(f"{where}: row {row} (abstract {a!r}) has position {p} but num_sentences {n}; "
-                            f"positions count from 0")
-        if (a, p) in taken:
-            raise DataError(f"{where}: rows {taken[(a, p)]} and {row} are both sentence {p} of abstract {a!r}")
-        taken[(a, p)] = row
-    rows = Dataset.from_dict({"text": texts, ABSTRACT_COLUMN: abstracts, "position": positions,
-                              "num_sentences": sizes})
+    columns: dict[str, list[Any]] = {"text": texts}
+    for name in (ABSTRACT_COLUMN, "position", "num_sentences"):
+        if name in table.columns:
+            columns[name] = [None if _missing(v) else v for v in table[name].tolist()]
+    rows = with_abstract_columns(Dataset.from_dict(columns), where)
     return list(add_context(rows, mode)["context"])
-
-
-def _whole_numbers(column: pd.Series, where: str, name: str) -> list[int]:
-    values = pd.to_numeric(column, errors="coerce")
-    bad = values.isna() | (values < 0) | (values % 1 != 0)
-    if bad.any():
-        row = int(bad.to_numpy().argmax())
-        raise DataError(f"{where} column {name!r}: row {row} is {column.tolist()[row]!r}; expected a whole number >= 0")
-    return [int(v) for v in values]
 
 
 def _options(value: Any, where: str, row: int) -> list[str]:

@@ -49,6 +49,7 @@ def federation_for(data: DataSpec) -> Federation:
                 label_column=data.label_column,
                 seed=data.seed,
                 max_test=data.max_test or None,
+                context=data.context,
             )
         if data not in _FEDERATIONS:
             source = load_source(
@@ -137,7 +138,7 @@ class Workspace:
 def node_federation_for(data: DataSpec, node: NodeData) -> Federation:
     """A SuperNode's own hospital, split as the data spec says (cached per process).
 
-    Only the spec's column names, label names, test fraction, seed and caps are used;
+    Only the spec's column names, label names, test fraction, seed, caps and context are used;
     its dataset, path and partitioner describe the coordinator's data, not this hospital's.
     """
     key = (data, node)
@@ -153,6 +154,7 @@ def node_federation_for(data: DataSpec, node: NodeData) -> Federation:
                 max_train_per_hospital=data.max_train_per_hospital or None,
                 max_test=data.max_test or None,
                 validation_fraction=data.validation_fraction,
+                context=data.context,
             )
         return _NODE_FEDERATIONS[key]
 

@@ -14,7 +14,14 @@ from datasets import Dataset, concatenate_datasets
 from fedfm.data._cache import LruCache
 from fedfm.data.base import SourceData, is_count
 from fedfm.data.partitioners import keep_groups_together, known_partitioners, partition
-from fedfm.data.piboso import ABSTRACT_COLUMN, CONTEXT_MODES, add_context, group_split, has_abstracts
+from fedfm.data.piboso import (
+    ABSTRACT_COLUMN,
+    CONTEXT_MODES,
+    add_context,
+    group_split,
+    has_abstracts,
+    with_abstract_columns,
+)
 from fedfm.errors import ConfigError, DataError
 
 
@@ -126,6 +133,27 @@ def split_rows(labels: Sequence[Any], test_fraction: float, rng: np.random.Gener
         test = rng.permutation(n)[:n_test]
     test_set = set(test.tolist())
     return [i for i in range(n) if i not in test_set], sorted(test_set)
+
+
+def with_context(rows: Dataset, context: str, where: str) -> Dataset:
+    """``rows`` with the ``context`` column of ``data.context`` (unchanged for ``"none"``).
+
+    Parameters
+    ----------
+    rows : datasets.Dataset
+        Sentences with an ``abstract_id`` (``position``, ``num_sentences`` optional) unless ``context`` is ``"none"``.
+    context : str
+        ``data.context``.
+    where : str
+        What the rows are, for error messages.
+
+    Returns
+    -------
+    datasets.Dataset
+    """
+    if context == "none":
+        return rows
+    return add_context(with_abstract_columns(rows, where), context)
 
 
 def split_hospital(
@@ -354,10 +382,11 @@ def build_federation(
     """
     _check(partitioner, num_hospitals, alpha, test_fraction, seed, max_train_per_hospital, max_test, context,
            validation_fraction)
-    if context != "none" and not has_abstracts(source.train):
+    if context != "none" and ABSTRACT_COLUMN not in source.train.column_names:
         raise ConfigError(
-            f"`data.context` {context!r} needs a dataset split into abstracts (nicta_piboso); "
-            f"{source.name!r} has none. Use `data.context = \"none\"`."
+            f"`data.context` {context!r} needs sentences grouped into abstracts (nicta_piboso, or a file with an "
+            f"{ABSTRACT_COLUMN!r} column, sentences in reading order); {source.name!r} has columns "
+            f"{source.train.column_names}. Use `data.context = \"none\"`."
         )
     if partitioner == "natural":
         column = column if column is not None else source.natural_column
@@ -410,22 +439,25 @@ def _build(
     context: str = "none",
     validation_fraction: float = 0.0,
 ) -> Federation:
+    train = source.train
+    if context != "none":
+        train = with_abstract_columns(train, f"the {source.name!r} rows")
     parts = partition(
-        source.train,
+        train,
         partitioner,
         num_partitions=num_hospitals,
         seed=seed,
         alpha=alpha,
         column=column,
     )
-    if context != "none" and has_abstracts(source.train):
-        parts = keep_groups_together(source.train, parts, column=ABSTRACT_COLUMN, seed=seed)
+    if context != "none":
+        parts = keep_groups_together(train, parts, column=ABSTRACT_COLUMN, seed=seed)
     hospitals = []
     for index, (name, rows) in enumerate(parts):
         if len(rows) == 0:
             raise DataError(
                 f"hospital {name!r} got no rows: the {partitioner!r} partitioner split "
-                f"{len(source.train)} rows into {len(parts)} hospitals; use fewer hospitals"
+                f"{len(train)} rows into {len(parts)} hospitals; use fewer hospitals"
             )
         hospitals.append(
             split_hospital(
@@ -435,7 +467,7 @@ def _build(
             )
         )
     pooled = (
-        add_context(source.test, context)
+        with_context(source.test, context, f"the {source.name!r} test rows")
         if source.test is not None
         else concatenate_datasets([h.test for h in hospitals])
     )

@@ -26,7 +26,8 @@ from datasets import Dataset
 
 from fedfm.config import HOSPITAL_FILE_SUFFIXES, HOSPITAL_NAME
 from fedfm.data.base import CLASSIFICATION, SourceData
-from fedfm.data.federation import Federation, HospitalData, cap_global_test, split_hospital
+from fedfm.data.federation import Federation, HospitalData, cap_global_test, split_hospital, with_context
+from fedfm.data.piboso import with_abstract_columns
 from fedfm.data.sources import load_source
 from fedfm.errors import ConfigError, DataError
 
@@ -143,6 +144,7 @@ def node_federation(
     max_train_per_hospital: int | None = None,
     max_test: int | None = None,
     validation_fraction: float = 0.0,
+    context: str = "none",
 ) -> Federation:
     """The one-hospital federation a SuperNode sees: its own file, split into local train and test.
 
@@ -169,6 +171,11 @@ def node_federation(
         Caps on the train and test rows.
     validation_fraction : float
         Share of the train rows held out as the hospital's validation split; 0 keeps none.
+    context : str
+        ``data.context``. Other than ``"none"``, the file's rows are sentences
+        with an ``abstract_id`` (in reading order; ``position`` and
+        ``num_sentences`` optional): abstracts stay whole on one side of the
+        split and each side's contexts come from its own rows, as in a simulation.
 
     Returns
     -------
@@ -177,9 +184,11 @@ def node_federation(
     """
     source = load_source(node.file_format, path=node.path, text_column=text_column, label_column=label_column,
                          label_names=label_names)
+    rows = source.train if context == "none" else with_abstract_columns(source.train, str(node.path))
     hospital = split_hospital(
-        node.name, source.train, index=0, test_fraction=test_fraction, seed=seed,
+        node.name, rows, index=0, test_fraction=test_fraction, seed=seed,
         max_train_per_hospital=max_train_per_hospital, max_test=max_test, validation_fraction=validation_fraction,
+        context=context,
     )
     if len(hospital.train) == 0:
         raise DataError(f"{node.path} (node config `{DATA_PATH}`) has no rows to train on")
@@ -195,6 +204,7 @@ def deployment_federation(
     label_column: str = "label",
     seed: int = 0,
     max_test: int | None = None,
+    context: str = "none",
 ) -> Federation:
     """The coordinator's view of a deployment: the hospitals by name, without their rows.
 
@@ -217,6 +227,9 @@ def deployment_federation(
         Seed of the ``max_test`` sample.
     max_test : int or None
         Cap on the global test rows.
+    context : str
+        ``data.context``; other than ``"none"`` the test file's sentences are
+        read with their context, built from the whole file before the cap.
 
     Returns
     -------
@@ -234,7 +247,7 @@ def deployment_federation(
                               f"picks the reader), got {suffix or 'no suffix'!r}")
         test = load_source(FORMATS[suffix], path=test_path, text_column=text_column, label_column=label_column,
                            label_names=label_names).train
-        global_test = cap_global_test(test, max_test, seed)
+        global_test = cap_global_test(with_context(test, context, str(test_path)), max_test, seed)
     else:
         global_test = empty
     source = SourceData(name="deployment", kind=CLASSIFICATION, train=empty, test=global_test,

@@ -7,6 +7,8 @@ single-label files from Jin & Szolovits, EMNLP 2018.
 
 from __future__ import annotations
 
+import math
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -122,6 +124,86 @@ def has_abstracts(rows: datasets.Dataset) -> bool:
         True when the columns ``abstract_id``, ``position`` and ``num_sentences`` are present.
     """
     return all(c in rows.column_names for c in _ABSTRACT_COLUMNS)
+
+
+def with_abstract_columns(rows: datasets.Dataset, where: str) -> datasets.Dataset:
+    """Rows of sentences grouped by ``abstract_id``, with ``position`` and ``num_sentences`` filled in and checked.
+
+    A file of one's own needs only an ``abstract_id`` column, with each
+    abstract's sentences in reading order; ``position`` (0-based) and
+    ``num_sentences`` are read where the rows have them and otherwise taken from
+    that order. Training, ``fedfm predict`` and a SuperNode's own file all go
+    through here, so a sentence gets the same context everywhere.
+
+    Parameters
+    ----------
+    rows : datasets.Dataset
+        Rows with ``abstract_id``; ``position`` and ``num_sentences`` optional.
+    where : str
+        What the rows are (a file's path), for error messages.
+
+    Returns
+    -------
+    datasets.Dataset
+        ``rows`` with integer ``position`` and ``num_sentences`` columns and a string ``abstract_id``.
+
+    Raises
+    ------
+    DataError
+        No ``abstract_id`` column or a row without one; a position or size that
+        is not a whole number >= 0; a position >= its abstract's size; two rows
+        at the same position of one abstract. Each message names the row.
+    """
+    if ABSTRACT_COLUMN not in rows.column_names:
+        raise DataError(
+            f"{where} has no {ABSTRACT_COLUMN!r} column: a sentence is read with its context only if the rows say "
+            f"which abstract each sentence belongs to (one row per sentence, in reading order; optional columns "
+            f"'position' from 0 and 'num_sentences'); columns present: {rows.column_names}"
+        )
+    raw = list(rows[ABSTRACT_COLUMN])
+    missing = [i for i, a in enumerate(raw) if a is None or (isinstance(a, float) and math.isnan(a)) or str(a) == ""]
+    if missing:
+        raise DataError(f"{where} column {ABSTRACT_COLUMN!r}: row {missing[0]} has no abstract id")
+    abstracts = [str(a) for a in raw]
+    if "position" in rows.column_names:
+        positions = _whole_numbers(list(rows["position"]), where, "position")
+    else:
+        seen: dict[str, int] = {}
+        positions = []
+        for a in abstracts:
+            positions.append(seen.get(a, 0))
+            seen[a] = positions[-1] + 1
+    if "num_sentences" in rows.column_names:
+        sizes = _whole_numbers(list(rows["num_sentences"]), where, "num_sentences")
+    else:
+        counts = Counter(abstracts)
+        sizes = [counts[a] for a in abstracts]
+    taken: dict[tuple[str, int], int] = {}
+    for row, (a, p, n) in enumerate(zip(abstracts, positions, sizes, strict=True)):
+        if p >= n:
+            raise DataError(f"{where}: row {row} (abstract {a!r}) has position {p} but num_sentences {n}; "
+                            f"positions count from 0")
+        if (a, p) in taken:
+            raise DataError(f"{where}: rows {taken[(a, p)]} and {row} are both sentence {p} of abstract {a!r}")
+        taken[(a, p)] = row
+    keep = [c for c in rows.column_names if c not in _ABSTRACT_COLUMNS]
+    return rows.select_columns(keep).add_column(ABSTRACT_COLUMN, abstracts).add_column(
+        "position", positions).add_column("num_sentences", sizes)
+
+
+def _whole_numbers(values: list[object], where: str, name: str) -> list[int]:
+    out = []
+    for row, v in enumerate(values):
+        number = v if isinstance(v, (int, float)) and not isinstance(v, bool) else None
+        if isinstance(v, str):
+            try:
+                number = float(v)
+            except ValueError:
+                number = None
+        if number is None or not math.isfinite(number) or number < 0 or number % 1 != 0:
+            raise DataError(f"{where} column {name!r}: row {row} is {v!r}; expected a whole number >= 0")
+        out.append(int(number))
+    return out
 
 
 def context_text(
