@@ -332,9 +332,24 @@ def _federated_arm(config: Any, result: Any, wall: float, engine: str) -> dict[s
         # Upper bound when the last batch of an epoch is short (local-steps mode only).
         "examples_seen": examples,
         "rounds": result.summary.get("rounds"),
+        # With federation.select-best = "validation" the exported adapter may be
+        # an earlier round than "global" (the last): its test scores are here.
+        "exported": _exported(result.summary.get("selection") or {}),
         "server_wall_seconds": result.summary.get("wall_seconds"),
         "wall_seconds": round(wall, 2),
         "bytes": result.summary.get("bytes"),
+    }
+
+
+def _exported(selection: dict[str, Any]) -> dict[str, Any] | None:
+    """The exported round and its global test scores, when validation chose it; None otherwise."""
+    if selection.get("select_best") != "validation" or selection.get("exported_round") is None:
+        return None
+    chosen = selection["best"] if selection["exported_round"] == selection.get("best_round") else selection["last"]
+    return {
+        "round": selection["exported_round"],
+        "validation_metric": selection.get("metric"),
+        "global": {k: float(v) for k, v in ((chosen or {}).get("global") or {}).items()},
     }
 
 
@@ -469,6 +484,8 @@ def benchmark(
         results["federated"] = run_federated(config, verbose=verbose, engine=engine, logs=out / "deployment-logs")
         arm = results["federated"]
         print(f"[federated] {_fmt(arm['global'])}  {arm['wall_seconds']:.0f} s", flush=True)
+        if arm["exported"]:
+            print(f"[federated] exported round {arm['exported']['round']}: {_fmt(arm['exported']['global'])}", flush=True)
     # fedfm.run sets the driver's threads for its worker layout; the in-process
     # arms get every core, and the same seeds whatever ran before.
     torch.set_num_threads(available_cores())

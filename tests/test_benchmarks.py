@@ -43,6 +43,35 @@ def test_quality_quick_heart_writes_three_arms(tmp_path: Path) -> None:
     assert "federated_over_centralized_macro_f1" in report["comparison"]
     assert "federated_minus_local_mean_macro_f1" in report["comparison"]
     assert report["settings"]["data.dataset"] == "heart_disease_uci"
+    assert report["arms"]["federated"]["exported"] is None  # no validation split: the last round is exported
+
+
+def test_quality_reports_the_exported_round_under_select_best(tmp_path: Path) -> None:
+    # Prepare: a validation split, so the exported adapter can be an earlier round than the last
+    env = dict(os.environ, HF_HOME=str(tmp_path / "hf"))
+
+    # Execute
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "quality.py"), "--quick", "--dataset", "heart",
+         "--arms", "federated", "--set", "data.validation-fraction=0.2",
+         "--set", "federation.select-best=validation", "--out", str(tmp_path)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+    # Assert: the exported round's test scores are that round's, not the last round's by default
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    arm = json.loads((tmp_path / "quality-heart-quick.json").read_text())["arms"]["federated"]
+    exported = arm["exported"]
+    assert exported["validation_metric"] == "loss"
+    assert 1 <= exported["round"] <= arm["rounds"]
+    same_round = arm["per_round_global"][exported["round"] - 1]
+    assert same_round["round"] == exported["round"]
+    assert exported["global"]["accuracy"] == pytest.approx(same_round["accuracy"])
+    assert f"exported round {exported['round']}:" in done.stdout
 
 
 def test_strategies_quick_writes_each_part(tmp_path: Path) -> None:
