@@ -15,20 +15,22 @@ pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_quality_quick_heart_writes_three_arms(tmp_path: Path) -> None:
-    # Prepare
-    env = dict(os.environ, HF_HOME=str(tmp_path / "hf"))
-
-    # Execute
-    done = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "quality.py"), "--quick", "--dataset", "heart",
-         "--out", str(tmp_path)],
+def run_benchmark(script: str, tmp_path: Path, *args: str, timeout: int = 900) -> subprocess.CompletedProcess[str]:
+    """Run ``benchmarks/<script>`` with ``args`` and ``--out tmp_path``, its Hugging Face cache under ``tmp_path``."""
+    return subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / script), *args, "--out", str(tmp_path)],
         cwd=ROOT,
-        env=env,
+        env=dict(os.environ, HF_HOME=str(tmp_path / "hf")),
         capture_output=True,
         text=True,
-        timeout=600,
+        timeout=timeout,
+        check=False,
     )
+
+
+def test_quality_quick_heart_writes_three_arms(tmp_path: Path) -> None:
+    # Execute
+    done = run_benchmark("quality.py", tmp_path, "--quick", "--dataset", "heart", timeout=600)
 
     # Assert
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
@@ -47,20 +49,10 @@ def test_quality_quick_heart_writes_three_arms(tmp_path: Path) -> None:
 
 
 def test_quality_reports_the_exported_round_under_select_best(tmp_path: Path) -> None:
-    # Prepare: a validation split, so the exported adapter can be an earlier round than the last
-    env = dict(os.environ, HF_HOME=str(tmp_path / "hf"))
-
-    # Execute
-    done = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "quality.py"), "--quick", "--dataset", "heart",
-         "--arms", "federated", "--set", "data.validation-fraction=0.2",
-         "--set", "federation.select-best=validation", "--out", str(tmp_path)],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    # Execute: with a validation split, so the exported adapter can be an earlier round than the last
+    done = run_benchmark("quality.py", tmp_path, "--quick", "--dataset", "heart", "--arms", "federated",
+                         "--set", "data.validation-fraction=0.2", "--set", "federation.select-best=validation",
+                         timeout=600)
 
     # Assert: the exported round's test scores are that round's, not the last round's by default
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
@@ -75,19 +67,9 @@ def test_quality_reports_the_exported_round_under_select_best(tmp_path: Path) ->
 
 
 def test_strategies_quick_writes_each_part(tmp_path: Path) -> None:
-    # Prepare
-    env = dict(os.environ, HF_HOME=str(tmp_path / "hf"))
-
     # Execute: one linear and one stacking strategy; the robustness part with and without hostile hospitals
-    done = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "strategies.py"), "--quick", "--dataset", "heart",
-         "--strategies", "fedavg,flora", "--parts", "compare,robust", "--out", str(tmp_path)],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
+    done = run_benchmark("strategies.py", tmp_path, "--quick", "--dataset", "heart",
+                         "--strategies", "fedavg,flora", "--parts", "compare,robust")
 
     # Assert
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
@@ -107,15 +89,8 @@ def test_strategies_quick_writes_each_part(tmp_path: Path) -> None:
 
 
 def test_privacy_quick_compares_dp_with_no_dp(tmp_path: Path) -> None:
-    # Prepare
-    env = dict(os.environ, HF_HOME=str(tmp_path / "hf"))
-
     # Execute
-    done = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "privacy.py"), "--quick", "--dataset", "heart",
-         "--epsilons", "8", "--out", str(tmp_path)],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=900, check=False,
-    )
+    done = run_benchmark("privacy.py", tmp_path, "--quick", "--dataset", "heart", "--epsilons", "8")
 
     # Assert: both arms ran; the DP arm's hospitals spent (about) their budget and no more
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
@@ -134,15 +109,8 @@ def test_privacy_quick_compares_dp_with_no_dp(tmp_path: Path) -> None:
 
 def test_scale_quick_measures_overhead_memory_and_bytes(tmp_path: Path) -> None:
     # Execute: every part, small
-    done = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "scale.py"), "--quick", "--hospitals", "2,3",
-         "--methods", "none,int8", "--backends", "in-process", "--out", str(tmp_path)],
-        cwd=ROOT,
-        env=dict(os.environ, HF_HOME=str(tmp_path / "hf")),
-        capture_output=True,
-        text=True,
-        timeout=1200,
-    )
+    done = run_benchmark("scale.py", tmp_path, "--quick", "--hospitals", "2,3", "--methods", "none,int8",
+                         "--backends", "in-process", timeout=1200)
     # Assert: the same steps on both sides of the overhead ratio; a peak per size; int8 sends about a quarter
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     report = json.loads((tmp_path / "scale-quick.json").read_text())
