@@ -75,6 +75,10 @@ def test_combinations_that_cannot_work_are_refused() -> None:
         RunConfig().replace(**{"data.dataset": "csv"})
     with pytest.raises(ConfigError, match="must not exceed `data.num-hospitals`"):
         RunConfig().replace(**{"data.partitioner": "iid", "data.num-hospitals": 2, "federation.min-hospitals": 3})
+    with pytest.raises(ConfigError, match=r"`data.augment` must be one of \['none', 'conclusion'\], got 'twice'"):
+        RunConfig().replace(**{"data.augment": "twice"})
+    with pytest.raises(ConfigError, match="`data.augment` 'conclusion' needs a dataset .*'pubmedqa'.* got 'heart_disease_uci'"):
+        RunConfig().replace(**{"data.augment": "conclusion"})
 
 
 @settings(max_examples=40, deadline=None)

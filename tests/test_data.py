@@ -147,6 +147,43 @@ def test_pubmedqa_official_split():
     assert row["question"] and len(row["context"]) > 200
 
 
+def test_conclusion_augmentation_adds_reasoning_free_copies_of_training_questions_only():
+    source = load_source("pubmedqa")
+    assert all(source.train["conclusion"]) and all(source.test["conclusion"])
+    settings = {"partitioner": "iid", "num_hospitals": 4, "test_fraction": 0.2, "seed": 0, "validation_fraction": 0.1}
+    plain = build_federation(source, **settings)
+    augmented = build_federation(source, augment="conclusion", **settings)
+    assert augmented.global_test["context"] == plain.global_test["context"]
+    for before, after in zip(plain.hospitals, augmented.hospitals, strict=True):
+        # Test and validation questions are the same and never see a conclusion.
+        assert after.test["pmid"] == before.test["pmid"] and after.test["context"] == before.test["context"]
+        assert after.validation["pmid"] == before.validation["pmid"]
+        assert after.validation["context"] == before.validation["context"]
+        n = len(before.train)
+        assert len(after.train) == 2 * n
+        assert after.train.select(range(n)).to_list() == before.train.to_list()
+        copies = after.train.select(range(n, 2 * n)).to_list()
+        for original, copy in zip(before.train.to_list(), copies, strict=True):
+            assert copy["pmid"] == original["pmid"] and copy["label"] == original["label"]
+            assert copy["context"] == f"{original['context']} {original['conclusion']}"
+        assert not set(after.train["pmid"]) & (set(after.test["pmid"]) | set(after.validation["pmid"]))
+    capped = build_federation(source, augment="conclusion", max_train_per_hospital=8, **settings)
+    assert [len(h.train) for h in capped.hospitals] == [16] * 4
+
+
+def test_conclusion_augmentation_names_the_rows_without_a_conclusion():
+    rows = SourceData(
+        name="two", kind="multiple-choice",
+        train=Dataset.from_dict({"question": ["q?"] * 4, "context": ["c"] * 4, "options": [["yes", "no"]] * 4,
+                                 "label": [0, 1, 0, 1]}),
+        test=None, label_names=["yes", "no"], natural_column=None,
+    )
+    with pytest.raises(DataError, match="hospital 'hospital-0'.*lack \\['conclusion'\\]"):
+        build_federation(rows, partitioner="iid", num_hospitals=1, test_fraction=0.5, augment="conclusion")
+    with pytest.raises(ConfigError, match="`augment` must be one of"):
+        build_federation(rows, partitioner="iid", num_hospitals=1, test_fraction=0.5, augment="yes")
+
+
 def test_medmcqa_options_and_subjects():
     source = load_source("medmcqa")
     assert source.kind == "multiple-choice"

@@ -164,25 +164,26 @@ def test_quickstart_command_with_real_minilm_on_four_hospitals(tmp_path: Path) -
         assert 0 < line["per_hospital"][hospital]["bytes_up"] < 0.02 * 4 * summary["base_parameters"]
 
 
+def _tiny_pubmedqa(tiny_llama_dir: Path, **overrides: object) -> RunConfig:
+    """One round of 2 IID hospitals with 6 PubMedQA training questions each, on the tiny Llama."""
+    settings = {
+        "model.name": str(tiny_llama_dir),
+        "model.task": "causal-qa",
+        "model.max-length": 96,
+        "data.dataset": "pubmedqa",
+        "data.partitioner": "iid",
+        "data.num-hospitals": 2,
+        "data.max-train-per-hospital": 6,
+        "federation.num-rounds": 1,
+    }
+    return RunConfig().replace(**{**settings, **overrides})
+
+
 def test_causal_lm_federation_on_pubmedqa_with_a_tiny_llama(tiny_llama_dir: Path, tmp_path: Path) -> None:
     """A causal LM through the same Flower apps: PubMedQA's official questions, answers scored by likelihood."""
     import fedfm
 
-    config = RunConfig().replace(
-        **{
-            "model.name": str(tiny_llama_dir),
-            "model.task": "causal-qa",
-            "model.max-length": 96,
-            "data.dataset": "pubmedqa",
-            "data.partitioner": "iid",
-            "data.num-hospitals": 2,
-            "data.max-train-per-hospital": 6,
-            "data.max-test": 6,
-            "train.batch-size": 3,
-            "train.eval-batch-size": 6,
-            "federation.num-rounds": 1,
-        }
-    )
+    config = _tiny_pubmedqa(tiny_llama_dir, **{"data.max-test": 6, "train.batch-size": 3, "train.eval-batch-size": 6})
     result = fedfm.run(config, out=tmp_path / "qa")
     assert result.summary["rounds"] == 1
     assert result.summary["global_test_rows"] == 6
@@ -195,3 +196,20 @@ def test_causal_lm_federation_on_pubmedqa_with_a_tiny_llama(tiny_llama_dir: Path
     names = list(load_file(result.adapter_dir / "adapter_model.safetensors"))
     assert names and all("lora_A" in n or "lora_B" in n for n in names)
     assert all("q_proj" in n or "v_proj" in n for n in names)
+
+
+def test_conclusion_augmentation_doubles_what_each_hospital_trains_on(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    """`data.augment = "conclusion"` reaches training through the Flower apps: 6 questions, 12 training rows."""
+    import fedfm
+
+    config = _tiny_pubmedqa(
+        tiny_llama_dir,
+        **{"data.max-test": 4, "data.augment": "conclusion", "train.batch-size": 4, "train.eval-batch-size": 4,
+           "federation.central-evaluation": False},
+    )
+    fedfm.run(config, out=tmp_path / "qa")
+    line = json.loads((tmp_path / "qa" / "metrics.jsonl").read_text().splitlines()[-1])
+    for hospital in ("hospital-0", "hospital-1"):
+        train = line["per_hospital"][hospital]["train"]
+        assert train["num-examples"] == 12 and train["train-steps"] == 3  # 6 questions + their 6 copies, batches of 4
+        assert line["per_hospital"][hospital]["evaluate"]["num-examples"] == 4  # test questions are not doubled

@@ -33,6 +33,10 @@ ABSTRACT_DATASETS = ("nicta_piboso",)
 #: Datasets read from a file of one's own; with an `abstract_id` column they take `data.context` too.
 FILE_DATASETS = ("csv", "jsonl", "parquet")
 CONTEXTS = ("none", "position", "neighbours", "both")
+#: `data.augment`: extra training rows a hospital makes from its own training rows.
+AUGMENTS = ("none", "conclusion")
+#: Datasets whose rows carry a `conclusion` column, for `data.augment = "conclusion"`.
+CONCLUSION_DATASETS = ("pubmedqa",)
 PARTITIONERS = ("iid", "dirichlet", "natural")
 OPTIMIZERS = ("adamw", "sgd")
 #: Where simulated hospitals run (fedfm.engine).
@@ -139,6 +143,14 @@ class DataSpec:
         "text of a (sentence, context) pair that is truncated before the sentence is: `none`, `position` "
         "(\"sentence 3 of 9\"), `neighbours` (the sentences before and after it) or `both`. Built inside each "
         "hospital from its own abstracts, which stay whole (one hospital, one side of its local split).",
+        "none",
+    )
+    augment: str = _help(
+        "Extra training rows each hospital makes from its own training rows (never from test or validation rows): "
+        "`none`, or `conclusion` (pubmedqa: every training "
+        "question is trained a second time with the abstract's conclusion appended to its context, the "
+        "\"reasoning-free\" form; the test questions are still answered without it). Applied after "
+        "`data.max-train-per-hospital`, so a hospital trains on twice the capped count.",
         "none",
     )
     hospitals: tuple[str, ...] = _help(
@@ -725,6 +737,10 @@ def validate(config: RunConfig) -> list[str]:
            f"`data.context` {d.context!r} needs sentences grouped into abstracts: a dataset of abstracts "
            f"{list(ABSTRACT_DATASETS)}, or a file ({', '.join(FILE_DATASETS)}) or a deployment's SuperNode files "
            f"with an 'abstract_id' column; got {d.dataset!r}; use 'none'")
+    _check(p, d.augment in AUGMENTS, f"`data.augment` must be one of {list(AUGMENTS)}, got {d.augment!r}")
+    _check(p, d.augment != "conclusion" or (d.dataset in CONCLUSION_DATASETS and not d.hospitals),
+           f"`data.augment` 'conclusion' needs a dataset whose questions carry their abstract's conclusion "
+           f"{list(CONCLUSION_DATASETS)} (not a deployment's SuperNode files); got {d.dataset!r}; use 'none'")
     p.extend(_deployment_problems(config))
     if not d.hospitals:
         _check(p, m.task != "token-classification" or d.dataset in TOKEN_DATASETS,

@@ -77,6 +77,7 @@ def federation_for(data: DataSpec) -> Federation:
                 max_test=data.max_test or None,
                 context=data.context,
                 validation_fraction=data.validation_fraction,
+                augment=data.augment,
             )
         return _FEDERATIONS[data]
 

@@ -22,7 +22,11 @@ from fedfm.data.piboso import (
     has_abstracts,
     with_abstract_columns,
 )
+from fedfm.data.qa import with_conclusions
 from fedfm.errors import ConfigError, DataError
+
+#: ``data.augment``: extra training rows a hospital makes from its own (see :func:`augment_train`).
+AUGMENT_MODES = ("none", "conclusion")
 
 
 @dataclass(frozen=True)
@@ -167,6 +171,7 @@ def split_hospital(
     max_test: int | None = None,
     context: str = "none",
     validation_fraction: float = 0.0,
+    augment: str = "none",
 ) -> HospitalData:
     """One hospital's rows split into local train and test (stratified), then capped.
 
@@ -196,6 +201,9 @@ def split_hospital(
         Share of the train rows (after the test split) held out as the validation
         split, stratified (by whole abstracts where rows have them) and capped at
         ``max_test``; 0 keeps none. Never taken from the test rows.
+    augment : str
+        ``data.augment``: ``"none"`` or ``"conclusion"`` (see :func:`augment_train`),
+        applied to the train rows only, after their cap.
 
     Returns
     -------
@@ -216,13 +224,38 @@ def split_hospital(
     capper = _rng(seed, 1, index)
     return HospitalData(
         name=name,
-        train=_cap(add_context(rows.select(train_rows), context), max_train_per_hospital, capper),
+        train=augment_train(
+            _cap(add_context(rows.select(train_rows), context), max_train_per_hospital, capper),
+            augment,
+            f"hospital {name!r}'s training rows",
+        ),
         test=_cap(add_context(rows.select(test_rows), context), max_test, capper),
         validation=(
             _cap(add_context(rows.select(validation_rows), context), max_test, _rng(seed, 4, index))
             if validation_fraction > 0 else None
         ),
     )
+
+
+def augment_train(rows: Dataset, augment: str, where: str) -> Dataset:
+    """A hospital's training rows with the extra rows of ``data.augment``.
+
+    Parameters
+    ----------
+    rows : datasets.Dataset
+        The hospital's (capped) training rows.
+    augment : str
+        ``"none"`` (``rows`` unchanged) or ``"conclusion"``
+        (:func:`fedfm.data.qa.with_conclusions`).
+    where : str
+        Names the rows in errors.
+
+    Returns
+    -------
+    datasets.Dataset
+        The rows to train on.
+    """
+    return with_conclusions(rows, where) if augment == "conclusion" else rows
 
 
 def _carve_validation(
@@ -298,8 +331,11 @@ def _check(
     max_test: int | None,
     context: str = "none",
     validation_fraction: float = 0.0,
+    augment: str = "none",
 ) -> None:
     problems = []
+    if augment not in AUGMENT_MODES:
+        problems.append(f"`augment` must be one of {list(AUGMENT_MODES)}, got {augment!r}")
     if not (isinstance(validation_fraction, (int, float)) and 0 <= validation_fraction < 1):
         problems.append(f"`validation_fraction` must be in [0, 1), got {validation_fraction!r}")
     if context not in CONTEXT_MODES:
@@ -334,6 +370,7 @@ def build_federation(
     max_test: int | None = None,
     context: str = "none",
     validation_fraction: float = 0.0,
+    augment: str = "none",
 ) -> Federation:
     """Partition a source's train rows into hospitals, each with a local train/test split.
 
@@ -374,6 +411,9 @@ def build_federation(
     validation_fraction : float
         Share of each hospital's train rows held out as its validation split
         (:func:`split_hospital`); 0 keeps none.
+    augment : str
+        Extra training rows each hospital makes from its own training rows
+        (``data.augment``, :func:`augment_train`): ``"none"`` or ``"conclusion"``.
 
     Returns
     -------
@@ -381,7 +421,7 @@ def build_federation(
         The hospitals and the global test set.
     """
     _check(partitioner, num_hospitals, alpha, test_fraction, seed, max_train_per_hospital, max_test, context,
-           validation_fraction)
+           validation_fraction, augment)
     if context != "none" and ABSTRACT_COLUMN not in source.train.column_names:
         raise ConfigError(
             f"`data.context` {context!r} needs sentences grouped into abstracts (nicta_piboso, or a file with an "
@@ -407,6 +447,7 @@ def build_federation(
         max_test,
         context,
         validation_fraction,
+        augment,
     )
     return _CACHE.get_or_build(
         key,
@@ -422,6 +463,7 @@ def build_federation(
             max_test,
             context,
             float(validation_fraction),
+            augment,
         ),
     )
 
@@ -438,6 +480,7 @@ def _build(
     max_test: int | None,
     context: str = "none",
     validation_fraction: float = 0.0,
+    augment: str = "none",
 ) -> Federation:
     train = source.train
     if context != "none":
@@ -463,7 +506,7 @@ def _build(
             split_hospital(
                 name, rows, index=index, test_fraction=test_fraction, seed=seed,
                 max_train_per_hospital=max_train, max_test=max_test, context=context,
-                validation_fraction=validation_fraction,
+                validation_fraction=validation_fraction, augment=augment,
             )
         )
     pooled = (

@@ -42,7 +42,9 @@ def load_pubmedqa(request: SourceRequest) -> SourceData:
     -------
     SourceData
         Columns ``question``, ``context`` (the abstract's sections joined with a
-        space, untruncated), ``options`` (yes/no/maybe), ``label``, ``pmid``.
+        space, untruncated), ``options`` (yes/no/maybe), ``label``, ``pmid`` and
+        ``conclusion`` (the abstract's conclusion, ``LONG_ANSWER``; only
+        :func:`with_conclusions` reads it, for ``data.augment = "conclusion"``).
     """
     origin = request.data_dir_origin
     questions = _read_json(data_file(request.data_dir, origin, "pubmedqa/ori_pqal.json"))
@@ -51,7 +53,7 @@ def load_pubmedqa(request: SourceRequest) -> SourceData:
     if unknown:
         raise DataError(f"test_ground_truth.json names PMIDs absent from ori_pqal.json: {unknown[:5]}")
     splits: dict[str, dict[str, list]] = {
-        s: {"question": [], "context": [], "options": [], "label": [], "pmid": []} for s in ("train", "test")
+        s: {"question": [], "context": [], "options": [], "label": [], "pmid": [], "conclusion": []} for s in ("train", "test")
     }
     for pmid, item in questions.items():
         answer = test_truth.get(pmid, item.get("final_decision"))
@@ -63,6 +65,7 @@ def load_pubmedqa(request: SourceRequest) -> SourceData:
         columns["options"].append(list(PUBMEDQA_OPTIONS))
         columns["label"].append(PUBMEDQA_OPTIONS.index(answer))
         columns["pmid"].append(str(pmid))
+        columns["conclusion"].append(str(item.get("LONG_ANSWER") or "").strip())
     return SourceData(
         name=request.name,
         kind=MULTIPLE_CHOICE,
@@ -71,6 +74,49 @@ def load_pubmedqa(request: SourceRequest) -> SourceData:
         label_names=list(PUBMEDQA_OPTIONS),
         natural_column=None,
     )
+
+
+def with_conclusions(rows: datasets.Dataset, where: str) -> datasets.Dataset:
+    """Training rows followed by their "reasoning-free" copies (``data.augment = "conclusion"``).
+
+    Each row with a non-empty ``conclusion`` is repeated once with the
+    conclusion appended to its ``context``, as in PubMedQA's reasoning-free
+    setting, which the PubMedQA paper (Jin et al. 2019, section 4) uses as
+    additional supervision for the reasoning-required one. Only for a
+    hospital's training rows: the questions it is tested on keep the context
+    without the conclusion.
+
+    Parameters
+    ----------
+    rows : datasets.Dataset
+        Rows with ``context`` and ``conclusion`` columns.
+    where : str
+        Names the rows in the error for a missing column.
+
+    Returns
+    -------
+    datasets.Dataset
+        ``rows``, then the copies (rows with an empty conclusion get none).
+
+    Raises
+    ------
+    DataError
+        If ``rows`` lack a ``context`` or ``conclusion`` column.
+    """
+    missing = [c for c in ("context", "conclusion") if c not in rows.column_names]
+    if missing:
+        raise DataError(
+            f"`data.augment` 'conclusion' needs 'context' and 'conclusion' columns; {where} lack {missing} "
+            f"(columns: {rows.column_names})"
+        )
+    keep = [i for i, conclusion in enumerate(rows["conclusion"]) if (conclusion or "").strip()]
+    if not keep:
+        return rows
+    copies = rows.select(keep)
+    contexts = [f"{(c or '').strip()} {conclusion.strip()}".strip()
+                for c, conclusion in zip(copies["context"], copies["conclusion"])]
+    copies = copies.remove_columns("context").add_column("context", contexts).select_columns(rows.column_names)
+    return datasets.concatenate_datasets([rows, copies])
 
 
 def parse_lettered_options(text: str) -> list[str]:
