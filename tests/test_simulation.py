@@ -207,9 +207,24 @@ def test_conclusion_augmentation_doubles_what_each_hospital_trains_on(tiny_llama
         **{"data.max-test": 4, "data.augment": "conclusion", "train.batch-size": 4, "train.eval-batch-size": 4,
            "federation.central-evaluation": False},
     )
-    fedfm.run(config, out=tmp_path / "qa")
+    result = fedfm.run(config, out=tmp_path / "qa")
     line = json.loads((tmp_path / "qa" / "metrics.jsonl").read_text().splitlines()[-1])
     for hospital in ("hospital-0", "hospital-1"):
         train = line["per_hospital"][hospital]["train"]
         assert train["num-examples"] == 12 and train["train-steps"] == 3  # 6 questions + their 6 copies, batches of 4
         assert line["per_hospital"][hospital]["evaluate"]["num-examples"] == 4  # test questions are not doubled
+    # Central evaluation is off: the first row is the hospitals' weighted mean over their 8 test questions.
+    table = result.table()
+    assert "global test" not in table and "nan" not in table
+    assert table.splitlines()[1].split()[:2] == ["hospitals'", "mean"] and table.splitlines()[1].split()[-1] == "8"
+    assert "hospital-0" in table and "hospital-1" in table
+    card = (result.adapter_dir / "README.md").read_text()
+    assert "| hospitals' weighted mean (no central evaluation) | 8 |" in card and "| global test set |" not in card
+
+
+def test_the_table_of_a_run_without_any_test_scores_says_how_to_score_it(tmp_path: Path) -> None:
+    from fedfm.runner import RunResult
+
+    summary = {"final": {"global": {}, "per_hospital": {"a": {}, "b": {}}}, "global_test_rows": 500}
+    table = RunResult(tmp_path, summary, []).table()
+    assert table.startswith("no test scores") and f"fedfm evaluate --adapter {tmp_path / 'adapter'}" in table

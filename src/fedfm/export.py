@@ -622,14 +622,22 @@ def model_card(
     per_hospital = final.get("per_hospital") or {}
     selection = summary.get("selection") or {}
     chosen = selection.get("best") if selection.get("select_best") == "validation" else None
-    intro = "The final global model, on the global test set and on each hospital's local test split:"
+    intro = ("The final global model, on the global test set and on each hospital's local test split:"
+             if config.federation.central_evaluation else
+             "The final global model, on each hospital's local test split (the server scored no global test set):")
     if chosen:
         final, per_hospital = chosen, chosen.get("per_hospital") or {}
         intro = (f"The exported adapter is round {chosen['round']}'s, the best of the run by the hospitals' "
                  f"validation {selection.get('metric')} ({_pct(selection.get('best_validation'))}, on rows held out "
                  f"of their training rows; test rows never chose it). On the global test set and on each "
                  f"hospital's local test split:")
-    rows: list[tuple[str, dict[str, Any], Any]] = [("global test set", final.get("global") or {}, summary.get("global_test_rows"))]
+    if config.federation.central_evaluation:
+        first = ("global test set", final.get("global") or {}, summary.get("global_test_rows"))
+    else:  # the server held no test rows: "global" is the hospitals' weighted mean on their local splits
+        scored = [m.get("num-examples") for m in per_hospital.values() if m.get("num-examples") is not None]
+        first = ("hospitals' weighted mean (no central evaluation)", final.get("global") or {},
+                 sum(scored) if scored else None)
+    rows: list[tuple[str, dict[str, Any], Any]] = [first]
     rows += [(name, m, m.get("num-examples")) for name, m in per_hospital.items()]
     body += ["", "## Results", "", intro, ""]
     body += _metrics_table(rows)

@@ -68,15 +68,27 @@ class RunResult:
 
     def table(self) -> str:
         """The final scores as a plain-text table: the global adapter, and each hospital's personalized model if any."""
-        rows = [("global test", self.final_global)]
-        # Hospitals without local scores (federation.fraction-evaluate = 0) have no row.
-        rows += [(name, m) for name, m in self.final_per_hospital.items() if "accuracy" in m or "macro-f1" in m]
+        # Without central evaluation the "global" scores are the hospitals' weighted mean on their local
+        # test splits; hospitals that did not evaluate (federation.fraction-evaluate = 0) have no row.
+        central = self.summary.get("central_evaluation", True)
+        first = "global test" if central else "hospitals' mean"
+        hospitals = self.final_per_hospital
+        scored = [(first, self.final_global), *hospitals.items()]
+        rows = [(name, m) for name, m in scored if "accuracy" in m or "macro-f1" in m]
+        if not rows:
+            return ("no test scores: federation.central-evaluation is false and no hospital evaluated "
+                    f"(federation.fraction-evaluate); score the adapter with `fedfm evaluate --adapter "
+                    f"{self.adapter_dir}`")
         personalized = self.final_personalized
         width = max(len(name) for name, _ in rows)
         header = f"{'':{width}}  {'accuracy':>8}  {'macro-f1':>8}  {'examples':>8}"
         lines = [header + (f"  {'personalized acc':>16}  {'personalized f1':>15}" if personalized else "")]
         for name, m in rows:
-            examples = m.get("num-examples", self.summary.get("global_test_rows", 0) if name == "global test" else 0)
+            if name == first:
+                examples = (self.summary.get("global_test_rows", 0) if central
+                            else sum(h.get("num-examples", 0) for h in hospitals.values()))
+            else:
+                examples = m.get("num-examples", 0)
             line = (f"{name:{width}}  {m.get('accuracy', float('nan')):8.3f}  {m.get('macro-f1', float('nan')):8.3f}"
                     f"  {int(examples):8d}")
             if name in personalized:

@@ -494,6 +494,8 @@ def serve(
         },
         "hospitals": _hospital_rows(config, workspace, recorder.history),
         "global_test_rows": len(workspace.federation.global_test),
+        # Without it, "global" above is the hospitals' weighted mean on their local test splits.
+        "central_evaluation": config.federation.central_evaluation,
         "bytes": {
             "up": int(sum(e["bytes_up"] for e in recorder.history)),
             "down": int(sum(e["bytes_down"] for e in recorder.history)),
