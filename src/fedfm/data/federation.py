@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 from datasets import Dataset, concatenate_datasets
 
+from fedfm.config import AUGMENTS
 from fedfm.data._cache import LruCache
 from fedfm.data.base import SourceData, is_count
 from fedfm.data.partitioners import keep_groups_together, known_partitioners, partition
@@ -24,9 +25,6 @@ from fedfm.data.piboso import (
 )
 from fedfm.data.qa import with_conclusions
 from fedfm.errors import ConfigError, DataError
-
-#: ``data.augment``: extra training rows a hospital makes from its own (see :func:`augment_train`).
-AUGMENT_MODES = ("none", "conclusion")
 
 
 @dataclass(frozen=True)
@@ -202,8 +200,9 @@ def split_hospital(
         split, stratified (by whole abstracts where rows have them) and capped at
         ``max_test``; 0 keeps none. Never taken from the test rows.
     augment : str
-        ``data.augment``: ``"none"`` or ``"conclusion"`` (see :func:`augment_train`),
-        applied to the train rows only, after their cap.
+        ``data.augment``: ``"none"`` or ``"conclusion"``
+        (:func:`fedfm.data.qa.with_conclusions`), applied to the train rows only,
+        after their cap.
 
     Returns
     -------
@@ -222,40 +221,18 @@ def split_hospital(
         rows, train_rows, validation_fraction, _rng(seed, 3, index), grouped=grouped
     )
     capper = _rng(seed, 1, index)
+    train = _cap(add_context(rows.select(train_rows), context), max_train_per_hospital, capper)
+    if augment == "conclusion":
+        train = with_conclusions(train, f"hospital {name!r}'s training rows")
     return HospitalData(
         name=name,
-        train=augment_train(
-            _cap(add_context(rows.select(train_rows), context), max_train_per_hospital, capper),
-            augment,
-            f"hospital {name!r}'s training rows",
-        ),
+        train=train,
         test=_cap(add_context(rows.select(test_rows), context), max_test, capper),
         validation=(
             _cap(add_context(rows.select(validation_rows), context), max_test, _rng(seed, 4, index))
             if validation_fraction > 0 else None
         ),
     )
-
-
-def augment_train(rows: Dataset, augment: str, where: str) -> Dataset:
-    """A hospital's training rows with the extra rows of ``data.augment``.
-
-    Parameters
-    ----------
-    rows : datasets.Dataset
-        The hospital's (capped) training rows.
-    augment : str
-        ``"none"`` (``rows`` unchanged) or ``"conclusion"``
-        (:func:`fedfm.data.qa.with_conclusions`).
-    where : str
-        Names the rows in errors.
-
-    Returns
-    -------
-    datasets.Dataset
-        The rows to train on.
-    """
-    return with_conclusions(rows, where) if augment == "conclusion" else rows
 
 
 def _carve_validation(
@@ -334,8 +311,8 @@ def _check(
     augment: str = "none",
 ) -> None:
     problems = []
-    if augment not in AUGMENT_MODES:
-        problems.append(f"`augment` must be one of {list(AUGMENT_MODES)}, got {augment!r}")
+    if augment not in AUGMENTS:
+        problems.append(f"`augment` must be one of {list(AUGMENTS)}, got {augment!r}")
     if not (isinstance(validation_fraction, (int, float)) and 0 <= validation_fraction < 1):
         problems.append(f"`validation_fraction` must be in [0, 1), got {validation_fraction!r}")
     if context not in CONTEXT_MODES:
@@ -413,7 +390,7 @@ def build_federation(
         (:func:`split_hospital`); 0 keeps none.
     augment : str
         Extra training rows each hospital makes from its own training rows
-        (``data.augment``, :func:`augment_train`): ``"none"`` or ``"conclusion"``.
+        (``data.augment``, :func:`split_hospital`): ``"none"`` or ``"conclusion"``.
 
     Returns
     -------
