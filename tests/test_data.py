@@ -285,10 +285,10 @@ def test_jsonl_and_parquet(tmp_path):
 
 def test_generic_file_relative_to_the_data_dir(tmp_path, monkeypatch):
     (tmp_path / "mine").mkdir()
-    pd.DataFrame({"text": ["x"], "label": ["a"]}).to_csv(tmp_path / "mine" / "f.csv", index=False)
+    pd.DataFrame({"text": ["x", "y"], "label": ["a", "b"]}).to_csv(tmp_path / "mine" / "f.csv", index=False)
     monkeypatch.setenv(DATA_DIR_ENV, str(tmp_path))
     monkeypatch.chdir(tmp_path / "mine")
-    assert len(load_source("csv", path="mine/f.csv").train) == 1
+    assert len(load_source("csv", path="mine/f.csv").train) == 2
 
 
 def test_missing_column_names_path_column_and_columns_present(tmp_path):
@@ -446,11 +446,11 @@ def test_registered_partitioner_and_empty_hospitals(heart, monkeypatch):
 
 def test_edited_file_is_read_again(tmp_path):
     path = tmp_path / "d.csv"
-    pd.DataFrame({"text": ["a"], "label": ["x"]}).to_csv(path, index=False)
-    assert len(load_source("csv", path=path).train) == 1
     pd.DataFrame({"text": ["a", "b"], "label": ["x", "y"]}).to_csv(path, index=False)
-    os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 10**9))
     assert len(load_source("csv", path=path).train) == 2
+    pd.DataFrame({"text": ["a", "b", "c"], "label": ["x", "y", "x"]}).to_csv(path, index=False)
+    os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 10**9))
+    assert len(load_source("csv", path=path).train) == 3
 
 
 def test_heart_natural_partition_names(heart):

@@ -11,7 +11,15 @@ from __future__ import annotations
 
 from fedfm.data._cache import clear_caches
 from fedfm.data.base import CLASSIFICATION, MULTIPLE_CHOICE, TOKEN_CLASSIFICATION, SourceData, SourceRequest
-from fedfm.data.federation import Federation, HospitalData, build_federation, split_hospital, split_rows
+from fedfm.data.federation import (
+    Federation,
+    HospitalData,
+    build_federation,
+    check_federation,
+    split_hospital,
+    split_rows,
+)
+from fedfm.data.files import check_texts, check_utf8, normalize_label
 from fedfm.data.local import NodeData, deployment_federation, node_data, node_federation
 from fedfm.data.partitioners import (
     Partition,
@@ -42,6 +50,9 @@ __all__ = [
     "SourceLoader",
     "SourceRequest",
     "build_federation",
+    "check_federation",
+    "check_texts",
+    "check_utf8",
     "clear_caches",
     "deployment_federation",
     "dirichlet_partition",
@@ -54,6 +65,7 @@ __all__ = [
     "natural_partition",
     "node_data",
     "node_federation",
+    "normalize_label",
     "partition",
     "register_partitioner",
     "register_source",

@@ -11,9 +11,10 @@ from typing import Any
 import numpy as np
 from datasets import Dataset, concatenate_datasets
 
-from fedfm.config import AUGMENTS
+from fedfm.config import AUGMENTS, FILE_DATASETS, RunConfig
 from fedfm.data._cache import LruCache
-from fedfm.data.base import SourceData, is_count
+from fedfm.data.base import CLASSIFICATION, SourceData, is_count
+from fedfm.data.files import ONE_CLASS
 from fedfm.data.partitioners import keep_groups_together, known_partitioners, partition
 from fedfm.data.piboso import (
     ABSTRACT_COLUMN,
@@ -460,6 +461,9 @@ def _build(
     augment: str = "none",
 ) -> Federation:
     train = source.train
+    if source.kind == CLASSIFICATION and len(classes := set(train["label"])) < 2:
+        named = f"{source.label_names[min(classes)]!r} (of {source.label_names})" if classes else "none"
+        raise DataError(f"every row of {source.name!r} has the label {named}; {ONE_CLASS}")
     if context != "none":
         train = with_abstract_columns(train, f"the {source.name!r} rows")
     parts = partition(
@@ -492,3 +496,54 @@ def _build(
         else concatenate_datasets([h.test for h in hospitals])
     )
     return Federation(source=source, hospitals=hospitals, global_test=cap_global_test(pooled, max_test, seed))
+
+
+#: Hospital names shown in a message before "...".
+_SHOWN_HOSPITALS = 10
+
+
+def check_federation(config: RunConfig, federation: Federation) -> None:
+    """Refuse a federation that cannot hold the rounds ``config`` asks for.
+
+    How many hospitals a natural partition makes is known only once the data is
+    read, so :func:`fedfm.config.validate` cannot check it. A partition column with
+    one value is refused unless ``federation.min-hospitals`` is 1 (a one-hospital
+    run is then deliberate); otherwise the hospitals must number at least
+    ``federation.min-hospitals`` (the server never lowers it in silence).
+
+    Parameters
+    ----------
+    config : RunConfig
+        The run configuration.
+    federation : Federation
+        Its federation (:func:`fedfm.workspace.federation_for`).
+
+    Raises
+    ------
+    ConfigError
+        Naming the keys, the partition column and its values, and what to set instead.
+    """
+    d, fe = config.data, config.federation
+    count = federation.num_hospitals
+    of = f"the file {d.path!r}" if d.dataset in FILE_DATASETS else f"{d.dataset!r}"
+    if d.partitioner == "natural" and not d.hospitals:
+        column = d.partition_column or federation.source.natural_column
+        by = f"`data.partition-column` {column!r}" if d.partition_column else f"the natural column {column!r}"
+        if count == 1 and fe.min_hospitals != 1:
+            raise ConfigError(
+                f"{by} of {of} has one value, {federation.hospitals[0].name!r}: a natural partition would make a "
+                f"one-hospital federation. To simulate hospitals from these rows set `data.partitioner = \"iid\"` "
+                f"with `data.num-hospitals` (e.g. 4), or name a column with several values; to train one hospital "
+                f"on purpose set `federation.min-hospitals = 1`"
+            )
+        names = [h.name for h in federation.hospitals]
+        shown = ", ".join(names[:_SHOWN_HOSPITALS]) + (", ..." if count > _SHOWN_HOSPITALS else "")
+        if fe.min_hospitals > count:
+            raise ConfigError(
+                f"`federation.min-hospitals` ({fe.min_hospitals}) must not exceed the {count} hospitals that {by} of "
+                f"{of} makes ({shown}): set it to at most {count}"
+            )
+    elif fe.min_hospitals > count:  # validate() compares it with data.num-hospitals / data.hospitals already
+        raise ConfigError(
+            f"`federation.min-hospitals` ({fe.min_hospitals}) must not exceed the {count} hospitals of {of}"
+        )

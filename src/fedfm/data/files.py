@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import codecs
 import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -20,6 +21,10 @@ _READERS: dict[str, Callable[..., Any]] = {
     "parquet": datasets.Dataset.from_parquet,
 }
 FILE_FORMATS = tuple(sorted(_READERS))
+#: Formats read as text, which must be UTF-8 (Parquet stores its own strings).
+_TEXT_FORMATS = ("csv", "jsonl", "json")
+#: Rows named in a message before "and N more".
+_SHOWN_ROWS = 5
 
 
 def _locate(request: SourceRequest) -> Path:
@@ -40,6 +45,119 @@ def _locate(request: SourceRequest) -> Path:
         f"cannot find the {request.name} file {str(path)!r}: looked at {' and '.join(looked)}. "
         f"Pass an existing file as path=, or a path relative to ${DATA_DIR_ENV}."
     )
+
+
+def check_utf8(path: str | Path) -> None:
+    """Refuse a text file that is not UTF-8, naming the line and the first bad byte.
+
+    The readers would otherwise fail deep inside pandas or pyarrow, or (JSON lines)
+    accept the bytes and fail later when a row is read.
+
+    Parameters
+    ----------
+    path : str or Path
+        A CSV or JSON-lines file.
+
+    Raises
+    ------
+    DataError
+        The file is not UTF-8 text.
+    """
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset, lines, newline = 0, 1, b"\n"
+    with open(path, "rb") as stream:
+        while True:
+            chunk = stream.read(1 << 20)
+            try:
+                decoder.decode(chunk, final=not chunk)
+            except UnicodeDecodeError as err:
+                # err.object is the up to 3 bytes the decoder still held, then this chunk.
+                at = err.start - (len(err.object) - len(chunk))
+                raise DataError(
+                    f"{path} is not UTF-8 text (line {lines + chunk[:max(at, 0)].count(newline)}, byte offset {offset + at}: "
+                    f"{err.object[err.start]:#04x}); save it as UTF-8 (e.g. `iconv -f latin1 -t utf-8 old > new`)"
+                ) from err
+            if not chunk:
+                return
+            offset += len(chunk)
+            lines += chunk.count(newline)
+
+
+def _rows(indices: Sequence[int]) -> str:
+    """``"row 3"`` or ``"rows 3, 8, 9 and 12 more"``."""
+    shown = ", ".join(str(i) for i in indices[:_SHOWN_ROWS])
+    more = f" and {len(indices) - _SHOWN_ROWS} more" if len(indices) > _SHOWN_ROWS else ""
+    return f"row{'s' if len(indices) > 1 else ''} {shown}{more}"
+
+
+#: Why one class is refused, and what to do.
+ONE_CLASS = ("a classifier needs at least two classes (with one it learns nothing and scores accuracy 1.0): check "
+             "`data.label-column`, or add rows of the other classes")
+#: Appended to messages that name rows, so nobody counts the header or from 1.
+ROWS_COUNTED = "rows counted from 0, a CSV header not counted"
+
+
+def _missing(value: Any) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value))
+
+
+def check_texts(values: Sequence[Any], *, where: str) -> None:
+    """Refuse text cells that are missing, blank, or not strings.
+
+    A list is not read as a sentence pair and a number is not text: each must be
+    a string with something in it.
+
+    Parameters
+    ----------
+    values : Sequence[Any]
+        The text column.
+    where : str
+        File and column, for the message.
+
+    Raises
+    ------
+    DataError
+        Naming ``where``, the rows and, for a wrong type, the type found.
+    """
+    missing = [i for i, v in enumerate(values) if _missing(v)]
+    wrong = [i for i, v in enumerate(values) if not _missing(v) and not isinstance(v, str)]
+    blank = [i for i, v in enumerate(values) if isinstance(v, str) and not v.strip()]
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} row(s) have no text ({_rows(missing)})")
+    if wrong:
+        first = values[wrong[0]]
+        problems.append(
+            f"{len(wrong)} row(s) hold {type(first).__name__} values, not strings ({_rows(wrong)}; row {wrong[0]} "
+            f"is {first!r}): text cells must be strings (a list is not a sentence pair, a number is not text; "
+            f"check `data.text-column`)"
+        )
+    if blank:
+        problems.append(f"{len(blank)} row(s) have empty text ({_rows(blank)}); drop or fill them")
+    if problems:
+        raise DataError(f"{where}: {'; '.join(problems)} ({ROWS_COUNTED})")
+
+
+def normalize_label(value: Any) -> Any:
+    """A label cell as it is compared with class names: strings stripped, blank or NaN as None.
+
+    ``"yes "`` and ``"yes"`` are one class; a cell of spaces has no label.
+
+    Parameters
+    ----------
+    value : Any
+        A raw label cell.
+
+    Returns
+    -------
+    Any
+        The stripped string, None for a missing or blank cell, else ``value`` unchanged.
+    """
+    if _missing(value):
+        return None
+    if isinstance(value, str):
+        return value.strip() or None
+    return value
 
 
 def _as_int(value: Any) -> int | None:
@@ -72,12 +190,13 @@ def encode_labels(
     tuple[list[int], list[str]]
         The ids and the class names.
     """
-    missing = [i for i, v in enumerate(values) if v is None or (isinstance(v, float) and math.isnan(v))]
+    values = [normalize_label(v) for v in values]
+    missing = [i for i, v in enumerate(values) if v is None]
     if missing:
-        raise DataError(f"{where}: {len(missing)} row(s) have no label (first: row {missing[0]})")
+        raise DataError(f"{where}: {len(missing)} row(s) have no label ({_rows(missing)}; {ROWS_COUNTED})")
     if all(isinstance(v, str) for v in values):
         names = list(label_names) if label_names is not None else sorted(set(values))
-        index = {name: i for i, name in enumerate(names)}
+        index = {name.strip(): i for i, name in enumerate(names)}
         unknown = sorted(set(values) - set(index))
         if unknown:
             raise DataError(f"{where}: label(s) {unknown[:10]} are not among the allowed label names {names} "
@@ -85,8 +204,10 @@ def encode_labels(
         return [index[v] for v in values], names
     ids = [_as_int(v) for v in values]
     if any(i is None for i in ids):
-        bad = next(v for v, i in zip(values, ids, strict=True) if i is None)
-        raise DataError(f"{where}: labels must be all strings or all integers, got {bad!r} ({type(bad).__name__})")
+        row = next(r for r, i in enumerate(ids) if i is None)
+        bad = values[row]
+        raise DataError(f"{where}: labels must be all strings or all integers, got {bad!r} ({type(bad).__name__}) "
+                        f"in row {row} ({ROWS_COUNTED})")
     int_ids = [int(i) for i in ids if i is not None]
     top = max(int_ids, default=-1)
     names = list(label_names) if label_names is not None else [str(i) for i in range(top + 1)]
@@ -118,6 +239,8 @@ def load_file(request: SourceRequest) -> SourceData:
     if request.name not in _READERS:
         raise ConfigError(f"no file reader for {request.name!r}; known: {list(FILE_FORMATS)}")
     path = _locate(request)
+    if request.name in _TEXT_FORMATS:
+        check_utf8(path)
     try:
         table = _READERS[request.name](str(path), keep_in_memory=True)
     except Exception as exc:  # the readers raise many types (arrow, pandas, json)
@@ -129,13 +252,13 @@ def load_file(request: SourceRequest) -> SourceData:
         named = ", ".join(f"{roles[c]}={c!r}" for c in missing)
         raise DataError(f"{path} has no column {named}; columns present: {present}")
     where = f"{path} column {request.label_column!r}"
+    check_texts(list(table[request.text_column]), where=f"{path} column {request.text_column!r}")
     ids, names = encode_labels(list(table[request.label_column]), request.label_names, where=where)
-    texts = list(table[request.text_column])
-    empty = [i for i, t in enumerate(texts) if t is None]
-    if empty:
-        raise DataError(
-            f"{path} column {request.text_column!r}: {len(empty)} row(s) have no text (first: row {empty[0]})"
-        )
+    if not ids:
+        raise DataError(f"{path} has no rows")
+    if request.label_names is None and len(set(ids)) < 2:
+        # With `data.label-names` a hospital's own file may lack classes; a federation is checked as a whole.
+        raise DataError(f"{where}: every row has the label {names[ids[0]]!r}; {ONE_CLASS}")
     chosen = {request.text_column, request.label_column}
     clashing = [c for c in ("text", "label") if c in present and c not in chosen]
     table = table.remove_columns([*clashing, request.label_column])
