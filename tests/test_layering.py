@@ -13,7 +13,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "fedfm"
 
 # A module may import fedfm modules of its own layer or of lower layers only.
 LAYERS: dict[str, int] = {
-    "errors": 0, "keys": 0, "config": 0,
+    "errors": 0, "keys": 0, "config": 0, "interrupt": 0,
     "tasks": 1, "data": 1, "gguf": 1, "attacks": 1, "compression": 1,
     "adapters": 2, "train": 2, "wire": 2, "privacy": 2,
     "strategies": 3, "rundir": 3, "legacy": 3, "report": 3, "progress": 3,

@@ -134,11 +134,14 @@ def _settings(tiny_csv_settings: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _kill_after_round(config_file: Path, run_dir: Path, server_round: int) -> int:
-    """Start ``fedfm run`` in its own process group, SIGKILL the whole group once ``server_round`` is checkpointed."""
+def _signal_after_round(
+    config_file: Path, run_dir: Path, server_round: int, signum: int
+) -> tuple[int, subprocess.CompletedProcess[str]]:
+    """Start ``fedfm run`` in its own process group; send ``signum`` to the whole group once ``server_round``
+    is checkpointed (the next round is then in flight); the last checkpointed round and the process's end."""
     proc = subprocess.Popen(
         [sys.executable, "-m", "fedfm.cli", "run", str(config_file), "--out", str(run_dir)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
     )
     latest = run_dir / "checkpoints" / "latest.json"
     try:
@@ -149,36 +152,78 @@ def _kill_after_round(config_file: Path, run_dir: Path, server_round: int) -> in
             time.sleep(0.05)
     finally:
         if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=60)
-    return int(json.loads(latest.read_text())["round"])
+            os.killpg(proc.pid, signum)
+        try:
+            # Liveness, not speed: an interrupted run must end by itself (it used to hang until killed).
+            out, err = proc.communicate(timeout=120)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+    return int(json.loads(latest.read_text())["round"]), subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+@pytest.fixture(scope="module")
+def reference_run(tiny_csv_settings: dict[str, Any], tmp_path_factory: pytest.TempPathFactory) -> tuple[RunConfig, Path]:
+    """The uninterrupted 4-round FedAdam run that interrupted and resumed runs must end equal to."""
+    import fedfm
+
+    config = RunConfig().replace(**_settings(tiny_csv_settings))
+    return config, fedfm.run(config, out=tmp_path_factory.mktemp("reference") / "run").run_dir
 
 
 @pytest.mark.integration
 def test_a_killed_run_resumes_and_ends_with_the_uninterrupted_adapter(
-    tiny_csv_settings: dict[str, Any], tmp_path: Path
+    reference_run: tuple[RunConfig, Path], tmp_path: Path
 ) -> None:
     import fedfm
 
     # Prepare
-    config = RunConfig().replace(**_settings(tiny_csv_settings))
+    config, reference = reference_run
     config_file = tmp_path / "run.toml"
     config_file.write_text(config.to_toml())
-    # Execute: the reference run, then a run killed (SIGKILL) after round 2 and resumed
-    reference = fedfm.run(config, out=tmp_path / "reference")
-    killed_at = _kill_after_round(config_file, tmp_path / "killed", 2)
+    # Execute: a run killed (SIGKILL) after round 2, then resumed
+    killed_at, _ = _signal_after_round(config_file, tmp_path / "killed", 2, signal.SIGKILL)
     assert 2 <= killed_at < 4, f"the run was not killed mid-way (checkpoint of round {killed_at})"
     assert not (tmp_path / "killed" / "summary.json").exists()
     resumed = fedfm.run(resume=tmp_path / "killed")
-    # Assert: same final adapter, same rounds on record, and the resumed run says where it started
-    expected, got = read_checkpoint(reference.run_dir), read_checkpoint(resumed.run_dir)
+    # Assert: the same final adapter, bit for bit; the same rounds on record; the resumed run says where it started
+    expected, got = read_checkpoint(reference), read_checkpoint(resumed.run_dir)
     assert expected.server_round == got.server_round == 4
     for name, value in expected.arrays.items():
-        np.testing.assert_allclose(got.arrays[name], value, rtol=1e-5, atol=1e-6, err_msg=name)
+        np.testing.assert_array_equal(got.arrays[name], value, err_msg=name)
     assert [e["round"] for e in resumed.history] == [1, 2, 3, 4]
     assert resumed.summary["resumed_from"] == killed_at
     assert resumed.summary["stopped"] is None
     assert load_config(resumed.run_dir / "config.toml").output.resume is False
+
+
+@pytest.mark.integration
+def test_ctrl_c_mid_round_stops_cleanly_and_resumes_bit_identical(
+    reference_run: tuple[RunConfig, Path], tmp_path: Path
+) -> None:
+    import fedfm
+
+    # Prepare
+    config, reference = reference_run
+    config_file = tmp_path / "run.toml"
+    config_file.write_text(config.to_toml())
+    # Execute: SIGINT to the whole process group (what Ctrl-C in a terminal sends) while round 2 trains
+    stopped_at, proc = _signal_after_round(config_file, tmp_path / "run", 1, signal.SIGINT)
+    # Assert: the process ended by itself with one line saying how to resume; the last checkpoint is whole
+    assert proc.returncode == 130, proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("fedfm: interrupted (Ctrl-C)") and f"fedfm run --resume {tmp_path / 'run'}" in last
+    assert 1 <= stopped_at < 4 and read_checkpoint(tmp_path / "run").server_round == stopped_at
+    assert not (tmp_path / "run" / "summary.json").exists()
+    # The resumed run ends bit-identical to the uninterrupted one
+    resumed = fedfm.run(resume=tmp_path / "run")
+    expected, got = read_checkpoint(reference), read_checkpoint(resumed.run_dir)
+    assert got.server_round == 4
+    for name, value in expected.arrays.items():
+        np.testing.assert_array_equal(got.arrays[name], value, err_msg=name)
+    assert [e["round"] for e in resumed.history] == [1, 2, 3, 4]
+    assert resumed.summary["resumed_from"] == stopped_at
 
 
 @pytest.mark.integration

@@ -472,6 +472,11 @@ class OutputSpec:
     resume: bool = _help(
         "Continue the run in `dir` from its last complete round (its checkpoint) instead of starting afresh.", False
     )
+    overwrite: bool = _help(
+        "Delete the fedfm run already in `dir` and start afresh. Without it (or `resume`) a `dir` that holds "
+        "anything is refused, so no run is ever overwritten by accident.",
+        False,
+    )
 
 
 @dataclass(frozen=True)

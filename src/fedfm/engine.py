@@ -35,9 +35,13 @@ from typing import Any
 
 import numpy as np
 import torch
+from flwr.app import Error
 from flwr.app.message import Context, Message
 from flwr.clientapp.client_app import ClientApp, ClientAppException
+from flwr.common.constant import ErrorCode
 from flwr.server.superlink.fleet.vce.backend import Backend, BackendConfig
+
+from fedfm.interrupt import RunInterrupted
 
 _SWAP = threading.Lock()
 
@@ -115,6 +119,11 @@ class InProcessBackend(Backend):
         with self._hospital_side():
             try:
                 reply = copy.deepcopy(self.app_fn()(message=message, context=context))
+            except RunInterrupted:
+                # Ctrl-C: the server is abandoning the round too. An error reply, without the traceback
+                # Flower's worker would log for an exception.
+                return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason="interrupted"),
+                               reply_to=message), context
             except Exception as err:  # the same wrapping as Flower's Ray actor: an error reply, not a crash
                 raise ClientAppException(str(err)) from err
         return reply, context

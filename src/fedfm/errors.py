@@ -44,6 +44,10 @@ class CheckpointError(FedfmError, ValueError):
     """A run's checkpoint is missing, corrupt (checksum), or does not fit the run that resumes it."""
 
 
+class RunDirectoryError(FedfmError, OSError):
+    """A run directory cannot be used: a file, unwritable, in use by another process, or holding a run already."""
+
+
 class MissingExtraError(FedfmError, ImportError):
     """An optional dependency is not installed.
 

@@ -6,20 +6,29 @@ run killed at any moment leaves only complete files behind.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
 import os
+import shutil
 import tempfile
+import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from fedfm.config import RunConfig
-from fedfm.errors import CheckpointError
+from fedfm.config import RunConfig, to_flat
+from fedfm.errors import CheckpointError, RunDirectoryError
+
+try:
+    import fcntl
+except ImportError:  # not on POSIX: runs are not locked against each other
+    fcntl = None  # type: ignore[assignment]
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -53,6 +62,126 @@ def default_run_dir(root: str | Path = "runs") -> Path:
     return path
 
 
+#: The lock file of a run directory: a process that writes the run holds an flock on it.
+LOCK_FILE = ".fedfm.lock"
+#: Files and folders only a fedfm run writes; a folder holding one of them is a run (``--overwrite`` may delete it).
+RUN_MARKERS = ("config.toml", "metrics.jsonl", "summary.json", "checkpoints")
+
+_HELD: dict[Path, list[Any]] = {}  # resolved run directory -> [lock file descriptor, claims in this process]
+_HELD_GUARD = threading.Lock()
+
+
+@contextlib.contextmanager
+def claim(path: str | Path, *, resume: bool = False, overwrite: bool = False) -> Iterator[Path]:
+    """Hold ``path`` as this process's run directory for the block: one process at a time, nothing overwritten.
+
+    The first claim in a process creates the folder if needed, takes an
+    exclusive ``flock`` on its :data:`LOCK_FILE` (the kernel drops it when the
+    process dies, so a killed run never leaves the directory stuck), and then
+    looks at what the folder holds. A new run (neither ``resume`` nor
+    ``overwrite``) needs a folder with nothing in it; ``overwrite`` deletes a
+    previous fedfm run first (never a folder that is not a run). Claims of a
+    directory this process already holds (the ServerApp inside :func:`fedfm.run`)
+    only count.
+
+    Raises
+    ------
+    RunDirectoryError
+        ``path`` is a file or cannot be written, another process holds it, or
+        it holds files and neither ``resume`` nor ``overwrite`` says what to do with them.
+    """
+    path = Path(path)
+    key = path.resolve()
+    with _HELD_GUARD:
+        held = _HELD.get(key)
+        if held is not None:
+            held[1] += 1
+    if held is None:
+        check_usable(path, resume=resume, overwrite=overwrite)  # before a lock file is made there
+        fd = _lock(path)
+        try:
+            _make_room(path, resume=resume, overwrite=overwrite)  # again, now that no other process can write
+        except BaseException:
+            os.close(fd)
+            raise
+        with _HELD_GUARD:
+            _HELD[key] = held = [fd, 1]
+    try:
+        yield path
+    finally:
+        with _HELD_GUARD:
+            held[1] -= 1
+            if held[1] == 0:
+                del _HELD[key]
+                os.close(held[0])  # closing the descriptor drops the flock
+
+
+def check_usable(path: str | Path, *, resume: bool = False, overwrite: bool = False) -> None:
+    """Refuse ``path`` as a run directory where :func:`claim` would, creating and deleting nothing.
+
+    :func:`fedfm.run` asks this first, before any data loads; :func:`claim` asks again under its lock.
+    """
+    path = Path(path)
+    if resume and overwrite:
+        raise RunDirectoryError(f"resume and overwrite exclude each other for {path}: resume continues the run there, "
+                                "overwrite deletes it")
+    if path.exists() and not path.is_dir():
+        raise RunDirectoryError(f"run directory {path} is a file, not a folder: choose a folder (--out / output.dir)")
+    if path.is_dir():
+        _make_room(path, resume=resume, overwrite=overwrite, dry_run=True)
+
+
+def _lock(path: Path) -> int:
+    """Create ``path`` if needed and take its lock; the open descriptor holds it."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as err:
+        raise RunDirectoryError(
+            f"cannot write in run directory {path}: {err.strerror or err}; choose another (--out / output.dir)"
+        ) from err
+    if fcntl is None:
+        return fd
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as err:
+        owner = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "?"
+        os.close(fd)
+        raise RunDirectoryError(
+            f"run directory {path} is in use by another fedfm process (pid {owner}); wait for it to end, "
+            "or choose another run directory"
+        ) from err
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode("ascii"), 0)
+    return fd
+
+
+def _make_room(path: Path, *, resume: bool, overwrite: bool, dry_run: bool = False) -> None:
+    """Refuse a folder that holds anything for a new run; with ``overwrite``, delete the run it holds."""
+    present = sorted(p.name for p in path.iterdir() if p.name != LOCK_FILE)
+    if resume or not present:
+        return
+    is_run = any((path / marker).exists() for marker in RUN_MARKERS)
+    if not overwrite:
+        what = "a fedfm run" if is_run else f"{len(present)} file(s) ({', '.join(present[:3])})"
+        hint = (f"continue it with `fedfm run --resume {path}`, delete it and start afresh with --overwrite "
+                "(output.overwrite), or choose another run directory") if is_run else "choose an empty or new run directory"
+        raise RunDirectoryError(f"run directory {path} already holds {what}: {hint}")
+    if not is_run:
+        raise RunDirectoryError(
+            f"run directory {path} holds files that are not a fedfm run ({', '.join(present[:3])}); --overwrite "
+            "deletes only fedfm runs: choose another run directory"
+        )
+    if dry_run:
+        return
+    for name in present:
+        target = path / name
+        if target.is_dir() and not target.is_symlink():
+            shutil.rmtree(target)
+        else:
+            target.unlink()
+
+
 class RunDirectory:
     """Writer of one run's directory.
 
@@ -66,6 +195,7 @@ class RunDirectory:
         self.path = Path(path)
         self.path.mkdir(parents=True, exist_ok=True)
         self._lines: list[str] = []
+        self._config: dict[str, Any] | None = None
 
     @property
     def adapter_dir(self) -> Path:
@@ -80,7 +210,9 @@ class RunDirectory:
         return self.path / "checkpoints"
 
     def write_config(self, config: RunConfig) -> None:
+        """Write ``config.toml``; every checkpoint written after this carries the same configuration."""
         atomic_write_text(self.path / "config.toml", config.to_toml())
+        self._config = to_flat(config)
 
     def append_round(self, entry: dict[str, Any]) -> None:
         """Add one round's line to ``metrics.jsonl`` (the file is rewritten whole, atomically)."""
@@ -102,15 +234,18 @@ class RunDirectory:
         """Save what a resumed run needs after ``server_round``; keep the newest ``keep`` rounds.
 
         ``round-NNNN.npz`` holds the global adapter alone (plain ``np.load``);
-        ``round-NNNN.state.npz`` the server's state: ``state`` as JSON and the
-        arrays it refers to. ``latest.json``, written last, names both files
-        with their SHA-256, so a crash mid-write leaves the previous round's
-        checkpoint in force.
+        ``round-NNNN.state.npz`` the server's state: ``state`` as JSON, the
+        arrays it refers to, and the configuration the rounds ran under (the
+        one given to :meth:`write_config`), so a resumed run is compared with
+        what was run, not with a ``config.toml`` that may have been edited since.
+        ``latest.json``, written last, names both files with their SHA-256, so
+        a crash mid-write leaves the previous round's checkpoint in force.
         """
         files = {"file": (f"round-{server_round:04d}.npz", _npz(arrays))}
-        meta_array = np.frombuffer(json.dumps(state or {}).encode("utf-8"), dtype=np.uint8)
+        extra = {} if self._config is None else {CONFIG_KEY: _json_array(self._config)}
         files["state_file"] = (
-            f"round-{server_round:04d}.state.npz", _npz({STATE_KEY: meta_array, **(state_arrays or {})})
+            f"round-{server_round:04d}.state.npz",
+            _npz({STATE_KEY: _json_array(state or {}), **extra, **(state_arrays or {})}),
         )
         meta: dict[str, Any] = {"round": server_round}
         for role, (name, data) in files.items():
@@ -141,6 +276,16 @@ class RunDirectory:
 
 #: Entry of a state file that holds the JSON part.
 STATE_KEY = "__state__"
+#: Entry of a state file that holds the run's flat configuration (JSON) the rounds ran under.
+CONFIG_KEY = "__config__"
+
+
+def _json_array(value: Any) -> np.ndarray:
+    return np.frombuffer(json.dumps(value, sort_keys=True).encode("utf-8"), dtype=np.uint8)
+
+
+def _from_json_array(array: np.ndarray | None, default: Any) -> Any:
+    return default if array is None else json.loads(bytes(array).decode("utf-8") or "null")
 
 
 def _npz(arrays: dict[str, np.ndarray]) -> bytes:
@@ -163,12 +308,16 @@ class Checkpoint:
         The server's state as written (strategy, random generators, ledgers).
     state_arrays : dict of str to ndarray
         The arrays ``state`` refers to.
+    config : dict or None
+        The flat configuration (``RunConfig.to_flat()``) the rounds ran under;
+        None in checkpoints written before fedfm recorded it.
     """
 
     server_round: int
     arrays: dict[str, np.ndarray]
     state: dict[str, Any]
     state_arrays: dict[str, np.ndarray]
+    config: dict[str, Any] | None = None
 
 
 def _verified(folder: Path, name: Any, digest: Any) -> bytes:
@@ -212,10 +361,19 @@ def read_checkpoint(run_dir: Path) -> Checkpoint:
                 state_arrays = {k: npz[k] for k in npz.files}
         else:
             state_arrays = {}
-        state = json.loads(bytes(state_arrays.pop(STATE_KEY, np.zeros(0, np.uint8))).decode("utf-8") or "{}")
+        state = _from_json_array(state_arrays.pop(STATE_KEY, None), None) or {}
+        config = _from_json_array(state_arrays.pop(CONFIG_KEY, None), None)
     except (ValueError, OSError, json.JSONDecodeError) as err:
         raise CheckpointError(f"a checkpoint file of {folder} cannot be read: {err}") from err
-    return Checkpoint(server_round, arrays, state, state_arrays)
+    return Checkpoint(server_round, arrays, state, state_arrays, config)
+
+
+def completed_round(run_dir: Path) -> int | None:
+    """The last round ``run_dir``'s ``latest.json`` names (None when there is none or it cannot be read)."""
+    try:
+        return int(json.loads((Path(run_dir) / "checkpoints" / "latest.json").read_text())["round"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fedfm import interrupt, rundir
 from fedfm.config import RunConfig, load_config, resolve_parallelism
 from fedfm.errors import ConfigError, FedfmError
 from fedfm.progress import check_mode
@@ -156,6 +157,7 @@ def run(
     out: str | Path | None = None,
     verbose: bool = False,
     resume: str | Path | None = None,
+    overwrite: bool = False,
     progress: bool | str = True,
 ) -> RunResult:
     """Run a federated fine-tune in Flower's simulation engine, one simulated SuperNode per hospital.
@@ -172,8 +174,13 @@ def run(
     resume : str or Path, optional
         A run directory to continue from its last complete round (its
         checkpoint: global adapter, strategy state, random generators,
-        privacy ledgers). Only ``output.*`` and ``federation.num-rounds`` may
-        differ from the run's own configuration.
+        privacy ledgers). Only operational settings (``output.*``,
+        ``federation.num-rounds`` and the others docs/reliability.md lists)
+        may differ from the configuration stored with that checkpoint.
+    overwrite : bool
+        Delete the fedfm run already in the run directory and start afresh
+        (``output.overwrite``). Without it, or ``resume``, a run directory
+        that holds anything is refused.
     progress : bool or str
         Show the rounds as they finish on stderr: a live line on a terminal,
         a plain line per round elsewhere (``"auto"``, the same as True), or
@@ -183,6 +190,16 @@ def run(
     -------
     RunResult
         Final global and per-hospital metrics, history, and the run directory.
+
+    Raises
+    ------
+    RunInterrupted
+        Ctrl-C (SIGINT) stopped the run: the round in flight was abandoned,
+        the last complete round's checkpoint stands, and the message says how
+        to resume. A second Ctrl-C raises ``KeyboardInterrupt`` at once.
+    RunDirectoryError
+        The run directory is a file, cannot be written, is in use by another
+        process, or already holds files (and neither ``resume`` nor ``overwrite`` is given).
     """
     if resume is not None:
         if out is not None and Path(out) != Path(resume):
@@ -196,18 +213,19 @@ def run(
         config = load_config(config)
     if resume is not None:
         config = config.replace(**{"output.resume": True, "output.dir": str(resume)})
+    if overwrite:
+        config = config.replace(**{"output.overwrite": True})
     _environment()
     setup_logging(verbose)
     check_mode(progress)  # a bad mode is refused here, not inside the ServerApp's thread
 
-    import torch
-    from flwr.simulation import run_simulation
-
-    from fedfm import client, engine, privacy, strategies
-    from fedfm.server import make_server_app, resume_point
+    from fedfm import privacy, strategies
+    from fedfm.data import check_federation
+    from fedfm.server import resume_point
     from fedfm.workspace import federation_for
 
     run_dir = Path(out) if out else Path(config.output.dir) if config.output.dir else default_run_dir()
+    rundir.check_usable(run_dir, resume=config.output.resume, overwrite=config.output.overwrite)
     # Strategy and data problems surface here, before Ray or any model starts.
     strategies.check(config)
     if config.data.hospitals:
@@ -217,9 +235,25 @@ def run(
             "`data.hospitals` empty"
         )
     federation = federation_for(config.data)
+    check_federation(config, federation)
     privacy.check(config, federation)
-    if config.output.resume:
-        resume_point(config, run_dir)  # a missing, corrupt or mismatched checkpoint is refused here, before Ray
+    # One process at a time in a run directory, and a run in it is never replaced by accident (an old run is
+    # deleted only with output.overwrite, and only now that the new configuration and data have passed).
+    with rundir.claim(run_dir, resume=config.output.resume, overwrite=config.output.overwrite):
+        if config.output.resume:
+            resume_point(config, run_dir)  # a missing, corrupt or mismatched checkpoint is refused here, before Ray
+        _simulate(config, run_dir, federation=federation, verbose=verbose, progress=progress)
+    return RunResult.load(run_dir)
+
+
+def _simulate(config: RunConfig, run_dir: Path, *, federation: Any, verbose: bool, progress: bool | str) -> None:
+    """Run ``config``'s federation in Flower's simulation engine; Ctrl-C abandons the round in flight."""
+    import torch
+    from flwr.simulation import run_simulation
+
+    from fedfm import client, engine
+    from fedfm.server import make_server_app
+
     num_hospitals = len(federation.hospitals)
     workers, threads = resolve_parallelism(config.federation)
     backend = engine.resolve(config.federation.backend, workers=workers)
@@ -240,13 +274,23 @@ def run(
         else f"{workers} Ray worker(s) x {threads} thread(s)",
         run_dir,
     )
-    with warnings.catch_warnings(), engine.backend(backend):
+    with warnings.catch_warnings(), engine.backend(backend), interrupt.stop_on_sigint():
         warnings.simplefilter("ignore", DeprecationWarning)
-        run_simulation(
-            server_app=make_server_app(config, run_dir, progress=progress, verbose=verbose),
-            client_app=client.app,
-            num_supernodes=num_hospitals,
-            backend_config=backend_config,
-            verbose_logging=verbose,
-        )
-    return RunResult.load(run_dir)
+        try:
+            run_simulation(
+                server_app=make_server_app(config, run_dir, progress=progress, verbose=verbose),
+                client_app=client.app,
+                num_supernodes=num_hospitals,
+                backend_config=backend_config,
+                verbose_logging=verbose,
+            )
+        except interrupt.RunInterrupted:
+            done = rundir.completed_round(run_dir)
+            kept = (f"round {done}'s checkpoint is complete" if done
+                    else "no round completed" if done is None else "only the round-0 checkpoint is complete")
+            raise interrupt.RunInterrupted(
+                f"interrupted (Ctrl-C): the round in flight was abandoned and {kept}; "
+                + (f"resume with: fedfm run --resume {run_dir}" if done is not None
+                   else f"start it afresh with --overwrite --out {run_dir}"),
+                run_dir=str(run_dir), last_round=done,
+            ) from None

@@ -13,7 +13,7 @@ import random
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -23,10 +23,12 @@ from flwr.serverapp import Grid, ServerApp
 from fedfm import export, keys, privacy, secagg, strategies
 from fedfm.adapters import export_adapter, set_adapter_state, set_base_delta
 from fedfm.config import RunConfig, evaluation_due, from_flat, load_config, round_learning_rate, to_flat, to_json
+from fedfm.data import check_federation
 from fedfm.errors import CheckpointError, FedfmError
+from fedfm.interrupt import InterruptibleGrid
 from fedfm.privacy.accounting import ClientLevelLedger, default_delta, sampled_hospitals
 from fedfm.progress import Progress, progress_display
-from fedfm.rundir import Checkpoint, RunDirectory, default_run_dir, read_checkpoint
+from fedfm.rundir import Checkpoint, RunDirectory, claim, default_run_dir, read_checkpoint
 from fedfm.strategies import GuardedStrategy
 from fedfm.strategies.plan import encode_plans
 from fedfm.strategies.selection import BestRound, validation_of
@@ -315,18 +317,21 @@ def resume_point(config: RunConfig, run_dir: Path) -> Checkpoint:
         raise CheckpointError(f"cannot resume {run_dir}: it holds no config.toml (is it a fedfm run directory?)")
     if config.privacy.secure_aggregation:
         raise CheckpointError("resuming a run with privacy.secure-aggregation is not supported; start it afresh")
-    saved, wanted = to_flat(load_config(saved_file)), to_flat(config)
+    checkpoint = read_checkpoint(run_dir)
+    # The configuration the completed rounds ran under travels with the checkpoint; config.toml is only
+    # the fallback for checkpoints written before that (an edited config.toml must not pass for the run's).
+    saved = checkpoint.config if checkpoint.config is not None else to_flat(load_config(saved_file))
+    wanted = to_flat(config)
     changed = sorted(
         k for k in set(saved) | set(wanted)
         if saved.get(k) != wanted.get(k) and not k.startswith(_RESUMABLE_CHANGES)
     )
     if changed:
-        detail = ", ".join(f"{k} = {saved.get(k)!r} in the run, {wanted.get(k)!r} now" for k in changed[:5])
+        detail = "; ".join(f"{k} = {saved.get(k)!r} in the run, {wanted.get(k)!r} now" for k in changed)
         raise CheckpointError(
             f"cannot resume {run_dir} with a different configuration ({len(changed)} setting(s) differ: {detail}); "
             f"only {', '.join(k.rstrip('.') + ('.*' if k.endswith('.') else '') for k in _RESUMABLE_CHANGES)} may change"
         )
-    checkpoint = read_checkpoint(run_dir)
     if checkpoint.server_round > config.federation.num_rounds:
         raise CheckpointError(
             f"{run_dir} already completed round {checkpoint.server_round}, past federation.num-rounds "
@@ -394,15 +399,27 @@ def serve(
     """
     started = time.perf_counter()
     strategies.check(config)
-    plans = privacy.check(config, federation_for(config.data))
+    federation = federation_for(config.data)
+    check_federation(config, federation)
+    plans = privacy.check(config, federation)
     if plans:
         logger.info("DP-SGD in every hospital (%s accountant):\n%s", config.privacy.accountant, privacy.describe(plans))
+    # Held for the whole run: inside fedfm.run this process holds it already, under `flwr run` this takes it.
+    with claim(run_dir, resume=config.output.resume, overwrite=config.output.overwrite):
+        # A Grid in all but name: the wait for replies gives up on Ctrl-C (fedfm.interrupt).
+        return _serve(cast(Grid, InterruptibleGrid(grid)), config, Path(run_dir), context, progress=progress, started=started)
+
+
+def _serve(
+    grid: Grid, config: RunConfig, run_dir: Path, context: Context | None, *, progress: Progress | None,
+    started: float,
+) -> dict[str, Any]:
     checkpoint = resume_point(config, Path(run_dir)) if config.output.resume else None
     directory = RunDirectory(run_dir)
     if checkpoint is not None:
         directory.restart_from(checkpoint.server_round)
         logger.info("resuming %s after round %d of %d", run_dir, checkpoint.server_round, config.federation.num_rounds)
-    directory.write_config(config.replace(**{"output.resume": False}))
+    directory.write_config(config.replace(**{"output.resume": False, "output.overwrite": False}))
     # Hospitals keep their own state (the privacy ledger) under the run directory in a simulation.
     config = config.replace(**{"output.dir": str(Path(run_dir).resolve())})
     workspace = workspace_for(config)

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from datasets import Dataset
 
+from fedfm import interrupt
 from fedfm.config import TrainSpec
 from fedfm.errors import ConfigError
 from fedfm.privacy.dpsgd import DpSgd, empty_step, micro_batches, poisson_batches, private_training, secret_rng
@@ -313,6 +314,7 @@ def train_local(
             else:
                 groups = _batches(lengths, spec, rng)
             for chunks in groups:
+                interrupt.check()  # Ctrl-C: the round is abandoned between steps (fedfm.interrupt)
                 for group in optimizer.param_groups:
                     group["lr"] = spec.learning_rate * lr_factor(
                         steps, total, schedule=spec.lr_schedule, warmup_ratio=spec.warmup_ratio

@@ -11,6 +11,7 @@ import torch
 from datasets import Dataset
 from transformers import AutoModelForSequenceClassification
 
+from fedfm import interrupt
 from fedfm.tasks.base import Task
 from fedfm.tasks.metrics import classification_metrics
 from fedfm.tasks.pooling import apply_pooling, resolve_pooling
@@ -104,6 +105,7 @@ class SequenceClassification(Task):
         order = np.argsort([len(ids) for ids in dataset["input_ids"]])
         labels, logits = [], []
         for start in range(0, len(order), batch_size):
+            interrupt.check()
             batch = collate([dataset[int(i)] for i in order[start : start + batch_size]])
             batch = {k: v.to(device) for k, v in batch.items()}
             out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()

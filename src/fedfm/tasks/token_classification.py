@@ -22,6 +22,7 @@ import torch
 from datasets import ClassLabel, Dataset, Features, List, Value
 from transformers import AutoModelForTokenClassification
 
+from fedfm import interrupt
 from fedfm.errors import ModelError
 from fedfm.tasks.base import Task
 from fedfm.tasks.metrics import entity_scores, macro_f1, weighted_f1
@@ -209,6 +210,7 @@ class TokenClassification(Task):
         windows: dict[int, list[tuple[int, list[int], list[int]]]] = {}
         loss_sum, labelled = 0.0, 0
         for start in range(0, len(order), batch_size):
+            interrupt.check()
             rows = [dataset[int(i)] for i in order[start : start + batch_size]]
             batch = {k: v.to(device) for k, v in collate(rows).items()}
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
@@ -252,6 +254,7 @@ class TokenClassification(Task):
         collate = self.collate(tokenizer)
         losses = np.zeros(len(dataset))
         for start in range(0, len(dataset), batch_size):
+            interrupt.check()
             indices = list(range(start, min(start + batch_size, len(dataset))))
             batch = {k: v.to(device) for k, v in collate([dataset[i] for i in indices]).items()}
             losses[indices] = _row_losses(model, batch).cpu().numpy()
