@@ -27,8 +27,8 @@ from typing import Any
 
 import torch
 
-from fedfm.adapters import EXPORT_SETTINGS, resolve_model_path
-from fedfm.config import FILE_DATASETS, RunConfig, load_config
+from fedfm.adapters import EXPORT_SETTINGS, HEAD_MODULES, resolve_model_path
+from fedfm.config import CONTEXTS, FILE_DATASETS, TASKS, RunConfig, load_config
 from fedfm.errors import FedfmError, ModelError
 from fedfm.rundir import atomic_write_text, read_jsonl
 from fedfm.tasks.pooling import apply_pooling
@@ -46,6 +46,12 @@ INPUT_FORMATS = (TEXT, HEART_RECORD, MULTIPLE_CHOICE)
 
 #: Tasks whose exported folders the card's snippet, ``fedfm predict`` and ``fedfm evaluate`` cover.
 PREDICTABLE_TASKS = ("sequence-classification", "causal-qa")
+#: ``pooling`` values a ``fedfm.json`` may hold (``""``: no pooling recorded, the model's own).
+EXPORT_POOLINGS = ("", "cls", "mean")
+
+
+class ExportError(FedfmError, ValueError):
+    """An exported folder is incomplete or corrupt, or its ``fedfm.json`` is invalid (the message names the file)."""
 
 #: What the card says about fedfm's model aliases: Hub id, license, and how a colleague gets the files.
 _KNOWN_MODELS: dict[str, dict[str, str]] = {
@@ -126,31 +132,81 @@ class ExportSettings:
 
     @classmethod
     def read(cls, folder: Path) -> ExportSettings:
-        """The settings of an exported folder.
+        """The settings of an exported folder, checked field by field.
 
         Raises
         ------
-        FedfmError
-            The folder has no ``fedfm.json``, or one from before fedfm wrote
-            the task and classes (run :func:`write_model_card` on its run directory).
+        ExportError
+            The folder has no ``fedfm.json``, one that is not a JSON object, one
+            from before fedfm wrote the task and classes (run
+            :func:`write_model_card` on its run directory), or fields of the
+            wrong type or value (all of them named at once).
         """
         path = Path(folder) / EXPORT_SETTINGS
         if not path.is_file():
-            raise FedfmError(
+            raise ExportError(
                 f"{folder} has no {EXPORT_SETTINGS}: pass the `adapter/` or `merged/` folder of a fedfm run directory"
             )
         try:
-            data = json.loads(path.read_text())
-        except (OSError, ValueError) as err:
-            raise FedfmError(f"{path} is not readable JSON: {err}") from err
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as err:  # ValueError covers JSON syntax and non-UTF-8 bytes
+            raise ExportError(f"{path} is not readable JSON ({err}): restore it or re-export the folder") from err
+        if not isinstance(data, dict):
+            raise ExportError(f"{path} must hold a JSON object, got {type(data).__name__}: restore it or re-export "
+                              f"the folder")
         missing = [k for k in ("task", "base_model", "label_names", "input_format") if k not in data]
         if missing:
-            raise FedfmError(
+            raise ExportError(
                 f"{path} lacks {missing}: it was exported before fedfm described its task; complete it with "
                 f"`python -c \"import fedfm.export as e; e.write_model_card('{Path(folder).parent}')\"`"
             )
+        problems = _settings_problems(data)
+        if problems:
+            raise ExportError(f"{path} is invalid: {'; '.join(problems)}; restore the file or re-export the folder "
+                              f"(`fedfm.export.write_model_card(RUN_DIR)` rewrites it)")
         known = set(cls.__dataclass_fields__)
         return cls(**{k: v for k, v in data.items() if k in known})
+
+
+def _is_strings(value: Any) -> bool:
+    return isinstance(value, list) and all(isinstance(v, str) for v in value)
+
+
+def _settings_problems(data: dict[str, Any]) -> list[str]:
+    """Every field of a ``fedfm.json`` whose type or value inference could not use (empty list: none)."""
+    problems = []
+
+    def check(ok: bool, message: str) -> None:
+        if not ok:
+            problems.append(message)
+
+    names = data["label_names"]
+    check(data["task"] in TASKS, f"`task` must be one of {list(TASKS)}, got {data['task']!r}")
+    check(isinstance(data["base_model"], str) and bool(data["base_model"]),
+          f"`base_model` must be a model alias or folder, got {data['base_model']!r}")
+    if not _is_strings(names) or not names:
+        problems.append(f"`label_names` must be a non-empty list of strings (the classes in id order), got {names!r}")
+    elif len(set(names)) != len(names):
+        problems.append(f"`label_names` must not repeat a name, got {names!r}")
+    check(data["input_format"] in INPUT_FORMATS,
+          f"`input_format` must be one of {list(INPUT_FORMATS)}, got {data['input_format']!r}")
+    for key in ("text_column", "label_column"):
+        if key in data:
+            check(isinstance(data[key], str) and bool(data[key]), f"`{key}` must be a column name, got {data[key]!r}")
+    if "max_length" in data:
+        value = data["max_length"]
+        check(isinstance(value, int) and not isinstance(value, bool) and value > 0,
+              f"`max_length` must be a positive integer, got {value!r}")
+    if "pooling" in data:
+        check(data["pooling"] in EXPORT_POOLINGS, f"`pooling` must be one of {list(EXPORT_POOLINGS)}, got {data['pooling']!r}")
+    if "fixed_options" in data:
+        check(_is_strings(data["fixed_options"]), f"`fixed_options` must be a list of strings, got {data['fixed_options']!r}")
+    if "length_normalize" in data:
+        check(isinstance(data["length_normalize"], bool),
+              f"`length_normalize` must be true or false, got {data['length_normalize']!r}")
+    if "context" in data:
+        check(data["context"] in CONTEXTS, f"`context` must be one of {list(CONTEXTS)}, got {data['context']!r}")
+    return problems
 
 
 def export_settings(config: RunConfig, label_names: list[str], *, pooling: str = "") -> ExportSettings:
@@ -758,9 +814,12 @@ def base_model_path(settings: ExportSettings, folder: Path, override: str | None
     Raises
     ------
     ModelError
-        None of them is a readable model folder.
+        ``override`` is not a model folder, or none of them is a readable model folder.
     """
     if override:
+        if not (Path(override) / "config.json").is_file():
+            raise ModelError(f"--base-model {override} is not a model folder (it has no config.json): pass the folder "
+                             f"of the base model `{settings.base_model}` the adapter was trained on")
         return override
     try:
         return str(resolve_model_path(settings.base_model))
@@ -769,6 +828,79 @@ def base_model_path(settings: ExportSettings, folder: Path, override: str | None
         if recorded and (Path(recorded) / "config.json").is_file():
             return str(recorded)
         raise ModelError(f"{err}; pass the base model's folder with --base-model") from err
+
+
+def _weight_files(folder: Path) -> list[Path]:
+    """The safetensors files an exported folder's weights are in (sharded merged models: every shard)."""
+    adapter = (folder / "adapter_config.json").is_file()
+    single = folder / ("adapter_model.safetensors" if adapter else "model.safetensors")
+    index = folder / "model.safetensors.index.json"
+    if single.is_file() or adapter or not index.is_file():
+        return [single]
+    try:
+        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        return [folder / name for name in sorted(set(weight_map.values()))]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+        raise ExportError(f"{index} is not a readable shard index ({err}): copy the folder again or re-export it") \
+            from err
+
+
+def check_exported(folder: str | Path, settings: ExportSettings) -> None:
+    """Check an exported folder's files before any model loads: present, complete, and matching ``fedfm.json``.
+
+    Reads only the safetensors headers (names and shapes), so a truncated or
+    half-copied weights file, a missing one, or ``label_names`` edited to a
+    different number of classes than the classifier head has outputs is named
+    here rather than failing deep inside transformers or peft.
+
+    Parameters
+    ----------
+    folder : str or Path
+        An exported ``adapter/`` or ``merged/`` folder.
+    settings : ExportSettings
+        Its ``fedfm.json`` (:meth:`ExportSettings.read`).
+
+    Raises
+    ------
+    ExportError
+        Naming the file and what to do.
+    """
+    from safetensors import safe_open
+
+    path = Path(folder)
+    adapter = path / "adapter_config.json"
+    if adapter.is_file():
+        try:
+            peft_config = json.loads(adapter.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as err:
+            raise ExportError(f"{adapter} is not readable JSON ({err}): copy the adapter folder again or re-export "
+                              f"it") from err
+        if not isinstance(peft_config, dict):
+            raise ExportError(f"{adapter} must hold a JSON object: copy the adapter folder again or re-export it")
+    elif not (path / "config.json").is_file():
+        raise ExportError(f"{path} has neither adapter_config.json (an adapter) nor config.json (a merged model): "
+                          f"pass the whole `adapter/` or `merged/` folder of a fedfm run")
+    head: tuple[Path, list[int]] | None = None
+    for weights in _weight_files(path):
+        if not weights.is_file():
+            if (path / "adapter_model.bin").is_file() or (path / "pytorch_model.bin").is_file():
+                continue  # weights saved as PyTorch pickles: nothing to check without loading them
+            raise ExportError(f"{weights} is missing: the folder holds no weights; copy the whole folder again "
+                              f"from the run directory, or re-export it")
+        try:
+            with safe_open(str(weights), framework="pt") as tensors:
+                for name in tensors.keys():  # noqa: SIM118 -- safe_open is not iterable
+                    if any(name == f"{m}.weight" or name.endswith(f".{m}.weight") for m in HEAD_MODULES):
+                        head = (weights, list(tensors.get_slice(name).get_shape()))
+        except Exception as err:  # safetensors raises its own error type (header, size) and OSError
+            raise ExportError(f"{weights} is truncated or corrupt ({err}): copy it again from the run directory, "
+                              f"or re-export it") from err
+    if settings.task == "sequence-classification" and head is not None and head[1][0] != len(settings.label_names):
+        raise ExportError(
+            f"{path / EXPORT_SETTINGS}: `label_names` lists {len(settings.label_names)} classes "
+            f"({settings.label_names}) but the classifier head in {head[0]} has {head[1][0]} outputs: give one "
+            f"name per output, in id order, or re-export the folder"
+        )
 
 
 def load_exported(folder: str | Path, *, base_model: str | None = None, device: str = "auto") -> Exported:
@@ -786,6 +918,13 @@ def load_exported(folder: str | Path, *, base_model: str | None = None, device: 
     Returns
     -------
     Exported
+
+    Raises
+    ------
+    ExportError
+        ``fedfm.json`` or the weights files are invalid (:func:`check_exported`), checked before anything loads.
+    ModelError
+        The base model cannot be found, or transformers or peft cannot load the folder.
     """
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
@@ -795,24 +934,32 @@ def load_exported(folder: str | Path, *, base_model: str | None = None, device: 
     path = Path(folder)
     settings = ExportSettings.read(path)
     if settings.task not in PREDICTABLE_TASKS:
-        raise FedfmError(f"{path}: fedfm predict and evaluate cover the tasks {list(PREDICTABLE_TASKS)}; "
-                         f"this folder's task is {settings.task!r}")
+        raise ExportError(f"{path}: fedfm predict and evaluate cover the tasks {list(PREDICTABLE_TASKS)}; "
+                          f"this folder's task is {settings.task!r}")
+    check_exported(path, settings)
     place = torch.device("cuda" if device == "cuda" or (device == "auto" and torch.cuda.is_available()) else "cpu")
     classification = settings.task == "sequence-classification"
     auto = AutoModelForSequenceClassification if classification else AutoModelForCausalLM
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
     model: Any
     try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
         if (path / "adapter_config.json").is_file():
             from peft import PeftModel
 
             kwargs = {"num_labels": len(settings.label_names)} if classification else {}
-            base = auto.from_pretrained(base_model_path(settings, path, base_model), **kwargs)
+            base_path = base_model_path(settings, path, base_model)
+            base = auto.from_pretrained(base_path, **kwargs)
             if classification:
                 apply_pooling(base, settings.pooling or "cls")
-            model = PeftModel.from_pretrained(base, path)
+            try:
+                model = PeftModel.from_pretrained(base, path)
+            except RuntimeError as err:  # torch's load_state_dict: the adapter's shapes are not this base's
+                mismatch = next((line.strip() for line in str(err).splitlines() if "size mismatch" in line), str(err))
+                raise ModelError(f"the adapter in {path} does not fit the base model {base_path} ({mismatch}): "
+                                 f"pass the base model it was trained on, `{settings.base_model}`, with --base-model"
+                                 ) from err
         else:
             model = auto.from_pretrained(path, trust_remote_code=(path / MODELING_FILE).is_file())
     except (OSError, ValueError) as err:
