@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,13 +24,31 @@ import numpy as np
 import pandas as pd
 import torch
 
-from fedfm.errors import DataError
+from fedfm.errors import DataError, FedfmError
 from fedfm.export import HEART_RECORD, MULTIPLE_CHOICE, Exported, ExportSettings
+from fedfm.report import unwritable
 from fedfm.tasks.metrics import classification_metrics
 
 #: File suffixes ``--input`` and ``--output`` may have.
 INPUT_SUFFIXES = (".csv", ".jsonl", ".json", ".parquet")
 OUTPUT_SUFFIXES = (".csv", ".jsonl")
+
+
+class PredictError(FedfmError, ValueError):
+    """``fedfm predict`` / ``fedfm evaluate`` was asked for something it cannot do (a batch size below 1)."""
+
+
+def check_batch_size(batch_size: int) -> int:
+    """``batch_size`` must be an integer of at least 1 (checked before the model loads).
+
+    Raises
+    ------
+    PredictError
+        Naming ``--batch-size`` and the value it got.
+    """
+    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+        raise PredictError(f"--batch-size must be an integer >= 1 (rows per forward pass), got {batch_size!r}")
+    return int(batch_size)
 
 
 @dataclass(frozen=True)
@@ -72,14 +91,18 @@ def read_table(path: str | Path) -> pd.DataFrame:
     suffix = file.suffix.lower()
     if suffix not in INPUT_SUFFIXES:
         raise DataError(f"--input {file}: the suffix must be one of {list(INPUT_SUFFIXES)}, got {suffix or 'none'!r}")
+    if file.is_dir():
+        raise DataError(f"--input {file} is a folder: give one file")
     if not file.is_file():
         raise DataError(f"--input {file}: no such file")
     try:
         if suffix == ".csv":
-            return pd.read_csv(file)
+            return pd.read_csv(file, encoding="utf-8")
         if suffix == ".parquet":
             return pd.read_parquet(file)
-        return pd.read_json(file, lines=True)
+        return pd.read_json(file, lines=True, encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise DataError(f"--input {file} is not UTF-8 text ({err}): save it with UTF-8 encoding and try again") from err
     except Exception as err:  # pandas raises many types (parser, arrow, json)
         raise DataError(f"cannot read {file} as {suffix[1:]}: {err}") from err
 
@@ -292,7 +315,13 @@ def predict_rows(exported: Exported, rows: Rows, *, batch_size: int = 32) -> Pre
     Returns
     -------
     Predictions
+
+    Raises
+    ------
+    PredictError
+        ``batch_size`` is below 1.
     """
+    batch_size = check_batch_size(batch_size)
     if exported.settings.task == "causal-qa":
         return _predict_choice(exported, rows, batch_size=batch_size)
     tokenizer, model, s = exported.tokenizer, exported.model, exported.settings
@@ -382,23 +411,41 @@ def prediction_table(rows: Rows, predictions: Predictions, settings: ExportSetti
     return table
 
 
-def check_output(path: str | Path) -> Path:
-    """``--output`` must end in ``.csv`` or ``.jsonl`` (checked before the model loads)."""
+def check_output(path: str | Path, suffixes: tuple[str, ...] = OUTPUT_SUFFIXES) -> Path:
+    """``--output`` must end in one of ``suffixes`` and be writable (checked before the model loads).
+
+    Missing folders on the way are allowed (they are created when the file is written).
+
+    Raises
+    ------
+    DataError
+        Naming ``--output``, the file and what is wrong with it.
+    """
     file = Path(path)
-    if file.suffix.lower() not in OUTPUT_SUFFIXES:
-        raise DataError(f"--output {file}: the suffix must be one of {list(OUTPUT_SUFFIXES)}, got {file.suffix or 'none'!r}")
+    if file.suffix.lower() not in suffixes:
+        raise DataError(f"--output {file}: the suffix must be one of {list(suffixes)}, got {file.suffix or 'none'!r}")
+    problem = unwritable(file)
+    if problem:
+        raise DataError(f"--output {file} cannot be written: {problem}; choose another path")
+    return file
+
+
+def _write(file: Path, write: Callable[[Path], object]) -> Path:
+    """Create ``file``'s folders and call ``write(file)``; an OS refusal becomes a DataError naming the file."""
+    try:
+        file.parent.mkdir(parents=True, exist_ok=True)
+        write(file)
+    except OSError as err:
+        raise DataError(f"--output {file} cannot be written: {err.strerror or err}; choose another path") from err
     return file
 
 
 def write_table(table: pd.DataFrame, path: str | Path) -> Path:
     """Write predictions as CSV or JSON lines, by the suffix."""
     file = check_output(path)
-    file.parent.mkdir(parents=True, exist_ok=True)
     if file.suffix.lower() == ".csv":
-        table.to_csv(file, index=False)
-    else:
-        table.to_json(file, orient="records", lines=True, force_ascii=False)
-    return file
+        return _write(file, lambda f: table.to_csv(f, index=False))
+    return _write(file, lambda f: table.to_json(f, orient="records", lines=True, force_ascii=False))
 
 
 def predict_file(
@@ -435,10 +482,17 @@ def predict_file(
     -------
     tuple
         The checked rows, the predictions and the folder's settings.
-    """
-    from fedfm.export import load_exported
 
+    Raises
+    ------
+    PredictError, DataError, ExportError
+        A bad batch size, input or output file, or exported folder: all checked before the model loads.
+    """
+    from fedfm.export import check_exported, load_exported
+
+    check_batch_size(batch_size)
     settings = ExportSettings.read(Path(folder))
+    check_exported(folder, settings)  # the folder's own faults first: rows are read by its label names
     if output is not None:
         check_output(output)
     rows = read_rows(input_path, settings, text_column=text_column, label_column=label_column, need_labels=need_labels)
@@ -467,9 +521,9 @@ def evaluate_file(
     """
     if output is not None and Path(output).suffix.lower() != ".json":
         raise DataError(f"--output {output}: evaluation metrics are written as JSON, so the suffix must be '.json'")
+    file = check_output(output, (".json",)) if output is not None else None
     rows, predictions, settings = predict_file(folder, input_path, need_labels=True, **kwargs)
     metrics = metrics_of(rows, predictions, settings)
-    if output is not None:
-        Path(output).parent.mkdir(parents=True, exist_ok=True)
-        Path(output).write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+    if file is not None:
+        _write(file, lambda f: f.write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n", encoding="utf-8"))
     return metrics

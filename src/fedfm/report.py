@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +33,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "PLOTS", "ReportError", "RunFiles", "plot_bytes", "plot_epsilon", "plot_global", "plot_hospitals", "read_run",
-    "write_report",
+    "unwritable", "write_report",
 ]
 
 #: The plots a report may hold (``epsilon.png`` only for a run with differential privacy).
@@ -75,14 +76,51 @@ class RunFiles:
         return self.config.get(section, {}).get(name, default)
 
 
+#: What a user can do about a run file that cannot be read (fedfm writes each one whole, atomically).
+_RESTORE = "it was changed or damaged after the run wrote it; restore it from a copy of the run directory"
+
+
 def _read_json(path: Path) -> dict[str, Any]:
     try:
         value = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ReportError(f"{path} cannot be read: {err}") from err
+        raise ReportError(f"{path} cannot be read ({err}): {_RESTORE}, or move it away to report without it") from err
     if not isinstance(value, dict):
-        raise ReportError(f"{path} does not hold a JSON object")
+        raise ReportError(f"{path} does not hold a JSON object: {_RESTORE}, or move it away to report without it")
     return value
+
+
+def unwritable(path: Path) -> str | None:
+    """Why a file cannot be written at ``path``, or None; asked before any work, so nothing is lost at the end.
+
+    Folders on the way that do not exist yet are fine (the writers create them)
+    as long as the nearest existing one is a writable folder.
+
+    Parameters
+    ----------
+    path : Path
+        The file to be written (``--output``, ``--plot``).
+
+    Returns
+    -------
+    str or None
+        The reason, naming the path that is in the way; None when it can be written.
+    """
+    try:
+        if path.is_dir():
+            return f"{path} is a folder"
+        if path.exists():
+            return None if os.access(path, os.W_OK) else f"{path} is not writable (permission denied)"
+        folder = path.parent
+        while not folder.exists() and folder != folder.parent:
+            folder = folder.parent
+        if not folder.is_dir():
+            return f"{folder} is a file, not a folder"
+        if not os.access(folder, os.W_OK | os.X_OK):
+            return f"folder {folder} is not writable (permission denied)"
+    except OSError as err:  # e.g. a folder on the way that may not be listed
+        return f"{err.filename or path}: {err.strerror or err}"
+    return None
 
 
 def read_run(run_dir: str | Path) -> RunFiles:
@@ -115,7 +153,7 @@ def read_run(run_dir: str | Path) -> RunFiles:
     try:
         text = metrics.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as err:
-        raise ReportError(f"{metrics} cannot be read: {err}") from err
+        raise ReportError(f"{metrics} cannot be read ({err}): {_RESTORE}") from err
     by_round: dict[int, dict[str, Any]] = {}
     for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
@@ -124,7 +162,7 @@ def read_run(run_dir: str | Path) -> RunFiles:
             entry = json.loads(line)
             server_round = int(entry["round"])
         except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
-            raise ReportError(f"{metrics} line {number} is not a round record: {err}") from err
+            raise ReportError(f"{metrics} line {number} is not a round record ({err}): {_RESTORE}") from err
         by_round[server_round] = entry  # a round written twice (a resumed run): the later line holds
     if not by_round:
         raise ReportError(f"{path} has no completed round yet: {metrics} is empty")
@@ -134,7 +172,7 @@ def read_run(run_dir: str | Path) -> RunFiles:
         try:
             config = tomllib.loads((path / "config.toml").read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as err:
-            raise ReportError(f"{path / 'config.toml'} cannot be read: {err}") from err
+            raise ReportError(f"{path / 'config.toml'} cannot be read ({err}): {_RESTORE}") from err
     return RunFiles(path, [by_round[k] for k in sorted(by_round)], summary, config)
 
 

@@ -3,7 +3,10 @@
 Reads only the run directory (``metrics.jsonl``, ``summary.json``): ε each
 hospital reported every round (sample-level DP-SGD), the client-level ε of
 the server's ledger, the membership-inference audit, and what left each
-hospital (tensor names and bytes).
+hospital (tensor names and bytes). The command reads the run through
+:func:`fedfm.report.read_run`, as ``fedfm report`` does (a corrupt file is
+named, a round written twice by a resumed run counts once); this module only
+lays the ledger out.
 """
 
 from __future__ import annotations
@@ -15,13 +18,21 @@ from typing import Any
 
 from fedfm.errors import FedfmError
 
+#: The only file type ``--plot`` writes.
+PLOT_SUFFIX = ".png"
+
 
 class ReportError(FedfmError, ValueError):
-    """A run directory lacks what the report needs."""
+    """A run directory lacks what the report needs, or a report file cannot be written."""
 
 
 def load_run(run_dir: Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """The rounds of ``metrics.jsonl`` and the ``summary.json`` of a run (an empty summary while it runs)."""
+    """The rounds of ``metrics.jsonl`` and the ``summary.json`` of a run (an empty summary while it runs).
+
+    A plain reader for notebooks; ``fedfm privacy-report`` reads through
+    :func:`fedfm.report.read_run`, which names a corrupt file and keeps the
+    later line of a round written twice (this module, in layer 2, cannot import it).
+    """
     metrics = run_dir / "metrics.jsonl"
     if not metrics.is_file():
         raise ReportError(f"{run_dir} is not a fedfm run directory: it has no metrics.jsonl")
@@ -90,7 +101,15 @@ def ledger_table(rounds: list[dict[str, Any]], summary: dict[str, Any]) -> str:
 
 
 def plot_epsilon(rounds: list[dict[str, Any]], path: Path) -> Path:
-    """A PNG of ε over rounds (one line per hospital, plus the client-level ε)."""
+    """A PNG of ε over rounds (one line per hospital, plus the client-level ε).
+
+    Raises
+    ------
+    ReportError
+        ``path`` does not end in ``.png``, or cannot be written (the message names it).
+    """
+    if path.suffix.lower() != PLOT_SUFFIX:
+        raise ReportError(f"--plot {path}: the plot is a PNG image, so the file name must end in '.png'")
     import matplotlib
 
     matplotlib.use("Agg")
@@ -112,7 +131,11 @@ def plot_epsilon(rounds: list[dict[str, Any]], path: Path) -> Path:
     if hospitals or any(v is not None for v in client):
         axes.legend(fontsize=8)
     figure.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        figure.savefig(path, dpi=120)
+    except OSError as err:
+        raise ReportError(f"--plot {path} cannot be written: {err.strerror or err}; choose another path") from err
+    finally:
+        plt.close(figure)
     return path
