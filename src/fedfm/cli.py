@@ -6,18 +6,40 @@ import argparse
 import os
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 from fedfm import __version__
 from fedfm.config import describe, load_config
 from fedfm.errors import FedfmError
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with fedfm's error line: the usage, then ``fedfm: error: <message>``, exit status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.print_usage(sys.stderr)
+        self.exit(2, f"fedfm: error: {message}\n")
+
+
+def _positive_int(text: str) -> int:
+    """An option's value as an integer >= 1 (``--batch-size``)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {value}")
+    return value
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="fedfm",
         description="Federated LoRA fine-tuning of foundation models on biomedical data (Flower + peft).",
     )
     parser.add_argument("--version", action="version", version=f"fedfm {__version__}")
+    parser.add_argument("--verbose", dest="traceback", action="store_true",
+                        help="with an error, also print the Python traceback (before the command: fedfm --verbose ...)")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     run = commands.add_parser("run", help="run a federated fine-tune in Flower's simulation engine")
@@ -52,7 +74,7 @@ def _parser() -> argparse.ArgumentParser:
         infer.add_argument("--text-column", help="the column holding the text (default: the one trained on)")
         infer.add_argument("--label-column", help="the column holding the label (default: the one trained on)")
         infer.add_argument("--base-model", metavar="DIR", help="the base model's folder, if not found by its name")
-        infer.add_argument("--batch-size", type=int, default=32, help="rows per forward pass (default 32)")
+        infer.add_argument("--batch-size", type=_positive_int, default=32, help="rows per forward pass (default 32)")
 
     run_report = commands.add_parser("report", help="plot a run's metrics, ε and bytes per round into a report.md")
     run_report.add_argument("run_dir", help="a run directory written by fedfm run (finished, stopped or running)")
@@ -71,7 +93,10 @@ def main(argv: list[str] | None = None) -> int:
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())
     parser = _parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as done:  # --help, --version, or a usage error already printed as `fedfm: error:`
+        return done.code if isinstance(done.code, int) else 2
     try:
         if args.command == "run":
             if args.resume and not args.config:
@@ -102,13 +127,18 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{name:15} {linear:10} {doc[0] if doc else entry.cls.__name__}")
             return 0
         if args.command == "privacy-report":
+            from fedfm.privacy.report import PLOT_SUFFIX, ReportError, ledger_table, plot_epsilon
+            from fedfm.report import read_run, unwritable
 
-            from fedfm.privacy.report import ledger_table, load_run, plot_epsilon
-
-            rounds, summary = load_run(Path(args.run_dir))
-            print(ledger_table(rounds, summary))
-            if args.plot:
-                print(f"plot: {plot_epsilon(rounds, Path(args.plot))}")
+            plot = Path(args.plot) if args.plot else None
+            if plot is not None and plot.suffix.lower() != PLOT_SUFFIX:
+                raise ReportError(f"--plot {plot}: the plot is a PNG image, so the file name must end in '.png'")
+            if plot is not None and (problem := unwritable(plot)):
+                raise ReportError(f"--plot {plot} cannot be written: {problem}; choose another path")
+            run_files = read_run(args.run_dir)  # the reader of `fedfm report`: a corrupt file is named
+            print(ledger_table(run_files.rounds, run_files.summary))
+            if plot is not None:
+                print(f"plot: {plot_epsilon(run_files.rounds, plot)}")
             return 0
         if args.command in ("predict", "evaluate"):
             from fedfm import predict
@@ -135,8 +165,23 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0
     except FedfmError as err:
-        print(f"fedfm: error: {err}", file=sys.stderr)
-        return 2
+        return _error(str(err), args.traceback)
+    except UnicodeDecodeError as err:  # a user's file in another encoding, read past fedfm's own checks
+        return _error(f"a file is not UTF-8 text ({err}): save it with UTF-8 encoding and try again", args.traceback)
+    except OSError as err:
+        if err.filename is None:  # not about a file the user named: a fault of fedfm or the machine
+            raise
+        return _error(f"{err.filename}: {err.strerror or err} (check the path and its permissions)", args.traceback)
+
+
+def _error(message: str, traceback: bool) -> int:
+    """The one ``fedfm: error:`` line of a user's mistake (after the traceback, with ``fedfm --verbose``)."""
+    if traceback:
+        import traceback as tb
+
+        tb.print_exc(file=sys.stderr)
+    print(f"fedfm: error: {message}", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":
