@@ -5,12 +5,14 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import threading
 from pathlib import Path
 from typing import NoReturn
 
 from fedfm import __version__
 from fedfm.config import describe, load_config
 from fedfm.errors import FedfmError
+from fedfm.interrupt import RunInterrupted
 
 
 class _Parser(argparse.ArgumentParser):
@@ -54,6 +56,10 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--resume", metavar="RUN_DIR",
         help="continue a killed or stopped run from its last complete round (its own config unless one is given)",
+    )
+    run.add_argument(
+        "--overwrite", action="store_true",
+        help="delete the fedfm run already in --out and start afresh (without it a non-empty --out is refused)",
     )
 
     check = commands.add_parser("check", help="validate a configuration and print it resolved")
@@ -105,7 +111,8 @@ def main(argv: list[str] | None = None) -> int:
                 config = load_config(args.config, args.overrides)
             from fedfm.runner import run  # checks the strategy before anything loads
 
-            result = run(config, out=args.out, verbose=args.verbose, resume=args.resume, progress=not args.no_progress)
+            result = run(config, out=args.out, verbose=args.verbose, resume=args.resume, overwrite=args.overwrite,
+                         progress=not args.no_progress)
             print()
             print(result.table())
             print(f"\nrun directory: {result.run_dir}")
@@ -164,6 +171,17 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         parser.print_help()
         return 0
+    except RunInterrupted as err:
+        print(f"fedfm: {err}", file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:
+        # The second Ctrl-C (or one before the run started): leave now, without waiting for the server's
+        # thread or the hospitals, which may be blocked; the last complete checkpoint is on disk already.
+        print("\nfedfm: interrupted", file=sys.stderr, flush=True)
+        if any(t.is_alive() and not t.daemon for t in threading.enumerate() if t is not threading.main_thread()):
+            sys.stdout.flush()
+            os._exit(130)
+        return 130
     except FedfmError as err:
         return _error(str(err), args.traceback)
     except UnicodeDecodeError as err:  # a user's file in another encoding, read past fedfm's own checks
