@@ -256,6 +256,22 @@ def test_an_input_that_is_a_folder_is_named(exported: Path, tmp_path: Path, caps
     assert f"--input {tmp_path / 'rows.csv'} is a folder" in line
 
 
+def test_rows_are_read_as_training_reads_them(exported: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from fedfm.predict import read_rows
+
+    settings = ExportSettings.read(exported / "adapter")
+    # Labels with surrounding spaces are the trained classes, not unknown ones
+    spaced = tmp_path / "spaced.jsonl"
+    spaced.write_text('{"text": "acute pain", "label": " positive"}\n{"text": "calm", "label": "negative  "}\n')
+    assert read_rows(spaced, settings, need_labels=True).labels == [1, 0]
+    # A number or a list is not text, and a blank cell has none
+    for name, cell in (("number", "3"), ("list", '["a", "b"]'), ("blank", '"  "')):
+        rows = tmp_path / f"{name}.jsonl"
+        rows.write_text(f'{{"text": {cell}, "label": "positive"}}\n{{"text": "calm", "label": "negative"}}\n')
+        line = _fails(["evaluate", "--adapter", str(exported / "adapter"), "--input", str(rows)], capsys)
+        assert f"{rows} column 'text'" in line and "row" in line, line
+
+
 # --------------------------------------------------------------------------------------------------- privacy-report
 
 

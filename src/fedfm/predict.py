@@ -24,6 +24,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from fedfm.data.files import check_texts, normalize_label
 from fedfm.errors import DataError, FedfmError
 from fedfm.export import HEART_RECORD, MULTIPLE_CHOICE, Exported, ExportSettings
 from fedfm.report import unwritable
@@ -127,10 +128,11 @@ def _labels(
         if bad:
             raise DataError(f"{where}: the UCI grade must be a number 0-4, got {bad[0]!r}")
         return [int(float(v) > 0) for v in values]
-    names = settings.label_names
+    names = [n.strip() for n in settings.label_names]
     ids: list[int] = []
-    for row, value in enumerate(values):
-        if _missing(value):
+    for row, raw in enumerate(values):
+        value = normalize_label(raw)  # as training reads labels: surrounding spaces dropped, blank is missing
+        if value is None:
             raise DataError(f"{where}: row {row} has no label")
         if isinstance(value, str) and value in names:
             ids.append(names.index(value))
@@ -218,9 +220,7 @@ def read_rows(
         column = text_column or (settings.text_column if settings.input_format != HEART_RECORD else "text")
         _require(table, [column], where, "the text the model reads; choose another with --text-column")
         values = list(table[column])
-        empty = [i for i, t in enumerate(values) if _missing(t)]
-        if empty:
-            raise DataError(f"{where} column {column!r}: {len(empty)} row(s) have no text (first: row {empty[0]})")
+        check_texts(values, where=f"{where} column {column!r}")  # as training reads them: non-blank strings
         texts = [str(t) for t in values]
         if settings.context != "none":
             contexts = _sentence_contexts(table, texts, settings.context, where)
