@@ -113,7 +113,7 @@ def test_train_local_rank_mask_and_proximal_term(tiny_csv_settings: dict[str, An
                 {k: v.numpy() for k, v in masked.items()}, {})[0].items()}
         set_adapter_state(model, masked)
         train_local(model, workspace.task, rows, workspace.loaded.tokenizer, spec=config.train,
-                    device=workspace.loaded.device, **options)
+                    device=workspace.loaded.device, plan=strategies.ClientPlan(**options))
         after = {k: v.detach().clone() for k, v in model.state_dict().items() if "lora" in k}
         set_adapter_state(model, initial)
         return {k: after[k] - masked[k.replace(".default", "")] for k in after}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 from pathlib import Path
 from typing import Any
@@ -12,6 +13,7 @@ import pytest
 import torch
 from flwr.app import ConfigRecord, Context, RecordDict
 
+from conftest import instruction
 from fedfm import keys, privacy
 from fedfm.adapters import get_adapter_state, set_adapter_state
 from fedfm.client import app
@@ -20,10 +22,10 @@ from fedfm.errors import ConfigError
 from fedfm.privacy.accounting import HospitalLedger, compose, default_delta, epsilon_of, open_ledger
 from fedfm.privacy.dpsgd import DpSgd, micro_batches, private_training, sample_rate, steps_per_round
 from fedfm.privacy.hospital import LEDGER_FILE, dp_batch_size, dp_train_spec
+from fedfm.strategies import ClientPlan
 from fedfm.train import train_local
 from fedfm.wire import numpy_to_record
 from fedfm.workspace import workspace_for
-from tests.conftest import instruction
 
 SIGMA, RATE, STEPS, DELTA = 1.1, 0.05, 40, 1e-5
 
@@ -51,7 +53,7 @@ def test_epsilon_composed_over_rounds_and_a_restart_equals_one_opacus_accountant
     assert ledger.steps == 5 * STEPS
     assert ledger.rounds == [1, 2, 3, 4, 5]
     assert spent[-1] == pytest.approx(single.get_epsilon(delta=DELTA), rel=1e-6)
-    assert all(b > a for a, b in zip(spent, spent[1:], strict=False))
+    assert all(b > a for a, b in itertools.pairwise(spent))
 
 
 def test_a_fresh_accountant_every_round_would_report_a_constant_epsilon() -> None:
@@ -146,12 +148,12 @@ def _workspace(settings: dict[str, Any]):  # type: ignore[no-untyped-def]
     return config, workspace_for(config)
 
 
-def _train_once(config: RunConfig, workspace: Any, dp: DpSgd | None, **kwargs: Any) -> dict[str, torch.Tensor]:
+def _train_once(config: RunConfig, workspace: Any, dp: DpSgd | None, plan: ClientPlan | None = None) -> dict[str, torch.Tensor]:
     loaded = workspace.loaded
     set_adapter_state(loaded.model, loaded.initial_state)
     rows = workspace.hospital_rows("train", 0)
     train_local(loaded.model, workspace.task, rows, loaded.tokenizer, spec=config.train, device=loaded.device,
-                seed=1, dp=dp, **kwargs)
+                seed=1, dp=dp, plan=plan)
     return get_adapter_state(loaded.model)
 
 
@@ -245,11 +247,11 @@ def test_micro_batches_give_the_step_of_the_whole_poisson_batch(tiny_csv_setting
 def test_dp_training_keeps_frozen_factors_and_components_past_the_rank(tiny_csv_settings: dict[str, Any]) -> None:
     config, workspace = _workspace(tiny_csv_settings)
     initial = workspace.loaded.initial_state
-    frozen = _train_once(config, workspace, DpSgd(1.0, 1.0, 0.2, 3), frozen=("lora_A",))
+    frozen = _train_once(config, workspace, DpSgd(1.0, 1.0, 0.2, 3), ClientPlan(fixed=("lora_A",)))
     for name in initial:
         if "lora_A" in name:
             torch.testing.assert_close(frozen[name], initial[name])
-    ranked = _train_once(config, workspace, DpSgd(1.0, 1.0, 0.2, 3), rank=2)
+    ranked = _train_once(config, workspace, DpSgd(1.0, 1.0, 0.2, 3), ClientPlan(rank=2))
     for name in initial:
         if "lora_A" in name:
             torch.testing.assert_close(ranked[name][2:], initial[name][2:])

@@ -228,9 +228,7 @@ def _train(content: RecordDict, context: Context) -> RecordDict:
         device=workspace.loaded.device,
         dtype=config.model.dtype,
         seed=config.train.seed * 1_000_003 + server_round * 1009 + index,
-        frozen=plan.fixed,
-        rank=plan.rank,
-        proximal_mu=plan.proximal_mu,
+        plan=plan,
         dp=round_plan(ledger, config) if ledger is not None else None,
     )
     reported: dict[str, float | int] = {
@@ -346,8 +344,8 @@ def _personalize(
         device=loaded.device,
         dtype=config.model.dtype,
         seed=config.train.seed * 1_000_003 + (server_round + 1) * 1009 + index,
-        frozen=plan.fixed,
-        rank=plan.rank,
+        # A local fine-tune after the run: nothing to stay near, so no proximal term.
+        plan=dataclasses.replace(plan, proximal_mu=0.0),
     )
     scores: dict[str, float | int] = dict(
         _prefixed(keys.PERSONALIZED_PREFIX, _score(config, workspace, workspace.hospital_rows("test", index)))

@@ -7,7 +7,7 @@ import math
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -18,6 +18,28 @@ from fedfm.config import TrainSpec
 from fedfm.errors import ConfigError
 from fedfm.privacy.dpsgd import DpSgd, empty_step, micro_batches, poisson_batches, private_training, secret_rng
 from fedfm.tasks import Task
+
+
+class LocalPlan(Protocol):
+    """What the training loop follows of a hospital's plan (:class:`fedfm.strategies.ClientPlan` is one).
+
+    A protocol rather than the plan itself: ``train`` (layer 2) sits below ``strategies``.
+    """
+
+    @property
+    def fixed(self) -> tuple[str, ...]:
+        """Name fragments of trainable parameters left untouched (FFA-LoRA: ``lora_A``)."""
+        ...
+
+    @property
+    def rank(self) -> int | None:
+        """Train only the first ``rank`` LoRA components (rows of A, columns of B), if set."""
+        ...
+
+    @property
+    def proximal_mu(self) -> float:
+        """FedProx's ``mu``: adds ``mu/2 * ||w - w_start||^2`` over the trained parameters; 0 for none."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -208,9 +230,7 @@ def train_local(
     device: torch.device,
     dtype: str = "float32",
     seed: int = 0,
-    frozen: tuple[str, ...] = (),
-    rank: int | None = None,
-    proximal_mu: float = 0.0,
+    plan: LocalPlan | None = None,
     dp: DpSgd | None = None,
 ) -> TrainResult:
     """Train the model's trainable (LoRA) parameters on tokenized rows.
@@ -231,21 +251,21 @@ def train_local(
         ``float32`` or ``bfloat16`` autocast.
     seed : int
         Seeds shuffling and dropout; vary it per round and hospital.
-    frozen : tuple of str
-        Name fragments of trainable parameters to leave untouched in this call
-        (FFA-LoRA freezes ``lora_A``); they are trainable again afterwards.
-    rank : int, optional
-        Train only the first ``rank`` LoRA components (rows of A, columns of B);
-        the rest keep their values (zero, for heterogeneous-rank strategies).
-    proximal_mu : float
-        FedProx: add ``mu/2 * ||w - w_start||^2`` over the trained parameters.
+    plan : LocalPlan, optional
+        The hospital's plan (a :class:`fedfm.strategies.ClientPlan`): its
+        ``fixed`` name fragments are left untouched in this call (FFA-LoRA
+        freezes ``lora_A``; trainable again afterwards), only the first
+        ``rank`` LoRA components train (the rest keep their values: zero, for
+        heterogeneous-rank strategies), and ``proximal_mu`` adds FedProx's
+        ``mu/2 * ||w - w_start||^2``. None trains every trainable parameter.
     dp : DpSgd, optional
         Train with DP-SGD instead (Opacus): ``dp.steps`` Poisson-sampled steps,
         each example's gradient clipped to ``dp.max_grad_norm``, Gaussian noise
         added; ``spec``'s epochs, steps and clipping are then not used. The
         proximal term and rank masks act on the noised gradient (they do not
         read data, so the guarantee holds), as does the learning-rate schedule.
-        Gradient accumulation and class weights are refused under DP-SGD.
+        The configuration refuses gradient accumulation and class weights
+        under DP-SGD (``fedfm.config`` validation).
 
     Notes
     -----
@@ -261,16 +281,9 @@ def train_local(
         Mean loss, steps, examples seen and seconds.
     """
     start = time.perf_counter()
-    if dp is not None and spec.gradient_accumulation > 1:
-        raise ConfigError(
-            f"`train.gradient-accumulation` must be 1 with DP-SGD, got {spec.gradient_accumulation}: raise "
-            f"`privacy.batch-size` instead (Poisson batches of that size, run as forward passes of train.batch-size)"
-        )
-    if dp is not None and spec.class_weights != "none":
-        raise ConfigError(
-            f"`train.class-weights` must be 'none' with DP-SGD, got {spec.class_weights!r}: balanced weights come "
-            f"from the hospital's label counts, which per-example clipping does not protect"
-        )
+    frozen = plan.fixed if plan is not None else ()
+    rank = plan.rank if plan is not None else None
+    proximal_mu = plan.proximal_mu if plan is not None else 0.0
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
