@@ -123,3 +123,23 @@ def test_a_float16_checkpoint_trains_in_float32(tiny_bert: Path, tmp_path: Path)
     loaded = load_model(ModelSpec(name=str(half)), LoraSpec(r=2), get_task("sequence-classification"), num_labels=2, seed=0)
     assert {p.dtype for p in loaded.model.parameters()} == {torch.float32}
     assert all(v.dtype == torch.float32 for v in loaded.initial_state.values())
+
+
+def test_load_global_adapter_follows_the_plan(loaded) -> None:  # type: ignore[no-untyped-def]
+    from fedfm.adapters import load_global_adapter
+    from fedfm.strategies import ClientPlan
+
+    # Prepare: a global whose every tensor moved, and this hospital's own kept B (FedSA-LoRA)
+    initial = {k: v.numpy() for k, v in loaded.initial_state.items()}
+    received = {k: v + 1.0 for k, v in initial.items()}
+    kept = {k: v - 1.0 for k, v in initial.items() if "lora_B" in k}
+    # Execute
+    state, fold = load_global_adapter(loaded, ClientPlan(private=("lora_B",)), received, kept=kept)
+    # Assert: shared tensors from the server, B from the hospital's own state; nothing folded
+    now = get_adapter_state(loaded.model)
+    assert fold == {}
+    for name, value in now.items():
+        expected = kept[name] if "lora_B" in name else received[name]
+        torch.testing.assert_close(value, torch.from_numpy(expected))
+        torch.testing.assert_close(state[name], value)
+    set_adapter_state(loaded.model, loaded.initial_state)

@@ -13,10 +13,12 @@ import json
 import logging
 import os
 import threading
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
+import numpy as np
 import torch
 
 from fedfm.config import LoraSpec, ModelSpec
@@ -290,6 +292,59 @@ def set_base_delta(loaded: LoadedModel, factors: dict[str, tuple[Any, Any]]) -> 
             base.copy_((original.float() + scaling * (b_t @ a_t)).to(base.dtype))
         for module in [m for m in loaded.original_weights if m not in factors]:
             del loaded.original_weights[module]
+
+
+class GlobalPlan(Protocol):
+    """What :func:`load_global_adapter` needs of a plan (:class:`fedfm.strategies.ClientPlan` is one).
+
+    A protocol rather than the plan itself: ``adapters`` (layer 2) sits below ``strategies``.
+    """
+
+    def materialize(
+        self,
+        initial: Mapping[str, np.ndarray],
+        received: Mapping[str, np.ndarray],
+        kept: Mapping[str, np.ndarray] | None = None,
+    ) -> tuple[dict[str, np.ndarray], dict[str, tuple[np.ndarray, np.ndarray]]]: ...
+
+
+def load_global_adapter(
+    loaded: LoadedModel,
+    plan: GlobalPlan,
+    received: Mapping[str, np.ndarray],
+    *,
+    kept: Mapping[str, np.ndarray] | None = None,
+) -> tuple[dict[str, torch.Tensor], dict[str, tuple[np.ndarray, np.ndarray]]]:
+    """Put a global adapter into the process's model as ``plan`` says: plan → base delta → adapter state.
+
+    The one sequence the hospitals (before training or evaluating) and the server
+    (before central evaluation or export) both follow.
+
+    Parameters
+    ----------
+    loaded : LoadedModel
+        The process's model.
+    plan : GlobalPlan
+        The hospital's plan (the server's: ``strategies.client_plan(config, -1)``).
+    received : mapping of str to ndarray
+        The global tensors the server sent (or holds).
+    kept : mapping of str to ndarray, optional
+        The hospital's own kept tensors (FedSA-LoRA's B) from its previous round.
+
+    Returns
+    -------
+    state : dict of str to torch.Tensor
+        The full adapter state now in the model (CPU tensors sharing memory with numpy arrays).
+    fold : dict of str to (A, B)
+        The stacked factors folded into the base (empty unless the plan folds).
+    """
+    initial = {name: value.numpy() for name, value in loaded.initial_state.items()}
+    state, fold = plan.materialize(initial, received, kept)
+    tensors = {name: torch.from_numpy(value) for name, value in state.items()}
+    # Always called: restores the original base if another strategy folded into it in this process.
+    set_base_delta(loaded, fold)
+    set_adapter_state(loaded.model, tensors)
+    return tensors, fold
 
 
 def export_adapter(

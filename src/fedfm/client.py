@@ -21,7 +21,7 @@ from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedfm import hospital_state, keys, legacy, strategies
-from fedfm.adapters import get_adapter_state, set_adapter_state, set_base_delta
+from fedfm.adapters import get_adapter_state, load_global_adapter
 from fedfm.attacks import corrupt, fails
 from fedfm.compression import encode
 from fedfm.config import RunConfig, from_json, resolve_parallelism, round_learning_rate
@@ -101,14 +101,11 @@ def _unpack(
         hospital_state.restore(context, _state_folder(config, context, workspace, index), server_round,
                                training=training)
     kept = context.state.get(keys.KEPT_ARRAYS)
-    state, fold = plan.materialize(
-        _numpy(workspace.loaded.initial_state),
-        record_to_numpy(content[keys.ARRAYS]),  # type: ignore[arg-type]
-        record_to_numpy(kept) if isinstance(kept, ArrayRecord) else None,
+    tensors, _ = load_global_adapter(
+        workspace.loaded, plan, record_to_numpy(content[keys.ARRAYS]),  # type: ignore[arg-type]
+        kept=record_to_numpy(kept) if isinstance(kept, ArrayRecord) else None,
     )
-    # Always called: restores the original base if another strategy folded into it in this process.
-    set_base_delta(workspace.loaded, fold)
-    set_adapter_state(workspace.loaded.model, {k: torch.from_numpy(v) for k, v in state.items()})
+    state = _numpy(tensors)
     return config, index, workspace, plan, state
 
 
@@ -318,11 +315,7 @@ def _prefixed(prefix: str, scores: dict[str, float]) -> dict[str, float]:
 
 def _load_global_only(workspace: Workspace, plan: ClientPlan, content: RecordDict) -> None:
     """Put the received global adapter into the model without this hospital's kept parts."""
-    state, fold = plan.materialize(
-        _numpy(workspace.loaded.initial_state), record_to_numpy(content[keys.ARRAYS]), None  # type: ignore[arg-type]
-    )
-    set_base_delta(workspace.loaded, fold)
-    set_adapter_state(workspace.loaded.model, {k: torch.from_numpy(v) for k, v in state.items()})
+    load_global_adapter(workspace.loaded, plan, record_to_numpy(content[keys.ARRAYS]))  # type: ignore[arg-type]
 
 
 def _personalize(
