@@ -179,3 +179,36 @@ def test_ffa_and_fedsa_send_and_aggregate_only_their_shared_half() -> None:
     arrays, _ = guard.aggregate_train(1, [_reply(0, dict(INITIAL)), _reply(1, {A: INITIAL[A], HEAD: INITIAL[HEAD]})])
     assert arrays is not None and set(record_to_numpy(arrays)) == {A, HEAD}
     assert "unexpected 1 tensor" in next(iter(guard.rounds[1].left_out.values()))
+
+
+def test_a_name_is_never_replaced_silently() -> None:
+    # Prepare: a name of this test's own
+    class Mine(strategies.AdapterStrategy):
+        linear = False
+
+    name = "test-registry-mine"
+    strategies.register(name, Mine)
+    try:
+        # Execute / Assert: a second registration is refused, naming the name and what holds it
+        with pytest.raises(ConfigError, match=r"strategy 'test-registry-mine' is registered already .*Mine.*force=True"):
+            strategies.register(name, strategies.FfaLora)
+        assert strategies.entry(name).cls is Mine
+        with pytest.raises(ValueError, match="registered already"):  # ConfigError is a ValueError
+            strategies.register("fedavg", Mine)
+        # force=True replaces it, with the capabilities the new registration states
+        strategies.register(name, strategies.FfaLora, linear=True, force=True)
+        assert strategies.entry(name).cls is strategies.FfaLora and strategies.is_linear(name)
+    finally:
+        strategies.registry._REGISTRY.pop(name, None)
+
+
+def test_every_registration_holds_its_capabilities() -> None:
+    # What each built-in strategy can do is stated by its registration and kept in its entry.
+    linear = {n for n in strategies.available() if strategies.entry(n).linear}
+    assert {"fedavg", "fedavgm", "fedprox", "fedadam", "fedyogi", "fedadagrad", "ffa-lora", "fedsa-lora"} <= linear
+    assert not linear & {"fedmedian", "fedtrimmedavg", "krum", "multikrum", "hetlora", "flora"}
+    ranked = {n for n in strategies.available() if strategies.entry(n).heterogeneous_ranks}
+    assert {"hetlora", "flora"} <= ranked and "fedavg" not in ranked
+    config = _config("ffa-lora")
+    assert strategies.entry("ffa-lora").plan(config, 0).fixed == ("lora_A",)
+    assert strategies.entry("krum").options is not None and strategies.entry("fedavg").options is None

@@ -29,30 +29,22 @@ from __future__ import annotations
 
 from fedfm.strategies import flower as _flower  # noqa: F401  # registers Flower's strategies
 from fedfm.strategies.base import AdapterStrategy, Update, weighted_mean
+from fedfm.strategies.checks import check, config_problems
+from fedfm.strategies.factory import create, initial_arrays
 from fedfm.strategies.fedsa_lora import FedSaLora
 from fedfm.strategies.ffa_lora import FfaLora
 from fedfm.strategies.flora import FLoRA
 from fedfm.strategies.guard import GuardedStrategy, RoundRecord
 from fedfm.strategies.hetlora import HetLora
 from fedfm.strategies.plan import ClientPlan
-from fedfm.strategies.registry import (
-    available,
-    check,
-    client_plan,
-    config_problems,
-    create,
-    entry,
-    initial_arrays,
-    is_linear,
-    register,
-    require_linear,
-)
+from fedfm.strategies.registry import available, client_plan, entry, is_linear, register, require_linear
 from fedfm.strategies.validation import update_problems
 
-register("ffa-lora", FfaLora)
-register("fedsa-lora", FedSaLora)
-register("hetlora", HetLora)
-register("flora", FLoRA)
+register("ffa-lora", FfaLora, linear=True, plan=FfaLora.client_plan)
+register("fedsa-lora", FedSaLora, linear=True, plan=FedSaLora.client_plan)
+# HetLoRA's sparsity weights need each update's norm, and FLoRA stacks each update: neither is a weighted sum.
+register("hetlora", HetLora, linear=False, plan=HetLora.client_plan, heterogeneous_ranks=True)
+register("flora", FLoRA, linear=False, plan=FLoRA.client_plan, heterogeneous_ranks=True)
 
 __all__ = [
     "AdapterStrategy",

@@ -1,21 +1,27 @@
-"""The strategy registry: a name in the config maps to a Flower strategy class.
+"""The strategy registry: a name in the config maps to a Flower strategy class and what it can do.
 
-A registered class may declare, as class attributes, what fedfm needs beyond
-Flower's interface (all optional; plain Flower strategies work as they are):
+Each registration states the strategy's capabilities, and they are kept in its
+:class:`Entry`, where every other module reads them:
 
 ``linear``
     True when the aggregate is a weighted sum of the hospitals' updates (then
-    secure aggregation and central DP can be combined with it). Unknown
-    classes count as non-linear, the safe side.
-``from_config(config, **sampling)``
-    A classmethod building the strategy from a :class:`~fedfm.config.RunConfig`
-    and Flower's sampling keywords; without it the class is called with the
-    sampling keywords only.
-``client_plan(config, hospital)``
-    A classmethod returning the :class:`~fedfm.strategies.plan.ClientPlan`
-    hospitals follow (what they train, keep and send).
-``config_problems(config)``
-    A classmethod listing what in a configuration this strategy cannot run with.
+    secure aggregation and central DP can be combined with it).
+``options(config, num_hospitals)``
+    Extra constructor keywords read from the configuration (Flower's own strategies).
+``plan(config, hospital)``
+    The :class:`~fedfm.strategies.plan.ClientPlan` hospitals follow (what they train, keep and send).
+``heterogeneous_ranks``
+    Whether hospitals may train different LoRA ranks (``federation.client-ranks``).
+
+A class registered without stating them says them itself, as class attributes
+``linear`` and ``heterogeneous_ranks`` and a classmethod ``client_plan``; these are
+read once, at registration (:func:`declared`). A class named in a config as
+``module:Class`` is registered that way, and counts as non-linear unless it says
+otherwise (the safe side). A class may also define the classmethods
+``from_config(config, **sampling)`` (how it is built) and ``config_problems(config)``
+(what in a configuration it cannot run with).
+
+Modelled on Opacus's ``register_accountant``: a name is never replaced silently.
 """
 
 from __future__ import annotations
@@ -25,12 +31,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 from flwr.serverapp.strategy import Strategy
 
 from fedfm.errors import ConfigError
-from fedfm.privacy.accounting import sampled_hospitals
-from fedfm.strategies import client_dp
 from fedfm.strategies.plan import ClientPlan
 
 if TYPE_CHECKING:
@@ -38,20 +41,41 @@ if TYPE_CHECKING:
 
 #: Builds a strategy's own keyword arguments from the config and the number of hospitals.
 Options = Callable[["RunConfig", int], dict[str, Any]]
+#: The plan hospital ``hospital`` follows (-1: the server's view).
+Plan = Callable[["RunConfig", int], ClientPlan]
+
+
+def _shares_everything(config: RunConfig, hospital: int) -> ClientPlan:
+    return ClientPlan()
 
 
 @dataclass(frozen=True)
 class Entry:
-    """One registered strategy."""
+    """One registered strategy and its capabilities."""
 
     name: str
     cls: type[Strategy]
     linear: bool
     options: Options | None = None
-    plan: Callable[[RunConfig, int], ClientPlan] | None = None
+    plan: Plan = _shares_everything
+    heterogeneous_ranks: bool = False
 
 
 _REGISTRY: dict[str, Entry] = {}
+
+
+def declared(cls: type) -> dict[str, Any]:
+    """The capabilities class ``cls`` states itself: ``linear``, ``heterogeneous_ranks``, ``client_plan``.
+
+    An attribute the class (or a base of it) does not define means no: not linear,
+    one rank for all, a plan that trains and sends everything.
+    """
+    method = getattr(cls, "client_plan", None)
+    return {
+        "linear": bool(getattr(cls, "linear", False)),
+        "heterogeneous_ranks": bool(getattr(cls, "heterogeneous_ranks", False)),
+        "plan": method if callable(method) else _shares_everything,
+    }
 
 
 def register(
@@ -60,7 +84,9 @@ def register(
     *,
     linear: bool | None = None,
     options: Options | None = None,
-    plan: Callable[[RunConfig, int], ClientPlan] | None = None,
+    plan: Plan | None = None,
+    heterogeneous_ranks: bool | None = None,
+    force: bool = False,
 ) -> None:
     """Make ``cls`` available as ``federation.strategy = name``.
 
@@ -75,18 +101,43 @@ def register(
         plus ``options(config, num_hospitals)`` when given, or by its own
         ``from_config`` classmethod.
     linear : bool, optional
-        Whether the aggregate is a weighted sum of the updates; defaults to the
-        class's ``linear`` attribute, else False.
+        Whether the aggregate is a weighted sum of the updates. None: what the
+        class states (its ``linear`` attribute), else False.
     options : callable, optional
         ``(config, num_hospitals) -> dict`` of extra constructor keywords.
     plan : callable, optional
-        ``(config, hospital) -> ClientPlan``; defaults to the class's
-        ``client_plan`` classmethod, else a plan that trains and sends everything.
+        ``(config, hospital) -> ClientPlan``. None: the class's ``client_plan``
+        classmethod, else a plan that trains and sends everything.
+    heterogeneous_ranks : bool, optional
+        Whether hospitals may train different ranks (``federation.client-ranks``).
+        None: the class's ``heterogeneous_ranks`` attribute, else False.
+    force : bool
+        Replace a strategy registered under ``name`` already; without it that is refused.
+
+    Raises
+    ------
+    TypeError
+        ``cls`` is not a Flower strategy class.
+    ConfigError
+        ``name`` is registered already and ``force`` is False.
     """
     if not (isinstance(cls, type) and issubclass(cls, Strategy)):
         raise TypeError(f"strategy `{name}` must be a flwr.serverapp.strategy.Strategy subclass, got {cls!r}")
-    is_linear = bool(getattr(cls, "linear", False)) if linear is None else linear
-    _REGISTRY[name] = Entry(name, cls, is_linear, options, plan)
+    if name in _REGISTRY and not force:
+        old = _REGISTRY[name].cls
+        raise ConfigError(
+            f"strategy {name!r} is registered already (as {old.__module__}.{old.__qualname__}); choose another "
+            f"name, or pass force=True to replace it"
+        )
+    own = declared(cls)
+    _REGISTRY[name] = Entry(
+        name,
+        cls,
+        linear=own["linear"] if linear is None else linear,
+        options=options,
+        plan=own["plan"] if plan is None else plan,
+        heterogeneous_ranks=own["heterogeneous_ranks"] if heterogeneous_ranks is None else heterogeneous_ranks,
+    )
 
 
 def available() -> list[str]:
@@ -152,73 +203,11 @@ def require_linear(name: str, feature: str) -> str | None:
     )
 
 
-def config_problems(config: RunConfig) -> list[str]:
-    """What in ``config`` the chosen strategy cannot run with (an unknown name included)."""
-    try:
-        item = entry(config.federation.strategy)
-    except ConfigError as err:
-        return list(err.problems)
-    check = getattr(item.cls, "config_problems", None)
-    problems = list(check(config)) if callable(check) else []
-    plan = client_plan(config, 0)
-    shares_everything = not (plan.fixed or plan.private or plan.fold) and plan.rank is None
-    problems.extend(client_dp.problems(config, item.cls, shares_everything))
-    from fedfm.strategies import secure  # imports require_linear from this module
-
-    problems.extend(secure.problems(config))
-    if config.federation.client_ranks and not getattr(item.cls, "heterogeneous_ranks", False):
-        ranked = [n for n in available() if getattr(_REGISTRY[n].cls, "heterogeneous_ranks", False)]
-        problems.append(
-            f"`federation.client-ranks` is set, but strategy {item.name!r} gives every hospital the same rank; "
-            f"use one of {ranked} or leave it empty"
-        )
-    return problems
-
-
-def check(config: RunConfig) -> None:
-    """Raise :class:`ConfigError` listing :func:`config_problems`, if any."""
-    problems = config_problems(config)
-    if problems:
-        raise ConfigError(problems)
+def with_heterogeneous_ranks() -> list[str]:
+    """Sorted names of the strategies whose hospitals may train different ranks."""
+    return [n for n in available() if _REGISTRY[n].heterogeneous_ranks]
 
 
 def client_plan(config: RunConfig, hospital: int) -> ClientPlan:
     """The plan hospital ``hospital`` follows under the configured strategy (-1: the server's view)."""
-    item = entry(config.federation.strategy)
-    if item.plan is not None:
-        return item.plan(config, hospital)
-    method = getattr(item.cls, "client_plan", None)
-    return method(config, hospital) if callable(method) else ClientPlan()
-
-
-def create(config: RunConfig, *, num_hospitals: int, **sampling: Any) -> Strategy:
-    """The configured strategy, built with Flower's sampling keywords.
-
-    Raises
-    ------
-    ConfigError
-        For an unknown name or a configuration the strategy cannot run with.
-    """
-    check(config)
-    item = entry(config.federation.strategy)
-    factory = getattr(item.cls, "from_config", None)
-    if item.options is not None:
-        strategy = item.cls(**sampling, **item.options(config, num_hospitals))
-    elif callable(factory):
-        strategy = factory(config, num_hospitals=num_hospitals, **sampling)
-    else:
-        strategy = item.cls(**sampling)
-    sampled = sampled_hospitals(num_hospitals, sampling.get("fraction_train", 1.0), sampling.get("min_train_nodes", 2))
-    return client_dp.wrap(strategy, config, sampled)
-
-
-def initial_arrays(strategy: Strategy, config: RunConfig, initial: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """The round-0 global record of ``strategy``, from the model's full initial adapter.
-
-    A strategy may define ``initial_arrays(initial)`` (FLoRA starts from empty
-    stacked factors); otherwise it is what the server's plan shares.
-    """
-    method = getattr(strategy, "initial_arrays", None)
-    if callable(method):
-        return method(initial)  # type: ignore[no-any-return]
-    return client_plan(config, -1).shared(initial)
+    return entry(config.federation.strategy).plan(config, hospital)

@@ -13,6 +13,7 @@ from typing import Any
 from flwr.server.strategy import FedAdagrad, FedAdam, FedAvg, FedAvgM, FedYogi
 
 from fedfm.config import RunConfig
+from fedfm.strategies.registry import require_linear
 
 #: Linear strategies the SecAgg+ path runs, with their legacy Flower class and its options.
 LEGACY: dict[str, tuple[type, Callable[[RunConfig], dict[str, Any]]]] = {
@@ -32,8 +33,6 @@ LEGACY: dict[str, tuple[type, Callable[[RunConfig], dict[str, Any]]]] = {
 
 def problems(config: RunConfig) -> list[str]:
     """Why secure aggregation cannot run with this configuration (empty when it can)."""
-    from fedfm.strategies.registry import require_linear
-
     if not config.privacy.secure_aggregation:
         return []
     name = config.federation.strategy
