@@ -35,6 +35,7 @@ import math
 import numpy as np
 
 from fedfm.config import COMPRESSION_METHODS as METHODS
+from fedfm.errors import FedfmError
 
 #: Methods that send the difference to the round's start (the reader must know that start).
 DELTA_METHODS = ("int8", "topk")
@@ -44,7 +45,7 @@ INT8, SCALES = "::int8", "::scales"
 INDICES, VALUES = "::topk-indices", "::topk-values"
 
 
-class CompressionError(ValueError):
+class CompressionError(FedfmError, ValueError):
     """An encoded update that cannot be read back (missing parts, wrong sizes, bad values)."""
 
 
