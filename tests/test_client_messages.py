@@ -9,7 +9,7 @@ import pytest
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord, RecordDict
 
 from conftest import instruction
-from fedfm import keys
+from fedfm import keys, strategies
 from fedfm.client import app
 from fedfm.config import RunConfig, to_json
 from fedfm.errors import ConfigError
@@ -77,3 +77,40 @@ def test_missing_partition_id_names_the_node_config_key(config: RunConfig) -> No
     context = Context(run_id=1, node_id=5, node_config={}, state=RecordDict(), run_config={})
     with pytest.raises(ConfigError, match=f"--node-config \"{keys.PARTITION_ID}="):
         app(instruction(_content(config), message_type="train"), context)
+
+
+def test_legacy_secagg_instruction_parses_to_the_same_instruction(config: RunConfig) -> None:
+    from flwr.common import FitIns, ndarrays_to_parameters
+    from flwr.compat.common import recorddict_compat as compat
+
+    from fedfm import legacy
+    from fedfm.instruction import parse_instruction
+
+    # Prepare: one round's instruction in fedfm's format and in Flower's legacy FitIns (arrays by position)
+    node_config = {keys.PARTITION_ID: 1, keys.NUM_PARTITIONS: 2}
+    entries = {keys.RUN_CONFIG: to_json(config), keys.SERVER_ROUND: 3, keys.LEARNING_RATE: 0.01, keys.ATTEMPT: 1}
+    arrays = {k: v.numpy() for k, v in workspace_for(config).loaded.initial_state.items()}
+    fitins = FitIns(ndarrays_to_parameters(list(arrays.values())), dict(entries))
+    content = compat.fitins_to_recorddict(fitins, keep_input=True)
+    # Execute
+    expected = parse_instruction(ConfigRecord(entries), node_config)
+    instruction, received = legacy.from_legacy(content, "fitins", node_config, lambda _: list(arrays))
+    # Assert
+    assert instruction == expected
+    assert (instruction.server_round, instruction.learning_rate, instruction.attempt, instruction.hospital) == (3, 0.01, 1, 1)
+    assert not instruction.audit and instruction.personalize_epochs == 0
+    assert list(received) == list(arrays)
+    for name, value in arrays.items():
+        np.testing.assert_array_equal(received[name], value)
+
+
+def test_instruction_without_a_learning_rate_takes_the_configured_one(config: RunConfig) -> None:
+    from fedfm.config import round_learning_rate
+    from fedfm.instruction import parse_instruction
+
+    record = ConfigRecord({keys.RUN_CONFIG: to_json(config), keys.SERVER_ROUND: 2, keys.AUDIT: True,
+                           keys.PERSONALIZE_EPOCHS: 2})
+    instruction = parse_instruction(record, {keys.PARTITION_ID: 0})
+    assert instruction.learning_rate == round_learning_rate(config, 2)
+    assert instruction.audit and instruction.personalize_epochs == 2 and instruction.attempt == 0
+    assert instruction.plan == strategies.client_plan(config, 0)

@@ -24,15 +24,15 @@ from fedfm import hospital_state, keys, legacy, strategies
 from fedfm.adapters import get_adapter_state, load_global_adapter
 from fedfm.attacks import corrupt, fails
 from fedfm.compression import encode
-from fedfm.config import RunConfig, from_json, resolve_parallelism, round_learning_rate
+from fedfm.config import RunConfig, resolve_parallelism
 from fedfm.data import node_data
 from fedfm.data.local import DATA_PATH, HOSPITAL
 from fedfm.errors import ConfigError
+from fedfm.instruction import Instruction, hospital_index, parse_instruction
 from fedfm.privacy.audit import loss_threshold_auc
 from fedfm.privacy.hospital import dp_train_spec, keep_ledger, ledger_for, ledger_metrics, round_plan, state_dir
 from fedfm.strategies import ClientPlan
 from fedfm.strategies.client_dp import clipping_mod
-from fedfm.strategies.plan import decode_plan
 from fedfm.train import autocast, train_local
 from fedfm.wire import numpy_to_record, record_to_numpy
 from fedfm.workspace import Workspace, workspace_for
@@ -81,71 +81,34 @@ def _numpy(state: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
     return {k: v.numpy() for k, v in state.items()}
 
 
+def _read(content: RecordDict, context: Context) -> tuple[Instruction, dict[str, np.ndarray]]:
+    """fedfm's own instruction message: what it asks, and the global arrays by name."""
+    instruction = parse_instruction(content.config_records[keys.CONFIG], context.node_config)
+    return instruction, record_to_numpy(content.array_records[keys.ARRAYS])
+
+
 def _unpack(
-    content: RecordDict, context: Context, *, training: bool = False
-) -> tuple[RunConfig, int, Workspace, ClientPlan, dict[str, np.ndarray]]:
+    instruction: Instruction, received: dict[str, np.ndarray], context: Context, *, training: bool = False
+) -> tuple[Workspace, dict[str, np.ndarray]]:
+    """This hospital's workspace, with the global adapter (and its own kept parts) loaded into its model."""
     global _threads_set
-    config = from_json(str(content[keys.CONFIG][keys.RUN_CONFIG]))
+    config, index, plan = instruction.config, instruction.hospital, instruction.plan
     if not _threads_set:
         torch.set_num_threads(resolve_parallelism(config.federation)[1])
         _threads_set = True
-    index = _hospital_index(config, context)
     workspace = _workspace(config, context)
-    instructions = content[keys.CONFIG]
-    if keys.CLIENT_PLANS in instructions:  # type: ignore[operator]
-        plan = decode_plan(str(instructions[keys.CLIENT_PLANS]), index)  # type: ignore[index]
-    else:
-        plan = strategies.client_plan(config, index)
-    server_round = int(instructions.get(keys.SERVER_ROUND, 0))  # type: ignore[union-attr,arg-type]
-    if server_round > 0:
-        hospital_state.restore(context, _state_folder(config, context, workspace, index), server_round,
+    if instruction.server_round > 0:
+        hospital_state.restore(context, _state_folder(config, context, workspace, index), instruction.server_round,
                                training=training)
     kept = context.state.get(keys.KEPT_ARRAYS)
     tensors, _ = load_global_adapter(
-        workspace.loaded, plan, record_to_numpy(content[keys.ARRAYS]),  # type: ignore[arg-type]
-        kept=record_to_numpy(kept) if isinstance(kept, ArrayRecord) else None,
+        workspace.loaded, plan, received, kept=record_to_numpy(kept) if isinstance(kept, ArrayRecord) else None
     )
-    state = _numpy(tensors)
-    return config, index, workspace, plan, state
+    return workspace, _numpy(tensors)
 
 
 def _state_folder(config: RunConfig, context: Context, workspace: Workspace, index: int) -> Path | None:
     return state_dir(config, dict(context.node_config), workspace.hospital_name(index))
-
-
-def _hospital_index(config: RunConfig, context: Context) -> int:
-    """This hospital's index in the run.
-
-    Flower's ``partition-id`` in simulation; on a SuperNode, the node config's
-    ``partition-id``, or the position of its ``hospital`` name in the run's ``data.hospitals``.
-    """
-    hospitals = list(config.data.hospitals)
-    value, name = context.node_config.get(keys.PARTITION_ID), context.node_config.get(HOSPITAL)
-    if value is None:
-        if hospitals and name is not None:
-            if str(name) not in hospitals:
-                raise ConfigError(f"node config `{HOSPITAL}` {name!r} is not one of the run's `data.hospitals` "
-                                  f"{hospitals}; start the SuperNode with {HOSPITAL}=<one of them>")
-            return hospitals.index(str(name))
-        raise ConfigError(
-            f"this SuperNode has no `{keys.PARTITION_ID}` in its node config; start it with --node-config "
-            f"\"{keys.PARTITION_ID}=<hospital index> {DATA_PATH}=<its data file>\", or, when the run lists "
-            f"`data.hospitals`, \"{HOSPITAL}=<its name there> {DATA_PATH}=<its data file>\""
-        )
-    if isinstance(value, bool) or not str(value).isdigit():
-        raise ConfigError(
-            f"node config `{keys.PARTITION_ID}` must be the hospital's index, an integer >= 0, got {value!r}"
-        )
-    index = int(value)
-    if hospitals and index >= len(hospitals):
-        raise ConfigError(f"node config `{keys.PARTITION_ID}` {index} is out of range: the run's `data.hospitals` "
-                          f"lists {len(hospitals)} hospitals {hospitals} (indices 0..{len(hospitals) - 1})")
-    if hospitals and name is not None and str(name) != hospitals[index]:
-        raise ConfigError(
-            f"node config `{keys.PARTITION_ID}` {index} is {hospitals[index]!r} in the run's `data.hospitals` "
-            f"{hospitals}, but `{HOSPITAL}` says {name!r}; give only `{HOSPITAL}`, or make the two agree"
-        )
-    return index
 
 
 def _workspace(config: RunConfig, context: Context) -> Workspace:
@@ -163,7 +126,7 @@ def _workspace(config: RunConfig, context: Context) -> Workspace:
             f"\"{HOSPITAL}=<its name in {list(hospitals)}> {DATA_PATH}=<its data file>\""
         )
     if node is not None and hospitals and HOSPITAL not in context.node_config:
-        node = dataclasses.replace(node, name=hospitals[_hospital_index(config, context)])
+        node = dataclasses.replace(node, name=hospitals[hospital_index(config, context.node_config)])
     return workspace_for(config, node, side="hospital")
 
 
@@ -171,18 +134,20 @@ def _workspace(config: RunConfig, context: Context) -> Workspace:
 def train(msg: Message, context: Context) -> Message:
     """Train the global adapter on this hospital's rows and send the new adapter back."""
     if legacy.is_legacy(msg.content, "fitins"):  # the SecAgg+ workflow speaks Flower's legacy format
-        content = legacy.from_legacy(msg.content, "fitins", lambda config: _shared_names(config, context))
-        return Message(legacy.to_fitres(_train(content, context)), reply_to=msg)
-    return Message(_train(msg.content, context), reply_to=msg)
+        instruction, received = legacy.from_legacy(msg.content, "fitins", context.node_config,
+                                                   lambda config: _shared_names(config, context))
+        return Message(legacy.to_fitres(_train(instruction, received, context)), reply_to=msg)
+    return Message(_train(*_read(msg.content, context), context), reply_to=msg)
 
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     """Score the global adapter on this hospital's local test rows (with its own kept tensors, if any)."""
     if legacy.is_legacy(msg.content, "evaluateins"):
-        content = legacy.from_legacy(msg.content, "evaluateins", lambda config: _shared_names(config, context))
-        return Message(legacy.to_evaluateres(_evaluate(content, context)), reply_to=msg)
-    return Message(_evaluate(msg.content, context), reply_to=msg)
+        instruction, received = legacy.from_legacy(msg.content, "evaluateins", context.node_config,
+                                                   lambda config: _shared_names(config, context))
+        return Message(legacy.to_evaluateres(_evaluate(instruction, received, context)), reply_to=msg)
+    return Message(_evaluate(*_read(msg.content, context), context), reply_to=msg)
 
 
 def _shared_names(config: RunConfig, context: Context) -> list[str]:
@@ -190,13 +155,12 @@ def _shared_names(config: RunConfig, context: Context) -> list[str]:
     return list(strategies.client_plan(config, -1).shared(_numpy(_workspace(config, context).loaded.initial_state)))
 
 
-def _train(content: RecordDict, context: Context) -> RecordDict:
-    config, index, workspace, plan, start = _unpack(content, context, training=True)
+def _train(instruction: Instruction, received: dict[str, np.ndarray], context: Context) -> RecordDict:
+    workspace, start = _unpack(instruction, received, context, training=True)
+    config, index, plan, server_round = instruction.config, instruction.hospital, instruction.plan, instruction.server_round
     rows = workspace.hospital_rows("train", index)
-    server_round = int(content[keys.CONFIG][keys.SERVER_ROUND])  # type: ignore[arg-type]
-    attempt = int(content[keys.CONFIG].get(keys.ATTEMPT, 0))  # type: ignore[union-attr,arg-type]
     if fails(rate=config.attack.failure_rate, seed=config.train.seed, server_round=server_round, hospital=index,
-             attempt=attempt):
+             attempt=instruction.attempt):
         raise RuntimeError(f"simulated failure of hospital {index} in round {server_round} (attack.failure-rate)")
     ledger = None
     if config.privacy.mode == "dp-sgd":
@@ -210,18 +174,16 @@ def _train(content: RecordDict, context: Context) -> RecordDict:
                 "%s refuses round %d: another round would take ε from %.3f past its budget %g",
                 name, server_round, ledger.epsilon(), ledger.target_epsilon,
             )
-            refusal = {keys.NUM_EXAMPLES: len(rows), keys.HOSPITAL_INDEX: index, **ledger_metrics(ledger, refused=True)}
-            return RecordDict({keys.METRICS: MetricRecord(refusal)})  # type: ignore[arg-type]
+            refusal = MetricRecord({keys.NUM_EXAMPLES: len(rows), keys.HOSPITAL_INDEX: index,
+                                    **ledger_metrics(ledger, refused=True)})
+            return RecordDict({keys.METRICS: refusal})
     spec = dp_train_spec(config) if ledger is not None else config.train
-    # The round's learning rate is the server's (federation.lr-decay); computed here only when it sent none.
-    sent_lr = content[keys.CONFIG].get(keys.LEARNING_RATE)  # type: ignore[union-attr]
-    learning_rate = float(sent_lr) if sent_lr is not None else round_learning_rate(config, server_round)  # type: ignore[arg-type]
     result = train_local(
         workspace.loaded.model,
         workspace.task,
         rows,
         workspace.loaded.tokenizer,
-        spec=dataclasses.replace(spec, learning_rate=learning_rate),
+        spec=dataclasses.replace(spec, learning_rate=instruction.learning_rate),
         device=workspace.loaded.device,
         dtype=config.model.dtype,
         seed=config.train.seed * 1_000_003 + server_round * 1009 + index,
@@ -241,7 +203,7 @@ def _train(content: RecordDict, context: Context) -> RecordDict:
         ledger = ledger.after_training(server_round, result.steps)
         keep_ledger(config, context, ledger)
         reported.update(ledger_metrics(ledger))
-    metrics = MetricRecord(reported)  # type: ignore[arg-type]
+    metrics = MetricRecord(dict(reported))
     trained = _numpy(get_adapter_state(workspace.loaded.model))
     kept = plan.kept(trained)
     if kept:
@@ -272,24 +234,23 @@ def _compress(
     return encoded
 
 
-def _evaluate(content: RecordDict, context: Context) -> RecordDict:
-    config, index, workspace, plan, _ = _unpack(content, context)
+def _evaluate(instruction: Instruction, received: dict[str, np.ndarray], context: Context) -> RecordDict:
+    workspace, _ = _unpack(instruction, received, context)
+    config, index, plan = instruction.config, instruction.hospital, instruction.plan
     rows = workspace.hospital_rows("test", index)
-    instructions = content[keys.CONFIG]
-    personalize = int(instructions.get(keys.PERSONALIZE_EPOCHS, 0))  # type: ignore[union-attr,arg-type]
     scores: dict[str, float | int]
-    if instructions.get(keys.AUDIT):  # type: ignore[union-attr]
+    if instruction.audit:
         scores = dict(_audit(config, workspace, index))
-    elif personalize > 0:
-        server_round = int(instructions.get(keys.SERVER_ROUND, 0))  # type: ignore[union-attr,arg-type]
-        scores = _personalize(config, workspace, plan, index, epochs=personalize, server_round=server_round)
+    elif instruction.personalize_epochs > 0:
+        scores = _personalize(config, workspace, plan, index, epochs=instruction.personalize_epochs,
+                              server_round=instruction.server_round)
     else:
         scores = {}
         if plan.private and isinstance(context.state.get(keys.KEPT_ARRAYS), ArrayRecord):
             # The model holds this hospital's own kept parts: that is its personalized model. The plain
             # metrics below are the global adapter's alone, as every other strategy reports them.
             scores.update(_prefixed(keys.PERSONALIZED_PREFIX, _score(config, workspace, rows)))
-            _load_global_only(workspace, plan, content)
+            load_global_adapter(workspace.loaded, plan, received)  # the global adapter without the kept parts
         scores.update(_score(config, workspace, rows))
         validation = workspace.hospital_rows("validation", index)
         if len(validation):
@@ -311,11 +272,6 @@ def _score(config: RunConfig, workspace: Workspace, rows: Dataset) -> dict[str, 
 
 def _prefixed(prefix: str, scores: dict[str, float]) -> dict[str, float]:
     return {f"{prefix}{name}": value for name, value in scores.items()}
-
-
-def _load_global_only(workspace: Workspace, plan: ClientPlan, content: RecordDict) -> None:
-    """Put the received global adapter into the model without this hospital's kept parts."""
-    load_global_adapter(workspace.loaded, plan, record_to_numpy(content[keys.ARRAYS]))  # type: ignore[arg-type]
 
 
 def _personalize(

@@ -12,15 +12,18 @@ never leave the hospital in the clear.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from typing import Any
 
-from flwr.app import ConfigRecord, Context, Message, RecordDict
+import numpy as np
+from flwr.app import Context, Message, RecordDict
 from flwr.clientapp.typing import ClientAppCallable
 
 from fedfm import keys
-from fedfm.config import RunConfig, from_json
+from fedfm.config import RunConfig
 from fedfm.errors import FedfmError
-from fedfm.wire import numpy_to_record, record_to_numpy
+from fedfm.instruction import Instruction, parse_instruction
+from fedfm.wire import record_to_numpy
 
 #: The record Flower's SecAgg+ workflow puts its protocol messages in.
 SECAGG_RECORD = "secaggplus_configs"
@@ -31,18 +34,23 @@ def is_legacy(content: RecordDict, ins: str) -> bool:
     return f"{ins}.config" in content.config_records
 
 
-def from_legacy(content: RecordDict, ins: str, names_of: Callable[[RunConfig], list[str]]) -> RecordDict:
-    """fedfm's content (``arrays`` by name, ``config``) from a legacy instruction."""
+def from_legacy(
+    content: RecordDict, ins: str, node_config: Mapping[str, Any], names_of: Callable[[RunConfig], list[str]]
+) -> tuple[Instruction, dict[str, np.ndarray]]:
+    """The instruction and the named global arrays of a legacy ``fitins``/``evaluateins`` message.
+
+    The same :class:`Instruction` as fedfm's own message of that round would give;
+    ``names_of`` names the arrays, which the legacy format lists by position.
+    """
     from flwr.common import parameters_to_ndarrays
     from flwr.compat.common import recorddict_compat as compat
 
-    config = ConfigRecord(dict(content.config_records[f"{ins}.config"]))
-    run_config = from_json(str(config[keys.RUN_CONFIG]))
+    instruction = parse_instruction(content.config_records[f"{ins}.config"], node_config)
     arrays = parameters_to_ndarrays(compat.arrayrecord_to_parameters(content.array_records[f"{ins}.parameters"], True))
-    names = names_of(run_config)
+    names = names_of(instruction.config)
     if len(names) != len(arrays):
         raise FedfmError(f"legacy instruction holds {len(arrays)} arrays; this hospital exchanges {len(names)}")
-    return RecordDict({keys.ARRAYS: numpy_to_record(dict(zip(names, arrays, strict=True))), keys.CONFIG: config})
+    return instruction, dict(zip(names, arrays, strict=True))
 
 
 def _metrics(content: RecordDict) -> dict[str, float | int]:
