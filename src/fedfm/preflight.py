@@ -1,0 +1,110 @@
+"""Every check a run's configuration gets before any model loads, in one call.
+
+A :class:`~fedfm.config.RunConfig` is validated field by field when it is built
+(:func:`fedfm.config.validate`); what needs more than the configuration itself
+is checked here, in this order, and reported at once:
+
+1. the strategy: its name in the registry, and what it cannot be combined with
+   (:func:`fedfm.strategies.config_problems`: client-level DP, secure aggregation,
+   ``federation.client-ranks``); in a simulation, ``data.hospitals`` (a deployment's
+   hospitals) is refused;
+2. the data: the federation is read and split (:func:`fedfm.workspace.federation_for`;
+   an unreadable or one-class file is a :class:`~fedfm.errors.DataError`), then
+   checked against the rounds asked for (:func:`fedfm.data.check_federation`);
+3. privacy: what each hospital's DP-SGD budget allows (:func:`fedfm.privacy.check`).
+
+``fedfm run`` (:func:`fedfm.run`), the ServerApp (``flwr run``, SuperLink) and
+``fedfm check`` all call :func:`preflight`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from fedfm import privacy, strategies
+from fedfm.config import RunConfig
+from fedfm.data import Federation, check_federation
+from fedfm.errors import ConfigError
+from fedfm.privacy import PlannedBudget
+from fedfm.workspace import federation_for
+
+__all__ = ["Preflight", "config_problems", "preflight"]
+
+
+@dataclass(frozen=True)
+class Preflight:
+    """What the checks computed, for the run to use rather than compute again.
+
+    Attributes
+    ----------
+    federation : Federation
+        The run's hospitals and global test set (cached per process).
+    privacy : list of PlannedBudget
+        Each hospital's DP-SGD plan; empty without DP-SGD, and in a deployment
+        (its hospitals plan their own).
+    """
+
+    federation: Federation
+    privacy: list[PlannedBudget]
+
+
+def config_problems(config: RunConfig, *, simulation: bool = False) -> list[str]:
+    """Every problem found from the configuration and the code alone (no data read).
+
+    Parameters
+    ----------
+    config : RunConfig
+        A configuration (valid field by field, as every ``RunConfig`` is).
+    simulation : bool
+        The hospitals are simulated from ``data.dataset`` (``fedfm run``), so
+        ``data.hospitals`` (a deployment's) is refused.
+    """
+    problems = strategies.config_problems(config)
+    if simulation and config.data.hospitals:
+        problems.append(
+            f"`data.hospitals` {list(config.data.hospitals)} lists a deployment's hospitals, whose rows are on their "
+            "own SuperNodes (docs/how-to/deploy.md); a simulation splits `data.dataset` into hospitals: leave "
+            "`data.hospitals` empty"
+        )
+    return problems
+
+
+def preflight(config: RunConfig, *, simulation: bool = False) -> Preflight:
+    """Run every check that needs no model, in order, and return what they computed.
+
+    Parameters
+    ----------
+    config : RunConfig
+        The run's configuration.
+    simulation : bool
+        True for ``fedfm.run`` (hospitals simulated from ``data.dataset``).
+
+    Returns
+    -------
+    Preflight
+        The federation and the hospitals' DP-SGD plans.
+
+    Raises
+    ------
+    ConfigError
+        Listing every problem of the strategy and the configuration (before any data is
+        read), or else every problem of the federation and the privacy budgets.
+    DataError
+        The dataset cannot be read or split into hospitals.
+    """
+    problems = config_problems(config, simulation=simulation)
+    if problems:
+        raise ConfigError(problems)
+    federation = federation_for(config.data)
+    plans: list[PlannedBudget] = []
+    try:
+        check_federation(config, federation)
+    except ConfigError as err:
+        problems.extend(err.problems)
+    try:
+        plans = privacy.check(config, federation)
+    except ConfigError as err:
+        problems.extend(err.problems)
+    if problems:
+        raise ConfigError(problems)
+    return Preflight(federation, plans)
