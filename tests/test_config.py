@@ -210,3 +210,39 @@ def test_label_names_are_checked_without_hospitals_too() -> None:
     # A csv simulation may fix its class order with label names, and needs no hospitals for it.
     assert RunConfig().replace(**{"data.dataset": "csv", "data.path": "x.csv",
                                   "data.label-names": "b,a"}).data.label_names == ("b", "a")
+
+
+def test_choices_live_in_the_field_types_and_are_checked_generically() -> None:
+    from dataclasses import fields
+    from typing import Literal, get_args, get_origin, get_type_hints
+
+    from fedfm.config import DATASETS, FILE_DATASETS, SECTIONS, DataSpec
+
+    # The tuples other modules import are read from the types: one list, written once.
+    assert get_args(get_type_hints(DataSpec)["dataset"]) == DATASETS and set(FILE_DATASETS) <= set(DATASETS)
+    # Every Literal field refuses a value outside its type, with the allowed list.
+    for section, cls in SECTIONS.items():
+        for f in fields(cls):
+            typ = get_type_hints(cls)[f.name]
+            if get_origin(typ) is Literal:
+                key = f"{section}.{f.name.replace('_', '-')}"
+                with pytest.raises(ConfigError) as err:
+                    RunConfig().replace(**{key: "no-such-choice"})
+                assert f"`{key}` must be one of {list(get_args(typ))}, got 'no-such-choice'" in err.value.problems
+
+
+def test_float_ranges_sit_beside_their_fields() -> None:
+    from dataclasses import fields
+
+    from fedfm.config import SECTIONS
+
+    within = {f"{s}.{f.name}": f.metadata["within"] for s, cls in SECTIONS.items() for f in fields(cls)
+              if "within" in f.metadata}
+    assert within["train.learning_rate"] == "(0, 10]" and within["lora.dropout"] == "[0, 1)"
+    with pytest.raises(ConfigError) as err:
+        RunConfig().replace(**{"privacy.noise-multiplier": -1, "strategy.eta": 0, "data.test-fraction": 1})
+    assert err.value.problems == [
+        "`data.test-fraction` must be in (0, 1), got 1.0",
+        "`strategy.eta` must be > 0, got 0.0",
+        "`privacy.noise-multiplier` must be >= 0 (0 calibrates it), got -1.0",
+    ]

@@ -50,23 +50,27 @@ def _help(
     factory: Any = dataclasses.MISSING,
     *,
     bounds: tuple[int, int] | None = None,
+    within: str = "",
     note: str = "",
 ) -> Any:
-    """A field with its help text and, for integers, its allowed range ``bounds`` (inclusive).
+    """A field with its help text and its allowed range.
 
-    ``validate`` checks every integer field against its bounds (:data:`~fedfm.config.choices.INT64_BOUNDS` without)
-    and every float field for finiteness, in one loop; ``note`` (e.g. "0 keeps all") is added
-    to the message of a value out of range.
+    For an integer, ``bounds`` (inclusive); for a float, ``within``: an interval such as
+    ``"[0, 1)"`` or ``"(0, 10]"``, or ``"> 0"`` / ``">= 0"``. ``validate`` checks every
+    integer field against its bounds (:data:`~fedfm.config.choices.INT64_BOUNDS` without)
+    and every float field for finiteness and against its ``within``, in one loop; ``note``
+    (e.g. "0 keeps all") is added to the message of a value out of range.
     """
     metadata: dict[str, Any] = {"help": text}
     if bounds is not None:
         metadata["bounds"] = bounds
+    if within:
+        metadata["within"] = within
     if note:
         metadata["note"] = note
     if factory is not dataclasses.MISSING:
         return field(default_factory=factory, metadata=metadata)
     return field(default=default, metadata=metadata)
-
 
 
 @dataclass(frozen=True)
@@ -100,8 +104,8 @@ class LoraSpec:
     """The LoRA adapter each hospital trains (peft)."""
 
     r: int = _help("Rank of the LoRA update.", 8, bounds=(1, 4096))
-    alpha: float = _help("LoRA scaling numerator (scale = alpha / r).", 16.0)
-    dropout: float = _help("Dropout on the LoRA branch, in [0, 1).", 0.05)
+    alpha: float = _help("LoRA scaling numerator (scale = alpha / r).", 16.0, within="> 0")
+    dropout: float = _help("Dropout on the LoRA branch, in [0, 1).", 0.05, within="[0, 1)")
     target_modules: tuple[str, ...] = _help(
         "Module names to adapt; empty picks a default per architecture (BERT: query, value; Llama: q_proj, v_proj); "
         '["all-linear"] adapts every linear layer except the task head (which trains in full) and the LM head.',
@@ -121,14 +125,14 @@ class DataSpec:
     partitioner: Partitioner = _help("How rows are split into hospitals: `natural`, `iid` or `dirichlet`.", "natural")
     partition_column: str = _help("For `natural`: the column naming the hospital; empty uses the dataset's own.", "")
     num_hospitals: int = _help("For `iid`/`dirichlet`: how many hospitals to simulate.", 4, bounds=(1, 100_000))
-    alpha: float = _help("For `dirichlet`: concentration of the label skew (smaller = more skewed).", 0.5)
-    test_fraction: float = _help("Share of each hospital's rows kept as its local test split.", 0.3)
+    alpha: float = _help("For `dirichlet`: concentration of the label skew (smaller = more skewed).", 0.5, within="> 0")
+    test_fraction: float = _help("Share of each hospital's rows kept as its local test split.", 0.3, within="(0, 1)")
     validation_fraction: float = _help(
         "Share of each hospital's training rows (after the test split) held out as its validation split, seeded and "
         "stratified; hospitals score the global adapter on it in the evaluate step (federation.select-best, "
         "federation.patience). Never taken from test rows; 0 (the default, so existing runs keep their training "
         "rows) turns it off; 0.1 is a good start.",
-        0.0,
+        0.0, within="[0, 1)", note="0 turns it off"
     )
     max_train_per_hospital: int = _help(
         "Cap on each hospital's training rows; 0 keeps all.", 0, bounds=(0, 1_000_000_000), note="0 keeps all"
@@ -185,17 +189,18 @@ class TrainSpec:
     )
     eval_batch_size: int = _help("Examples per evaluation forward pass.", 64, bounds=(1, 1_048_576))
     optimizer: Optimizer = _help("Local optimizer, fresh each round: `adamw` or `sgd` (with momentum).", "adamw")
-    learning_rate: float = _help("Local learning rate.", 5e-4)
-    momentum: float = _help("SGD momentum (optimizer `sgd` only).", 0.9)
-    weight_decay: float = _help("Weight decay (decoupled for AdamW).", 0.0)
-    max_grad_norm: float = _help("Gradient-norm clipping; 0 disables.", 1.0)
+    learning_rate: float = _help("Local learning rate.", 5e-4, within="(0, 10]")
+    momentum: float = _help("SGD momentum (optimizer `sgd` only).", 0.9, within="[0, 1)")
+    weight_decay: float = _help("Weight decay (decoupled for AdamW).", 0.0, within=">= 0")
+    max_grad_norm: float = _help("Gradient-norm clipping; 0 disables.", 1.0, within=">= 0")
     lr_schedule: LrSchedule = _help(
         "Learning rate over each round's local optimizer steps (the optimizer is fresh every round): `constant`, "
         "`linear` or `cosine` decay to 0 after the warm-up. Also under DP-SGD.",
         "constant",
     )
     warmup_ratio: float = _help(
-        "Share of each round's local optimizer steps spent warming the learning rate up linearly, in [0, 1).", 0.0
+        "Share of each round's local optimizer steps spent warming the learning rate up linearly, in [0, 1).", 0.0,
+        within="[0, 1)"
     )
     gradient_accumulation: int = _help(
         "Batches of batch-size whose gradients add up to one optimizer step (effective batch = batch-size x "
@@ -222,7 +227,9 @@ class FederationSpec:
         "privacy.learning-rate under DP-SGD), a function of the round number, so a resumed run continues it.",
         "none",
     )
-    lr_min_ratio: float = _help("Learning rate of the last round as a share of the first's (lr-decay), in [0, 1].", 0.1)
+    lr_min_ratio: float = _help(
+        "Learning rate of the last round as a share of the first's (lr-decay), in [0, 1].", 0.1, within="[0, 1]"
+    )
     strategy: str = _help(
         "Aggregation strategy: a registered name (see `fedfm strategies`) or `module:Class` of your own.", "fedavg"
     )
@@ -231,8 +238,12 @@ class FederationSpec:
         "empty gives every hospital lora.r.",
         factory=tuple,
     )
-    fraction_train: float = _help("Share of hospitals sampled for training each round, in (0, 1].", 1.0)
-    fraction_evaluate: float = _help("Share of hospitals sampled for evaluation each round, in [0, 1].", 1.0)
+    fraction_train: float = _help(
+        "Share of hospitals sampled for training each round, in (0, 1].", 1.0, within="(0, 1]"
+    )
+    fraction_evaluate: float = _help(
+        "Share of hospitals sampled for evaluation each round, in [0, 1].", 1.0, within="[0, 1]"
+    )
     min_hospitals: int = _help("Fewest hospitals that must take part in a round.", 2, bounds=(1, 100_000))
     central_evaluation: bool = _help("Evaluate the global adapter on the global test set on the server each round.", True)
     evaluate_every: int = _help(
@@ -251,7 +262,7 @@ class FederationSpec:
         "(in-process with one worker, Ray with several). `flwr run` uses Flower's own engine (Ray).",
         "auto",
     )
-    round_timeout: float = _help("Seconds the server waits for replies in a round.", 3600.0)
+    round_timeout: float = _help("Seconds the server waits for replies in a round.", 3600.0, within="> 0")
     round_retries: int = _help(
         "Times a round is run again when fewer than min-hospitals replied (hospitals down or timed out); "
         "after that the run stops cleanly and can be resumed.", 2, bounds=(0, 1000)
@@ -292,14 +303,20 @@ class FederationSpec:
 class StrategySpec:
     """Parameters of the aggregation strategies (each strategy reads its own)."""
 
-    proximal_mu: float = _help("FedProx: weight of the proximal term mu/2 ||w - w_global||^2 in the local loss.", 0.01)
-    server_learning_rate: float = _help("FedAvgM: server learning rate.", 1.0)
-    server_momentum: float = _help("FedAvgM: server momentum.", 0.9)
-    eta: float = _help("FedAdam, FedYogi, FedAdagrad: server learning rate.", 1e-2)
-    beta_1: float = _help("FedAdam, FedYogi: first-moment decay.", 0.9)
-    beta_2: float = _help("FedAdam, FedYogi: second-moment decay.", 0.99)
-    tau: float = _help("FedAdam, FedYogi, FedAdagrad: adaptivity (added to the root of the second moment).", 1e-3)
-    trim_fraction: float = _help("FedTrimmedAvg: share of hospitals cut from each end per coordinate, in [0, 0.5).", 0.2)
+    proximal_mu: float = _help(
+        "FedProx: weight of the proximal term mu/2 ||w - w_global||^2 in the local loss.", 0.01, within=">= 0"
+    )
+    server_learning_rate: float = _help("FedAvgM: server learning rate.", 1.0, within="> 0")
+    server_momentum: float = _help("FedAvgM: server momentum.", 0.9, within="[0, 1)")
+    eta: float = _help("FedAdam, FedYogi, FedAdagrad: server learning rate.", 1e-2, within="> 0")
+    beta_1: float = _help("FedAdam, FedYogi: first-moment decay.", 0.9, within="[0, 1)")
+    beta_2: float = _help("FedAdam, FedYogi: second-moment decay.", 0.99, within="[0, 1)")
+    tau: float = _help(
+        "FedAdam, FedYogi, FedAdagrad: adaptivity (added to the root of the second moment).", 1e-3, within="> 0"
+    )
+    trim_fraction: float = _help(
+        "FedTrimmedAvg: share of hospitals cut from each end per coordinate, in [0, 0.5).", 0.2, within="[0, 0.5)"
+    )
     byzantine: int = _help("Krum, MultiKrum: number of faulty hospitals to tolerate.", 1, bounds=(0, 100_000))
     krum_select: int = _help(
         "MultiKrum: updates averaged after selection; 0 keeps all but `byzantine`.", 0, bounds=(0, 100_000)
@@ -331,10 +348,10 @@ class AttackSpec:
         "A kind per listed hospital (cycled), to mix corruptions in one run; empty gives every one `kind`.",
         factory=tuple,
     )
-    scale: float = _help("Strength of the corruption.", 5.0)
+    scale: float = _help("Strength of the corruption.", 5.0, within="> 0")
     failure_rate: float = _help(
         "Chance that each hospital fails (raises) in each round, drawn from train.seed, round and hospital; "
-        "simulates crashes and drop-outs.", 0.0
+        "simulates crashes and drop-outs.", 0.0, within="[0, 1)"
     )
 
 
@@ -366,9 +383,13 @@ class PrivacySpec:
         "DP. AdamW rescales every coordinate's noise into a full-size step; SGD keeps it small where the signal is.",
         "sgd",
     )
-    learning_rate: float = _help("DP-SGD's local learning rate (replaces train.learning-rate under DP); 0 keeps train's.", 0.1)
+    learning_rate: float = _help(
+        "DP-SGD's local learning rate (replaces train.learning-rate under DP); 0 keeps train's.", 0.1, within="[0, 10]",
+        note="0 keeps train.learning-rate"
+    )
     noise_multiplier: float = _help(
-        "σ of DP-SGD's Gaussian noise (in units of max-grad-norm); 0 calibrates it from target-epsilon.", 0.0
+        "σ of DP-SGD's Gaussian noise (in units of max-grad-norm); 0 calibrates it from target-epsilon.", 0.0,
+        within=">= 0", note="0 calibrates it"
     )
     accountant: Accountant = _help("Opacus accountant that turns steps into ε: `rdp` or `prv`.", "rdp")
     hospital_epsilon: tuple[str, ...] = _help(
@@ -389,11 +410,11 @@ class PrivacySpec:
     secagg_reconstruction_threshold: float = _help(
         "SecAgg+: share of a hospital's key shares needed to unmask a dropped hospital, in (0, 1]; higher is "
         "safer against a curious server colluding with hospitals, lower tolerates more dropouts.",
-        0.67,
+        0.67, within="(0, 1]"
     )
     secagg_clipping_range: float = _help(
         "SecAgg+: adapter values are clipped to [-range, range] before quantization (LoRA tensors are far smaller).",
-        8.0,
+        8.0, within="> 0"
     )
     secagg_quantization_range: int = _help(
         "SecAgg+: quantization levels over the clipping range (2^22).", 4194304, bounds=(2, 2**32 - 1)
@@ -410,12 +431,16 @@ class PrivacySpec:
     client_clipping_norm: float = _help(
         "Client-level DP: L2 bound of each hospital's update (fixed), or its starting value (adaptive).", 0.1
     )
-    client_target_quantile: float = _help("Adaptive client-level DP: share of updates the norm should leave unclipped.", 0.5)
-    client_clip_learning_rate: float = _help("Adaptive client-level DP: learning rate of the clipping norm.", 0.2)
+    client_target_quantile: float = _help(
+        "Adaptive client-level DP: share of updates the norm should leave unclipped.", 0.5, within="[0, 1]"
+    )
+    client_clip_learning_rate: float = _help(
+        "Adaptive client-level DP: learning rate of the clipping norm.", 0.2, within="> 0"
+    )
     client_clipped_count_stddev: float = _help(
         "Adaptive client-level DP: σ of the noise on the count of clipped updates; 0 uses Flower's default "
         "(hospitals sampled / 20). client-noise-multiplier must stay below twice this value.",
-        0.0,
+        0.0, within=">= 0", note="0 for Flower's default"
     )
     client_delta: float = _help(
         "Client-level DP: δ, in (0, 1); 0 picks 1e-5 or 1/H^1.1 (H hospitals), whichever is smaller.", 0.0
@@ -431,7 +456,7 @@ class CompressionSpec:
         "tensor) or `topk` (the largest entries of the update; the rest is kept and sent later: error feedback).",
         "none",
     )
-    topk_fraction: float = _help("`topk`: share of each tensor's entries sent, in (0, 1].", 0.1)
+    topk_fraction: float = _help("`topk`: share of each tensor's entries sent, in (0, 1].", 0.1, within="(0, 1]")
 
 
 @dataclass(frozen=True)

@@ -94,16 +94,31 @@ def _field_problem(key: str, value: Any, typ: Any, metadata: Any) -> str | None:
         choices = list(get_args(get_args(typ)[0]))
         ok = all(v in choices for v in value)
         return None if ok else f"`{key}` must each be one of {choices}, got {list(value)}"
+    note = f" ({metadata['note']})" if "note" in metadata else ""
     if typ is float and not _finite(value):
         return f"`{key}` must be a finite number, got {shown(value)}"
+    if typ is float and "within" in metadata and not _inside(value, metadata["within"]):
+        within = metadata["within"]
+        return f"`{key}` must be {within if within.startswith('>') else 'in ' + within}{note}, got {value}"
     if typ is int and isinstance(value, int):
         lo, hi = metadata.get("bounds", INT64_BOUNDS)
-        note = f" ({metadata['note']})" if "note" in metadata else ""
         if value < lo:
             return f"`{key}` must be >= {lo}{note}, got {shown(value)}"
         if value > hi:
             return f"`{key}` must be in [{lo}, {hi}]{note}, got {shown(value)}"
     return None
+
+
+def _inside(value: float, within: str) -> bool:
+    """Whether ``value`` lies in ``within``: ``"> 0"``, ``">= 0"`` or an interval such as ``"[0, 1)"``."""
+    if within.startswith(">="):
+        return value >= float(within[2:])
+    if within.startswith(">"):
+        return value > float(within[1:])
+    low, high = (float(end) for end in within[1:-1].split(","))
+    above = low <= value if within[0] == "[" else low < value
+    below = value <= high if within[-1] == "]" else value < high
+    return above and below
 
 
 def _finite(value: Any) -> bool:
@@ -131,10 +146,8 @@ def model_rules(config: RunConfig) -> list[str]:
 
 
 def lora_rules(config: RunConfig) -> list[str]:
-    """`[lora]`: scaling, dropout, target modules."""
+    """`[lora]`: target modules."""
     p, lora = _Problems(), config.lora
-    p.require(lora.alpha > 0, f"`lora.alpha` must be > 0, got {lora.alpha}")
-    p.require(0 <= lora.dropout < 1, f"`lora.dropout` must be in [0, 1), got {lora.dropout}")
     if "all-linear" in lora.target_modules:
         p.require(len(lora.target_modules) == 1,
                   f"`lora.target-modules` 'all-linear' must be the only entry, got {list(lora.target_modules)}")
@@ -142,14 +155,10 @@ def lora_rules(config: RunConfig) -> list[str]:
 
 
 def data_rules(config: RunConfig) -> list[str]:
-    """`[data]`: the source, its split, and what the dataset allows (context, augmentation, task)."""
+    """`[data]`: the source, and what the dataset allows (context, augmentation, task)."""
     p, data, task = _Problems(), config.data, config.model.task
     if data.dataset in FILE_DATASETS and not data.hospitals:
         p.require(bool(data.path), f"`data.path` must name a file when `data.dataset` is {data.dataset!r}")
-    p.require(data.alpha > 0 and math.isfinite(data.alpha), f"`data.alpha` must be > 0, got {data.alpha}")
-    p.require(0 < data.test_fraction < 1, f"`data.test-fraction` must be in (0, 1), got {data.test_fraction}")
-    p.require(0 <= data.validation_fraction < 1,
-              f"`data.validation-fraction` must be in [0, 1) (0 turns it off), got {data.validation_fraction}")
     p.require(data.context == "none" or data.dataset in (*ABSTRACT_DATASETS, *FILE_DATASETS) or bool(data.hospitals),
               f"`data.context` {data.context!r} needs sentences grouped into abstracts: a dataset of abstracts "
               f"{list(ABSTRACT_DATASETS)}, or a file ({', '.join(FILE_DATASETS)}) or a deployment's SuperNode files "
@@ -212,13 +221,8 @@ def deployment_rules(config: RunConfig) -> list[str]:
 
 
 def train_rules(config: RunConfig) -> list[str]:
-    """`[train]`: the local optimizer and schedule, and what DP-SGD and the task allow of them."""
+    """`[train]`: what DP-SGD and the task allow of the local recipe."""
     p, train = _Problems(), config.train
-    p.require(0 < train.learning_rate <= 10, f"`train.learning-rate` must be in (0, 10], got {train.learning_rate}")
-    p.require(0 <= train.momentum < 1, f"`train.momentum` must be in [0, 1), got {train.momentum}")
-    p.require(train.weight_decay >= 0, f"`train.weight-decay` must be >= 0, got {train.weight_decay}")
-    p.require(train.max_grad_norm >= 0, f"`train.max-grad-norm` must be >= 0, got {train.max_grad_norm}")
-    p.require(0 <= train.warmup_ratio < 1, f"`train.warmup-ratio` must be in [0, 1), got {train.warmup_ratio}")
     p.require(train.class_weights == "none" or config.model.task == "sequence-classification",
               f"`train.class-weights` {train.class_weights!r} needs `model.task` 'sequence-classification', got "
               f"{config.model.task!r}; use 'none'")
@@ -235,17 +239,13 @@ def train_rules(config: RunConfig) -> list[str]:
 
 
 def federation_rules(config: RunConfig) -> list[str]:
-    """`[federation]`: rounds, sampling, engine and learning-rate decay."""
+    """`[federation]`: strategy, ranks, sampling, engine and the norm screen."""
     p, fed = _Problems(), config.federation
-    p.require(0 <= fed.lr_min_ratio <= 1, f"`federation.lr-min-ratio` must be in [0, 1], got {fed.lr_min_ratio}")
     # The strategy's name is checked against the registry by fedfm.strategies.config_problems,
     # which also knows strategies registered by users.
     p.require(bool(fed.strategy.strip()), "`federation.strategy` must name a strategy, got ''")
     p.require(all(1 <= r <= config.lora.r for r in fed.client_ranks),
               f"`federation.client-ranks` must each be in [1, lora.r = {config.lora.r}], got {list(fed.client_ranks)}")
-    p.require(0 < fed.fraction_train <= 1, f"`federation.fraction-train` must be in (0, 1], got {fed.fraction_train}")
-    p.require(0 <= fed.fraction_evaluate <= 1,
-              f"`federation.fraction-evaluate` must be in [0, 1], got {fed.fraction_evaluate}")
     if config.data.partitioner != "natural":
         p.require(fed.min_hospitals <= config.data.num_hospitals,
                   f"`federation.min-hospitals` ({fed.min_hospitals}) must not exceed `data.num-hospitals` "
@@ -253,7 +253,6 @@ def federation_rules(config: RunConfig) -> list[str]:
     p.require(fed.backend != "in-process" or fed.num_workers <= 1,
               f"`federation.backend` 'in-process' runs one hospital at a time, but `federation.num-workers` is "
               f"{fed.num_workers}; use 'ray' for several workers, or num-workers 1")
-    p.require(fed.round_timeout > 0, f"`federation.round-timeout` must be > 0, got {fed.round_timeout}")
     p.require(fed.update_norm_limit == 0 or fed.update_norm_limit > 1,
               f"`federation.update-norm-limit` must be 0 (off) or > 1 (times the median change), got "
               f"{fed.update_norm_limit}")
@@ -282,26 +281,9 @@ def selection_rules(config: RunConfig) -> list[str]:
     return p
 
 
-def strategy_rules(config: RunConfig) -> list[str]:
-    """`[strategy]`: the parameters every strategy reads."""
-    p, st = _Problems(), config.strategy
-    p.require(st.proximal_mu >= 0, f"`strategy.proximal-mu` must be >= 0, got {st.proximal_mu}")
-    p.require(st.server_learning_rate > 0,
-              f"`strategy.server-learning-rate` must be > 0, got {st.server_learning_rate}")
-    p.require(0 <= st.server_momentum < 1, f"`strategy.server-momentum` must be in [0, 1), got {st.server_momentum}")
-    p.require(st.eta > 0, f"`strategy.eta` must be > 0, got {st.eta}")
-    p.require(0 <= st.beta_1 < 1, f"`strategy.beta-1` must be in [0, 1), got {st.beta_1}")
-    p.require(0 <= st.beta_2 < 1, f"`strategy.beta-2` must be in [0, 1), got {st.beta_2}")
-    p.require(st.tau > 0, f"`strategy.tau` must be > 0, got {st.tau}")
-    p.require(0 <= st.trim_fraction < 0.5, f"`strategy.trim-fraction` must be in [0, 0.5), got {st.trim_fraction}")
-    return p
-
-
 def attack_rules(config: RunConfig) -> list[str]:
     """`[attack]`: the simulated hostile hospitals."""
     p, at = _Problems(), config.attack
-    p.require(at.scale > 0, f"`attack.scale` must be > 0, got {at.scale}")
-    p.require(0 <= at.failure_rate < 1, f"`attack.failure-rate` must be in [0, 1), got {at.failure_rate}")
     p.require(all(h >= 0 for h in at.hospitals),
               f"`attack.hospitals` must be hospital indices >= 0, got {list(at.hospitals)}")
     return p
@@ -315,27 +297,12 @@ def privacy_rules(config: RunConfig) -> list[str]:
     p.require(0 <= pr.delta < 1, f"`privacy.delta` must be in (0, 1), or 0 for the default, got {pr.delta}")
     p.require(pr.max_grad_norm > 0 and math.isfinite(pr.max_grad_norm),
               f"`privacy.max-grad-norm` must be a finite number > 0, got {pr.max_grad_norm}")
-    p.require(0 <= pr.learning_rate <= 10,
-              f"`privacy.learning-rate` must be in [0, 10] (0 keeps train.learning-rate), got {pr.learning_rate}")
-    p.require(pr.noise_multiplier >= 0 and math.isfinite(pr.noise_multiplier),
-              f"`privacy.noise-multiplier` must be >= 0 (0 calibrates it), got {pr.noise_multiplier}")
     p.require(pr.client_noise_multiplier > 0 and math.isfinite(pr.client_noise_multiplier),
               f"`privacy.client-noise-multiplier` must be a finite number > 0, got {pr.client_noise_multiplier}")
     p.require(pr.client_clipping_norm > 0 and math.isfinite(pr.client_clipping_norm),
               f"`privacy.client-clipping-norm` must be a finite number > 0, got {pr.client_clipping_norm}")
-    p.require(0 <= pr.client_target_quantile <= 1,
-              f"`privacy.client-target-quantile` must be in [0, 1], got {pr.client_target_quantile}")
-    p.require(pr.client_clip_learning_rate > 0,
-              f"`privacy.client-clip-learning-rate` must be > 0, got {pr.client_clip_learning_rate}")
-    p.require(pr.client_clipped_count_stddev >= 0,
-              f"`privacy.client-clipped-count-stddev` must be >= 0 (0 for Flower's default), got "
-              f"{pr.client_clipped_count_stddev}")
     p.require(0 <= pr.client_delta < 1,
               f"`privacy.client-delta` must be in (0, 1), or 0 for the default, got {pr.client_delta}")
-    p.require(0 < pr.secagg_reconstruction_threshold <= 1,
-              f"`privacy.secagg-reconstruction-threshold` must be in (0, 1], got {pr.secagg_reconstruction_threshold}")
-    p.require(pr.secagg_clipping_range > 0,
-              f"`privacy.secagg-clipping-range` must be > 0, got {pr.secagg_clipping_range}")
     if pr.secure_aggregation and pr.client_dp != "none":
         p.append("`privacy.secure-aggregation` cannot be combined with `privacy.client-dp` yet: Flower's client-level "
                  "DP wrappers and its SecAgg+ workflow use different strategy APIs; use DP-SGD (`privacy.mode`) "
@@ -353,7 +320,6 @@ def privacy_rules(config: RunConfig) -> list[str]:
 def compression_rules(config: RunConfig) -> list[str]:
     """`[compression]`, and what it cannot be combined with."""
     p, co = _Problems(), config.compression
-    p.require(0 < co.topk_fraction <= 1, f"`compression.topk-fraction` must be in (0, 1], got {co.topk_fraction}")
     if co.method != "none" and config.privacy.secure_aggregation:
         p.append("`compression.method` must be 'none' with `privacy.secure-aggregation`: SecAgg+ quantizes and masks "
                  "the float tensors itself, and the server never sees one hospital's update to decode")
@@ -366,5 +332,5 @@ def compression_rules(config: RunConfig) -> list[str]:
 #: The rules between fields, in the order their messages are reported.
 RULES: tuple[Callable[[RunConfig], list[str]], ...] = (
     model_rules, lora_rules, data_rules, deployment_rules, train_rules, federation_rules, selection_rules,
-    strategy_rules, attack_rules, privacy_rules, compression_rules,
+    attack_rules, privacy_rules, compression_rules,
 )
