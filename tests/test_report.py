@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import logging
@@ -16,14 +17,24 @@ from fedfm.config import RunConfig
 from fedfm.errors import ConfigError, FedfmError
 from fedfm.progress import LineProgress, LiveProgress, Progress, RoundStatus, format_status, progress_display
 from fedfm.report import ReportError, read_run, write_report
-from fedfm.rundir import RunDirectory
+from fedfm.rundir import (
+    ClientLevel,
+    FinalScores,
+    HospitalEntry,
+    HospitalRows,
+    RoundEntry,
+    RoundPrivacy,
+    RunDirectory,
+    RunSummary,
+    round_line,
+)
 
 HOSPITALS = {"north": (44, 12), "south": (36, 10)}  # train rows, test rows
 
 
-def _round(server_round: int, *, dp: bool = False, client_level: bool = False, refused: str = "") -> dict[str, Any]:
-    """One metrics line as server._Recorder writes it (the values move with the round)."""
-    per_hospital: dict[str, Any] = {}
+def _round(server_round: int, *, dp: bool = False, client_level: bool = False, refused: str = "") -> RoundEntry:
+    """One round as the server's recorder records it (the values move with the round)."""
+    per_hospital: dict[str, HospitalEntry] = {}
     for index, (name, (train_rows, test_rows)) in enumerate(HOSPITALS.items()):
         score = 0.5 + 0.1 * server_round + 0.01 * index
         train: dict[str, float] = {
@@ -35,36 +46,32 @@ def _round(server_round: int, *, dp: bool = False, client_level: bool = False, r
                 keys.DP_TARGET_EPSILON: 8.0, keys.DP_NOISE_MULTIPLIER: 0.9, keys.DP_SAMPLE_RATE: 0.25,
                 keys.DP_STEPS: 3 * server_round, keys.DP_REFUSED: float(name == refused and server_round > 1),
             })
-        per_hospital[name] = {
-            "train": train,
-            "evaluate": {keys.HOSPITAL_INDEX: index, keys.NUM_EXAMPLES: test_rows, "accuracy": score,
-                         "macro-f1": score - 0.05, "loss": 1.0 - score},
-            "bytes_up": 30_000 + 1000 * index,
-            "bytes_down": 60_000,
-        }
-    entry: dict[str, Any] = {
-        "round": server_round,
-        "global": {"accuracy": 0.55 + 0.1 * server_round, "macro-f1": 0.5 + 0.1 * server_round,
-                   "loss": 0.6 - 0.05 * server_round},
-        "federated": {"accuracy": 0.54 + 0.1 * server_round, "macro-f1": 0.49 + 0.1 * server_round,
-                      "loss": 0.61 - 0.05 * server_round},
-        "per_hospital": per_hospital,
-        "bytes_up": sum(h["bytes_up"] for h in per_hospital.values()),
-        "bytes_down": sum(h["bytes_down"] for h in per_hospital.values()),
-        "aggregated": True,
-        "left_out": {f"train:{refused}": "refused to train: budget spent"} if refused and server_round > 1 else {},
-        "retries": 0,
-        "seconds": 3.0,
-    }
-    privacy: dict[str, Any] = {}
-    if dp:
-        privacy["sample_level_epsilon"] = {n: v["train"][keys.DP_EPSILON] for n, v in per_hospital.items()}
-    if client_level:
-        privacy["client_level"] = {"epsilon": 0.8 * server_round, "delta": 1e-3, "releases": server_round,
-                                   "noise_multiplier": 1.0, "sample_rate": 1.0, "clipping_norm": 0.1}
-    if privacy:
-        entry["privacy"] = privacy
-    return entry
+        per_hospital[name] = HospitalEntry(
+            train=train,
+            evaluate={keys.HOSPITAL_INDEX: index, keys.NUM_EXAMPLES: test_rows, "accuracy": score,
+                      "macro-f1": score - 0.05, "loss": 1.0 - score},
+            bytes_up=30_000 + 1000 * index,
+            bytes_down=60_000,
+        )
+    return RoundEntry(
+        round=server_round,
+        global_={"accuracy": 0.55 + 0.1 * server_round, "macro-f1": 0.5 + 0.1 * server_round,
+                 "loss": 0.6 - 0.05 * server_round},
+        federated={"accuracy": 0.54 + 0.1 * server_round, "macro-f1": 0.49 + 0.1 * server_round,
+                   "loss": 0.61 - 0.05 * server_round},
+        per_hospital=per_hospital,
+        bytes_up=sum(h.bytes_up for h in per_hospital.values()),
+        bytes_down=sum(h.bytes_down for h in per_hospital.values()),
+        aggregated=True,
+        left_out={f"train:{refused}": "refused to train: budget spent"} if refused and server_round > 1 else {},
+        retries=0,
+        seconds=3.0,
+        privacy=RoundPrivacy(
+            sample_level_epsilon={n: v.train[keys.DP_EPSILON] for n, v in per_hospital.items()} if dp else {},
+            client_level=ClientLevel(epsilon=0.8 * server_round, delta=1e-3, releases=server_round,
+                                     noise_multiplier=1.0, sample_rate=1.0, clipping_norm=0.1) if client_level else None,
+        ),
+    )
 
 
 def _run_dir(path: Path, *, rounds: int = 3, planned: int = 3, summary: bool = True, **kinds: Any) -> Path:
@@ -81,16 +88,18 @@ def _run_dir(path: Path, *, rounds: int = 3, planned: int = 3, summary: bool = T
         directory.append_round(history[-1])
     if summary:
         last = history[-1]
-        directory.write_summary({
-            "rounds": rounds, "stopped": None, "resumed_from": None,
-            "initial": {"global": {"accuracy": 0.5, "macro-f1": 0.4, "loss": 0.69}},
-            "final": {"global": last["global"], "per_hospital": {n: v["evaluate"] for n, v in last["per_hospital"].items()}},
-            "hospitals": {n: {"train_rows": tr, "test_rows": te} for n, (tr, te) in HOSPITALS.items()},
-            "global_test_rows": 22, "bytes": {"up": sum(e["bytes_up"] for e in history),
-                                              "down": sum(e["bytes_down"] for e in history)},
-            "model": "minilm", "dataset": "csv", "strategy": "fedavg", "compression": "none",
-            "adapter_parameters": 1234, "base_parameters": 22_000_000, "wall_seconds": 7.5,
-        })
+        directory.write_summary(RunSummary(
+            rounds=rounds,
+            initial_global={"accuracy": 0.5, "macro-f1": 0.4, "loss": 0.69},
+            final=FinalScores(global_=last.global_,
+                              per_hospital={n: v.evaluate for n, v in last.per_hospital.items()}),
+            hospitals={n: HospitalRows(train_rows=tr, test_rows=te) for n, (tr, te) in HOSPITALS.items()},
+            global_test_rows=22,
+            bytes_up=sum(e.bytes_up for e in history),
+            bytes_down=sum(e.bytes_down for e in history),
+            model="minilm", dataset="csv", strategy="fedavg", compression="none",
+            adapter_parameters=1234, base_parameters=22_000_000, wall_seconds=7.5,
+        ))
     return path
 
 
@@ -150,14 +159,14 @@ def test_a_stopped_run_without_summary_still_reports(tmp_path: Path) -> None:
     # Prepare: 2 of 5 rounds recorded, no summary.json (killed), and round 2 written twice (resumed)
     run_dir = _run_dir(tmp_path / "run", rounds=2, planned=5, summary=False)
     later = _round(2)
-    later["global"]["accuracy"] = 0.987654
+    later = dataclasses.replace(later, global_={**later.global_, "accuracy": 0.987654})
     with (run_dir / "metrics.jsonl").open("a") as f:
-        f.write(json.dumps(later) + "\n")
+        f.write(round_line(later) + "\n")
 
     run = read_run(run_dir)
     report = write_report(run_dir)
 
-    assert [entry["round"] for entry in run.rounds] == [1, 2] and not run.finished
+    assert [entry.round for entry in run.rounds] == [1, 2] and not run.finished
     text = report.read_text()
     assert "incomplete: 2 of 5 rounds recorded" in text and f"fedfm run --resume {run_dir}" in text
     assert "0.9877" in text  # the later line of round 2 holds
@@ -319,7 +328,7 @@ def test_live_progress_redraws_in_place_and_keeps_log_lines_above(monkeypatch: p
 def test_the_servers_recorder_feeds_the_progress_display_and_the_report(
     tiny_csv_settings: dict[str, Any], tmp_path: Path
 ) -> None:
-    """server._Recorder, as the round loop calls it: a metrics line, a checkpoint, a progress line; then a report."""
+    """The server's recorder, as the round loop calls it: a metrics line, a checkpoint, a progress line; then a report."""
     from fedfm.server import _build_strategy, _initial_numpy, _Recorder
     from fedfm.strategies import RoundRecord
     from fedfm.wire import numpy_to_record

@@ -17,7 +17,7 @@ from fedfm import interrupt
 from fedfm.cli import main
 from fedfm.config import RunConfig, load_config
 from fedfm.errors import CheckpointError, RunDirectoryError
-from fedfm.rundir import LOCK_FILE, RunDirectory, claim, read_checkpoint
+from fedfm.rundir import LOCK_FILE, RoundEntry, RunDirectory, RunSummary, claim, read_checkpoint
 from fedfm.server import resume_point
 
 GLOBAL = {"a.lora_A.weight": np.zeros((2, 3), np.float32)}
@@ -28,9 +28,9 @@ def _finished_run(path: Path, config: RunConfig | None = None) -> RunConfig:
     config = config or RunConfig()
     directory = RunDirectory(path)
     directory.write_config(config)
-    directory.append_round({"round": 1, "global": {"accuracy": 0.5}})
+    directory.append_round(RoundEntry(round=1, global_={"accuracy": 0.5}))
     directory.write_checkpoint(5, GLOBAL)
-    (path / "summary.json").write_text("{}\n")
+    directory.write_summary(RunSummary(rounds=1))
     (path / "hospitals" / "north").mkdir(parents=True)
     (path / "hospitals" / "north" / "privacy-ledger.json").write_text("{}\n")
     return config

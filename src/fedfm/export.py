@@ -30,7 +30,7 @@ import torch
 from fedfm.adapters import EXPORT_SETTINGS, HEAD_MODULES, resolve_model_path
 from fedfm.config import CONTEXTS, FILE_DATASETS, TASKS, RunConfig, load_config
 from fedfm.errors import FedfmError, ModelError
-from fedfm.rundir import atomic_write_text, read_jsonl
+from fedfm.rundir import RoundEntry, RunSummary, atomic_write_text, read_run
 from fedfm.tasks.pooling import apply_pooling
 
 logger = logging.getLogger("fedfm")
@@ -293,8 +293,8 @@ def write_model_card(run_dir: str | Path, *, label_names: list[str] | None = Non
         if not (run / needed).is_file():
             raise FedfmError(f"{run} is not a finished fedfm run: {needed} is missing")
     config = load_config(run / "config.toml")
-    summary = json.loads((run / "summary.json").read_text())
-    history = read_jsonl(run / "metrics.jsonl")
+    files = read_run(run, need_rounds=False)
+    summary = files.summary if files.summary is not None else RunSummary()
     adapter_dir, merged_dir = run / "adapter", run / "merged"
     written = _read_json(adapter_dir / EXPORT_SETTINGS)
     names = label_names or written.get("label_names") or _label_names(config)
@@ -306,7 +306,7 @@ def write_model_card(run_dir: str | Path, *, label_names: list[str] | None = Non
         atomic_write_text(folder / EXPORT_SETTINGS, json.dumps(settings.to_json(), indent=2, sort_keys=True) + "\n")
         if merged:
             _describe_merged_config(folder, settings)
-        card = model_card(config, summary, history, settings, peft_config=peft_config, merged=merged)
+        card = model_card(config, summary, files.rounds, settings, peft_config=peft_config, merged=merged)
         atomic_write_text(folder / CARD, card)
         cards.append(folder / CARD)
     return cards
@@ -392,9 +392,9 @@ def _metrics_table(rows: list[tuple[str, dict[str, Any], Any]]) -> list[str]:
     return lines
 
 
-def _privacy_section(config: RunConfig, summary: dict[str, Any]) -> list[str]:
-    privacy = summary.get("privacy") or {}
-    mode, client_dp = privacy.get("mode", "none"), privacy.get("client_dp", "none")
+def _privacy_section(config: RunConfig, summary: RunSummary) -> list[str]:
+    privacy = summary.privacy
+    mode, client_dp = privacy.mode, privacy.client_dp
     lines = ["## Privacy", ""]
     if mode == "none" and client_dp == "none":
         lines.append("**No differential privacy**: neither DP-SGD inside the hospitals nor client-level DP was used, "
@@ -404,27 +404,26 @@ def _privacy_section(config: RunConfig, summary: dict[str, Any]) -> list[str]:
                   "ε spent by the end of the run:"), "",
                   "| hospital | ε | δ | target ε | noise multiplier | steps | rounds refused |",
                   "| --- | ---: | ---: | ---: | ---: | ---: | --- |"]
-        for name, row in sorted((privacy.get("hospitals") or {}).items()):
+        for name, row in sorted(privacy.hospitals.items()):
             lines.append(
-                f"| {name} | {row.get('epsilon', float('nan')):.3f} | {row.get('delta', float('nan')):.2g} | "
-                f"{row.get('target_epsilon', float('nan')):g} | {row.get('noise_multiplier', float('nan')):.3f} | "
-                f"{row.get('steps', '–')} | {row.get('rounds_refused') or 'none'} |"
+                f"| {name} | {row.epsilon:.3f} | {row.delta:.2g} | {row.target_epsilon:g} | "
+                f"{row.noise_multiplier:.3f} | {row.steps} | {list(row.rounds_refused) or 'none'} |"
             )
-    client = privacy.get("client_level")
+    client = privacy.client_level
     if client_dp != "none":
         lines.append("")
-        if client:
-            lines.append(f"Client-level DP (`{client_dp}`, Flower's wrapper): ε = {client['epsilon']:.3f} at "
-                         f"δ = {client['delta']:.2g} over {client.get('releases', '–')} aggregated rounds "
-                         f"(noise multiplier {client.get('noise_multiplier', float('nan')):g}).")
+        if client is not None:
+            lines.append(f"Client-level DP (`{client_dp}`, Flower's wrapper): ε = {client.epsilon:.3f} at "
+                         f"δ = {client.delta:.2g} over {client.releases} aggregated rounds "
+                         f"(noise multiplier {client.noise_multiplier:g}).")
         else:
             lines.append(f"Client-level DP (`{client_dp}`) was configured, but no round recorded its ε.")
-    if privacy.get("secure_aggregation"):
+    if privacy.secure_aggregation:
         lines += ["", "Secure aggregation (Flower's SecAgg+): the server saw only the sum of the hospitals' updates."]
-    audit = privacy.get("audit")
-    if audit and audit.get("mean_auc") is not None:
-        lines += ["", (f"Membership-inference audit ({audit.get('attack', 'loss threshold')}): mean AUC "
-                      f"{audit['mean_auc']:.3f} over the hospitals (0.5: nothing visible).")]
+    audit = privacy.audit
+    if audit is not None and audit.mean_auc is not None:
+        lines += ["", (f"Membership-inference audit ({audit.attack or 'loss threshold'}): mean AUC "
+                      f"{audit.mean_auc:.3f} over the hospitals (0.5: nothing visible).")]
     return lines
 
 
@@ -592,8 +591,8 @@ def _causal_snippet(settings: ExportSettings, *, folder: str, merged: bool, impo
 
 def model_card(
     config: RunConfig,
-    summary: dict[str, Any],
-    history: list[dict[str, Any]],
+    summary: RunSummary,
+    rounds: list[RoundEntry],
     settings: ExportSettings,
     *,
     peft_config: dict[str, Any] | None = None,
@@ -605,9 +604,9 @@ def model_card(
     ----------
     config : RunConfig
         The run's ``config.toml``.
-    summary : dict
+    summary : RunSummary
         The run's ``summary.json``.
-    history : list of dict
+    rounds : list of RoundEntry
         The run's ``metrics.jsonl`` lines.
     settings : ExportSettings
         The folder's ``fedfm.json``.
@@ -631,14 +630,14 @@ def model_card(
     tags = ["federated-learning", "fedfm", "flower", "lora", "medical", config.model.task, config.data.dataset]
     if merged:
         tags.append("merged")
-    if summary.get("privacy", {}).get("mode", "none") != "none" or config.privacy.client_dp != "none":
+    if summary.privacy.mode != "none" or config.privacy.client_dp != "none":
         tags.append("differential-privacy")
     front += ["tags:"] + [f"- {t}" for t in tags] + ["---", ""]
 
     what = "merged model (base weights with the LoRA update folded in)" if merged else "LoRA adapter"
-    hospitals = summary.get("hospitals") or {}
-    stopped = summary.get("stopped")
-    done = summary.get("rounds", len(history))
+    hospitals = summary.hospitals
+    stopped = summary.stopped
+    done = summary.rounds
     body = [
         f"# {config.data.dataset} · {base_id} · federated {config.federation.strategy} ({what})",
         "",
@@ -649,14 +648,14 @@ def model_card(
         "## Model",
         "",
         (f"- **Base model:** `{base_id}` (fedfm `model.name = {settings.base_model!r}`, "
-        f"{summary.get('base_parameters', 0):,} parameters)"),
+        f"{summary.base_parameters or 0:,} parameters)"),
         f"- **Task:** `{settings.task}`" + (f", pooling `{settings.pooling}`" if settings.pooling else ""),
         f"- **Labels (id order):** {', '.join(f'{i} = `{n}`' for i, n in enumerate(settings.label_names))}",
         f"- **Input:** {_input_description(settings)}; at most {settings.max_length} tokens",
         (f"- **LoRA:** r = {config.lora.r}, alpha = {config.lora.alpha:g}, dropout = {config.lora.dropout:g}, "
         f"target modules {sorted((peft_config or {}).get('target_modules') or config.lora.target_modules)}, "
-        f"{summary.get('adapter_parameters', 0):,} trained parameters "
-        f"({summary.get('adapter_bytes', 0) / 1e6:.2f} MB)"),
+        f"{summary.adapter_parameters or 0:,} trained parameters "
+        f"({(summary.adapter_bytes or 0) / 1e6:.2f} MB)"),
         "",
         "## Federated training",
         "",
@@ -666,55 +665,54 @@ def model_card(
         f"- **Strategy:** `{config.federation.strategy}`, {done} of {config.federation.num_rounds} rounds"
         + (f" (stopped early: {stopped})" if stopped else ""),
         f"- **Local training:** {_local_training(config)}",
-        (f"- **Traffic:** {summary.get('bytes', {}).get('up', 0) / 1e6:.2f} MB up, "
-        f"{summary.get('bytes', {}).get('down', 0) / 1e6:.2f} MB down (compression `{config.compression.method}`)"),
+        (f"- **Traffic:** {summary.bytes_up / 1e6:.2f} MB up, "
+        f"{summary.bytes_down / 1e6:.2f} MB down (compression `{config.compression.method}`)"),
         "",
         "| hospital | train rows | test rows |",
         "| --- | ---: | ---: |",
     ]
     for name, sizes in hospitals.items():
-        body.append(f"| {name} | {sizes.get('train_rows', '–')} | {sizes.get('test_rows', '–')} |")
-    final = summary.get("final") or {}
-    per_hospital = final.get("per_hospital") or {}
-    selection = summary.get("selection") or {}
-    chosen = selection.get("best") if selection.get("select_best") == "validation" else None
+        body.append(f"| {name} | {sizes.train_rows} | {sizes.test_rows} |")
+    final_global, per_hospital = summary.final.global_, summary.final.per_hospital
+    selection = summary.selection
+    chosen = selection.best if selection.select_best == "validation" else None
     intro = ("The final global model, on the global test set and on each hospital's local test split:"
              if config.federation.central_evaluation else
              "The final global model, on each hospital's local test split (the server scored no global test set):")
-    if chosen:
-        final, per_hospital = chosen, chosen.get("per_hospital") or {}
-        intro = (f"The exported adapter is round {chosen['round']}'s, the best of the run by the hospitals' "
-                 f"validation {selection.get('metric')} ({_pct(selection.get('best_validation'))}, on rows held out "
+    if chosen is not None:
+        final_global, per_hospital = chosen.global_, chosen.per_hospital
+        intro = (f"The exported adapter is round {chosen.round}'s, the best of the run by the hospitals' "
+                 f"validation {selection.metric} ({_pct(selection.best_validation)}, on rows held out "
                  f"of their training rows; test rows never chose it). On the global test set and on each "
                  f"hospital's local test split:")
+    first: tuple[str, dict[str, Any], Any]
     if config.federation.central_evaluation:
-        first = ("global test set", final.get("global") or {}, summary.get("global_test_rows"))
+        first = ("global test set", final_global, summary.global_test_rows)
     else:  # the server held no test rows: "global" is the hospitals' weighted mean on their local splits
         scored = [m.get("num-examples") for m in per_hospital.values() if m.get("num-examples") is not None]
-        first = ("hospitals' weighted mean (no central evaluation)", final.get("global") or {},
-                 sum(scored) if scored else None)
+        first = ("hospitals' weighted mean (no central evaluation)", final_global,
+                 sum(scored) if scored else None)  # type: ignore[arg-type]
     rows: list[tuple[str, dict[str, Any], Any]] = [first]
     rows += [(name, m, m.get("num-examples")) for name, m in per_hospital.items()]
     body += ["", "## Results", "", intro, ""]
     body += _metrics_table(rows)
-    last = selection.get("last") or {}
-    if chosen and last and last.get("round") != chosen.get("round"):
-        body += ["", (f"The last round ({last['round']}) scored accuracy {_pct((last.get('global') or {}).get('accuracy'))}, "
-                     f"macro-F1 {_pct((last.get('global') or {}).get('macro-f1'))} on the global test set.")]
-    personalized = (summary.get("final") or {}).get("personalized") or {}
+    last = selection.last
+    if chosen is not None and last is not None and last.round != chosen.round:
+        body += ["", (f"The last round ({last.round}) scored accuracy {_pct(last.global_.get('accuracy'))}, "
+                     f"macro-F1 {_pct(last.global_.get('macro-f1'))} on the global test set.")]
+    personalized = summary.final.personalized
     if personalized:
-        by = (summary.get("final") or {}).get("personalized_by") or "personalized"
+        by = summary.final.personalized_by or "personalized"
         body += ["", (f"Personalized per hospital ({by}): each hospital's own model on its local test split. "
                      "These models stay at their hospitals; the exported adapter is the global one above."), ""]
         body += _metrics_table([(name, m, m.get("num-examples")) for name, m in personalized.items()])
-    initial = (summary.get("initial") or {}).get("global")
+    initial = summary.initial_global
     if initial:
         body += ["", (f"Before federated training the same global test set scored accuracy {_pct(initial.get('accuracy'))}, "
                      f"macro-F1 {_pct(initial.get('macro-f1'))}.")]
-    if history:
+    if rounds:
         body += ["", "Global test score per round (from `metrics.jsonl`): " + ", ".join(
-            f"round {e['round']}: {_pct(e.get('global', {}).get('accuracy'))}" for e in history
-            if e.get("global")
+            f"round {e.round}: {_pct(e.global_.get('accuracy'))}" for e in rounds if e.global_
         ) + " (accuracy)."]
     body += [""] + _privacy_section(config, summary)
     folder = "merged" if merged else "adapter"
@@ -763,19 +761,18 @@ def _local_training(config: RunConfig) -> str:
     return f"{amount} per round, {t.optimizer} at learning rate {t.learning_rate:g}, batch {t.batch_size}"
 
 
-def _limitations(config: RunConfig, summary: dict[str, Any], settings: ExportSettings) -> list[str]:
+def _limitations(config: RunConfig, summary: RunSummary, settings: ExportSettings) -> list[str]:
     lines = [("A research artefact from a federated experiment, not a medical device: do not use it for "
              "clinical decisions.")]
-    hospitals = summary.get("hospitals") or {}
-    small = sorted(n for n, r in hospitals.items() if isinstance(r.get("test_rows"), int) and r["test_rows"] < 50)
+    small = sorted(n for n, r in summary.hospitals.items() if isinstance(r.test_rows, int) and r.test_rows < 50)
     if small:
         lines.append(f"Local test splits under 50 rows ({', '.join(small)}): their scores are noisy.")
-    if not config.data.hospitals and summary.get("global_test_rows") is not None:
-        lines.append(f"The global test set ({summary.get('global_test_rows')} rows) comes from the same "
+    if not config.data.hospitals and summary.global_test_rows is not None:
+        lines.append(f"The global test set ({summary.global_test_rows} rows) comes from the same "
                      f"`{config.data.dataset}` source as the training rows; other sites and populations may score lower.")
-    if summary.get("stopped"):
-        lines.append(f"The run stopped before its last round: {summary['stopped']}.")
-    if (summary.get("privacy") or {}).get("mode", "none") == "none" and config.privacy.client_dp == "none":
+    if summary.stopped:
+        lines.append(f"The run stopped before its last round: {summary.stopped}.")
+    if summary.privacy.mode == "none" and config.privacy.client_dp == "none":
         lines.append("Without differential privacy the weights may reveal facts about individual training patients; "
                      "share them only under the data-use terms of every participating hospital.")
     if settings.max_length:

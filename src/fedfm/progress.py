@@ -1,6 +1,6 @@
 """Progress of a running federation, shown by the server while ``fedfm run`` goes on.
 
-The server's recorder (``server._Recorder``) hands each finished round's
+The server's recorder (``fedfm.server.recorder.Recorder``) hands each finished round's
 metrics line to a :class:`Progress`. On a terminal (stderr is a tty) a
 :class:`LiveProgress` keeps one status line at the bottom of the screen,
 redrawn in place: rounds done out of the total, hospitals that replied in the
@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import IO, Any, Self
 
 from fedfm.errors import ConfigError
+from fedfm.rundir.records import RoundEntry
 
 __all__ = [
     "MODES", "LineProgress", "LiveProgress", "Progress", "RoundStatus", "check_mode", "format_status",
@@ -76,17 +77,17 @@ class RoundStatus:
     retries: int = 0
 
     @classmethod
-    def from_entry(cls, entry: Mapping[str, Any], *, total_rounds: int, hospitals: int, replied: int) -> RoundStatus:
+    def from_entry(cls, entry: RoundEntry, *, total_rounds: int, hospitals: int, replied: int) -> RoundStatus:
         """The status after the round of one ``metrics.jsonl`` line."""
         return cls(
-            server_round=int(entry["round"]),
+            server_round=entry.round,
             total_rounds=total_rounds,
             replied=replied,
             hospitals=hospitals,
-            metrics=dict(entry.get("global") or {}),
-            seconds=float(entry.get("seconds", 0.0)),
-            left_out=len(entry.get("left_out") or {}),
-            retries=int(entry.get("retries", 0)),
+            metrics=dict(entry.global_),
+            seconds=float(entry.seconds),
+            left_out=len(entry.left_out),
+            retries=entry.retries,
         )
 
 
@@ -160,7 +161,7 @@ class Progress:
         """The run starts after round ``done`` (0, or a resumed run's checkpoint) of ``total_rounds``."""
         self.done, self.total_rounds, self.hospitals = done, total_rounds, hospitals
 
-    def round_done(self, entry: Mapping[str, Any], *, total_rounds: int, hospitals: int, replied: int) -> None:
+    def round_done(self, entry: RoundEntry, *, total_rounds: int, hospitals: int, replied: int) -> None:
         """A round's metrics line was written; ``replied`` hospitals' updates went into its aggregate."""
         status = RoundStatus.from_entry(entry, total_rounds=total_rounds, hospitals=hospitals, replied=replied)
         self.done, self.total_rounds, self.hospitals = status.server_round, total_rounds, hospitals

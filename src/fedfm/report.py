@@ -1,31 +1,29 @@
 """``fedfm report RUN_DIR``: plots and a one-page summary of a run, read from its run directory.
 
-Reads only what a run writes (``config.toml``, ``metrics.jsonl``,
-``summary.json``), so it works on a finished run, on one that stopped early or
-was killed (``summary.json`` missing or older than the metrics), on a resumed
-run, and on a run still going. Writes PNG plots (matplotlib, Agg backend) and
-``report.md`` into ``RUN_DIR/report/`` unless told otherwise:
+Reads the run through :func:`fedfm.rundir.read_run` (``config.toml``,
+``metrics.jsonl``, ``summary.json``), so it works on a finished run, on one
+that stopped early or was killed (``summary.json`` missing or older than the
+metrics), on a resumed run, and on a run still going. Writes PNG plots
+(matplotlib, Agg backend) and ``report.md`` into ``RUN_DIR/report/`` unless told otherwise:
 
 - ``global.png``: the global adapter's metrics per round (global test set);
 - ``hospitals.png``: each hospital's local-test metrics and training loss per round;
-- ``epsilon.png``: ε spent per round and hospital, and the client-level ε (DP runs only);
+- ``epsilon.png``: ε spent per round and hospital, and the client-level ε (DP runs only;
+  :func:`fedfm.privacy.report.plot_epsilon`);
 - ``bytes.png``: bytes up and down per round, and per hospital over the run.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import os
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import tomllib
-
 from fedfm import keys
-from fedfm.privacy.report import ReportError
+from fedfm.privacy.report import ReportError, plot_epsilon
+from fedfm.rundir import HospitalEntry, Metrics, RoundEntry, RunFiles, RunSummary, read_run
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -42,52 +40,6 @@ PLOTS = ("global.png", "hospitals.png", "epsilon.png", "bytes.png")
 _HEADLINE = ("accuracy", "macro-f1", "weighted-f1", "loss")
 #: Bookkeeping entries of a hospital's metrics, not scores.
 _NOT_SCORES = frozenset({"num-examples", "hospital-index"})
-
-
-@dataclass(frozen=True)
-class RunFiles:
-    """What a run directory holds, as read by :func:`read_run`.
-
-    Attributes
-    ----------
-    path : Path
-        The run directory.
-    rounds : list of dict
-        The ``metrics.jsonl`` lines, one per completed round, in round order.
-    summary : dict
-        ``summary.json``; empty while the run goes on or after it was killed.
-    config : dict
-        ``config.toml`` as plain TOML tables (empty if the file is missing).
-    """
-
-    path: Path
-    rounds: list[dict[str, Any]]
-    summary: dict[str, Any]
-    config: dict[str, Any]
-
-    @property
-    def finished(self) -> bool:
-        """True when ``summary.json`` was written after the last recorded round."""
-        return bool(self.summary) and self.summary.get("rounds") == len(self.rounds)
-
-    def setting(self, key: str, default: Any = None) -> Any:
-        """One setting of ``config.toml`` by its dotted name, e.g. ``"federation.num-rounds"``."""
-        section, _, name = key.partition(".")
-        return self.config.get(section, {}).get(name, default)
-
-
-#: What a user can do about a run file that cannot be read (fedfm writes each one whole, atomically).
-_RESTORE = "it was changed or damaged after the run wrote it; restore it from a copy of the run directory"
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ReportError(f"{path} cannot be read ({err}): {_RESTORE}, or move it away to report without it") from err
-    if not isinstance(value, dict):
-        raise ReportError(f"{path} does not hold a JSON object: {_RESTORE}, or move it away to report without it")
-    return value
 
 
 def unwritable(path: Path) -> str | None:
@@ -123,59 +75,6 @@ def unwritable(path: Path) -> str | None:
     return None
 
 
-def read_run(run_dir: str | Path) -> RunFiles:
-    """Read a run directory for a report.
-
-    Parameters
-    ----------
-    run_dir : str or Path
-        A directory written by ``fedfm run`` (finished, stopped, resumed or still running).
-
-    Returns
-    -------
-    RunFiles
-        The recorded rounds, the summary (empty if none yet) and the configuration.
-
-    Raises
-    ------
-    ReportError
-        The directory is missing, holds no completed round, or one of its files
-        cannot be read (the message names the file).
-    """
-    path = Path(run_dir)
-    if not path.is_dir():
-        raise ReportError(f"run directory {path} does not exist" if not path.exists() else f"{path} is not a directory")
-    metrics = path / "metrics.jsonl"
-    if not metrics.is_file():
-        if (path / "config.toml").is_file():
-            raise ReportError(f"{path} has no completed round yet: {metrics} is missing")
-        raise ReportError(f"{path} is not a fedfm run directory: it has no metrics.jsonl (nor config.toml)")
-    try:
-        text = metrics.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as err:
-        raise ReportError(f"{metrics} cannot be read ({err}): {_RESTORE}") from err
-    by_round: dict[int, dict[str, Any]] = {}
-    for number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            entry = json.loads(line)
-            server_round = int(entry["round"])
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
-            raise ReportError(f"{metrics} line {number} is not a round record ({err}): {_RESTORE}") from err
-        by_round[server_round] = entry  # a round written twice (a resumed run): the later line holds
-    if not by_round:
-        raise ReportError(f"{path} has no completed round yet: {metrics} is empty")
-    summary = _read_json(path / "summary.json") if (path / "summary.json").is_file() else {}
-    config: dict[str, Any] = {}
-    if (path / "config.toml").is_file():
-        try:
-            config = tomllib.loads((path / "config.toml").read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as err:
-            raise ReportError(f"{path / 'config.toml'} cannot be read ({err}): {_RESTORE}") from err
-    return RunFiles(path, [by_round[k] for k in sorted(by_round)], summary, config)
-
-
 # ---------------------------------------------------------------------------------------------- reading the rounds
 
 
@@ -188,49 +87,42 @@ def _number(value: Any) -> float | None:
     return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
 
 
-def _series(rounds: list[dict[str, Any]], *keys: str) -> tuple[list[int], list[float]]:
-    """Rounds and the value at ``entry[keys[0]][keys[1]]...``, where it is a number (other rounds are skipped)."""
+def _series(rounds: Iterable[RoundEntry], value: Callable[[RoundEntry], Any]) -> tuple[list[int], list[float]]:
+    """Rounds and ``value(entry)``, where it is a number (other rounds are skipped)."""
     xs, ys = [], []
     for entry in rounds:
-        value: Any = entry
-        for key in keys:
-            value = value.get(key) if isinstance(value, dict) else None
-        number = _number(value)
+        number = _number(value(entry))
         if number is not None:
-            xs.append(int(entry["round"]))
+            xs.append(entry.round)
             ys.append(number)
     return xs, ys
 
 
-def _hospitals(run: RunFiles) -> list[str]:
-    names = list(run.summary.get("hospitals", {}))
-    for entry in run.rounds:
-        names += [n for n in entry.get("per_hospital", {}) if n not in names]
-    return names
+def _summary(run: RunFiles) -> RunSummary:
+    """The run's summary, or an empty one while it runs or after it was killed."""
+    return run.summary if run.summary is not None else RunSummary()
 
 
-def _latest(run: RunFiles, name: str, kind: str) -> tuple[int, dict[str, Any]]:
+def _latest(run: RunFiles, name: str, kind: str) -> tuple[int, Metrics]:
     """A hospital's latest non-empty ``train`` or ``evaluate`` metrics, with their round (0, {} if none)."""
     for entry in reversed(run.rounds):
-        metrics = entry.get("per_hospital", {}).get(name, {}).get(kind)
+        hospital = entry.per_hospital.get(name)
+        metrics = (hospital.train if kind == "train" else hospital.evaluate) if hospital is not None else {}
         if metrics:
-            return int(entry["round"]), metrics
+            return entry.round, metrics
     return 0, {}
 
 
-def _final_global(run: RunFiles) -> tuple[int, dict[str, Any], dict[str, Any]]:
+def _final_global(run: RunFiles) -> tuple[int, Metrics, Metrics]:
     """The last round with global metrics, those metrics, and the hospitals' weighted mean of that round."""
     for entry in reversed(run.rounds):
-        if entry.get("global"):
-            return int(entry["round"]), entry["global"], entry.get("federated") or {}
+        if entry.global_:
+            return entry.round, entry.global_, entry.federated
     return 0, {}, {}
 
 
-def _has_dp(rounds: list[dict[str, Any]]) -> bool:
-    return any(
-        entry.get("privacy", {}).get("sample_level_epsilon") or entry.get("privacy", {}).get("client_level")
-        for entry in rounds
-    )
+def _has_dp(rounds: list[RoundEntry]) -> bool:
+    return any(entry.privacy for entry in rounds)
 
 
 def _bytes(value: float) -> str:
@@ -301,22 +193,22 @@ def plot_global(run: RunFiles, path: Path) -> Path | None:
     Path or None
         ``path``, or None when the run recorded nothing to draw (no file is written then).
     """
-    initial = run.summary.get("initial", {}).get("global") or {}
-    rounds = ([{"round": 0, "global": initial}] if initial else []) + run.rounds
-    names = _ordered({k for entry in rounds for k in (entry.get("global") or {})})
+    initial = _summary(run).initial_global or {}
+    rounds = ([RoundEntry(round=0, global_=initial)] if initial else []) + run.rounds
+    names = _ordered({k for entry in rounds for k in entry.global_})
     if not names:
         return None
     groups = [("scores", [n for n in names if "loss" not in n]), ("loss", [n for n in names if "loss" in n])]
     groups = [(label, group) for label, group in groups if group]
     figure, panels = _figure(len(groups))
-    differs = any(entry.get("federated") and entry.get("federated") != entry.get("global") for entry in run.rounds)
+    differs = any(entry.federated and entry.federated != entry.global_ for entry in run.rounds)
     for axes, (label, group) in zip(panels, groups, strict=True):
         for index, name in enumerate(group):
             color = f"C{index}"
-            axes.plot(*_series(rounds, "global", name), marker="o", color=color,
+            axes.plot(*_series(rounds, lambda e, n=name: e.global_.get(n)), marker="o", color=color,  # type: ignore[misc]
                       label=f"{name} (global test)" if differs else name)
             if differs:
-                axes.plot(*_series(run.rounds, "federated", name), linestyle=":",
+                axes.plot(*_series(run.rounds, lambda e, n=name: e.federated.get(n)), linestyle=":",  # type: ignore[misc]
                           color=color, label=f"{name} (hospitals' mean)")
         _finish(axes, "Global adapter" if label == "scores" else "Global loss", label)
     return _save(figure, path)
@@ -337,19 +229,19 @@ def plot_hospitals(run: RunFiles, path: Path) -> Path | None:
     Path or None
         ``path``, or None when the run recorded nothing to draw (no file is written then).
     """
-    names = _hospitals(run)
-    evaluated = {k for e in run.rounds for h in e.get("per_hospital", {}).values() for k in h.get("evaluate", {})}
+    names = run.hospitals()
+    evaluated = {k for e in run.rounds for h in e.per_hospital.values() for k in h.evaluate}
     metrics = [("evaluate", m) for m in _ordered(evaluated) if m in ("accuracy", "macro-f1", "loss")]
     if not metrics:
         metrics = [("evaluate", m) for m in _ordered(evaluated)[:3]]
-    if any("train-loss" in h.get("train", {}) for e in run.rounds for h in e.get("per_hospital", {}).values()):
+    if any("train-loss" in h.train for e in run.rounds for h in e.per_hospital.values()):
         metrics.append(("train", "train-loss"))
     if not names or not metrics:
         return None
     figure, panels = _figure(len(metrics))
     for axes, (kind, metric) in zip(panels, metrics, strict=True):
         for name in names:
-            xs, ys = _series(run.rounds, "per_hospital", name, kind, metric)
+            xs, ys = _series(run.rounds, lambda e, n=name, k=kind, m=metric: _kind(e.hospital(n), k).get(m))  # type: ignore[misc]
             if xs:
                 axes.plot(xs, ys, marker="o", color=f"C{names.index(name) % 10}", label=name)
         _finish(axes, f"{metric} ({'local test' if kind == 'evaluate' else 'training'})", metric, legend=False)
@@ -357,46 +249,6 @@ def plot_hospitals(run: RunFiles, path: Path) -> Path | None:
     handles = {label: handle for axes in panels for handle, label in zip(*axes.get_legend_handles_labels(), strict=True)}
     figure.legend(list(handles.values()), list(handles), loc="outside lower center", ncols=min(len(handles), 5),
                   fontsize=8)
-    return _save(figure, path)
-
-
-def plot_epsilon(run: RunFiles, path: Path) -> Path | None:
-    """ε spent per round: each hospital's sample-level ε (DP-SGD), and the client-level ε, one panel each.
-
-    A dashed line marks each hospital's budget (its ``privacy.target-epsilon`` or ``hospital-epsilon``).
-
-    Parameters
-    ----------
-    run : RunFiles
-        The run, from :func:`read_run`.
-    path : Path
-        The PNG file to write.
-
-    Returns
-    -------
-    Path or None
-        ``path``, or None when the run had no differential privacy (no file is written then).
-    """
-    spent = {n for e in run.rounds for n in e.get("privacy", {}).get("sample_level_epsilon", {})}
-    names = [n for n in _hospitals(run) if n in spent]
-    client = _series(run.rounds, "privacy", "client_level", "epsilon")
-    panels = int(bool(names)) + int(bool(client[0]))
-    if not panels:
-        return None
-    figure, axes = _figure(panels)
-    if names:
-        ledgers = _ledgers(run)
-        for index, name in enumerate(names):
-            color = f"C{index % 10}"
-            xs, ys = _series(run.rounds, "privacy", "sample_level_epsilon", name)
-            axes[0].plot(xs, ys, marker="o", color=color, label=name)
-            target = _number(ledgers.get(name, {}).get(keys.DP_TARGET_EPSILON))
-            if target is not None:
-                axes[0].axhline(target, color=color, linestyle="--", linewidth=0.8, alpha=0.6)
-        _finish(axes[0], "Sample-level ε (DP-SGD; dashed: budget)", "ε")
-    if client[0]:
-        axes[-1].plot(*client, marker="s", color="black", label=str(run.setting("privacy.client-dp", "client-level")))
-        _finish(axes[-1], "Client-level ε (whole hospitals)", "ε")
     return _save(figure, path)
 
 
@@ -428,12 +280,12 @@ def plot_bytes(run: RunFiles, path: Path) -> Path:
         ``path``.
     """
     figure, (per_round, per_hospital) = _figure(2)
-    unit = _bars(per_round, [int(e["round"]) for e in run.rounds],
-                 [int(e.get("bytes_down", 0)) for e in run.rounds], [int(e.get("bytes_up", 0)) for e in run.rounds])
+    unit = _bars(per_round, [e.round for e in run.rounds], [e.bytes_down for e in run.rounds],
+                 [e.bytes_up for e in run.rounds])
     _finish(per_round, "Per round, all hospitals", unit)
-    names = _hospitals(run)
-    down, up = ([sum(int(e.get("per_hospital", {}).get(n, {}).get(kind, 0)) for e in run.rounds) for n in names]
-                for kind in ("bytes_down", "bytes_up"))
+    names = run.hospitals()
+    down = [sum(e.hospital(n).bytes_down for e in run.rounds) for n in names]
+    up = [sum(e.hospital(n).bytes_up for e in run.rounds) for n in names]
     unit = _bars(per_hospital, list(range(len(names))), down, up)
     tilt = len(names) > 4
     per_hospital.set_xticks(range(len(names)), names, rotation=30 if tilt else 0, ha="right" if tilt else "center",
@@ -442,10 +294,22 @@ def plot_bytes(run: RunFiles, path: Path) -> Path:
     per_hospital.set_ylabel(unit)
     per_hospital.grid(alpha=0.3, axis="y")
     per_hospital.legend(fontsize=7)
-    compression = run.summary.get("compression") or run.setting("compression.method")
+    compression = _summary(run).compression or run.setting("compression.method")
     if compression:
         figure.suptitle(f"Communication (compression: {compression})", fontsize=11)
     return _save(figure, path)
+
+
+def _kind(hospital: HospitalEntry, kind: str) -> Metrics:
+    return hospital.train if kind == "train" else hospital.evaluate
+
+
+def _plot_epsilon(run: RunFiles, path: Path) -> Path | None:
+    """:func:`fedfm.privacy.report.plot_epsilon` with each hospital's budget; None for a run without DP."""
+    budgets = {name: target for name, ledger in _ledgers(run).items()
+               if (target := _number(ledger.get(keys.DP_TARGET_EPSILON))) is not None}
+    return plot_epsilon(run.rounds, path, hospitals=run.hospitals(), budgets=budgets,
+                        client_label=str(run.setting("privacy.client-dp", "client-level")), skip_empty=True)
 
 
 def _save(figure: Figure, path: Path) -> Path:
@@ -460,33 +324,34 @@ def _save(figure: Figure, path: Path) -> Path:
 def _status(run: RunFiles) -> str:
     done, planned = len(run.rounds), run.setting("federation.num-rounds")
     of = f" of {planned}" if planned else ""
-    last = run.rounds[-1]["round"]
+    last = run.rounds[-1].round
+    summary = _summary(run)
     if run.finished:
-        stopped = run.summary.get("stopped")
+        stopped = summary.stopped
         text = f"stopped early after round {last}: {stopped}" if stopped else f"finished: {done}{of} rounds"
     else:
         text = (f"incomplete: {done}{of} rounds recorded, no summary after round {last} "
                 f"(still running, or killed: `fedfm run --resume {run.path}` continues it)")
-    resumed = run.summary.get("resumed_from") if run.finished else None
+    resumed = summary.resumed_from if run.finished else None
     return text + (f"; resumed after round {resumed}" if resumed is not None else "")
 
 
 def _settings(run: RunFiles) -> list[str]:
-    summary = run.summary
+    summary = _summary(run)
     rows = [
-        ("model", summary.get("model") or run.setting("model.name")),
+        ("model", summary.model or run.setting("model.name")),
         ("task", run.setting("model.task")),
-        ("dataset", summary.get("dataset") or run.setting("data.dataset")),
+        ("dataset", summary.dataset or run.setting("data.dataset")),
         ("partitioner", run.setting("data.partitioner")),
-        ("strategy", summary.get("strategy") or run.setting("federation.strategy")),
+        ("strategy", summary.strategy or run.setting("federation.strategy")),
         ("rounds", f"{len(run.rounds)} recorded of {run.setting('federation.num-rounds', '?')} planned"),
         ("local training", _local_training(run)),
         ("LoRA", f"r {run.setting('lora.r')}, alpha {run.setting('lora.alpha')}" if run.setting("lora.r") else None),
         ("privacy", _privacy_setting(run)),
-        ("compression", summary.get("compression") or run.setting("compression.method")),
-        ("adapter parameters", f"{summary['adapter_parameters']:,} of {summary['base_parameters']:,} in the base"
-         if "adapter_parameters" in summary and "base_parameters" in summary else None),
-        ("wall time", f"{summary['wall_seconds']:.1f} s" if "wall_seconds" in summary else None),
+        ("compression", summary.compression or run.setting("compression.method")),
+        ("adapter parameters", f"{summary.adapter_parameters:,} of {summary.base_parameters:,} in the base"
+         if summary.adapter_parameters is not None and summary.base_parameters is not None else None),
+        ("wall time", f"{summary.wall_seconds:.1f} s" if summary.wall_seconds is not None else None),
     ]
     return _table(["setting", "value"], [[name, str(value)] for name, value in rows if value not in (None, "")])
 
@@ -513,28 +378,29 @@ def _privacy_setting(run: RunFiles) -> str | None:
 
 
 def _hospital_sizes(run: RunFiles) -> list[str]:
-    sizes = run.summary.get("hospitals", {})
+    sizes = _summary(run).hospitals
     rows = []
-    for name in _hospitals(run):
-        known = sizes.get(name, {})
-        train = known.get("train_rows", _latest(run, name, "train")[1].get("num-examples"))
-        test = known.get("test_rows", _latest(run, name, "evaluate")[1].get("num-examples"))
+    for name in run.hospitals():
+        known = sizes.get(name)
+        train = known.train_rows if known is not None else _latest(run, name, "train")[1].get("num-examples")
+        test = known.test_rows if known is not None else _latest(run, name, "evaluate")[1].get("num-examples")
         rows.append([name, "-" if train is None else str(int(train)), "-" if test is None else str(int(test))])
     return _table(["hospital", "train rows", "test rows"], rows)
 
 
 def _final_metrics(run: RunFiles) -> list[str]:
     at, final, federated = _final_global(run)
-    hospitals = {name: _latest(run, name, "evaluate") for name in _hospitals(run)}
-    initial = run.summary.get("initial", {}).get("global") or {}
+    hospitals = {name: _latest(run, name, "evaluate") for name in run.hospitals()}
+    summary = _summary(run)
+    initial = summary.initial_global or {}
     names = _ordered(set(final) | set(federated) | {k for _, m in hospitals.values() for k in m})
-    last = int(run.rounds[-1]["round"])
+    last = run.rounds[-1].round
     rows: list[list[str]] = []
     if initial:
         rows.append(["global test, before training (round 0)", *(_fmt(initial.get(n)) for n in names), "-"])
     if final:
         rows.append([f"global test (round {at})", *(_fmt(final.get(n)) for n in names),
-                     str(run.summary.get("global_test_rows", "-"))])
+                     str(summary.global_test_rows if summary.global_test_rows is not None else "-")])
     if federated and federated != final:
         rows.append([f"hospitals' weighted mean (round {at})", *(_fmt(federated.get(n)) for n in names), "-"])
     for name, (server_round, metrics) in hospitals.items():
@@ -548,14 +414,14 @@ def _ledgers(run: RunFiles) -> dict[str, dict[str, Any]]:
     """Per hospital under DP-SGD: the ledger of the last round it reported, and the rounds it refused."""
     ledgers: dict[str, dict[str, Any]] = {}
     for entry in run.rounds:
-        for name, replies in entry.get("per_hospital", {}).items():
-            train = replies.get("train") or {}
+        for name, replies in entry.per_hospital.items():
+            train = replies.train
             if keys.DP_EPSILON not in train:
                 continue
             ledger = ledgers.setdefault(name, {"refused": []})
             ledger.update(train)
             if train.get(keys.DP_REFUSED):
-                ledger["refused"].append(int(entry["round"]))
+                ledger["refused"].append(entry.round)
     return ledgers
 
 
@@ -563,6 +429,7 @@ def _privacy_tables(run: RunFiles) -> list[str]:
     ledgers = _ledgers(run)
     lines: list[str] = []
     if ledgers:
+        order = run.hospitals()
         rows = [
             [
                 name, _fmt(ledger[keys.DP_EPSILON], 3), _fmt(ledger.get(keys.DP_TARGET_EPSILON), 2),
@@ -570,18 +437,18 @@ def _privacy_tables(run: RunFiles) -> list[str]:
                 _fmt(ledger.get(keys.DP_NOISE_MULTIPLIER), 3), _fmt(ledger.get(keys.DP_SAMPLE_RATE), 4),
                 _fmt(ledger.get(keys.DP_STEPS), 0), ", ".join(map(str, ledger["refused"])) or "-",
             ]
-            for name, ledger in sorted(ledgers.items(), key=lambda item: _hospitals(run).index(item[0]))
+            for name, ledger in sorted(ledgers.items(), key=lambda item: order.index(item[0]))
         ]
         head = ["hospital", "ε", "target ε", "δ", "noise multiplier", "sample rate", "steps", "refused rounds"]
         lines += ["Sample-level DP-SGD: ε each hospital had spent by the last round it reported.", "",
                   *_table(head, rows), ""]
-    levels = [e["privacy"]["client_level"] for e in run.rounds if e.get("privacy", {}).get("client_level")]
+    levels = [e.privacy.client_level for e in run.rounds if e.privacy.client_level is not None]
     if levels:
         level = levels[-1]
         text = (
-            f"Client-level DP ({run.setting('privacy.client-dp', 'on')}): ε {_fmt(level.get('epsilon'), 3)} at "
-            f"δ {level.get('delta', float('nan')):.2g} after {level.get('releases', '-')} release(s), noise "
-            f"multiplier {_fmt(level.get('noise_multiplier'), 3)}."
+            f"Client-level DP ({run.setting('privacy.client-dp', 'on')}): ε {_fmt(level.epsilon, 3)} at "
+            f"δ {level.delta:.2g} after {level.releases} release(s), noise "
+            f"multiplier {_fmt(level.noise_multiplier, 3)}."
         )
         lines += [text, ""]
     return lines
@@ -589,12 +456,12 @@ def _privacy_tables(run: RunFiles) -> list[str]:
 
 def _communication(run: RunFiles) -> list[str]:
     rows = []
-    for name in _hospitals(run):
-        up = sum(int(e.get("per_hospital", {}).get(name, {}).get("bytes_up", 0)) for e in run.rounds)
-        down = sum(int(e.get("per_hospital", {}).get(name, {}).get("bytes_down", 0)) for e in run.rounds)
+    for name in run.hospitals():
+        up = sum(e.hospital(name).bytes_up for e in run.rounds)
+        down = sum(e.hospital(name).bytes_down for e in run.rounds)
         rows.append([name, f"{up:,} ({_bytes(up)})", f"{down:,} ({_bytes(down)})"])
-    up = sum(int(e.get("bytes_up", 0)) for e in run.rounds)
-    down = sum(int(e.get("bytes_down", 0)) for e in run.rounds)
+    up = sum(e.bytes_up for e in run.rounds)
+    down = sum(e.bytes_down for e in run.rounds)
     rows.append(["**total**", f"**{up:,}** ({_bytes(up)})", f"**{down:,}** ({_bytes(down)})"])
     return _table(["hospital", "bytes up", "bytes down"], rows)
 
@@ -602,12 +469,11 @@ def _communication(run: RunFiles) -> list[str]:
 def _round_log(run: RunFiles) -> list[str]:
     rows = []
     for entry in run.rounds:
-        replied = sum(1 for v in entry.get("per_hospital", {}).values() if v.get("train"))
-        left = entry.get("left_out") or {}
+        replied = sum(1 for v in entry.per_hospital.values() if v.train)
         rows.append([
-            str(entry["round"]), str(replied), "yes" if entry.get("aggregated", True) else "no",
-            str(entry.get("retries", 0)), _fmt(entry.get("seconds"), 1),
-            "; ".join(f"{k}: {v}" for k, v in left.items())[:200] or "-",
+            str(entry.round), str(replied), "yes" if entry.aggregated else "no",
+            str(entry.retries), _fmt(entry.seconds, 1),
+            "; ".join(f"{k}: {v}" for k, v in entry.left_out.items())[:200] or "-",
         ])
     return _table(["round", "hospitals replied", "aggregated", "retries", "seconds", "left out"], rows)
 
@@ -657,7 +523,7 @@ def write_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
         plots: dict[str, Path | None] = {
             "global": plot_global(run, folder / "global.png"),
             "hospitals": plot_hospitals(run, folder / "hospitals.png"),
-            "epsilon": plot_epsilon(run, folder / "epsilon.png"),
+            "epsilon": _plot_epsilon(run, folder / "epsilon.png"),
             "bytes": plot_bytes(run, folder / "bytes.png"),
         }
         for name, plot in plots.items():

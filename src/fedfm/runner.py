@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import sys
@@ -15,7 +14,7 @@ from fedfm import interrupt, rundir
 from fedfm.config import RunConfig, load_config, resolve_parallelism
 from fedfm.errors import ConfigError, FedfmError
 from fedfm.progress import check_mode
-from fedfm.rundir import default_run_dir, read_jsonl
+from fedfm.rundir import RoundEntry, RunSummary, default_run_dir
 
 logger = logging.getLogger("fedfm")
 
@@ -29,9 +28,9 @@ class RunResult:
     run_dir : Path
         The run directory (config.toml, metrics.jsonl, summary.json, adapter/, checkpoints/).
     summary : dict
-        The content of ``summary.json``.
+        The content of ``summary.json`` (typed: :attr:`run_summary`).
     history : list of dict
-        One entry per round, as in ``metrics.jsonl``.
+        One entry per round, as in ``metrics.jsonl`` (typed: :attr:`rounds`).
     """
 
     run_dir: Path
@@ -40,22 +39,31 @@ class RunResult:
 
     @classmethod
     def load(cls, run_dir: str | Path) -> RunResult:
-        """Read a finished run's directory."""
-        path = Path(run_dir)
-        summary_file = path / "summary.json"
-        if not summary_file.is_file():
-            raise FedfmError(f"{path} holds no summary.json: the run did not finish")
-        return cls(path, json.loads(summary_file.read_text()), read_jsonl(path / "metrics.jsonl"))
+        """Read a finished run's directory (through :func:`fedfm.rundir.read_run`)."""
+        files = rundir.read_run(run_dir, need_rounds=False)
+        if files.summary is None:
+            raise FedfmError(f"{files.path} holds no summary.json: the run did not finish")
+        return cls(files.path, files.summary.to_json(), [entry.to_json() for entry in files.rounds])
+
+    @property
+    def run_summary(self) -> RunSummary:
+        """``summary.json`` as its typed record."""
+        return RunSummary.from_json(self.summary)
+
+    @property
+    def rounds(self) -> list[RoundEntry]:
+        """The rounds of ``metrics.jsonl`` as typed records."""
+        return [RoundEntry.from_json(entry) for entry in self.history]
 
     @property
     def final_global(self) -> dict[str, float]:
         """Metrics of the final global adapter on the global test set."""
-        return dict(self.summary["final"]["global"])
+        return dict(self.run_summary.final.global_)
 
     @property
     def final_per_hospital(self) -> dict[str, dict[str, float]]:
         """Metrics of the final global adapter on each hospital's local test split."""
-        return {k: dict(v) for k, v in self.summary["final"]["per_hospital"].items()}
+        return {k: dict(v) for k, v in self.run_summary.final.per_hospital.items()}
 
     @property
     def adapter_dir(self) -> Path:
@@ -65,13 +73,14 @@ class RunResult:
     @property
     def final_personalized(self) -> dict[str, dict[str, float]]:
         """Each hospital's personalized model on its local test split (a local fine-tune or its kept parts); may be empty."""
-        return {k: dict(v) for k, v in (self.summary["final"].get("personalized") or {}).items()}
+        return {k: dict(v) for k, v in self.run_summary.final.personalized.items()}
 
     def table(self) -> str:
         """The final scores as a plain-text table: the global adapter, and each hospital's personalized model if any."""
+        summary = self.run_summary
         # Without central evaluation the "global" scores are the hospitals' weighted mean on their local
         # test splits; hospitals that did not evaluate (federation.fraction-evaluate = 0) have no row.
-        central = self.summary.get("central_evaluation", True)
+        central = summary.central_evaluation
         first = "global test" if central else "hospitals' mean"
         hospitals = self.final_per_hospital
         scored = [(first, self.final_global), *hospitals.items()]
@@ -86,7 +95,7 @@ class RunResult:
         lines = [header + (f"  {'personalized acc':>16}  {'personalized f1':>15}" if personalized else "")]
         for name, m in rows:
             if name == first:
-                examples = (self.summary.get("global_test_rows", 0) if central
+                examples = (summary.global_test_rows or 0 if central
                             else sum(h.get("num-examples", 0) for h in hospitals.values()))
             else:
                 examples = m.get("num-examples", 0)
@@ -96,13 +105,13 @@ class RunResult:
                 mine = personalized[name]
                 line += f"  {mine.get('accuracy', float('nan')):16.3f}  {mine.get('macro-f1', float('nan')):15.3f}"
             lines.append(line)
-        selection = self.summary.get("selection") or {}
-        if selection.get("best_round") is not None:
-            best = (selection.get("best") or {}).get("global") or {}
+        selection = summary.selection
+        if selection.best_round is not None:
+            best = selection.best.global_ if selection.best is not None else {}
             lines.append(
-                f"best round by validation {selection['metric']}: {selection['best_round']} "
-                f"({selection['best_validation']:.4f}; global test accuracy {best.get('accuracy', float('nan')):.3f}); "
-                f"exported adapter: round {selection.get('exported_round')} (select-best {selection.get('select_best')})"
+                f"best round by validation {selection.metric}: {selection.best_round} "
+                f"({selection.best_validation:.4f}; global test accuracy {best.get('accuracy', float('nan')):.3f}); "
+                f"exported adapter: round {selection.exported_round} (select-best {selection.select_best})"
             )
         return "\n".join(lines)
 

@@ -28,7 +28,27 @@ from fedfm.errors import CheckpointError, FedfmError
 from fedfm.interrupt import InterruptibleGrid
 from fedfm.privacy.accounting import ClientLevelLedger, default_delta, sampled_hospitals
 from fedfm.progress import Progress, progress_display
-from fedfm.rundir import Checkpoint, RunDirectory, claim, default_run_dir, read_checkpoint
+from fedfm.rundir import (
+    Audit,
+    AuditScore,
+    Checkpoint,
+    ClientLevel,
+    FinalScores,
+    HospitalEntry,
+    HospitalPrivacy,
+    HospitalRows,
+    PrivacySummary,
+    RoundEntry,
+    RoundPrivacy,
+    RoundScores,
+    RunDirectory,
+    RunSummary,
+    Selection,
+    SentByHospital,
+    claim,
+    default_run_dir,
+    read_checkpoint,
+)
 from fedfm.strategies import GuardedStrategy
 from fedfm.strategies.plan import encode_plans
 from fedfm.strategies.selection import BestRound, validation_of
@@ -70,7 +90,7 @@ class _Recorder:
         self.strategy = strategy
         self.run_dir = run_dir
         self.names = workspace.hospital_names
-        self.history: list[dict[str, Any]] = []
+        self.rounds: list[RoundEntry] = []
         self.initial: dict[str, float] | None = None
         self.started = time.perf_counter()
         self.last = self.started
@@ -105,7 +125,7 @@ class _Recorder:
     def resume_from(self, checkpoint: Checkpoint) -> None:
         """Continue after ``checkpoint``: its history, ledger and random generators (the strategy: see serve)."""
         state, arrays = checkpoint.state, checkpoint.state_arrays
-        self.history = [e for e in self.run_dir.lines() if e["round"] <= checkpoint.server_round]
+        self.rounds = [e for e in self.run_dir.rounds() if e.round <= checkpoint.server_round]
         self.initial = state.get("initial")
         self.earlier_seconds = float(state.get("seconds", 0.0))
         self.best.load_state_dict(state.get("selection"), arrays)
@@ -155,62 +175,65 @@ class _Recorder:
             index = self.strategy.hospital_of(node)
             key = index if index is not None else -1
             bytes_down[key] = bytes_down.get(key, 0) + count
-        per_hospital: dict[str, dict[str, Any]] = {}
+        per_hospital: dict[str, HospitalEntry] = {}
         for index in sorted(set(record.train) | set(record.evaluate) | set(record.bytes_up) | set(bytes_down) - {-1}):
             name = self.names[index] if 0 <= index < len(self.names) else f"hospital-{index}"
-            per_hospital[name] = {
-                "train": record.train.get(index, {}),
-                "evaluate": record.evaluate.get(index, {}),
-                "bytes_up": record.bytes_up.get(index, 0),
-                "bytes_down": bytes_down.get(index, 0),
-            }
+            per_hospital[name] = HospitalEntry(
+                train=record.train.get(index, {}),
+                evaluate=record.evaluate.get(index, {}),
+                bytes_up=record.bytes_up.get(index, 0),
+                bytes_down=bytes_down.get(index, 0),
+            )
         federated = _weighted({i: _plain(m) for i, m in record.evaluate.items()})
         validation = validation_of(record.evaluate.values())
-        privacy = _privacy_of(per_hospital)
+        client_level = None
         if self.client_ledger is not None:
             if record.train_aggregated:
                 self.client_ledger = self.client_ledger.after_round(record.train_replies, self.sampled)
-            privacy["client_level"] = {
-                "epsilon": self.client_ledger.epsilon(),
-                "delta": self.client_ledger.delta,
-                "releases": self.client_ledger.releases,
-                "noise_multiplier": self.client_ledger.noise_multiplier,
-                "sample_rate": self.client_ledger.sample_rate,
-                "clipping_norm": float(getattr(self.strategy.inner, "clipping_norm", float("nan"))),
-            }
+            client_level = ClientLevel(
+                epsilon=self.client_ledger.epsilon(),
+                delta=self.client_ledger.delta,
+                releases=self.client_ledger.releases,
+                noise_multiplier=self.client_ledger.noise_multiplier,
+                sample_rate=self.client_ledger.sample_rate,
+                clipping_norm=float(getattr(self.strategy.inner, "clipping_norm", float("nan"))),
+            )
         now = time.perf_counter()
-        entry: dict[str, Any] = {
-            "round": server_round,
-            "global": central if central is not None else federated,
-            "federated": federated,
-            **({"validation": validation} if validation else {}),
-            "per_hospital": per_hospital,
-            "bytes_up": int(sum(record.bytes_up.values())),
-            "bytes_down": int(sum(record.bytes_down.values())),
-            "aggregated": record.train_aggregated,
-            "left_out": record.left_out,
-            "retries": record.retries,
-            "seconds": round(now - self.last, 3),
-        }
-        if privacy:
-            entry["privacy"] = privacy
+        entry = RoundEntry(
+            round=server_round,
+            global_=central if central is not None else federated,
+            federated=federated,
+            validation=validation,
+            per_hospital=per_hospital,
+            bytes_up=int(sum(record.bytes_up.values())),
+            bytes_down=int(sum(record.bytes_down.values())),
+            aggregated=record.train_aggregated,
+            left_out=record.left_out,
+            retries=record.retries,
+            seconds=round(now - self.last, 3),
+            privacy=RoundPrivacy(sample_level_epsilon=_epsilons(per_hospital), client_level=client_level),
+        )
         self.last = now
-        self.history.append(entry)
+        self.rounds.append(entry)
         self.run_dir.append_round(entry)
         if validation and self.best.observe(server_round, validation, record_to_numpy(arrays)):
             logger.info("round %d: best validation %s so far (%.4f)", server_round, self.best.metric, self.best.score)
         state, state_arrays = self.server_state()
         self.run_dir.write_checkpoint(server_round, record_to_numpy(arrays), state=state, state_arrays=state_arrays)
         hospitals = "  ".join(
-            f"{name} {v['evaluate'].get('accuracy', float('nan')):.3f}" for name, v in per_hospital.items() if v["evaluate"]
+            f"{name} {v.evaluate.get('accuracy', float('nan')):.3f}" for name, v in per_hospital.items() if v.evaluate
         )
         logger.info(
             "round %d/%d  global %s | %s | %.1f s",
-            server_round, self.config.federation.num_rounds, _fmt(entry["global"]), hospitals, entry["seconds"],
+            server_round, self.config.federation.num_rounds, _fmt(entry.global_), hospitals, entry.seconds,
         )
         self.progress.round_done(entry, total_rounds=self.config.federation.num_rounds, hospitals=len(self.names),
                                  replied=record.train_replies)
 
+    @property
+    def history(self) -> list[dict[str, Any]]:
+        """The rounds recorded so far as the JSON of their ``metrics.jsonl`` lines."""
+        return [entry.to_json() for entry in self.rounds]
 
     def early_stop(self, server_round: int) -> str | None:
         """Why the run stops after ``server_round`` (``federation.patience``), or None."""
@@ -246,31 +269,34 @@ def _client_level_ledger(config: RunConfig, num_hospitals: int) -> tuple[ClientL
     return ledger, sampled
 
 
-def _privacy_of(per_hospital: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """The round's privacy ledger: ε each hospital reported (DP-SGD), by hospital name."""
-    spent = {
-        name: v["train"][keys.DP_EPSILON] for name, v in per_hospital.items() if keys.DP_EPSILON in v.get("train", {})
-    }
-    return {"sample_level_epsilon": spent} if spent else {}
+def _epsilons(per_hospital: dict[str, HospitalEntry]) -> dict[str, float]:
+    """The round's sample-level ledger: ε each hospital reported (DP-SGD), by hospital name."""
+    return {name: v.train[keys.DP_EPSILON] for name, v in per_hospital.items() if keys.DP_EPSILON in v.train}
 
 
-def privacy_summary(history: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+def privacy_summary(rounds: list[RoundEntry]) -> dict[str, HospitalPrivacy]:
     """Per hospital: the last ledger it reported, the rounds it trained in and those it refused."""
-    ledger: dict[str, dict[str, Any]] = {}
-    for entry in history:
-        for name, v in entry.get("per_hospital", {}).items():
-            train = v.get("train", {})
+    ledger: dict[str, HospitalPrivacy] = {}
+    for entry in rounds:
+        for name, v in entry.per_hospital.items():
+            train = v.train
             if keys.DP_EPSILON not in train:
                 continue
-            row = ledger.setdefault(name, {"rounds_trained": [], "rounds_refused": []})
-            row["rounds_refused" if train.get(keys.DP_REFUSED) else "rounds_trained"].append(entry["round"])
-            row.update(
+            earlier = ledger.get(name)
+            trained, refused = (earlier.rounds_trained, earlier.rounds_refused) if earlier else ((), ())
+            if train.get(keys.DP_REFUSED):
+                refused += (entry.round,)
+            else:
+                trained += (entry.round,)
+            ledger[name] = HospitalPrivacy(
                 epsilon=train[keys.DP_EPSILON],
                 delta=train[keys.DP_DELTA],
                 target_epsilon=train[keys.DP_TARGET_EPSILON],
                 noise_multiplier=train[keys.DP_NOISE_MULTIPLIER],
                 sample_rate=train[keys.DP_SAMPLE_RATE],
                 steps=int(train[keys.DP_STEPS]),
+                rounds_trained=trained,
+                rounds_refused=refused,
             )
     return ledger
 
@@ -376,7 +402,7 @@ def _build_strategy(config: RunConfig, workspace: Workspace) -> GuardedStrategy:
 
 def serve(
     grid: Grid, config: RunConfig, run_dir: Path, context: Context | None = None, *, progress: Progress | None = None
-) -> dict[str, Any]:
+) -> RunSummary:
     """Run a whole federation on a Flower grid and write the run directory.
 
     Parameters
@@ -394,7 +420,7 @@ def serve(
 
     Returns
     -------
-    dict
+    RunSummary
         The summary also written to ``summary.json``.
     """
     started = time.perf_counter()
@@ -413,7 +439,7 @@ def serve(
 def _serve(
     grid: Grid, config: RunConfig, run_dir: Path, context: Context | None, *, progress: Progress | None,
     started: float,
-) -> dict[str, Any]:
+) -> RunSummary:
     checkpoint = resume_point(config, Path(run_dir)) if config.output.resume else None
     directory = RunDirectory(run_dir)
     if checkpoint is not None:
@@ -467,8 +493,8 @@ def _serve(
             logger.info("the run stopped early: %s", stopped)
         elif stopped:
             logger.error("the run stopped early: %s; resume it with: fedfm run --resume %s", stopped, run_dir)
-    last = recorder.history[-1] if recorder.history else {}
-    last_round = int(last.get("round", checkpoint.server_round if checkpoint is not None else 0))
+    last = recorder.rounds[-1] if recorder.rounds else None
+    last_round = last.round if last is not None else checkpoint.server_round if checkpoint is not None else 0
     exported_round = last_round
     if config.federation.select_best == "validation" and recorder.best.arrays is not None:
         exported_round, final_arrays = int(recorder.best.round), recorder.best.arrays  # type: ignore[arg-type]
@@ -478,8 +504,8 @@ def _serve(
     personalized = (
         run_personalization(grid, config, final_arrays, flwr_config, workspace.hospital_names, server_round=last_round)
         if config.federation.personalize_epochs > 0
-        else {name: p for name, v in last.get("per_hospital", {}).items()
-              if (p := _with_prefix(v["evaluate"], keys.PERSONALIZED_PREFIX))}
+        else {name: p for name, v in (last.per_hospital if last is not None else {}).items()
+              if (p := _with_prefix(v.evaluate, keys.PERSONALIZED_PREFIX))}
     )
     final_state, fold = load_global(workspace, config, final_arrays)
     export_adapter(
@@ -489,56 +515,54 @@ def _serve(
         merged_dir=directory.merged_dir if config.output.merged_model else None,
         fold=fold,
     )
-    summary = {
-        "rounds": len(recorder.history),
-        "stopped": stopped,
-        "early_stopped": bool(stopped and recorder.early_stopped),
-        "best_round": recorder.best.round,
-        "selection": _selection_summary(config, recorder.history, recorder.best, exported_round),
-        "resumed_from": checkpoint.server_round if checkpoint is not None else None,
-        "initial": {"global": recorder.initial},
-        "final": {
-            "global": last.get("global", {}),
-            "federated": last.get("federated", {}),
-            "per_hospital": {name: v["evaluate"] for name, v in last.get("per_hospital", {}).items()},
+    summary = RunSummary(
+        rounds=len(recorder.rounds),
+        stopped=stopped,
+        early_stopped=bool(stopped and recorder.early_stopped),
+        best_round=recorder.best.round,
+        selection=selection_summary(config, recorder.rounds, recorder.best, exported_round),
+        resumed_from=checkpoint.server_round if checkpoint is not None else None,
+        initial_global=recorder.initial,
+        final=FinalScores(
+            global_=last.global_ if last is not None else {},
+            federated=last.federated if last is not None else {},
+            per_hospital={name: v.evaluate for name, v in last.per_hospital.items()} if last is not None else {},
             # Each hospital's own model on its local test rows: a local fine-tune of the exported adapter
             # (federation.personalize-epochs), else the strategy's kept parts (FedSA-LoRA's B); {} for neither.
-            "personalized": personalized,
-            "personalized_by": (
+            personalized=personalized,
+            personalized_by=(
                 f"fine-tune ({config.federation.personalize_epochs} epoch(s))"
                 if config.federation.personalize_epochs > 0 else "kept parts" if personalized else None
             ),
-        },
-        "hospitals": _hospital_rows(config, workspace, recorder.history),
-        "global_test_rows": len(workspace.federation.global_test),
+        ),
+        hospitals=_hospital_rows(config, workspace, recorder.rounds),
+        global_test_rows=len(workspace.federation.global_test),
         # Without it, "global" above is the hospitals' weighted mean on their local test splits.
-        "central_evaluation": config.federation.central_evaluation,
-        "bytes": {
-            "up": int(sum(e["bytes_up"] for e in recorder.history)),
-            "down": int(sum(e["bytes_down"] for e in recorder.history)),
-        },
-        "sent_by_hospital": _sent_by_hospital(strategy, recorder.history, workspace.hospital_names),
-        "adapter_parameters": workspace.loaded.adapter_parameters,
-        "base_parameters": workspace.loaded.base_parameters,
-        "adapter_tensors": len(workspace.loaded.initial_state),
-        "adapter_bytes": int(sum(v.nbytes for v in final_arrays.values())),
-        "personalized": bool(getattr(strategy.inner, "personalized", False)),
-        "privacy": {
-            "mode": config.privacy.mode,
-            "hospitals": privacy_summary(recorder.history),
-            "client_dp": config.privacy.client_dp,
-            "secure_aggregation": config.privacy.secure_aggregation,
+        central_evaluation=config.federation.central_evaluation,
+        bytes_up=int(sum(e.bytes_up for e in recorder.rounds)),
+        bytes_down=int(sum(e.bytes_down for e in recorder.rounds)),
+        sent_by_hospital=_sent_by_hospital(strategy, recorder.rounds, workspace.hospital_names),
+        adapter_parameters=workspace.loaded.adapter_parameters,
+        base_parameters=workspace.loaded.base_parameters,
+        adapter_tensors=len(workspace.loaded.initial_state),
+        adapter_bytes=int(sum(v.nbytes for v in final_arrays.values())),
+        personalized=bool(getattr(strategy.inner, "personalized", False)),
+        privacy=PrivacySummary(
+            mode=config.privacy.mode,
+            hospitals=privacy_summary(recorder.rounds),
+            client_dp=config.privacy.client_dp,
+            secure_aggregation=config.privacy.secure_aggregation,
             # SecAgg+: how many different adapters the server's strategy was handed per round (1: only the sum).
-            "server_saw_distinct_updates": dict(getattr(strategy, "distinct_vectors", {})) or None,
-            "client_level": last.get("privacy", {}).get("client_level"),
-            "audit": audit,
-        },
-        "wall_seconds": round(time.perf_counter() - started + recorder.earlier_seconds, 3),
-        "model": config.model.name,
-        "dataset": config.data.dataset,
-        "strategy": config.federation.strategy,
-        "compression": config.compression.method,
-    }
+            server_saw_distinct_updates=dict(getattr(strategy, "distinct_vectors", {})) or None,
+            client_level=last.privacy.client_level if last is not None else None,
+            audit=audit,
+        ),
+        wall_seconds=round(time.perf_counter() - started + recorder.earlier_seconds, 3),
+        model=config.model.name,
+        dataset=config.data.dataset,
+        strategy=config.federation.strategy,
+        compression=config.compression.method,
+    )
     directory.write_summary(summary)
     try:  # the adapter and summary are safe on disk already: a failing card must not fail the run
         export.write_model_card(directory.path, label_names=list(workspace.federation.source.label_names))
@@ -547,40 +571,43 @@ def _serve(
     return summary
 
 
+def selection_summary(config: RunConfig, rounds: list[RoundEntry], best: BestRound, exported_round: int) -> Selection:
+    """Which round was exported and why; the best (by validation) and last rounds' test scores, side by side."""
+    by_round = {e.round: e for e in rounds}
+
+    def scores(server_round: int | None) -> RoundScores | None:
+        entry = by_round.get(server_round) if server_round is not None else None
+        if entry is None:
+            return None
+        return RoundScores(
+            round=entry.round,
+            validation=entry.validation,
+            global_=entry.global_,
+            federated=entry.federated,
+            per_hospital={name: _plain(v.evaluate) for name, v in entry.per_hospital.items()},
+        )
+
+    return Selection(
+        select_best=config.federation.select_best,
+        metric=best.metric,
+        patience=config.federation.patience,
+        best_round=best.round,
+        best_validation=best.score,
+        exported_round=exported_round,
+        validation_by_round={str(e.round): e.validation.get(best.metric) for e in rounds if e.validation},
+        best=scores(best.round),
+        last=scores(rounds[-1].round) if rounds else None,
+    )
+
+
 def _selection_summary(
     config: RunConfig, history: list[dict[str, Any]], best: BestRound, exported_round: int
 ) -> dict[str, Any]:
-    """Which round was exported and why; the best (by validation) and last rounds' test scores, side by side."""
-    by_round = {e["round"]: e for e in history}
-
-    def scores(server_round: int | None) -> dict[str, Any] | None:
-        entry = by_round.get(server_round)
-        if entry is None:
-            return None
-        return {
-            "round": server_round,
-            "validation": entry.get("validation", {}),
-            "global": entry.get("global", {}),
-            "federated": entry.get("federated", {}),
-            "per_hospital": {name: _plain(v["evaluate"]) for name, v in entry.get("per_hospital", {}).items()},
-        }
-
-    return {
-        "select_best": config.federation.select_best,
-        "metric": best.metric,
-        "patience": config.federation.patience,
-        "best_round": best.round,
-        "best_validation": best.score,
-        "exported_round": exported_round,
-        "validation_by_round": {
-            str(e["round"]): e["validation"].get(best.metric) for e in history if e.get("validation")
-        },
-        "best": scores(best.round),
-        "last": scores(history[-1]["round"]) if history else None,
-    }
+    """:func:`selection_summary` on ``metrics.jsonl`` lines, as JSON (what tests/test_personalization.py reads)."""
+    return selection_summary(config, [RoundEntry.from_json(e) for e in history], best, exported_round).to_json()
 
 
-def _hospital_rows(config: RunConfig, workspace: Workspace, history: list[dict[str, Any]]) -> dict[str, Any]:
+def _hospital_rows(config: RunConfig, workspace: Workspace, rounds: list[RoundEntry]) -> dict[str, HospitalRows]:
     """Each hospital's train and test rows: as the hospitals reported them in a deployment, else the federation's.
 
     With ``data.hospitals`` the server holds no rows; the counts are the latest
@@ -588,28 +615,31 @@ def _hospital_rows(config: RunConfig, workspace: Workspace, history: list[dict[s
     """
     hospitals = workspace.federation.hospitals
     if not config.data.hospitals:
-        return {h.name: {"train_rows": len(h.train), "test_rows": len(h.test),
-                         **({"validation_rows": len(h.validation)} if h.validation is not None else {})}
+        return {h.name: HospitalRows(train_rows=len(h.train), test_rows=len(h.test),
+                                     validation_rows=len(h.validation) if h.validation is not None else None)
                 for h in hospitals}
-    rows: dict[str, dict[str, int | None]] = {h.name: {"train_rows": None, "test_rows": None} for h in hospitals}
-    for entry in history:
-        for name, replies in entry["per_hospital"].items():
-            for key, kind in (("train_rows", "train"), ("test_rows", "evaluate")):
-                if keys.NUM_EXAMPLES in replies[kind]:
-                    counts = rows.setdefault(name, {"train_rows": None, "test_rows": None})
-                    counts[key] = int(replies[kind][keys.NUM_EXAMPLES])
+    rows = {h.name: HospitalRows() for h in hospitals}
+    for entry in rounds:
+        for name, replies in entry.per_hospital.items():
+            counts = rows.get(name, HospitalRows())
+            if keys.NUM_EXAMPLES in replies.train:
+                counts = dataclasses.replace(counts, train_rows=int(replies.train[keys.NUM_EXAMPLES]))
+            if keys.NUM_EXAMPLES in replies.evaluate:
+                counts = dataclasses.replace(counts, test_rows=int(replies.evaluate[keys.NUM_EXAMPLES]))
+            if name in rows or counts != HospitalRows():
+                rows[name] = counts
     return rows
 
 
-def _sent_by_hospital(strategy: GuardedStrategy, history: list[dict[str, Any]], names: list[str]) -> dict[str, Any]:
+def _sent_by_hospital(strategy: GuardedStrategy, rounds: list[RoundEntry], names: list[str]) -> dict[str, SentByHospital]:
     """The tensor names each hospital's replies had to hold (the guard rejects any other) and its bytes up."""
-    sent = {}
-    for index, name in enumerate(names):
-        sent[name] = {
-            "tensors": sorted(strategy.template(index)),
-            "bytes_up": int(sum(e["per_hospital"].get(name, {}).get("bytes_up", 0) for e in history)),
-        }
-    return sent
+    return {
+        name: SentByHospital(
+            tensors=tuple(sorted(strategy.template(index))),
+            bytes_up=int(sum(e.hospital(name).bytes_up for e in rounds)),
+        )
+        for index, name in enumerate(names)
+    }
 
 
 def _ask_every_hospital(
@@ -638,23 +668,23 @@ def _ask_every_hospital(
 
 def run_audit(
     grid: Grid, config: RunConfig, arrays: dict[str, np.ndarray], flwr_config: ConfigRecord, names: list[str]
-) -> dict[str, Any]:
+) -> Audit:
     """Ask every hospital for the membership-inference AUC of the final model on its own rows."""
     instructions = {
         **dict(flwr_config), keys.SERVER_ROUND: config.federation.num_rounds, keys.AUDIT: True,
     }
-    hospitals: dict[str, dict[str, float]] = {}
+    hospitals: dict[str, AuditScore] = {}
     for name, metrics in _ask_every_hospital(grid, config, arrays, instructions, names, "privacy audit"):
-        hospitals[name] = {
-            "auc": float(metrics[keys.AUDIT_AUC]),
-            "members": int(metrics[keys.AUDIT_MEMBERS]),
-            "nonmembers": int(metrics[keys.AUDIT_NONMEMBERS]),
-        }
+        hospitals[name] = AuditScore(
+            auc=float(metrics[keys.AUDIT_AUC]),  # type: ignore[arg-type]
+            members=int(metrics[keys.AUDIT_MEMBERS]),  # type: ignore[call-overload]
+            nonmembers=int(metrics[keys.AUDIT_NONMEMBERS]),  # type: ignore[call-overload]
+        )
     hospitals = dict(sorted(hospitals.items()))
-    aucs = [v["auc"] for v in hospitals.values() if np.isfinite(v["auc"])]
+    aucs = [v.auc for v in hospitals.values() if np.isfinite(v.auc)]
     logger.info("privacy audit: membership-inference AUC %s (0.5 = nothing visible)",
-                "  ".join(f"{name} {v['auc']:.3f}" for name, v in hospitals.items()))
-    return {"attack": "loss threshold", "hospitals": hospitals, "mean_auc": float(np.mean(aucs)) if aucs else None}
+                "  ".join(f"{name} {v.auc:.3f}" for name, v in hospitals.items()))
+    return Audit(attack="loss threshold", hospitals=hospitals, mean_auc=float(np.mean(aucs)) if aucs else None)
 
 
 def run_personalization(
