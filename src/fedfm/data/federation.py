@@ -524,26 +524,25 @@ def check_federation(config: RunConfig, federation: Federation) -> None:
         Naming the keys, the partition column and its values, and what to set instead.
     """
     d, fe = config.data, config.federation
+    if d.partitioner != "natural" or d.hospitals:
+        # Other partitioners make `data.num-hospitals` hospitals, a deployment those of `data.hospitals`:
+        # fedfm.config.validate has compared min-hospitals with those already.
+        return
     count = federation.num_hospitals
     of = f"the file {d.path!r}" if d.dataset in FILE_DATASETS else f"{d.dataset!r}"
-    if d.partitioner == "natural" and not d.hospitals:
-        column = d.partition_column or federation.source.natural_column
-        by = f"`data.partition-column` {column!r}" if d.partition_column else f"the natural column {column!r}"
-        if count == 1 and fe.min_hospitals != 1:
-            raise ConfigError(
-                f"{by} of {of} has one value, {federation.hospitals[0].name!r}: a natural partition would make a "
-                f"one-hospital federation. To simulate hospitals from these rows set `data.partitioner = \"iid\"` "
-                f"with `data.num-hospitals` (e.g. 4), or name a column with several values; to train one hospital "
-                f"on purpose set `federation.min-hospitals = 1`"
-            )
-        names = [h.name for h in federation.hospitals]
-        shown = ", ".join(names[:_SHOWN_HOSPITALS]) + (", ..." if count > _SHOWN_HOSPITALS else "")
-        if fe.min_hospitals > count:
-            raise ConfigError(
-                f"`federation.min-hospitals` ({fe.min_hospitals}) must not exceed the {count} hospitals that {by} of "
-                f"{of} makes ({shown}): set it to at most {count}"
-            )
-    elif fe.min_hospitals > count:  # validate() compares it with data.num-hospitals / data.hospitals already
+    column = d.partition_column or federation.source.natural_column
+    by = f"`data.partition-column` {column!r}" if d.partition_column else f"the natural column {column!r}"
+    if count == 1 and fe.min_hospitals != 1:
         raise ConfigError(
-            f"`federation.min-hospitals` ({fe.min_hospitals}) must not exceed the {count} hospitals of {of}"
+            f"{by} of {of} has one value, {federation.hospitals[0].name!r}: a natural partition would make a "
+            f"one-hospital federation. To simulate hospitals from these rows set `data.partitioner = \"iid\"` "
+            f"with `data.num-hospitals` (e.g. 4), or name a column with several values; to train one hospital "
+            f"on purpose set `federation.min-hospitals = 1`"
+        )
+    names = [h.name for h in federation.hospitals]
+    shown = ", ".join(names[:_SHOWN_HOSPITALS]) + (", ..." if count > _SHOWN_HOSPITALS else "")
+    if fe.min_hospitals > count:
+        raise ConfigError(
+            f"`federation.min-hospitals` ({fe.min_hospitals}) must not exceed the {count} hospitals that {by} of "
+            f"{of} makes ({shown}): set it to at most {count}"
         )
