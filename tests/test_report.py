@@ -329,7 +329,7 @@ def test_the_servers_recorder_feeds_the_progress_display_and_the_report(
     tiny_csv_settings: dict[str, Any], tmp_path: Path
 ) -> None:
     """The server's recorder, as the round loop calls it: a metrics line, a checkpoint, a progress line; then a report."""
-    from fedfm.server import _build_strategy, _initial_numpy, _Recorder
+    from fedfm.server import Recorder, build_strategy, initial_arrays
     from fedfm.strategies import RoundRecord
     from fedfm.wire import numpy_to_record
     from fedfm.workspace import workspace_for
@@ -337,7 +337,7 @@ def test_the_servers_recorder_feeds_the_progress_display_and_the_report(
     # Prepare: the tiny federation of two hospitals, and what the guard recorded of round 1
     config = RunConfig().replace(**{**tiny_csv_settings, "federation.num-rounds": 2, "federation.min-hospitals": 2})
     workspace = workspace_for(config)
-    strategy = _build_strategy(config, workspace)
+    strategy = build_strategy(config, workspace)
     strategy.rounds[1] = RoundRecord(
         train={0: {keys.NUM_EXAMPLES: 35.0, keys.TRAIN_LOSS: 0.69}},
         evaluate={i: {keys.NUM_EXAMPLES: 9.0, "accuracy": 0.5 + i / 4, "loss": 0.7} for i in (0, 1)},
@@ -345,10 +345,10 @@ def test_the_servers_recorder_feeds_the_progress_display_and_the_report(
         train_aggregated=True, train_replies=1,
     )
     stream = io.StringIO()
-    recorder = _Recorder(config, workspace, strategy, RunDirectory(tmp_path / "run"), LineProgress(stream))
+    recorder = Recorder(config, workspace, strategy, RunDirectory(tmp_path / "run"), LineProgress(stream))
 
     # Execute
-    recorder.record_round(1, numpy_to_record(_initial_numpy(workspace)), {"accuracy": 0.625, "loss": 0.69})
+    recorder.record_round(1, numpy_to_record(initial_arrays(workspace)), {"accuracy": 0.625, "loss": 0.69})
     report = write_report(tmp_path / "run")
 
     # Assert

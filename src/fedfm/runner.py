@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
@@ -43,7 +44,9 @@ class RunResult:
         files = rundir.read_run(run_dir, need_rounds=False)
         if files.summary is None:
             raise FedfmError(f"{files.path} holds no summary.json: the run did not finish")
-        return cls(files.path, files.summary.to_json(), [entry.to_json() for entry in files.rounds])
+        # As the files hold them (JSON object keys are strings, e.g. SecAgg+'s rounds in the summary).
+        return cls(files.path, json.loads(rundir.summary_text(files.summary)),
+                   [json.loads(rundir.round_line(entry)) for entry in files.rounds])
 
     @property
     def run_summary(self) -> RunSummary:
