@@ -91,3 +91,24 @@ def test_identical_updates_aggregate_to_themselves() -> None:
     assert arrays is not None
     for value in arrays.values():
         np.testing.assert_allclose(value.numpy(), 0.25, rtol=1e-6)
+
+
+def test_each_check_is_a_pure_function_returning_a_reason_or_none() -> None:
+    from fedfm.strategies import screening
+
+    assert screening.error_reason("Traceback ...\nMessage: CUDA out of memory") == "error reply: CUDA out of memory"
+    assert screening.refusal_reason({keys.NUM_EXAMPLES: 3}) is None
+    refused = {keys.DP_REFUSED: 1.0, keys.DP_TARGET_EPSILON: 2.0, keys.DP_EPSILON: 1.9876}
+    assert screening.refusal_reason(refused) == "refused to train: its DP budget ε 2.0 is spent (ε 1.988 so far)"
+    assert screening.shape_reason(1, {keys.NUM_EXAMPLES: 3}) is None
+    assert screening.shape_reason(2, {}) == "reply must hold exactly one ArrayRecord and one MetricRecord"
+    assert screening.examples_reason({keys.NUM_EXAMPLES: 0}) == "`num-examples` must be a positive number, got 0"
+    assert screening.update_reason(_update(1.0), REFERENCE) is None
+    assert "NaN or Inf" in (screening.update_reason({**_update(1.0), "a.lora_B.weight": np.full((3, 2), np.nan)},
+                                                   REFERENCE) or "")
+    assert screening.evaluate_reason(None) == "reply must hold one MetricRecord with `num-examples`"
+    # Norms: relative to the round's median, and only with three updates or more
+    assert screening.update_norm(_update(3.0), _update(1.0)) == pytest.approx(np.sqrt(12 * 4.0))
+    reasons = screening.norm_reasons([1.0, 1.2, 9.0], limit=5.0)
+    assert reasons[:2] == [None, None] and "is 7.5x the round's median 1.2" in (reasons[2] or "")
+    assert screening.norm_reasons([1.0, 9.0], limit=5.0) == [None, None]

@@ -33,6 +33,7 @@ from fedfm.server.asks import run_audit, run_personalization
 from fedfm.server.model import initial_arrays, load_global
 from fedfm.server.recorder import Recorder
 from fedfm.server.resume import resume_point
+from fedfm.server.rounds import run_rounds
 from fedfm.server.summary import build_summary, kept_parts_scores
 from fedfm.strategies import GuardedStrategy
 from fedfm.strategies.plan import encode_plans
@@ -172,7 +173,8 @@ def _run_rounds(
             raise CheckpointError(f"the checkpoint of {run_dir} does not fit this run's strategy: {err}") from err
         recorder.resume_from(checkpoint)
         initial, first_round = checkpoint.arrays, checkpoint.server_round + 1
-    final, stopped = strategy.run(
+    final, stopped = run_rounds(
+        strategy,
         grid,
         numpy_to_record(initial),
         first_round=first_round,

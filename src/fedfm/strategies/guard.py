@@ -3,7 +3,10 @@
 Wrapping (as Flower's DP wrappers do) keeps every strategy, Flower's or a
 user's, behind the same checks: a reply with an error, a malformed, mis-shaped
 or non-finite adapter, or a missing example count is logged with the
-hospital's id and left out of the round; it never reaches the aggregate.
+hospital's id and left out of the round; it never reaches the aggregate. The
+checks themselves are pure functions that return a reason
+(:mod:`fedfm.strategies.screening`); the rounds are run by the server
+(:func:`fedfm.server.rounds.run_rounds`).
 """
 
 from __future__ import annotations
@@ -13,7 +16,6 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
@@ -21,7 +23,17 @@ from flwr.serverapp.strategy import Strategy
 from fedfm import keys
 from fedfm.compression import DELTA_METHODS, CompressionError, decode
 from fedfm.strategies.plan import ClientPlan, truncate_rank
-from fedfm.strategies.validation import update_problems
+from fedfm.strategies.screening import (
+    NO_REPLY,
+    error_reason,
+    evaluate_reason,
+    examples_reason,
+    norm_reasons,
+    refusal_reason,
+    shape_reason,
+    update_norm,
+    update_reason,
+)
 from fedfm.wire import numpy_to_record, payload_bytes, record_to_numpy
 
 logger = logging.getLogger("fedfm")
@@ -45,19 +57,14 @@ class RoundRecord:
     retries: int = 0
 
 
-def _short(reason: str | None, limit: int = 300) -> str:
-    """The gist of an error reply: the exception's own message, without the traceback a simulation wraps it in."""
-    text = str(reason)
-    if "Message: " in text:
-        text = text.rsplit("Message: ", 1)[1]
-    lines = [line.strip() for line in text.strip().strip("'>").splitlines() if line.strip()]
-    text = lines[-1] if lines else text
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
 def _metrics_of(content: Any) -> MetricRecord | None:
     records = [r for r in content.values() if isinstance(r, MetricRecord)]
     return records[0] if len(records) == 1 else None
+
+
+def _numbers(metrics: MetricRecord) -> dict[str, float]:
+    """A reply's scalar metrics as floats (what the round's line records)."""
+    return {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}  # type: ignore[arg-type]
 
 
 class GuardedStrategy(Strategy):
@@ -139,7 +146,8 @@ class GuardedStrategy(Strategy):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """See :meth:`state_dict`."""
 
-    def _round(self, server_round: int) -> RoundRecord:
+    def round_record(self, server_round: int) -> RoundRecord:
+        """What round ``server_round`` exchanged so far (created empty on first use)."""
         return self.rounds.setdefault(server_round, RoundRecord())
 
     def _hospital(self, node_id: int, metrics: MetricRecord | None) -> int:
@@ -157,7 +165,7 @@ class GuardedStrategy(Strategy):
 
     def _record_down(self, server_round: int, messages: Iterable[Message]) -> list[Message]:
         messages = list(messages)
-        record = self._round(server_round)
+        record = self.round_record(server_round)
         for msg in messages:
             node = msg.metadata.dst_node_id
             record.bytes_down[node] = record.bytes_down.get(node, 0) + payload_bytes(msg.content)
@@ -172,7 +180,7 @@ class GuardedStrategy(Strategy):
         self._sent = {m.metadata.dst_node_id: m.content[keys.ARRAYS] for m in messages  # type: ignore[misc]
                       if isinstance(m.content.get(keys.ARRAYS), ArrayRecord)}
         self._asked = {m.metadata.dst_node_id for m in messages}
-        self._round(server_round).faults = 0
+        self.round_record(server_round).faults = 0
         return self._record_down(server_round, messages)
 
     def _start_of(self, node_id: int, index: int) -> dict[str, Any]:
@@ -222,31 +230,28 @@ class GuardedStrategy(Strategy):
         logger.warning("%s left out of %s: %s", name, phase, reason)
 
     def _screen_train(self, msg: Message, record: RoundRecord) -> bool:
+        """Whether a training reply enters the aggregate; records what it reported and sent, logs why not."""
         node = msg.metadata.src_node_id
         if msg.has_error():
             record.faults += 1
-            self._leave_out(record, node, "train", f"error reply: {_short(msg.error.reason)}")
+            self._leave_out(record, node, "train", error_reason(msg.error.reason))
             return False
         content = msg.content
         metrics = _metrics_of(content)
         index = self._hospital(node, metrics)
-        if metrics is not None and metrics.get(keys.DP_REFUSED):
+        refused = refusal_reason(metrics)
+        if refused is not None and metrics is not None:
             # Its ledger still counts: the round's metrics line shows the ε it stopped at.
-            record.train[index] = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}  # type: ignore[arg-type]
+            record.train[index] = _numbers(metrics)
             record.bytes_up[index] = record.bytes_up.get(index, 0) + payload_bytes(content)
-            self._leave_out(
-                record, node, "train",
-                f"refused to train: its DP budget ε {metrics.get(keys.DP_TARGET_EPSILON)} is spent "
-                f"(ε {float(metrics.get(keys.DP_EPSILON, 0.0)):.3f} so far)",  # type: ignore[arg-type]
-            )
+            self._leave_out(record, node, "train", refused)
             return False
         arrays = [r for r in content.values() if isinstance(r, ArrayRecord)]
-        if len(arrays) != 1 or metrics is None:
-            self._leave_out(record, node, "train", "reply must hold exactly one ArrayRecord and one MetricRecord")
-            return False
-        examples = metrics.get(keys.NUM_EXAMPLES)
-        if not isinstance(examples, (int, float)) or examples <= 0:
-            self._leave_out(record, node, "train", f"`{keys.NUM_EXAMPLES}` must be a positive number, got {examples!r}")
+        reason = shape_reason(len(arrays), metrics)
+        if reason is None and metrics is not None:
+            reason = examples_reason(metrics)
+        if reason is not None or metrics is None:
+            self._leave_out(record, node, "train", reason or "")
             return False
         try:
             update = record_to_numpy(arrays[0])
@@ -260,26 +265,26 @@ class GuardedStrategy(Strategy):
             except CompressionError as err:
                 self._leave_out(record, node, "train", f"undecodable {self.compression} update: {err}")
                 return False
-        problems = update_problems(update, self.template(index))
-        if problems:
-            self._leave_out(record, node, "train", "; ".join(problems))
+        reason = update_reason(update, self.template(index))
+        if reason is not None:
+            self._leave_out(record, node, "train", reason)
             return False
         if self.compression != "none":
             # The inner strategy aggregates the decoded float32 tensors.
             name = next(k for k, r in content.items() if isinstance(r, ArrayRecord))
             content[name] = numpy_to_record(update)
         record.bytes_up[index] = record.bytes_up.get(index, 0) + sent_bytes
-        record.train[index] = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}  # type: ignore[arg-type]
+        record.train[index] = _numbers(metrics)
         return True
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        record = self._round(server_round)
+        record = self.round_record(server_round)
         replies = list(replies)
         for node in sorted(self._asked - {msg.metadata.src_node_id for msg in replies}):
             record.faults += 1
-            self._leave_out(record, node, "train", "no reply within federation.round-timeout (down, disconnected or too slow)")
+            self._leave_out(record, node, "train", NO_REPLY)
         valid = [msg for msg in replies if self._screen_train(msg, record)]
         valid = self._screen_norms(valid, record)
         if len(valid) < self.min_replies:
@@ -303,98 +308,16 @@ class GuardedStrategy(Strategy):
         norms = []
         for msg in valid:
             node = msg.metadata.src_node_id
-            index = self._node_to_hospital.get(node, -1)
             update = record_to_numpy(next(r for r in msg.content.values() if isinstance(r, ArrayRecord)))
-            start = self._start_of(node, index)
-            norms.append(float(np.sqrt(sum(
-                np.sum((update[k].astype(np.float64) - start[k].astype(np.float64)) ** 2) for k in update
-            ))))
-        median = float(np.median(norms))
-        if median <= 0:
-            return valid
+            norms.append(update_norm(update, self._start_of(node, self._node_to_hospital.get(node, -1))))
         kept = []
-        for msg, norm in zip(valid, norms, strict=True):
-            if norm > self.update_norm_limit * median:
-                index = self._node_to_hospital.get(msg.metadata.src_node_id, -1)
-                record.train.pop(index, None)
-                self._leave_out(
-                    record, msg.metadata.src_node_id, "train",
-                    f"update norm {norm:.3g} is {norm / median:.1f}x the round's median {median:.3g} "
-                    f"(federation.update-norm-limit {self.update_norm_limit:g})",
-                )
-            else:
+        for msg, reason in zip(valid, norm_reasons(norms, self.update_norm_limit), strict=True):
+            if reason is None:
                 kept.append(msg)
+                continue
+            record.train.pop(self._node_to_hospital.get(msg.metadata.src_node_id, -1), None)
+            self._leave_out(record, msg.metadata.src_node_id, "train", reason)
         return kept
-
-    def run(
-        self,
-        grid: Grid,
-        arrays: ArrayRecord,
-        *,
-        first_round: int,
-        num_rounds: int,
-        timeout: float,
-        retries: int,
-        train_config: ConfigRecord,
-        evaluate_config: ConfigRecord,
-        evaluate_fn: Callable[[int, ArrayRecord], Any] | None = None,
-        stop_fn: Callable[[int], str | None] | None = None,
-        round_config: Callable[[int], dict[str, Any]] | None = None,
-        evaluate_initial: bool = True,
-    ) -> tuple[ArrayRecord, str | None]:
-        """Rounds ``first_round`` to ``num_rounds`` (Flower's ``start`` loop, resumable, with retries).
-
-        A round in which hospitals failed (no reply, or an error) and fewer
-        than ``min_replies`` valid updates came is run again, up to
-        ``retries`` times; then the run stops after the last complete round.
-        ``stop_fn(server_round)``, asked after each complete round (after
-        ``evaluate_fn``), may stop the run there too by giving a reason (early stopping).
-        ``round_config(server_round)`` gives train-config entries that change with
-        the round (its local learning rate, ``federation.lr-decay``).
-        ``evaluate_initial=False`` skips the round-0 evaluation (a run resumed
-        from its round-0 checkpoint has it already).
-
-        Returns
-        -------
-        tuple
-            The final global record, and why the run stopped early (None when
-            every round completed).
-        """
-        if evaluate_fn is not None and first_round == 1 and evaluate_initial:
-            evaluate_fn(0, arrays)
-        for server_round in range(first_round, num_rounds + 1):
-            record = self._round(server_round)
-            for attempt in range(retries + 1):
-                entries = {**(round_config(server_round) if round_config is not None else {}),
-                           **({keys.ATTEMPT: attempt} if attempt else {})}
-                config = ConfigRecord({**dict(train_config), **entries}) if entries else train_config
-                replies = grid.send_and_receive(
-                    messages=self.configure_train(server_round, arrays, config, grid), timeout=timeout
-                )
-                new_arrays, _ = self.aggregate_train(server_round, replies)
-                if new_arrays is not None or record.faults == 0:
-                    break
-                if attempt < retries:
-                    record.retries += 1
-                    logger.warning("round %d: %d hospital(s) failed; running the round again (retry %d of %d)",
-                                   server_round, record.faults, attempt + 1, retries)
-            else:
-                return arrays, (
-                    f"round {server_round}: fewer than {self.min_replies} hospitals sent a valid update "
-                    f"after {retries} retries ({record.faults} failed in the last attempt)"
-                )
-            if new_arrays is not None:
-                arrays = new_arrays
-            replies = grid.send_and_receive(
-                messages=self.configure_evaluate(server_round, arrays, evaluate_config, grid), timeout=timeout
-            )
-            self.aggregate_evaluate(server_round, replies)
-            if evaluate_fn is not None:
-                evaluate_fn(server_round, arrays)
-            reason = stop_fn(server_round) if stop_fn is not None else None
-            if reason:
-                return arrays, reason
-        return arrays, None
 
     def _keep_dtypes(self, arrays: ArrayRecord | None) -> ArrayRecord | None:
         """The global keeps the dtypes it was sent in (Flower's FedOpt steps promote float32 to float64)."""
@@ -407,20 +330,21 @@ class GuardedStrategy(Strategy):
         return numpy_to_record({n: v.astype(self._reference[n].dtype) if n in drifted else v for n, v in values.items()})
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        record = self._round(server_round)
+        record = self.round_record(server_round)
         valid = []
         for msg in replies:
             node = msg.metadata.src_node_id
             if msg.has_error():
-                self._leave_out(record, node, "evaluate", f"error reply: {_short(msg.error.reason)}")
+                self._leave_out(record, node, "evaluate", error_reason(msg.error.reason))
                 continue
             metrics = _metrics_of(msg.content)
-            if metrics is None or not isinstance(metrics.get(keys.NUM_EXAMPLES), (int, float)):
-                self._leave_out(record, node, "evaluate", "reply must hold one MetricRecord with `num-examples`")
+            reason = evaluate_reason(metrics)
+            if reason is not None or metrics is None:
+                self._leave_out(record, node, "evaluate", reason or "")
                 continue
             index = self._hospital(node, metrics)
             record.bytes_up[index] = record.bytes_up.get(index, 0) + payload_bytes(msg.content)
-            record.evaluate[index] = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}  # type: ignore[arg-type]
+            record.evaluate[index] = _numbers(metrics)
             valid.append(msg)
         if not valid:
             return None
