@@ -12,25 +12,26 @@ import ctypes.util
 import dataclasses
 import logging
 from collections.abc import Callable
-from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
 from datasets import Dataset
-from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedfm import hospital_state, keys, legacy, strategies
+from fedfm import keys, legacy, strategies
 from fedfm.adapters import get_adapter_state, load_global_adapter
 from fedfm.attacks import corrupt, fails
 from fedfm.compression import encode
 from fedfm.config import RunConfig, resolve_parallelism
 from fedfm.data import node_data
 from fedfm.data.local import DATA_PATH, HOSPITAL
-from fedfm.errors import ConfigError
+from fedfm.errors import ConfigError, FedfmError
+from fedfm.hospital_state import HospitalSession, state_folder
 from fedfm.instruction import Instruction, hospital_index, parse_instruction
 from fedfm.privacy.audit import loss_threshold_auc
-from fedfm.privacy.hospital import dp_train_spec, keep_ledger, ledger_for, ledger_metrics, round_plan, state_dir
+from fedfm.privacy.hospital import dp_train_spec, new_ledger
 from fedfm.strategies import ClientPlan
 from fedfm.strategies.client_dp import clipping_mod
 from fedfm.train import autocast, train_local
@@ -81,34 +82,38 @@ def _numpy(state: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
     return {k: v.numpy() for k, v in state.items()}
 
 
-def _read(content: RecordDict, context: Context) -> tuple[Instruction, dict[str, np.ndarray]]:
-    """fedfm's own instruction message: what it asks, and the global arrays by name."""
+def _read(content: RecordDict, context: Context) -> tuple[Instruction, dict[str, np.ndarray] | None]:
+    """fedfm's own instruction message: what it asks, and the global arrays by name (None if it holds none)."""
     instruction = parse_instruction(content.config_records[keys.CONFIG], context.node_config)
-    return instruction, record_to_numpy(content.array_records[keys.ARRAYS])
+    arrays = content.array_records.get(keys.ARRAYS)
+    return instruction, record_to_numpy(arrays) if arrays is not None else None
+
+
+class _Unpacked(NamedTuple):
+    workspace: Workspace
+    session: HospitalSession
+    #: The global arrays the server sent.
+    received: dict[str, np.ndarray]
+    #: The adapter state the round starts from (the global with this hospital's kept parts).
+    start: dict[str, np.ndarray]
 
 
 def _unpack(
-    instruction: Instruction, received: dict[str, np.ndarray], context: Context, *, training: bool = False
-) -> tuple[Workspace, dict[str, np.ndarray]]:
-    """This hospital's workspace, with the global adapter (and its own kept parts) loaded into its model."""
+    instruction: Instruction, received: dict[str, np.ndarray] | None, context: Context, *, training: bool = False
+) -> _Unpacked:
+    """This hospital's workspace and state, with the global adapter (and its own kept parts) in its model."""
     global _threads_set
-    config, index, plan = instruction.config, instruction.hospital, instruction.plan
+    config, index = instruction.config, instruction.hospital
     if not _threads_set:
         torch.set_num_threads(resolve_parallelism(config.federation)[1])
         _threads_set = True
-    workspace = _workspace(config, context)
-    if instruction.server_round > 0:
-        hospital_state.restore(context, _state_folder(config, context, workspace, index), instruction.server_round,
-                               training=training)
-    kept = context.state.get(keys.KEPT_ARRAYS)
-    tensors, _ = load_global_adapter(
-        workspace.loaded, plan, received, kept=record_to_numpy(kept) if isinstance(kept, ArrayRecord) else None
-    )
-    return workspace, _numpy(tensors)
-
-
-def _state_folder(config: RunConfig, context: Context, workspace: Workspace, index: int) -> Path | None:
-    return state_dir(config, dict(context.node_config), workspace.hospital_name(index))
+    workspace = _workspace(config, context)  # first: a SuperNode that is no hospital of the run is told so
+    if received is None:
+        raise FedfmError(f"the instruction holds no `{keys.ARRAYS}` record: nothing to train or evaluate")
+    folder = state_folder(config, context.node_config, workspace.hospital_name(index))
+    session = HospitalSession.load(context, folder, server_round=instruction.server_round, training=training)
+    tensors, _ = load_global_adapter(workspace.loaded, instruction.plan, received, kept=session.kept or None)
+    return _Unpacked(workspace, session, received, _numpy(tensors))
 
 
 def _workspace(config: RunConfig, context: Context) -> Workspace:
@@ -155,8 +160,8 @@ def _shared_names(config: RunConfig, context: Context) -> list[str]:
     return list(strategies.client_plan(config, -1).shared(_numpy(_workspace(config, context).loaded.initial_state)))
 
 
-def _train(instruction: Instruction, received: dict[str, np.ndarray], context: Context) -> RecordDict:
-    workspace, start = _unpack(instruction, received, context, training=True)
+def _train(instruction: Instruction, received: dict[str, np.ndarray] | None, context: Context) -> RecordDict:
+    workspace, session, _, start = _unpack(instruction, received, context, training=True)
     config, index, plan, server_round = instruction.config, instruction.hospital, instruction.plan, instruction.server_round
     rows = workspace.hospital_rows("train", index)
     if fails(rate=config.attack.failure_rate, seed=config.train.seed, server_round=server_round, hospital=index,
@@ -165,30 +170,31 @@ def _train(instruction: Instruction, received: dict[str, np.ndarray], context: C
     ledger = None
     if config.privacy.mode == "dp-sgd":
         name = workspace.hospital_name(index)
-        ledger = ledger_for(config, context, index=index, name=name, num_rows=len(rows))
+        ledger = session.ledger or new_ledger(config, index=index, name=name, num_rows=len(rows),
+                                              node_config=context.node_config)
         if not ledger.allows(ledger.steps_per_round):
             # The hospital, not the server, enforces its budget: it sends no update at all.
-            ledger = ledger.after_refusal(server_round)
-            keep_ledger(config, context, ledger)
+            session.ledger = ledger.after_refusal(server_round)
+            session.save(context)
             logger.warning(
                 "%s refuses round %d: another round would take ε from %.3f past its budget %g",
-                name, server_round, ledger.epsilon(), ledger.target_epsilon,
+                name, server_round, session.ledger.epsilon(), session.ledger.target_epsilon,
             )
             refusal = MetricRecord({keys.NUM_EXAMPLES: len(rows), keys.HOSPITAL_INDEX: index,
-                                    **ledger_metrics(ledger, refused=True)})
+                                    **session.ledger.metrics(refused=True)})
             return RecordDict({keys.METRICS: refusal})
-    spec = dp_train_spec(config) if ledger is not None else config.train
     result = train_local(
         workspace.loaded.model,
         workspace.task,
         rows,
         workspace.loaded.tokenizer,
-        spec=dataclasses.replace(spec, learning_rate=instruction.learning_rate),
+        spec=dataclasses.replace(dp_train_spec(config) if ledger is not None else config.train,
+                                 learning_rate=instruction.learning_rate),
         device=workspace.loaded.device,
         dtype=config.model.dtype,
         seed=config.train.seed * 1_000_003 + server_round * 1009 + index,
         plan=plan,
-        dp=round_plan(ledger, config) if ledger is not None else None,
+        dp=ledger.round_plan(config.privacy.max_grad_norm) if ledger is not None else None,
     )
     reported: dict[str, float | int] = {
         keys.NUM_EXAMPLES: len(rows),
@@ -200,42 +206,37 @@ def _train(instruction: Instruction, received: dict[str, np.ndarray], context: C
         keys.TRAIN_EXAMPLES: result.examples,
     }
     if ledger is not None:
-        ledger = ledger.after_training(server_round, result.steps)
-        keep_ledger(config, context, ledger)
-        reported.update(ledger_metrics(ledger))
-    metrics = MetricRecord(dict(reported))
+        session.ledger = ledger.after_training(server_round, result.steps)
+        reported.update(session.ledger.metrics())
     trained = _numpy(get_adapter_state(workspace.loaded.model))
     kept = plan.kept(trained)
     if kept:
-        # Persists across rounds in this hospital's own context; never sent.
-        context.state[keys.KEPT_ARRAYS] = numpy_to_record(kept)
+        session.kept = kept  # carried to its next round by this hospital alone; never sent
     shared = plan.shared(trained)
     if index in config.attack.hospitals:
         attack = config.attack
         shared = corrupt(shared, plan.shared(start), kind=attack.kind_of(index), scale=attack.scale, seed=server_round * 7919 + index)
     if config.compression.method != "none":
-        shared = _compress(shared, plan.shared(start), config, context)
-    hospital_state.save(context, _state_folder(config, context, workspace, index), server_round)
-    arrays: ArrayRecord = numpy_to_record(shared)
-    return RecordDict({keys.ARRAYS: arrays, keys.METRICS: metrics})
+        shared = _compress(shared, plan.shared(start), config, session)
+    session.save(context, server_round=server_round)
+    return RecordDict({keys.ARRAYS: numpy_to_record(shared), keys.METRICS: MetricRecord(dict(reported))})
 
 
 def _compress(
-    shared: dict[str, np.ndarray], start: dict[str, np.ndarray], config: RunConfig, context: Context
+    shared: dict[str, np.ndarray], start: dict[str, np.ndarray], config: RunConfig, session: HospitalSession
 ) -> dict[str, np.ndarray]:
-    """Encode the reply; top-k keeps what it did not send in this hospital's context (never sent)."""
-    stored = context.state.get(keys.COMPRESSION_RESIDUAL)
-    residual = record_to_numpy(stored) if isinstance(stored, ArrayRecord) else None
+    """Encode the reply; top-k keeps what it did not send in the hospital's session (never sent)."""
     encoded, left = encode(
-        shared, start, config.compression.method, fraction=config.compression.topk_fraction, residual=residual
+        shared, start, config.compression.method, fraction=config.compression.topk_fraction,
+        residual=session.residual or None,
     )
     if left:
-        context.state[keys.COMPRESSION_RESIDUAL] = numpy_to_record(left)
+        session.residual = left
     return encoded
 
 
-def _evaluate(instruction: Instruction, received: dict[str, np.ndarray], context: Context) -> RecordDict:
-    workspace, _ = _unpack(instruction, received, context)
+def _evaluate(instruction: Instruction, received: dict[str, np.ndarray] | None, context: Context) -> RecordDict:
+    workspace, session, sent, _ = _unpack(instruction, received, context)
     config, index, plan = instruction.config, instruction.hospital, instruction.plan
     rows = workspace.hospital_rows("test", index)
     scores: dict[str, float | int]
@@ -246,11 +247,11 @@ def _evaluate(instruction: Instruction, received: dict[str, np.ndarray], context
                               server_round=instruction.server_round)
     else:
         scores = {}
-        if plan.private and isinstance(context.state.get(keys.KEPT_ARRAYS), ArrayRecord):
+        if plan.private and session.kept:
             # The model holds this hospital's own kept parts: that is its personalized model. The plain
             # metrics below are the global adapter's alone, as every other strategy reports them.
             scores.update(_prefixed(keys.PERSONALIZED_PREFIX, _score(config, workspace, rows)))
-            load_global_adapter(workspace.loaded, plan, received)  # the global adapter without the kept parts
+            load_global_adapter(workspace.loaded, plan, sent)  # the global adapter without the kept parts
         scores.update(_score(config, workspace, rows))
         validation = workspace.hospital_rows("validation", index)
         if len(validation):

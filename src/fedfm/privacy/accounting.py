@@ -18,7 +18,9 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from fedfm import keys
 from fedfm.errors import ConfigError
+from fedfm.privacy.dpsgd import DpSgd
 
 ACCOUNTANTS = ("rdp", "prv")
 
@@ -163,6 +165,27 @@ class HospitalLedger:
 
     def after_refusal(self, server_round: int) -> HospitalLedger:
         return replace(self, refused=[*self.refused, server_round])
+
+    def round_plan(self, max_grad_norm: float) -> DpSgd:
+        """What this ledger's next round of DP-SGD does, with per-example gradients clipped to ``max_grad_norm``."""
+        return DpSgd(
+            noise_multiplier=self.noise_multiplier,
+            max_grad_norm=max_grad_norm,
+            sample_rate=self.sample_rate,
+            steps=self.steps_per_round,
+        )
+
+    def metrics(self, *, refused: bool = False) -> dict[str, float | int]:
+        """What a hospital reports of its ledger each round (scalars only)."""
+        return {
+            keys.DP_EPSILON: self.epsilon(),
+            keys.DP_DELTA: self.delta,
+            keys.DP_TARGET_EPSILON: self.target_epsilon,
+            keys.DP_NOISE_MULTIPLIER: self.noise_multiplier,
+            keys.DP_SAMPLE_RATE: self.sample_rate,
+            keys.DP_STEPS: self.steps,
+            keys.DP_REFUSED: int(refused),
+        }
 
     def to_json(self) -> str:
         data = asdict(self)
