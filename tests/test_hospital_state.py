@@ -65,18 +65,18 @@ def test_state_folder_is_never_chosen_by_the_coordinator_on_a_supernode(tmp_path
     import pytest
 
     from fedfm.errors import ConfigError
-    from fedfm.hospital_state import state_folder as state_dir
+    from fedfm.hospital_state import state_folder
 
     config = RunConfig().replace(**{"output.dir": str(tmp_path / "run")})
     # Simulation: under the run directory, by hospital name
-    assert state_dir(config, {}, "north") == tmp_path / "run" / "hospitals" / "north"
+    assert state_folder(config, {}, "north") == tmp_path / "run" / "hospitals" / "north"
     # A SuperNode with its own data ignores the run config's output.dir (the coordinator picked it)
-    assert state_dir(config, {"data-path": "/srv/north.csv"}, "north") is None
-    assert state_dir(config, {"data-path": "/srv/north.csv", "state-dir": str(tmp_path / "s")}, "north") == tmp_path / "s"
+    assert state_folder(config, {"data-path": "/srv/north.csv"}, "north") is None
+    assert state_folder(config, {"data-path": "/srv/north.csv", "state-dir": str(tmp_path / "s")}, "north") == tmp_path / "s"
     # A hospital name that would leave the run directory is refused
     for name in ("../../etc", "a/b", "..", ""):
         with pytest.raises(ConfigError, match="cannot name a state folder"):
-            state_dir(config, {}, name)
+            state_folder(config, {}, name)
 
 
 def _ledger(hospital: str = "north") -> Any:
@@ -86,7 +86,7 @@ def _ledger(hospital: str = "north") -> Any:
 
 
 def test_session_state_dict_round_trips_through_the_context() -> None:
-    from fedfm.hospital_state import ROUND, HospitalSession
+    from fedfm.hospital_state import HospitalSession
 
     # Prepare
     kept = {"m.lora_B.weight": np.arange(6, dtype=np.float32).reshape(3, 2)}
@@ -97,7 +97,7 @@ def test_session_state_dict_round_trips_through_the_context() -> None:
     session.save(context, server_round=4)
     again = HospitalSession.load(context, None, server_round=5, training=True)
     # Assert: the same context-state keys as ever, and the same state back
-    assert set(context.state) == {keys.PRIVACY_LEDGER, keys.KEPT_ARRAYS, keys.COMPRESSION_RESIDUAL, ROUND}
+    assert set(context.state) == {keys.PRIVACY_LEDGER, keys.KEPT_ARRAYS, keys.COMPRESSION_RESIDUAL, keys.STATE_ROUND}
     assert again.ledger == session.ledger and again.arrays_round == 4
     np.testing.assert_array_equal(again.kept["m.lora_B.weight"], kept["m.lora_B.weight"])
     np.testing.assert_array_equal(again.residual["m.lora_A.weight"], residual["m.lora_A.weight"])

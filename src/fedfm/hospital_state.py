@@ -44,10 +44,6 @@ from fedfm.wire import numpy_to_record, record_to_numpy
 
 logger = logging.getLogger("fedfm")
 
-#: node config a SuperNode may set: the folder its state outlives the process in.
-STATE_DIR = "state-dir"
-#: Context-state entry recording which round the kept arrays and residual are from.
-ROUND = "fedfm-state-round"
 #: The context-state entries of arrays that are written to the state folder.
 PERSISTED = (keys.KEPT_ARRAYS, keys.COMPRESSION_RESIDUAL)
 _PATTERN = "context-state-round-*.npz"
@@ -62,8 +58,8 @@ def state_folder(config: RunConfig, node_config: Mapping[str, Any], name: str) -
     ``<output.dir>/hospitals/<name>``; a hospital name that is not a plain
     file name (``/``, ``..``) is refused rather than followed.
     """
-    if node_config.get(STATE_DIR):
-        return Path(str(node_config[STATE_DIR]))
+    if node_config.get(keys.STATE_DIR):
+        return Path(str(node_config[keys.STATE_DIR]))
     if node_config.get(DATA_PATH) or not config.output.dir:
         return None
     if not name or name in {".", ".."} or "/" in name or "\\" in name or "\0" in name:
@@ -132,7 +128,7 @@ class HospitalSession:
             self.arrays_round = server_round
             self._write_arrays(server_round)
         state = self.state_dict()
-        for entry in (*PERSISTED, ROUND, keys.PRIVACY_LEDGER):
+        for entry in (*PERSISTED, keys.STATE_ROUND, keys.PRIVACY_LEDGER):
             if entry in state:
                 context.state[entry] = state[entry]
             elif entry in context.state:
@@ -148,13 +144,13 @@ class HospitalSession:
         if self.residual:
             state[keys.COMPRESSION_RESIDUAL] = numpy_to_record(self.residual)
         if self.arrays_round is not None:
-            state[ROUND] = ConfigRecord({"round": self.arrays_round})
+            state[keys.STATE_ROUND] = ConfigRecord({"round": self.arrays_round})
         return state
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Take the session's entries from context state (or :meth:`state_dict` output)."""
         ledger, kept = state.get(keys.PRIVACY_LEDGER), state.get(keys.KEPT_ARRAYS)
-        residual, held = state.get(keys.COMPRESSION_RESIDUAL), state.get(ROUND)
+        residual, held = state.get(keys.COMPRESSION_RESIDUAL), state.get(keys.STATE_ROUND)
         self.ledger = None
         if isinstance(ledger, ConfigRecord) and "ledger" in ledger:
             self.ledger = HospitalLedger.from_json(str(ledger["ledger"]))

@@ -17,6 +17,8 @@ COMPRESSION_RESIDUAL = "fedfm-compression-residual"
 
 # A hospital's persistent context state: its DP-SGD ledger (a ConfigRecord holding JSON).
 PRIVACY_LEDGER = "fedfm-privacy-ledger"
+#: context.state key of the round the kept arrays and the residual are from (a ConfigRecord, ``round``).
+STATE_ROUND = "fedfm-state-round"
 
 # ConfigRecord entries sent by the server.
 SERVER_ROUND = "server-round"
@@ -63,6 +65,10 @@ AUDIT_NONMEMBERS = "audit-nonmembers"
 # node_config entries a SuperNode (or the simulation engine) provides.
 PARTITION_ID = "partition-id"
 NUM_PARTITIONS = "num-partitions"
+#: The folder a SuperNode's hospital keeps its state in (ledger, kept arrays), beyond its process.
+STATE_DIR = "state-dir"
+#: A SuperNode's own cap on its hospital's ε.
+EPSILON_CAP = "privacy-epsilon"
 
 # Train-config entry: which attempt at its round an instruction is (0 first; retries count up).
 ATTEMPT = "fedfm-attempt"

@@ -14,6 +14,7 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
+from fedfm import keys
 from fedfm.config import RunConfig, TrainSpec, hospital_epsilons
 from fedfm.privacy.accounting import HospitalLedger, default_delta, open_ledger
 from fedfm.privacy.dpsgd import sample_rate, steps_per_round
@@ -21,15 +22,12 @@ from fedfm.privacy.dpsgd import sample_rate, steps_per_round
 #: The ledger's file in the hospital's state folder.
 LEDGER_FILE = "privacy-ledger.json"
 
-#: node config a SuperNode may set: a cap on its own ε.
-EPSILON_CAP = "privacy-epsilon"
-
 
 def budget_for(config: RunConfig, index: int, name: str, node_config: Mapping[str, Any] | None = None) -> float:
     """A hospital's ε budget: the run's, a per-hospital override, capped by the SuperNode's own."""
     overrides = hospital_epsilons(config.privacy)
     budget = overrides.get(name, overrides.get(str(index), config.privacy.target_epsilon))
-    cap = (node_config or {}).get(EPSILON_CAP)
+    cap = (node_config or {}).get(keys.EPSILON_CAP)
     if cap is not None:
         budget = min(budget, float(cap))
     return budget
