@@ -1,7 +1,6 @@
 """The Flower ServerApp (``fedfm.server:app``) and the jobs it orchestrates.
 
 - :mod:`~fedfm.server.app`: :data:`app`, :func:`make_server_app`, :func:`serve` (a run from claim to summary);
-- :mod:`~fedfm.server.rounds`: :func:`run_rounds`, fedfm's round loop (resumable, with retries);
 - :mod:`~fedfm.server.recorder`: each finished round's metrics line, checkpoint and progress line;
 - :mod:`~fedfm.server.summary`: ``summary.json``;
 - :mod:`~fedfm.server.resume`: the checkpoint a resumed run continues from;
@@ -15,7 +14,6 @@ from fedfm.server.asks import run_audit, run_personalization
 from fedfm.server.model import initial_arrays, load_global
 from fedfm.server.recorder import Recorder
 from fedfm.server.resume import resume_point
-from fedfm.server.rounds import run_rounds
 from fedfm.server.summary import build_summary, privacy_summary, selection_json, selection_summary
 
 #: Former private names of server.py that tests/test_personalization.py still imports.
@@ -23,6 +21,6 @@ _Recorder, _selection_summary = Recorder, selection_json
 
 __all__ = [
     "Recorder", "app", "build_strategy", "build_summary", "initial_arrays", "load_global", "make_server_app",
-    "privacy_summary", "resume_point", "round_instructions", "run_audit", "run_personalization", "run_rounds",
+    "privacy_summary", "resume_point", "round_instructions", "run_audit", "run_personalization",
     "selection_json", "selection_summary", "serve",
 ]

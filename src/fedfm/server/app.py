@@ -4,7 +4,7 @@
 loads (``[tool.flwr.app.components]``: ``fedfm.server:app``; it reads the run
 configuration from Flower's run config), and :func:`make_server_app` builds one
 around a configuration for :func:`fedfm.run`. The jobs it orchestrates live beside it:
-the round loop (:mod:`fedfm.server.rounds`), the recorder
+the round loop (:func:`fedfm.strategies.rounds.run_rounds`, through the guard), the recorder
 (:mod:`fedfm.server.recorder`), the summary (:mod:`fedfm.server.summary`), resuming
 (:mod:`fedfm.server.resume`) and the asks after the last round (:mod:`fedfm.server.asks`).
 """
@@ -33,7 +33,6 @@ from fedfm.server.asks import run_audit, run_personalization
 from fedfm.server.model import initial_arrays, load_global
 from fedfm.server.recorder import Recorder
 from fedfm.server.resume import resume_point
-from fedfm.server.rounds import run_rounds
 from fedfm.server.summary import build_summary, kept_parts_scores
 from fedfm.strategies import GuardedStrategy
 from fedfm.strategies.plan import encode_plans
@@ -173,8 +172,7 @@ def _run_rounds(
             raise CheckpointError(f"the checkpoint of {run_dir} does not fit this run's strategy: {err}") from err
         recorder.resume_from(checkpoint)
         initial, first_round = checkpoint.arrays, checkpoint.server_round + 1
-    final, stopped = run_rounds(
-        strategy,
+    final, stopped = strategy.run(
         grid,
         numpy_to_record(initial),
         first_round=first_round,

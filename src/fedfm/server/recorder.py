@@ -1,6 +1,6 @@
 """The recorder: each finished round becomes a metrics line, a checkpoint and a progress line.
 
-The round loop (:func:`fedfm.server.rounds.run_rounds`, or SecAgg+'s legacy
+The round loop (:func:`fedfm.strategies.rounds.run_rounds`, or SecAgg+'s legacy
 workflow in :mod:`fedfm.secagg`) calls it after every round: it scores the
 global adapter centrally when due, builds the round's
 :class:`~fedfm.rundir.RoundEntry` from what the guard recorded, appends it to

@@ -5,8 +5,8 @@ user's, behind the same checks: a reply with an error, a malformed, mis-shaped
 or non-finite adapter, or a missing example count is logged with the
 hospital's id and left out of the round; it never reaches the aggregate. The
 checks themselves are pure functions that return a reason
-(:mod:`fedfm.strategies.screening`); the rounds are run by the server
-(:func:`fedfm.server.rounds.run_rounds`).
+(:mod:`fedfm.strategies.screening`); the round loop is
+:func:`fedfm.strategies.rounds.run_rounds` (:meth:`GuardedStrategy.run`).
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from flwr.serverapp.strategy import Strategy
 from fedfm import keys
 from fedfm.compression import DELTA_METHODS, CompressionError, decode
 from fedfm.strategies.plan import ClientPlan, truncate_rank
+from fedfm.strategies.rounds import run_rounds
 from fedfm.strategies.screening import (
     NO_REPLY,
     error_reason,
@@ -318,6 +319,35 @@ class GuardedStrategy(Strategy):
             record.train.pop(self._node_to_hospital.get(msg.metadata.src_node_id, -1), None)
             self._leave_out(record, msg.metadata.src_node_id, "train", reason)
         return kept
+
+    def run(
+        self,
+        grid: Grid,
+        arrays: ArrayRecord,
+        *,
+        first_round: int,
+        num_rounds: int,
+        timeout: float,
+        retries: int,
+        train_config: ConfigRecord,
+        evaluate_config: ConfigRecord,
+        evaluate_fn: Callable[[int, ArrayRecord], Any] | None = None,
+        stop_fn: Callable[[int], str | None] | None = None,
+        round_config: Callable[[int], dict[str, Any]] | None = None,
+        evaluate_initial: bool = True,
+    ) -> tuple[ArrayRecord, str | None]:
+        """Rounds ``first_round`` to ``num_rounds`` through this guard (:func:`fedfm.strategies.rounds.run_rounds`).
+
+        Returns
+        -------
+        tuple
+            The final global record, and why the run stopped early (None when every round completed).
+        """
+        return run_rounds(
+            self, grid, arrays, first_round=first_round, num_rounds=num_rounds, timeout=timeout, retries=retries,
+            train_config=train_config, evaluate_config=evaluate_config, evaluate_fn=evaluate_fn, stop_fn=stop_fn,
+            round_config=round_config, evaluate_initial=evaluate_initial,
+        )
 
     def _keep_dtypes(self, arrays: ArrayRecord | None) -> ArrayRecord | None:
         """The global keeps the dtypes it was sent in (Flower's FedOpt steps promote float32 to float64)."""

@@ -3,29 +3,56 @@
 Flower's loop always starts at round 1 and cannot run a failed round again;
 a resumed run starts at round k+1, and a round whose hospitals failed is run
 again (``federation.round-retries``, each attempt's train config carrying
-``fedfm-attempt``). The loop drives the guarded strategy
-(:class:`fedfm.strategies.GuardedStrategy`) through whatever grid it is given
-(:func:`fedfm.server.serve` gives Flower's grid wrapped in
-:class:`fedfm.interrupt.InterruptibleGrid`, so Ctrl-C ends the wait for replies).
+``fedfm-attempt``). The loop drives a guarded strategy
+(:class:`fedfm.strategies.GuardedStrategy`, whose :meth:`~GuardedStrategy.run`
+calls it, as Flower's ``Strategy.start`` is called on the strategy) through
+whatever grid it is given: :func:`fedfm.server.serve` gives Flower's grid
+wrapped in :class:`fedfm.interrupt.InterruptibleGrid`, so Ctrl-C ends the wait
+for replies. It knows nothing of the screening or the recording: it only asks
+the strategy for the round's record (``faults``, ``retries``).
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any, Protocol
 
-from flwr.app import ArrayRecord, ConfigRecord
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 
 from fedfm import keys
-from fedfm.strategies import GuardedStrategy
+
+if TYPE_CHECKING:
+    from fedfm.strategies.guard import RoundRecord
 
 logger = logging.getLogger("fedfm")
 
 
+class RoundStrategy(Protocol):
+    """What the loop needs of a strategy: Flower's four round steps, its round records, its quorum."""
+
+    min_replies: int
+
+    def round_record(self, server_round: int) -> RoundRecord: ...
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]: ...
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]: ...
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]: ...
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None: ...
+
+
 def run_rounds(
-    strategy: GuardedStrategy,
+    strategy: RoundStrategy,
     grid: Grid,
     arrays: ArrayRecord,
     *,
