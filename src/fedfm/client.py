@@ -32,7 +32,6 @@ from fedfm.hospital_state import HospitalSession, state_folder
 from fedfm.instruction import Instruction, hospital_index, parse_instruction
 from fedfm.privacy.audit import loss_threshold_auc
 from fedfm.privacy.hospital import dp_train_spec, new_ledger
-from fedfm.strategies import ClientPlan
 from fedfm.strategies.client_dp import clipping_mod
 from fedfm.train import autocast, train_local
 from fedfm.wire import numpy_to_record, record_to_numpy
@@ -243,8 +242,7 @@ def _evaluate(instruction: Instruction, received: dict[str, np.ndarray] | None, 
     if instruction.audit:
         scores = dict(_audit(config, workspace, index))
     elif instruction.personalize_epochs > 0:
-        scores = _personalize(config, workspace, plan, index, epochs=instruction.personalize_epochs,
-                              server_round=instruction.server_round)
+        scores = _personalize(instruction, workspace)
     else:
         scores = {}
         if plan.private and session.kept:
@@ -275,14 +273,13 @@ def _prefixed(prefix: str, scores: dict[str, float]) -> dict[str, float]:
     return {f"{prefix}{name}": value for name, value in scores.items()}
 
 
-def _personalize(
-    config: RunConfig, workspace: Workspace, plan: ClientPlan, index: int, *, epochs: int, server_round: int
-) -> dict[str, float | int]:
+def _personalize(instruction: Instruction, workspace: Workspace) -> dict[str, float | int]:
     """Fine-tune the received adapter (with this hospital's kept parts) on its own training rows, then score it.
 
     Only the local-test scores leave (``personalized-*``); the fine-tuned tensors and the
     hospital's kept state stay as they are, and the next instruction loads its adapter afresh.
     """
+    config, index, epochs = instruction.config, instruction.hospital, instruction.personalize_epochs
     loaded = workspace.loaded
     train_rows = workspace.hospital_rows("train", index)
     result = train_local(
@@ -293,9 +290,9 @@ def _personalize(
         spec=dataclasses.replace(config.train, local_epochs=epochs, local_steps=0),
         device=loaded.device,
         dtype=config.model.dtype,
-        seed=config.train.seed * 1_000_003 + (server_round + 1) * 1009 + index,
+        seed=config.train.seed * 1_000_003 + (instruction.server_round + 1) * 1009 + index,
         # A local fine-tune after the run: nothing to stay near, so no proximal term.
-        plan=dataclasses.replace(plan, proximal_mu=0.0),
+        plan=dataclasses.replace(instruction.plan, proximal_mu=0.0),
     )
     scores: dict[str, float | int] = dict(
         _prefixed(keys.PERSONALIZED_PREFIX, _score(config, workspace, workspace.hospital_rows("test", index)))
