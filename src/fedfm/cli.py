@@ -119,9 +119,12 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "check":
             config = load_config(args.config, args.overrides)
-            from fedfm import strategies
+            from fedfm.errors import ConfigError
+            from fedfm.preflight import config_problems
 
-            strategies.check(config)
+            problems = config_problems(config)  # what needs no data; `fedfm run` checks the data too
+            if problems:
+                raise ConfigError(problems)
             print(config.to_toml())
             return 0
         if args.command == "strategies":

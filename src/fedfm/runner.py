@@ -9,13 +9,16 @@ import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fedfm import interrupt, rundir
 from fedfm.config import RunConfig, load_config, resolve_parallelism
-from fedfm.errors import ConfigError, FedfmError
+from fedfm.errors import FedfmError
 from fedfm.progress import check_mode
 from fedfm.rundir import RoundEntry, RunSummary, default_run_dir
+
+if TYPE_CHECKING:
+    from fedfm.preflight import Preflight
 
 logger = logging.getLogger("fedfm")
 
@@ -231,34 +234,23 @@ def run(
     setup_logging(verbose)
     check_mode(progress)  # a bad mode is refused here, not inside the ServerApp's thread
 
-    from fedfm import privacy, strategies
-    from fedfm.data import check_federation
+    from fedfm.preflight import preflight
     from fedfm.server import resume_point
-    from fedfm.workspace import federation_for
 
     run_dir = Path(out) if out else Path(config.output.dir) if config.output.dir else default_run_dir()
     rundir.check_usable(run_dir, resume=config.output.resume, overwrite=config.output.overwrite)
-    # Strategy and data problems surface here, before Ray or any model starts.
-    strategies.check(config)
-    if config.data.hospitals:
-        raise ConfigError(
-            f"`data.hospitals` {list(config.data.hospitals)} lists a deployment's hospitals, whose rows are on their "
-            "own SuperNodes (docs/how-to/deploy.md); a simulation splits `data.dataset` into hospitals: leave "
-            "`data.hospitals` empty"
-        )
-    federation = federation_for(config.data)
-    check_federation(config, federation)
-    privacy.check(config, federation)
+    # Every check that needs no model (strategy, data, hospitals, DP budgets), before Ray or any model starts.
+    checked = preflight(config, simulation=True)
     # One process at a time in a run directory, and a run in it is never replaced by accident (an old run is
     # deleted only with output.overwrite, and only now that the new configuration and data have passed).
     with rundir.claim(run_dir, resume=config.output.resume, overwrite=config.output.overwrite):
         if config.output.resume:
             resume_point(config, run_dir)  # a missing, corrupt or mismatched checkpoint is refused here, before Ray
-        _simulate(config, run_dir, federation=federation, verbose=verbose, progress=progress)
+        _simulate(config, run_dir, checked=checked, verbose=verbose, progress=progress)
     return RunResult.load(run_dir)
 
 
-def _simulate(config: RunConfig, run_dir: Path, *, federation: Any, verbose: bool, progress: bool | str) -> None:
+def _simulate(config: RunConfig, run_dir: Path, *, checked: Preflight, verbose: bool, progress: bool | str) -> None:
     """Run ``config``'s federation in Flower's simulation engine; Ctrl-C abandons the round in flight."""
     import torch
     from flwr.simulation import run_simulation
@@ -266,6 +258,7 @@ def _simulate(config: RunConfig, run_dir: Path, *, federation: Any, verbose: boo
     from fedfm import client, engine
     from fedfm.server import make_server_app
 
+    federation = checked.federation
     num_hospitals = len(federation.hospitals)
     workers, threads = resolve_parallelism(config.federation)
     backend = engine.resolve(config.federation.backend, workers=workers)
@@ -290,7 +283,7 @@ def _simulate(config: RunConfig, run_dir: Path, *, federation: Any, verbose: boo
         warnings.simplefilter("ignore", DeprecationWarning)
         try:
             run_simulation(
-                server_app=make_server_app(config, run_dir, progress=progress, verbose=verbose),
+                server_app=make_server_app(config, run_dir, progress=progress, verbose=verbose, checked=checked),
                 client_app=client.app,
                 num_supernodes=num_hospitals,
                 backend_config=backend_config,
