@@ -19,7 +19,7 @@ from fedfm.config import RunConfig
 from fedfm.data import split_hospital
 from fedfm.errors import ConfigError
 from fedfm.rundir import RunDirectory, read_checkpoint
-from fedfm.server import _Recorder, _selection_summary
+from fedfm.server import Recorder, selection_json
 from fedfm.strategies import GuardedStrategy, RoundRecord
 from fedfm.strategies.selection import BestRound, best_round, validation_of
 from fedfm.wire import numpy_to_record, record_to_numpy
@@ -88,10 +88,10 @@ def _adapter(server_round: int) -> dict[str, np.ndarray]:
     return {"lora_A": np.full((2, 3), float(server_round), dtype=np.float32)}
 
 
-def _recorder(config: RunConfig, run_dir: Path) -> _Recorder:
+def _recorder(config: RunConfig, run_dir: Path) -> Recorder:
     strategy = SimpleNamespace(rounds={r: RoundRecord(evaluate=_evaluate(r)) for r in ROUNDS},
                                hospital_of=lambda node: None)
-    return _Recorder(config, SimpleNamespace(hospital_names=["north", "south"]), strategy, RunDirectory(run_dir))
+    return Recorder(config, SimpleNamespace(hospital_names=["north", "south"]), strategy, RunDirectory(run_dir))
 
 
 def _config(**settings: Any) -> RunConfig:
@@ -112,7 +112,7 @@ def test_the_best_round_is_chosen_by_validation_never_by_test(tmp_path: Path) ->
     # Execute: the server records rounds 1..3 as it would after each round
     for server_round in (1, 2, 3):
         recorder.record_round(server_round, numpy_to_record(_adapter(server_round)), None)
-    summary = _selection_summary(recorder.config, recorder.history, recorder.best, recorder.best.round or 0)
+    summary = selection_json(recorder.config, recorder.history, recorder.best, recorder.best.round or 0)
     # Assert: round 2 by validation loss (and the same from metrics.jsonl alone), though test prefers round 3
     assert recorder.best.round == 2 and best_round(recorder.run_dir.lines(), "loss")[0] == 2
     assert recorder.best.score == pytest.approx((0.40 * 10 + 0.45 * 30) / 40)

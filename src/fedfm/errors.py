@@ -48,6 +48,10 @@ class RunDirectoryError(FedfmError, OSError):
     """A run directory cannot be used: a file, unwritable, in use by another process, or holding a run already."""
 
 
+class ReportError(FedfmError, ValueError):
+    """A run directory lacks what a report needs, or a report file cannot be written."""
+
+
 class MissingExtraError(FedfmError, ImportError):
     """An optional dependency is not installed.
 

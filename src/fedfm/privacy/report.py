@@ -17,7 +17,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from fedfm.errors import FedfmError
+from fedfm.errors import ReportError
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -26,10 +26,6 @@ if TYPE_CHECKING:
 
 #: The only file type ``--plot`` writes.
 PLOT_SUFFIX = ".png"
-
-
-class ReportError(FedfmError, ValueError):
-    """A run directory lacks what the report needs, or a report file cannot be written."""
 
 
 def _fmt(value: float | None, digits: int = 3) -> str:

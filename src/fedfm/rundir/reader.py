@@ -15,7 +15,7 @@ from typing import Any
 
 import tomllib
 
-from fedfm.privacy.report import ReportError
+from fedfm.errors import ReportError
 from fedfm.rundir.files import CONFIG_FILE, METRICS_FILE, SUMMARY_FILE
 from fedfm.rundir.records import RoundEntry, RunSummary
 

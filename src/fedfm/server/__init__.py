@@ -16,9 +16,6 @@ from fedfm.server.recorder import Recorder
 from fedfm.server.resume import resume_point
 from fedfm.server.summary import build_summary, privacy_summary, selection_json, selection_summary
 
-#: Former private names of server.py that tests/test_personalization.py still imports.
-_Recorder, _selection_summary = Recorder, selection_json
-
 __all__ = [
     "Recorder", "app", "build_strategy", "build_summary", "initial_arrays", "load_global", "make_server_app",
     "privacy_summary", "resume_point", "round_instructions", "run_audit", "run_personalization",

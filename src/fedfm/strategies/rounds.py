@@ -16,17 +16,21 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 
 from fedfm import keys
 
-if TYPE_CHECKING:
-    from fedfm.strategies.guard import RoundRecord
-
 logger = logging.getLogger("fedfm")
+
+
+class RoundFaults(Protocol):
+    """What the loop reads and counts in a round's record (the guard's ``RoundRecord``)."""
+
+    faults: int
+    retries: int
 
 
 class RoundStrategy(Protocol):
@@ -34,7 +38,7 @@ class RoundStrategy(Protocol):
 
     min_replies: int
 
-    def round_record(self, server_round: int) -> RoundRecord: ...
+    def round_record(self, server_round: int) -> RoundFaults: ...
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
