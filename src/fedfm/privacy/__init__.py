@@ -2,7 +2,8 @@
 
 - :mod:`fedfm.privacy.accounting`: the ledger, ε from Opacus's accountants, calibration.
 - :mod:`fedfm.privacy.dpsgd`: Poisson sampling, per-example clipping and noise (Opacus).
-- :mod:`fedfm.privacy.hospital`: a hospital's budget, ledger storage and round plan.
+- :mod:`fedfm.privacy.hospital`: a hospital's DP policy (budget, δ, batch size, recipe); its ledger is kept by
+  :class:`fedfm.hospital_state.HospitalSession`.
 
 :func:`check` is called before any model loads: it refuses settings that
 cannot work for this federation and says what each hospital will spend.
@@ -57,7 +58,7 @@ def check(config: RunConfig, federation: Federation) -> list[PlannedBudget]:
         Opacus is missing, a δ is not below 1/N, a per-hospital budget names
         no hospital, or a budget cannot pay for even one round.
     """
-    from fedfm.privacy.hospital import budget_for, delta_for, dp_batch_size  # imports Flower; train.py must not
+    from fedfm.privacy.hospital import budget_for, delta_for, dp_batch_size
 
     spec = config.privacy
     if spec.mode == "none" and spec.client_dp == "none":
