@@ -23,8 +23,8 @@ import pytest
 from fedfm.cli import main
 from fedfm.config import RunConfig
 from fedfm.errors import DataError, FedfmError, ModelError
-from fedfm.export import ExportError, ExportSettings, check_exported, export_settings
-from fedfm.predict import PredictError, check_output, evaluate_file, predict_file, read_table
+from fedfm.export import ExportError, ExportSettings, export_settings
+from fedfm.predict import PredictError, check_exported, check_output, evaluate_file, predict_file, read_table
 from fedfm.privacy.report import ReportError
 from fedfm.rundir import RunDirectory
 

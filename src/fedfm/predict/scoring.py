@@ -1,0 +1,173 @@
+"""Scoring checked rows with a loaded exported model, and fedfm's metrics and prediction table of the result.
+
+Classification rows are scored as fedfm evaluates them: the same tokenizer,
+token limit and pooling, the class with the largest logit. Causal-QA rows
+(multiple choice) are scored by :meth:`fedfm.tasks.CausalQA.option_log_likelihoods`,
+fedfm's own option scoring; the answer is the most likely option.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import torch
+
+from fedfm.errors import DataError, FedfmError
+from fedfm.export import ExportSettings
+from fedfm.predict.loader import Exported
+from fedfm.predict.rows import Rows
+from fedfm.tasks.metrics import classification_metrics
+
+
+class PredictError(FedfmError, ValueError):
+    """``fedfm predict`` / ``fedfm evaluate`` was asked for something it cannot do (a batch size below 1)."""
+
+
+def check_batch_size(batch_size: int) -> int:
+    """``batch_size`` must be an integer of at least 1 (checked before the model loads).
+
+    Raises
+    ------
+    PredictError
+        Naming ``--batch-size`` and the value it got.
+    """
+    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+        raise PredictError(f"--batch-size must be an integer >= 1 (rows per forward pass), got {batch_size!r}")
+    return int(batch_size)
+
+
+
+@dataclass(frozen=True)
+class Predictions:
+    """What the model said about every row, in file order.
+
+    Attributes
+    ----------
+    indices : numpy.ndarray
+        Predicted class id (multiple choice: option index) per row.
+    probabilities : numpy.ndarray
+        ``(rows, classes)``; multiple choice: softmax of the options' scores (``0`` past a row's options).
+    answers : list of str
+        The predicted class name (multiple choice: the chosen option's text).
+    loss : float
+        Mean cross-entropy of the labels (multiple choice: the right option's mean token NLL); NaN without labels.
+    """
+
+    indices: np.ndarray
+    probabilities: np.ndarray
+    answers: list[str]
+    loss: float
+
+
+@torch.no_grad()
+def predict_rows(exported: Exported, rows: Rows, *, batch_size: int = 32) -> Predictions:
+    """Run the exported model on checked rows.
+
+    Parameters
+    ----------
+    exported : Exported
+        From :func:`fedfm.predict.load_exported`.
+    rows : Rows
+        From :func:`read_rows`.
+    batch_size : int
+        Rows per forward pass.
+
+    Returns
+    -------
+    Predictions
+
+    Raises
+    ------
+    PredictError
+        ``batch_size`` is below 1.
+    """
+    batch_size = check_batch_size(batch_size)
+    if exported.settings.task == "causal-qa":
+        return _predict_choice(exported, rows, batch_size=batch_size)
+    tokenizer, model, s = exported.tokenizer, exported.model, exported.settings
+    order = np.argsort([len(t) for t in rows.texts], kind="stable")  # similar lengths pad less
+    logits = torch.zeros(len(rows.texts), len(s.label_names))
+    for start in range(0, len(order), batch_size):
+        chosen = [int(i) for i in order[start : start + batch_size]]
+        texts = [rows.texts[i] for i in chosen]
+        if rows.contexts:  # trained on (sentence, context) pairs: encoded exactly as in training
+            from fedfm.tasks.sequence_classification import encode_pairs
+
+            pairs = encode_pairs(tokenizer, texts, [rows.contexts[i] for i in chosen], max_length=s.max_length)
+            batch = tokenizer.pad(pairs, padding=True, return_tensors="pt")
+        else:
+            batch = tokenizer(texts, truncation=True, max_length=s.max_length, padding=True, return_tensors="pt")
+        out = model(input_ids=batch["input_ids"].to(exported.device),
+                    attention_mask=batch["attention_mask"].to(exported.device)).logits.float().cpu()
+        logits[chosen] = out
+    loss = float("nan")
+    if rows.labels is not None:
+        loss = float(torch.nn.functional.cross_entropy(logits, torch.tensor(rows.labels)))
+    indices = logits.argmax(-1).numpy()
+    return Predictions(indices, logits.softmax(-1).numpy(), [s.label_names[i] for i in indices], loss)
+
+
+def _predict_choice(exported: Exported, rows: Rows, *, batch_size: int) -> Predictions:
+    import datasets
+    from datasets import Dataset
+
+    from fedfm.tasks import CausalQA
+
+    datasets.disable_progress_bars()
+
+    task = CausalQA(length_normalize=exported.settings.length_normalize)
+    labels = rows.labels if rows.labels is not None else [0] * len(rows.questions)
+    raw = Dataset.from_dict({"question": rows.questions, "context": rows.contexts, "options": rows.options,
+                             "label": labels})
+    tokenized = task.tokenize(raw, exported.tokenizer, max_length=exported.settings.max_length)
+    log_likelihood, n_tokens = task.option_log_likelihoods(
+        exported.model, tokenized, exported.tokenizer, batch_size=batch_size, device=exported.device
+    )
+    with np.errstate(invalid="ignore", divide="ignore"):
+        scores = log_likelihood / n_tokens if task.length_normalize else log_likelihood
+    scores = np.where(n_tokens > 0, scores, -np.inf)
+    shifted = np.exp(scores - scores.max(axis=1, keepdims=True))
+    probabilities = shifted / shifted.sum(axis=1, keepdims=True)
+    indices = scores.argmax(axis=1)
+    loss = float("nan")
+    if rows.labels is not None:
+        at = np.arange(len(labels))
+        loss = float(np.mean(-log_likelihood[at, labels] / n_tokens[at, labels]))
+    answers = [rows.options[r][int(i)] for r, i in enumerate(indices)]
+    return Predictions(indices, probabilities, answers, loss)
+
+
+def metrics_of(rows: Rows, predictions: Predictions, settings: ExportSettings) -> dict[str, float]:
+    """fedfm's metric set (:func:`fedfm.tasks.metrics.classification_metrics`) of labelled rows.
+
+    Raises
+    ------
+    DataError
+        The rows have no labels.
+    """
+    if rows.labels is None:
+        raise DataError("evaluation needs a label column")
+    classes = predictions.probabilities.shape[1] if settings.task == "causal-qa" else len(settings.label_names)
+    metrics = classification_metrics(np.asarray(rows.labels), predictions.indices, classes, predictions.loss)
+    metrics["rows"] = float(len(rows.labels))
+    return metrics
+
+
+def prediction_table(rows: Rows, predictions: Predictions, settings: ExportSettings) -> pd.DataFrame:
+    """The input's columns followed by ``prediction`` and one ``probability:<class>`` column per class.
+
+    Multiple choice: ``prediction`` is the chosen option's text, ``prediction_index`` its index and
+    ``probability:<letter>`` each option's share.
+    """
+    table = rows.table.copy()
+    table["prediction"] = predictions.answers
+    if settings.task == "causal-qa":
+        table["prediction_index"] = predictions.indices.astype(int)
+        names = [chr(ord("A") + k) for k in range(predictions.probabilities.shape[1])]
+    else:
+        names = settings.label_names
+    for k, name in enumerate(names):
+        table[f"probability:{name}"] = predictions.probabilities[:, k]
+    return table
