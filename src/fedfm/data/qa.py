@@ -4,18 +4,52 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import datasets
 
 from fedfm.data.base import MULTIPLE_CHOICE, SourceData, SourceRequest
+from fedfm.data.formats import InputFormat
 from fedfm.data.paths import data_file
 from fedfm.errors import DataError
 
 PUBMEDQA_OPTIONS = ["yes", "no", "maybe"]
 MEDMCQA_LETTERS = ["A", "B", "C", "D"]
 _OPTION_LINE = re.compile(r"^([A-Z])\.\s?(.*)$")
+
+
+@dataclass(frozen=True)
+class MultipleChoiceInput(InputFormat):
+    """Multiple-choice rows: columns ``question``, ``context`` (optional) and ``options``, answers scored by likelihood.
+
+    Attributes
+    ----------
+    same_options : bool
+        Every row's options are the source's classes (PubMedQA: yes/no/maybe),
+        so an exported folder records them and input files need no ``options`` column.
+    """
+
+    name: str = "multiple-choice"
+    kind: str = MULTIPLE_CHOICE
+    label_column: str | None = "label"
+    same_options: bool = False
+
+    def describe(self, *, text_column: str, context: str, fixed_options: list[str]) -> str:
+        """The model card's description of multiple-choice rows (see :meth:`InputFormat.describe`)."""
+        fixed = f"; options always {fixed_options}" if fixed_options else ""
+        return f"a multiple-choice question (columns question, context, options){fixed}, answers scored by likelihood"
+
+    def fixed_options(self, label_names: list[str]) -> list[str]:
+        """``label_names`` when every row shares them (:attr:`same_options`), else ``[]``."""
+        return list(label_names) if self.same_options else []
+
+
+#: Multiple-choice rows with their own options (MedMCQA, MedQA); ``fedfm.json`` names this format.
+MULTIPLE_CHOICE_INPUT = MultipleChoiceInput()
+#: PubMedQA: every question has the options yes/no/maybe.
+PUBMEDQA_INPUT = MultipleChoiceInput(same_options=True)
 
 
 def _read_json(path: Path) -> Any:

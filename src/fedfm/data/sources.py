@@ -11,20 +11,22 @@ from datasets import Dataset
 from fedfm.data._cache import LruCache
 from fedfm.data.base import SourceData, SourceRequest
 from fedfm.data.files import FILE_FORMATS, load_file
-from fedfm.data.heart import load_heart_disease
+from fedfm.data.formats import TEXT_INPUT, InputFormat, register_input_format
+from fedfm.data.heart import HEART_RECORD_INPUT, load_heart_disease
 from fedfm.data.ncbi import load_ncbi_disease
 from fedfm.data.paths import resolve_data_dir_with_origin
 from fedfm.data.piboso import load_piboso
-from fedfm.data.qa import load_medmcqa, load_medqa, load_pubmedqa
+from fedfm.data.qa import MULTIPLE_CHOICE_INPUT, PUBMEDQA_INPUT, load_medmcqa, load_medqa, load_pubmedqa
 from fedfm.errors import ConfigError, DataError
 
 SourceLoader = Callable[[SourceRequest], SourceData]
 
 _SOURCES: dict[str, SourceLoader] = {}
+_INPUTS: dict[str, InputFormat] = {}
 _CACHE: LruCache[SourceData] = LruCache(maxsize=16)
 
 
-def register_source(name: str, loader: SourceLoader) -> None:
+def register_source(name: str, loader: SourceLoader, *, input_format: InputFormat = TEXT_INPUT) -> None:
     """Make ``loader`` available to :func:`load_source` under ``name``.
 
     Registering an existing name replaces its loader (and forgets what was
@@ -36,10 +38,14 @@ def register_source(name: str, loader: SourceLoader) -> None:
         The source name, e.g. ``"heart_disease_uci"``.
     loader : Callable[[SourceRequest], SourceData]
         Builds the source from a :class:`SourceRequest`.
+    input_format : InputFormat
+        How a colleague's file of this source's rows becomes a model's input
+        (what an exported model records in ``fedfm.json``); default: a text column.
     """
     if not name or not isinstance(name, str):
         raise ConfigError(f"a source name must be a non-empty string, got {name!r}")
     _SOURCES[name] = loader
+    _INPUTS[name] = input_format
     _CACHE.discard_if(lambda key: isinstance(key, tuple) and key[0] == name)
 
 
@@ -52,6 +58,21 @@ def known_sources() -> list[str]:
         The registered names.
     """
     return sorted(_SOURCES)
+
+
+def source_input_format(name: str) -> InputFormat:
+    """The input format the source ``name`` was registered with (a text column for a name not registered here).
+
+    Parameters
+    ----------
+    name : str
+        The source name (``data.dataset``).
+
+    Returns
+    -------
+    InputFormat
+    """
+    return _INPUTS.get(name, TEXT_INPUT)
 
 
 def load_source(
@@ -139,11 +160,14 @@ def _head(split: Dataset | None, max_rows: int) -> Dataset | None:
     return split.select(range(max_rows))
 
 
-register_source("heart_disease_uci", load_heart_disease)
+# fedfm.json names these formats; the order is the one its error message lists them in.
+register_input_format(HEART_RECORD_INPUT)
+register_input_format(MULTIPLE_CHOICE_INPUT)
+register_source("heart_disease_uci", load_heart_disease, input_format=HEART_RECORD_INPUT)
 register_source("nicta_piboso", load_piboso)
-register_source("pubmedqa", load_pubmedqa)
-register_source("medmcqa", load_medmcqa)
-register_source("medqa", load_medqa)
+register_source("pubmedqa", load_pubmedqa, input_format=PUBMEDQA_INPUT)
+register_source("medmcqa", load_medmcqa, input_format=MULTIPLE_CHOICE_INPUT)
+register_source("medqa", load_medqa, input_format=MULTIPLE_CHOICE_INPUT)
 register_source("ncbi_disease", load_ncbi_disease)
 for _format in FILE_FORMATS:
     register_source(_format, load_file)

@@ -25,9 +25,6 @@ from fedfm.export.describe import write_model_card
 from fedfm.export.merged import MODELING_FILE
 from fedfm.export.settings import (
     EXPORT_POOLINGS,
-    HEART_RECORD,
-    INPUT_FORMATS,
-    MULTIPLE_CHOICE,
     PREDICTABLE_TASKS,
     TEXT,
     ExportError,
@@ -38,10 +35,7 @@ from fedfm.export.settings import (
 __all__ = [
     "CARD",
     "EXPORT_POOLINGS",
-    "HEART_RECORD",
-    "INPUT_FORMATS",
     "MODELING_FILE",
-    "MULTIPLE_CHOICE",
     "PREDICTABLE_TASKS",
     "TEXT",
     "ExportError",

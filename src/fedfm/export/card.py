@@ -9,7 +9,8 @@ from __future__ import annotations
 from typing import Any
 
 from fedfm.config import RunConfig
-from fedfm.export.settings import HEART_RECORD, MULTIPLE_CHOICE, PREDICTABLE_TASKS, ExportSettings
+from fedfm.data.formats import input_format
+from fedfm.export.settings import PREDICTABLE_TASKS, ExportSettings
 from fedfm.rundir import RoundEntry, RunSummary
 
 #: The model card's file name in an exported folder (what the Hugging Face Hub shows).
@@ -128,14 +129,7 @@ def use_mean_pooling(model):
 
 
 def _example_text(settings: ExportSettings) -> str:
-    if settings.input_format == HEART_RECORD:
-        from fedfm.data.text import heart_row_to_text
-
-        return heart_row_to_text({
-            "age": 63, "sex": "Male", "cp": "typical angina", "trestbps": 145, "chol": 233, "fbs": True,
-            "restecg": "lv hypertrophy", "thalch": 150, "exang": False, "oldpeak": 2.3,
-        })
-    return "Patient reports chest pain on exertion."
+    return input_format(settings.input_format).example_text()
 
 
 def _example_context(mode: str) -> str:
@@ -404,17 +398,9 @@ def model_card(
 
 
 def _input_description(settings: ExportSettings) -> str:
-    if settings.input_format == HEART_RECORD:
-        return ("a UCI heart-disease record (columns age, sex, cp, trestbps, chol, fbs, restecg, thalch, exang, "
-                "oldpeak) written as one English sentence by `fedfm.data.heart_row_to_text`")
-    if settings.input_format == MULTIPLE_CHOICE:
-        fixed = f"; options always {settings.fixed_options}" if settings.fixed_options else ""
-        return f"a multiple-choice question (columns question, context, options){fixed}, answers scored by likelihood"
-    if settings.context != "none":
-        return (f"the text column `{settings.text_column}` (one sentence per row) paired with its context "
-                f"`{settings.context}` (`fedfm.data.piboso.context_text`): rows need `abstract_id`, sentences in "
-                f"their abstract's order")
-    return f"the text column `{settings.text_column}`"
+    return input_format(settings.input_format).describe(
+        text_column=settings.text_column, context=settings.context, fixed_options=settings.fixed_options
+    )
 
 
 def _local_training(config: RunConfig) -> str:

@@ -14,11 +14,14 @@ from typing import Any
 
 from fedfm.adapters import EXPORT_SETTINGS
 from fedfm.config import CONTEXTS, FILE_DATASETS, TASKS, RunConfig
+from fedfm.data.base import CLASSIFICATION, MULTIPLE_CHOICE
+from fedfm.data.formats import TEXT_INPUT, known_input_formats
+from fedfm.data.qa import MULTIPLE_CHOICE_INPUT
+from fedfm.data.sources import source_input_format
 from fedfm.errors import FedfmError
 
-#: Input formats of :class:`ExportSettings`: how one row of a file becomes the model's input.
-TEXT, HEART_RECORD, MULTIPLE_CHOICE = "text", "heart-disease-record", "multiple-choice"
-INPUT_FORMATS = (TEXT, HEART_RECORD, MULTIPLE_CHOICE)
+#: The ``input_format`` of a text column (the other formats belong to their sources: :mod:`fedfm.data.formats`).
+TEXT = TEXT_INPUT.name
 
 #: Tasks whose exported folders the card's snippet, ``fedfm predict`` and ``fedfm evaluate`` cover.
 PREDICTABLE_TASKS = ("sequence-classification", "causal-qa")
@@ -43,8 +46,9 @@ class ExportSettings:
     label_names : list of str
         Class names in label-id order (causal QA: the option names).
     input_format : str
-        One of :data:`INPUT_FORMATS`: a text column, a UCI heart-disease record
-        written as text, or multiple-choice columns.
+        The name of an input format (:func:`fedfm.data.formats.input_format`):
+        ``text`` (a text column), ``heart-disease-record`` (a UCI heart-disease
+        record written as text) or ``multiple-choice`` (multiple-choice columns).
     text_column : str
         The text column of the ``text`` format.
     label_column : str
@@ -140,8 +144,8 @@ def _settings_problems(data: dict[str, Any]) -> list[str]:
         problems.append(f"`label_names` must be a non-empty list of strings (the classes in id order), got {names!r}")
     elif len(set(names)) != len(names):
         problems.append(f"`label_names` must not repeat a name, got {names!r}")
-    check(data["input_format"] in INPUT_FORMATS,
-          f"`input_format` must be one of {list(INPUT_FORMATS)}, got {data['input_format']!r}")
+    formats = known_input_formats()
+    check(data["input_format"] in formats, f"`input_format` must be one of {list(formats)}, got {data['input_format']!r}")
     for key in ("text_column", "label_column"):
         if key in data:
             check(isinstance(data[key], str) and bool(data[key]), f"`{key}` must be a column name, got {data[key]!r}")
@@ -178,23 +182,20 @@ def export_settings(config: RunConfig, label_names: list[str], *, pooling: str =
     ExportSettings
     """
     data = config.data
+    source = source_input_format(data.dataset)  # the dataset's own format: how its rows become model input
     if config.model.task == "causal-qa":
-        fixed = list(label_names) if data.dataset == "pubmedqa" else []
-        return ExportSettings(
-            task=config.model.task, base_model=config.model.name, label_names=list(label_names),
-            input_format=MULTIPLE_CHOICE, label_column="label", max_length=config.model.max_length,
-            fixed_options=fixed,
-        )
-    if data.dataset == "heart_disease_uci" and not data.hospitals:
-        return ExportSettings(
-            task=config.model.task, base_model=config.model.name, label_names=list(label_names),
-            input_format=HEART_RECORD, label_column="num", max_length=config.model.max_length, pooling=pooling,
-        )
-    generic = data.dataset in FILE_DATASETS or bool(data.hospitals)
+        fmt = source if source.kind == MULTIPLE_CHOICE else MULTIPLE_CHOICE_INPUT
+    elif data.hospitals or source.kind != CLASSIFICATION:
+        fmt = TEXT_INPUT  # a deployment's hospitals hold their own files of text
+    else:
+        fmt = source
+    classifier = fmt.kind == CLASSIFICATION
+    own_columns = classifier and (data.dataset in FILE_DATASETS or bool(data.hospitals))
     return ExportSettings(
         task=config.model.task, base_model=config.model.name, label_names=list(label_names),
-        input_format=TEXT, text_column=data.text_column if generic else "text",
-        label_column=data.label_column if generic else "label", max_length=config.model.max_length, pooling=pooling,
-        context=data.context,
+        input_format=fmt.name, text_column=fmt.text_column or (data.text_column if own_columns else "text"),
+        label_column=fmt.label_column or (data.label_column if own_columns else "label"),
+        max_length=config.model.max_length, pooling=pooling if classifier else "",
+        fixed_options=fmt.fixed_options(list(label_names)), context=data.context if classifier else "none",
     )
 

@@ -17,9 +17,11 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from fedfm.data.base import MULTIPLE_CHOICE
 from fedfm.data.files import check_texts, normalize_label
+from fedfm.data.formats import input_format
 from fedfm.errors import DataError
-from fedfm.export import HEART_RECORD, MULTIPLE_CHOICE, PREDICTABLE_TASKS, ExportSettings
+from fedfm.export import PREDICTABLE_TASKS, ExportSettings
 
 #: File suffixes ``--input`` may have.
 INPUT_SUFFIXES = (".csv", ".jsonl", ".json", ".parquet")
@@ -92,15 +94,9 @@ def _require(table: pd.DataFrame, columns: list[str], where: str, hint: str) -> 
 
 
 def _labels(
-    values: list[Any], settings: ExportSettings, where: str, *, options: list[list[str]] | None, graded: bool = False
+    values: list[Any], settings: ExportSettings, where: str, *, options: list[list[str]] | None
 ) -> list[int]:
     """Class ids of a label column: class names, or integer ids; multiple choice also takes the option text."""
-    if graded:
-        # The UCI table grades disease 0-4 in `num`; fedfm trained on "any disease" (num > 0).
-        bad = [v for v in values if _missing(v) or not isinstance(v, (int, float, np.integer, np.floating))]
-        if bad:
-            raise DataError(f"{where}: the UCI grade must be a number 0-4, got {bad[0]!r}")
-        return [int(float(v) > 0) for v in values]
     names = [n.strip() for n in settings.label_names]
     ids: list[int] = []
     for row, raw in enumerate(values):
@@ -164,7 +160,8 @@ def read_rows(
     questions: list[str] = []
     contexts: list[str] = []
     options: list[list[str]] = []
-    if settings.input_format == MULTIPLE_CHOICE:
+    fmt = input_format(settings.input_format)  # how the dataset's rows become the model's input
+    if fmt.kind == MULTIPLE_CHOICE:
         columns = ["question"] + ([] if settings.fixed_options else ["options"])
         _require(table, columns, where, "multiple-choice rows need question and options; context is optional")
         questions = [str(q) for q in table["question"]]
@@ -173,12 +170,10 @@ def read_rows(
             options = [list(settings.fixed_options) for _ in range(len(table))]
         else:
             options = [_options(v, where, row) for row, v in enumerate(table["options"])]
-    elif settings.input_format == HEART_RECORD and text_column is None and "text" not in table.columns:
-        from fedfm.data.heart import FEATURES
-        from fedfm.data.text import heart_row_to_text
-
-        _require(table, FEATURES, where, "a UCI heart-disease record, or pass --text-column with rows already as text")
-        gaps = table[FEATURES].isna()
+    elif fmt.record_columns and text_column is None and fmt.text_column not in table.columns:
+        records = list(fmt.record_columns)
+        _require(table, records, where, f"{fmt.record_name}, or pass --text-column with rows already as text")
+        gaps = table[records].isna()
         if gaps.to_numpy().any():
             row = int(gaps.any(axis=1).to_numpy().argmax())
             raise DataError(
@@ -186,9 +181,9 @@ def read_rows(
                 f"column {list(gaps.columns[gaps.iloc[row].to_numpy()])}); the model was trained on complete records "
                 f"only: drop those rows first"
             )
-        texts = [heart_row_to_text(r) for r in table[FEATURES].to_dict("records")]
+        texts = [fmt.record_text(r) for r in table[records].to_dict("records")]
     else:
-        column = text_column or (settings.text_column if settings.input_format != HEART_RECORD else "text")
+        column = text_column or fmt.text_column or settings.text_column
         _require(table, [column], where, "the text the model reads; choose another with --text-column")
         values = list(table[column])
         check_texts(values, where=f"{where} column {column!r}")  # as training reads them: non-blank strings
@@ -196,14 +191,16 @@ def read_rows(
         if settings.context != "none":
             contexts = _sentence_contexts(table, texts, settings.context, where)
     label = label_column or settings.label_column
-    if label not in table.columns and settings.input_format == HEART_RECORD and label_column is None \
-            and "label" in table.columns:
-        label = "label"
+    fallback = fmt.fallback_label_column
+    if label not in table.columns and label_column is None and fallback is not None and fallback in table.columns:
+        label = fallback
     labels = None
     if label in table.columns:
-        labels = _labels(list(table[label]), settings, f"{where} column {label!r}",
-                         options=options if settings.input_format == MULTIPLE_CHOICE else None,
-                         graded=settings.input_format == HEART_RECORD and label == "num")
+        where_label = f"{where} column {label!r}"
+        labels = fmt.graded_labels(label, list(table[label]), where_label)
+        if labels is None:
+            labels = _labels(list(table[label]), settings, where_label,
+                             options=options if fmt.kind == MULTIPLE_CHOICE else None)
     elif need_labels:
         raise DataError(
             f"{where} has no label column {label!r} (choose one with --label-column; labels are "
