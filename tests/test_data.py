@@ -610,3 +610,23 @@ def test_deployment_global_test_is_the_whole_file_encoded_with_the_label_names_a
     with pytest.raises(ConfigError, match=r"`data.path` '.*test.txt' must end in one of"):
         deployment_federation(["a"], label_names=["x", "y"], test_path=tmp_path / "test.txt")
 
+
+
+def test_registries_refuse_a_taken_name_unless_forced(monkeypatch):
+    from fedfm.tasks import register_task
+    from fedfm.tasks.sequence_classification import SequenceClassification
+
+    def other(dataset, *, num_partitions, seed, alpha, column, label_column="label"):
+        return [("all", dataset)]
+
+    with pytest.raises(ConfigError, match="partitioner 'iid' is registered already; pass force=True"):
+        register_partitioner("iid", other)
+    with pytest.raises(ConfigError, match="data source 'csv' is registered already"):
+        register_source("csv", lambda request: None)  # type: ignore[arg-type,return-value]
+    with pytest.raises(ConfigError, match="task 'causal-qa' is registered already"):
+        register_task("causal-qa", SequenceClassification)
+    # The same registration again is no change; force replaces (restored by monkeypatch)
+    register_partitioner("iid", get_partitioner("iid"))
+    monkeypatch.setitem(fedfm.data.partitioners._PARTITIONERS, "iid", get_partitioner("iid"))
+    register_partitioner("iid", other, force=True)
+    assert get_partitioner("iid") is other

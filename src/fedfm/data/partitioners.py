@@ -56,8 +56,8 @@ class PartitionFn(Protocol):
 _PARTITIONERS: dict[str, PartitionFn] = {}
 
 
-def register_partitioner(name: str, fn: PartitionFn) -> None:
-    """Make ``fn`` available to :func:`partition` under ``name`` (replacing any).
+def register_partitioner(name: str, fn: PartitionFn, *, force: bool = False) -> None:
+    """Make ``fn`` available to :func:`partition` under ``name``; a name taken by another function needs ``force``.
 
     Parameters
     ----------
@@ -66,9 +66,13 @@ def register_partitioner(name: str, fn: PartitionFn) -> None:
     fn : PartitionFn
         ``fn(dataset, *, num_partitions, seed, alpha, column, label_column)``
         returning a list of :class:`Partition` that covers every row once.
+    force : bool
+        Replace a partitioner already registered under ``name``.
     """
     if not name or not isinstance(name, str):
         raise ConfigError(f"a partitioner name must be a non-empty string, got {name!r}")
+    if not force and _PARTITIONERS.get(name, fn) is not fn:
+        raise ConfigError(f"partitioner {name!r} is registered already; pass force=True to replace it")
     _PARTITIONERS[name] = fn
 
 

@@ -26,11 +26,13 @@ _INPUTS: dict[str, InputFormat] = {}
 _CACHE: LruCache[SourceData] = LruCache(maxsize=16)
 
 
-def register_source(name: str, loader: SourceLoader, *, input_format: InputFormat = TEXT_INPUT) -> None:
+def register_source(
+    name: str, loader: SourceLoader, *, input_format: InputFormat = TEXT_INPUT, force: bool = False
+) -> None:
     """Make ``loader`` available to :func:`load_source` under ``name``.
 
-    Registering an existing name replaces its loader (and forgets what was
-    cached for it).
+    A name taken by another loader is refused unless ``force`` is true; then
+    the loader is replaced (and what was cached for it is forgotten).
 
     Parameters
     ----------
@@ -41,9 +43,13 @@ def register_source(name: str, loader: SourceLoader, *, input_format: InputForma
     input_format : InputFormat
         How a colleague's file of this source's rows becomes a model's input
         (what an exported model records in ``fedfm.json``); default: a text column.
+    force : bool
+        Replace a source already registered under ``name``.
     """
     if not name or not isinstance(name, str):
         raise ConfigError(f"a source name must be a non-empty string, got {name!r}")
+    if not force and _SOURCES.get(name, loader) is not loader:
+        raise ConfigError(f"data source {name!r} is registered already; pass force=True to replace it")
     _SOURCES[name] = loader
     _INPUTS[name] = input_format
     _CACHE.discard_if(lambda key: isinstance(key, tuple) and key[0] == name)

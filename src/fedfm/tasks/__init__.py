@@ -14,8 +14,17 @@ from fedfm.tasks.token_classification import TokenClassification
 _REGISTRY: dict[str, type[Task]] = {}
 
 
-def register_task(name: str, cls: type[Task]) -> None:
-    """Make a task class available under ``model.task = name``."""
+def register_task(name: str, cls: type[Task], *, force: bool = False) -> None:
+    """Make a task class available under ``model.task = name``.
+
+    Raises
+    ------
+    ConfigError
+        ``name`` is taken by another class and ``force`` is false.
+    """
+    if not force and _REGISTRY.get(name, cls) is not cls:
+        raise ConfigError(f"task {name!r} is registered already ({_REGISTRY[name].__name__}); pass force=True to "
+                          "replace it")
     _REGISTRY[name] = cls
 
 
