@@ -15,6 +15,7 @@ from pathlib import Path
 import datasets
 import numpy as np
 
+from fedfm.config import CONTEXTS
 from fedfm.data.base import CLASSIFICATION, SourceData, SourceRequest
 from fedfm.data.paths import data_file
 from fedfm.errors import DataError
@@ -22,7 +23,7 @@ from fedfm.errors import DataError
 LABEL_NAMES = ["background", "intervention", "other", "outcome", "population", "study design"]
 
 #: Values of ``data.context``: what a sentence is classified together with.
-CONTEXT_MODES = ("none", "position", "neighbours", "both")
+CONTEXT_MODES = CONTEXTS  # the allowed values of `data.context`, read from its Literal type
 #: The column naming a row's abstract: rows sharing it stay in one hospital and on one side of its split.
 ABSTRACT_COLUMN = "abstract_id"
 #: The column :func:`add_context` writes; sequence classification encodes it as the second text of a pair.
