@@ -320,34 +320,19 @@ class GuardedStrategy(Strategy):
             self._leave_out(record, msg.metadata.src_node_id, "train", reason)
         return kept
 
-    def run(
-        self,
-        grid: Grid,
-        arrays: ArrayRecord,
-        *,
-        first_round: int,
-        num_rounds: int,
-        timeout: float,
-        retries: int,
-        train_config: ConfigRecord,
-        evaluate_config: ConfigRecord,
-        evaluate_fn: Callable[[int, ArrayRecord], Any] | None = None,
-        stop_fn: Callable[[int], str | None] | None = None,
-        round_config: Callable[[int], dict[str, Any]] | None = None,
-        evaluate_initial: bool = True,
-    ) -> tuple[ArrayRecord, str | None]:
-        """Rounds ``first_round`` to ``num_rounds`` through this guard (:func:`fedfm.strategies.rounds.run_rounds`).
+    def run(self, grid: Grid, arrays: ArrayRecord, **loop: Any) -> tuple[ArrayRecord, str | None]:
+        """Rounds through this guard, as Flower's ``Strategy.start`` runs on a strategy.
+
+        ``loop`` holds :func:`fedfm.strategies.rounds.run_rounds`'s keyword
+        arguments (``first_round``, ``num_rounds``, ``timeout``, ``retries``, the
+        configs and hooks), documented there once.
 
         Returns
         -------
         tuple
             The final global record, and why the run stopped early (None when every round completed).
         """
-        return run_rounds(
-            self, grid, arrays, first_round=first_round, num_rounds=num_rounds, timeout=timeout, retries=retries,
-            train_config=train_config, evaluate_config=evaluate_config, evaluate_fn=evaluate_fn, stop_fn=stop_fn,
-            round_config=round_config, evaluate_initial=evaluate_initial,
-        )
+        return run_rounds(self, grid, arrays, **loop)
 
     def _keep_dtypes(self, arrays: ArrayRecord | None) -> ArrayRecord | None:
         """The global keeps the dtypes it was sent in (Flower's FedOpt steps promote float32 to float64)."""
