@@ -26,6 +26,7 @@ from fedfm.config import RunConfig
 from fedfm.data import Federation, check_federation
 from fedfm.errors import ConfigError
 from fedfm.privacy import PlannedBudget
+from fedfm.tasks import get_task
 from fedfm.workspace import federation_for
 
 __all__ = ["Preflight", "config_problems", "preflight"]
@@ -95,7 +96,7 @@ def preflight(config: RunConfig, *, simulation: bool = False) -> Preflight:
     problems = config_problems(config, simulation=simulation)
     if problems:
         raise ConfigError(problems)
-    federation = federation_for(config.data)
+    federation = federation_for(config.data, kind=get_task(config.model.task).data_kind)
     plans: list[PlannedBudget] = []
     try:
         check_federation(config, federation)

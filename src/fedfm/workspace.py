@@ -20,7 +20,7 @@ from datasets import Dataset
 
 from fedfm.adapters import LoadedModel, load_model
 from fedfm.config import DataSpec, RunConfig
-from fedfm.data import Federation, NodeData, build_federation, deployment_federation, load_source, node_federation
+from fedfm.data import CLASSIFICATION, Federation, NodeData, build_federation, deployment_federation, load_source, node_federation
 from fedfm.errors import ConfigError
 from fedfm.tasks import Task, get_task
 
@@ -28,20 +28,21 @@ from fedfm.tasks import Task, get_task
 datasets.disable_progress_bars()
 
 _LOCK = threading.RLock()
-_FEDERATIONS: dict[DataSpec, Federation] = {}
+_FEDERATIONS: dict[tuple[DataSpec, str], Federation] = {}
 _NODE_FEDERATIONS: dict[tuple[DataSpec, NodeData], Federation] = {}
 _WORKSPACES: dict[tuple[Any, ...], Workspace] = {}
 
 
-def federation_for(data: DataSpec) -> Federation:
+def federation_for(data: DataSpec, *, kind: str = CLASSIFICATION) -> Federation:
     """The hospitals of a data spec (deterministic, cached per process).
 
     With ``data.hospitals`` (a deployment) the hospitals are those names
     without rows, and the global test set is the ``data.path`` file or empty.
     """
     with _LOCK:
-        if data not in _FEDERATIONS and data.hospitals:
-            _FEDERATIONS[data] = deployment_federation(
+        key = (data, kind)
+        if key not in _FEDERATIONS and data.hospitals:
+            _FEDERATIONS[key] = deployment_federation(
                 data.hospitals,
                 label_names=data.label_names,
                 test_path=data.path or None,
@@ -51,7 +52,7 @@ def federation_for(data: DataSpec) -> Federation:
                 max_test=data.max_test or None,
                 context=data.context,
             )
-        if data not in _FEDERATIONS:
+        if key not in _FEDERATIONS:
             source = load_source(
                 data.dataset,
                 data_dir=data.data_dir or None,
@@ -59,13 +60,14 @@ def federation_for(data: DataSpec) -> Federation:
                 text_column=data.text_column,
                 label_column=data.label_column,
                 label_names=data.label_names or None,
+                kind=kind,
             )
             if data.label_names and list(data.label_names) != source.label_names:
                 raise ConfigError(
                     f"`data.label-names` {list(data.label_names)} differ from the classes of {data.dataset!r}, "
                     f"{source.label_names}; leave it empty for a built-in dataset, or list these"
                 )
-            _FEDERATIONS[data] = build_federation(
+            _FEDERATIONS[key] = build_federation(
                 source,
                 partitioner=data.partitioner,
                 num_hospitals=data.num_hospitals,
@@ -79,7 +81,7 @@ def federation_for(data: DataSpec) -> Federation:
                 validation_fraction=data.validation_fraction,
                 augment=data.augment,
             )
-        return _FEDERATIONS[data]
+        return _FEDERATIONS[key]
 
 
 @dataclass
@@ -185,7 +187,8 @@ def workspace_for(config: RunConfig, node: NodeData | None = None, *, side: str 
     with _LOCK:
         if key not in _WORKSPACES:
             task = get_task(config.model.task)
-            federation = federation_for(config.data) if node is None else node_federation_for(config.data, node)
+            federation = (federation_for(config.data, kind=task.data_kind) if node is None
+                          else node_federation_for(config.data, node))
             source = federation.source
             num_labels = len(source.label_names) if source.kind in ("classification", "token-classification") else 0
             loaded = load_model(config.model, config.lora, task, num_labels=num_labels, seed=config.train.seed,

@@ -14,7 +14,8 @@ from fedfm.errors import DataError
 CLASSIFICATION = "classification"
 MULTIPLE_CHOICE = "multiple-choice"
 TOKEN_CLASSIFICATION = "token-classification"
-KINDS = (CLASSIFICATION, MULTIPLE_CHOICE, TOKEN_CLASSIFICATION)
+INSTRUCTION = "instruction"
+KINDS = (CLASSIFICATION, MULTIPLE_CHOICE, TOKEN_CLASSIFICATION, INSTRUCTION)
 
 # The columns a task can rely on; loaders may add more (hospital, pmid, ...).
 REQUIRED_COLUMNS: dict[str, tuple[str, ...]] = {
@@ -22,6 +23,9 @@ REQUIRED_COLUMNS: dict[str, tuple[str, ...]] = {
     MULTIPLE_CHOICE: ("question", "context", "options", "label"),
     # `label` is a sentence-level summary (e.g. "mentions an entity") for stratified splits and label skew.
     TOKEN_CLASSIFICATION: ("tokens", "tags", "label"),
+    # A conversation: a list of {"role", "content"} turns ending with the assistant's; `label` is a topic id
+    # (e.g. the question's kind) for stratified splits and the Dirichlet partitioner.
+    INSTRUCTION: ("messages", "label"),
 }
 
 
@@ -53,7 +57,10 @@ class SourceData:
     allowed. Token-classification rows carry ``tokens`` (list[str], one per
     word), ``tags`` (list[int], one tag id per word, into ``label_names``) and
     ``label`` (int, a sentence-level summary the stratified local split and the
-    Dirichlet partitioner use). Objects returned by :func:`fedfm.data.load_source` are cached and
+    Dirichlet partitioner use). Instruction rows carry ``messages`` (a list of
+    ``{"role", "content"}`` turns, the last one the assistant's answer) and
+    ``label`` (int, a topic id into ``label_names`` for stratified splits and
+    the Dirichlet partitioner). Objects returned by :func:`fedfm.data.load_source` are cached and
     shared: treat them as read-only (use ``Dataset.with_format``, which returns a
     copy, rather than ``set_format``, which changes the shared object).
 
@@ -62,7 +69,7 @@ class SourceData:
     name : str
         The source's registry name, e.g. ``"heart_disease_uci"``.
     kind : str
-        ``"classification"``, ``"multiple-choice"`` or ``"token-classification"``.
+        ``"classification"``, ``"multiple-choice"``, ``"token-classification"`` or ``"instruction"``.
     train : datasets.Dataset
         The rows hospitals are built from.
     test : datasets.Dataset or None
@@ -70,9 +77,13 @@ class SourceData:
     label_names : list[str]
         Class names (index = label id) for classification; the tag names
         (index = tag id) for token classification; the option names
-        (e.g. ``["A", "B", "C", "D"]``) for multiple-choice.
+        (e.g. ``["A", "B", "C", "D"]``) for multiple-choice; the topics for instruction rows.
     natural_column : str or None
         A column naming a natural site (hospital, subject) to partition by.
+    group_column : str or None
+        A column whose rows belong together (e.g. the questions about one
+        condition): every local split keeps a group's rows on one side, so
+        near-duplicates never straddle train and test.
     """
 
     name: str
@@ -81,6 +92,7 @@ class SourceData:
     test: datasets.Dataset | None
     label_names: list[str]
     natural_column: str | None = None
+    group_column: str | None = None
 
     def __post_init__(self) -> None:
         problems: list[str] = []
@@ -96,13 +108,15 @@ class SourceData:
                         f"{split_name} split lacks column(s) {missing} required for kind "
                         f"{self.kind!r}; it has {split.column_names}"
                     )
-        if self.kind in (CLASSIFICATION, TOKEN_CLASSIFICATION) and not self.label_names:
+        if self.kind in (CLASSIFICATION, TOKEN_CLASSIFICATION, INSTRUCTION) and not self.label_names:
             problems.append(f"`label_names` must name at least one class for {self.kind}")
         if self.natural_column is not None and self.natural_column not in self.train.column_names:
             problems.append(
                 f"`natural_column` {self.natural_column!r} is not a column of the train split; "
                 f"it has {self.train.column_names}"
             )
+        if self.group_column is not None and self.group_column not in self.train.column_names:
+            problems.append(f"`group_column` {self.group_column!r} is not a column of the train split")
         if problems:
             raise DataError(f"invalid source {self.name!r}: " + "; ".join(problems))
 
@@ -132,6 +146,9 @@ class SourceRequest:
         Column holding the label, for generic classification files.
     label_names : tuple[str, ...] or None
         Class names in label-id order; ``None`` lets the loader derive them.
+    kind : str
+        The kind of rows the task reads (:data:`KINDS`); the generic file
+        loaders read a file of that kind (a task's :attr:`~fedfm.tasks.Task.data_kind`).
     """
 
     name: str
@@ -141,3 +158,4 @@ class SourceRequest:
     text_column: str = "text"
     label_column: str = "label"
     label_names: tuple[str, ...] | None = None
+    kind: str = CLASSIFICATION

@@ -1,4 +1,8 @@
-"""Generic text-classification files: CSV, JSON lines, Parquet."""
+"""Files of one's own: CSV, JSON lines, Parquet, read as the rows a task needs.
+
+Text classification is read here; other kinds of rows (multiple choice,
+instruction pairs, ...) register their reader with :func:`register_file_kind`.
+"""
 
 from __future__ import annotations
 
@@ -220,24 +224,44 @@ def encode_labels(
     return int_ids, names
 
 
+#: Turns a file's table into a source of one kind of rows: ``(request, table, path) -> SourceData``.
+KindReader = Callable[[SourceRequest, datasets.Dataset, Path], SourceData]
+_KIND_READERS: dict[str, KindReader] = {}
+
+
+def register_file_kind(kind: str, reader: KindReader) -> None:
+    """Make the generic file formats read rows of ``kind`` (a task's ``data_kind``) with ``reader``.
+
+    Parameters
+    ----------
+    kind : str
+        The kind of rows, e.g. ``"instruction"``.
+    reader : KindReader
+        Turns the file's table (already read, UTF-8 checked) into a :class:`SourceData` of that kind.
+    """
+    _KIND_READERS[kind] = reader
+
+
 def load_file(request: SourceRequest) -> SourceData:
-    """Load a text-classification file into the standard ``text``/``label`` columns.
+    """Load a CSV, JSON-lines or Parquet file into the standard columns of ``request.kind``.
 
     Parameters
     ----------
     request : SourceRequest
-        ``name`` picks the reader (``csv``, ``jsonl``/``json``, ``parquet``);
-        ``path``, ``text_column``, ``label_column`` and ``label_names`` are used.
-        Other columns are kept, except ones already called ``text`` or ``label``
-        that are not the chosen columns.
+        ``name`` picks the reader (``csv``, ``jsonl``/``json``, ``parquet``),
+        ``kind`` the rows it must hold (a reader registered with
+        :func:`register_file_kind`; text classification by default).
 
     Returns
     -------
     SourceData
-        A classification source without a test split.
+        A source of that kind without a test split.
     """
     if request.name not in _READERS:
         raise ConfigError(f"no file reader for {request.name!r}; known: {list(FILE_FORMATS)}")
+    if request.kind not in _KIND_READERS:
+        raise ConfigError(f"a {request.name} file cannot be read as {request.kind!r} rows; kinds read from files: "
+                          f"{sorted(_KIND_READERS)}")
     path = _locate(request)
     if request.name in _TEXT_FORMATS:
         check_utf8(path)
@@ -245,6 +269,16 @@ def load_file(request: SourceRequest) -> SourceData:
         table = _READERS[request.name](str(path), keep_in_memory=True)
     except Exception as exc:  # the readers raise many types (arrow, pandas, json)
         raise DataError(f"cannot read {path} as {request.name}: {exc}") from exc
+    return _KIND_READERS[request.kind](request, table, path)
+
+
+def classification_file(request: SourceRequest, table: datasets.Dataset, path: Path) -> SourceData:
+    """A text-classification file's table in the standard ``text``/``label`` columns.
+
+    ``text_column``, ``label_column`` and ``label_names`` of ``request`` are
+    used. Other columns are kept, except ones already called ``text`` or
+    ``label`` that are not the chosen columns.
+    """
     present = table.column_names
     missing = [c for c in (request.text_column, request.label_column) if c not in present]
     if missing:
@@ -273,3 +307,6 @@ def load_file(request: SourceRequest) -> SourceData:
         label_names=names,
         natural_column=None,
     )
+
+
+register_file_kind(CLASSIFICATION, classification_file)

@@ -9,7 +9,7 @@ from pathlib import Path
 from datasets import Dataset
 
 from fedfm.data._cache import LruCache
-from fedfm.data.base import SourceData, SourceRequest
+from fedfm.data.base import CLASSIFICATION, SourceData, SourceRequest
 from fedfm.data.files import FILE_FORMATS, load_file
 from fedfm.data.formats import TEXT_INPUT, InputFormat, register_input_format
 from fedfm.data.heart import HEART_RECORD_INPUT, load_heart_disease
@@ -90,6 +90,7 @@ def load_source(
     label_column: str = "label",
     label_names: Sequence[str] | None = None,
     max_rows: int | None = None,
+    kind: str = CLASSIFICATION,
 ) -> SourceData:
     """Load a registered dataset into fedfm's standard columns.
 
@@ -115,6 +116,10 @@ def load_source(
         numbered in sorted order.
     max_rows : int or None
         Keep only the first ``max_rows`` rows of each split (for quick runs).
+    kind : str
+        The rows the task reads (its :attr:`~fedfm.tasks.Task.data_kind`): the
+        generic file formats read a file of that kind; built-in sources have
+        one kind and ignore it.
 
     Returns
     -------
@@ -136,9 +141,10 @@ def load_source(
         text_column=text_column,
         label_column=label_column,
         label_names=tuple(label_names) if label_names is not None else None,
+        kind=kind,
     )
     file_key = _file_key(request.path)
-    key = (name, str(resolved), file_key, text_column, label_column, request.label_names, max_rows)
+    key = (name, str(resolved), file_key, text_column, label_column, request.label_names, max_rows, kind)
     return _CACHE.get_or_build(key, lambda: _load(request, max_rows))
 
 

@@ -21,6 +21,8 @@ class Task(ABC):
     name: str = ""
     #: peft ``TaskType`` name (``SEQ_CLS``, ``CAUSAL_LM``, ...).
     peft_task_type: str = ""
+    #: The rows the task reads (:data:`fedfm.data.base.KINDS`); a file of one's own is read as this kind.
+    data_kind: str = "classification"
 
     @abstractmethod
     def model_class(self) -> Any:

@@ -87,6 +87,7 @@ class CausalQA(Task):
 
     name = "causal-qa"
     peft_task_type = "CAUSAL_LM"
+    data_kind = "multiple-choice"
 
     def __init__(self, *, length_normalize: bool = False) -> None:
         self.length_normalize = length_normalize

@@ -101,6 +101,7 @@ class TokenClassification(Task):
 
     name = "token-classification"
     peft_task_type = "TOKEN_CLS"
+    data_kind = "token-classification"
 
     def model_class(self) -> Any:
         return AutoModelForTokenClassification
