@@ -12,12 +12,14 @@ import re
 from typing import Literal, get_args
 
 ModelAlias = Literal["minilm", "smollm2-135m"]
-Task = Literal["sequence-classification", "causal-qa", "token-classification"]
+Task = Literal["sequence-classification", "causal-qa", "token-classification", "instruction-tuning"]
 DType = Literal["float32", "bfloat16"]
 Device = Literal["auto", "cpu", "cuda"]
 Pooling = Literal["auto", "cls", "mean"]
 
-BuiltinDataset = Literal["heart_disease_uci", "nicta_piboso", "pubmedqa", "medmcqa", "medqa", "ncbi_disease"]
+BuiltinDataset = Literal[
+    "heart_disease_uci", "nicta_piboso", "pubmedqa", "medmcqa", "medqa", "ncbi_disease", "medical_meadow_wikidoc_patient"
+]
 #: Datasets read from a file of one's own; with an `abstract_id` column they take `data.context` too.
 FileDataset = Literal["csv", "jsonl", "parquet"]
 Dataset = Literal[BuiltinDataset, FileDataset]
@@ -70,6 +72,8 @@ ABSTRACT_DATASETS = ("nicta_piboso",)
 CONCLUSION_DATASETS = ("pubmedqa",)
 #: Multiple-choice datasets, for `model.task = "causal-qa"`.
 CHOICE_DATASETS = ("pubmedqa", "medmcqa", "medqa")
+#: Instruction/response datasets, for `model.task = "instruction-tuning"` (and only for it).
+INSTRUCTION_DATASETS = ("medical_meadow_wikidoc_patient",)
 
 #: The form of a hospital's name in `data.hospitals` and in a SuperNode's node config `hospital`.
 HOSPITAL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")

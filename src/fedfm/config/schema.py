@@ -79,8 +79,10 @@ class ModelSpec:
 
     name: str = _help("A model alias (`minilm`, `smollm2-135m`) or a local model directory.", "minilm")
     task: Task = _help(
-        "`sequence-classification` (encoder + head), `causal-qa` (answer scoring with a causal LM) or "
-        "`token-classification` (encoder + per-token head, BIO tags; entity-level F1).",
+        "`sequence-classification` (encoder + head), `causal-qa` (answer scoring with a causal LM), "
+        "`token-classification` (encoder + per-token head, BIO tags; entity-level F1) or `instruction-tuning` "
+        "(a causal LM learns to write the responses of instruction/response pairs or chats: the tokenizer's chat "
+        "template, loss on the response tokens; held-out loss and perplexity).",
         "sequence-classification",
     )
     max_length: int = _help(

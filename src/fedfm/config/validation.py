@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, Literal, get_args, get_origin, get_type_h
 from fedfm.config.choices import (
     ABSTRACT_DATASETS,
     CHOICE_DATASETS,
+    INSTRUCTION_DATASETS,
     CONCLUSION_DATASETS,
     FILE_DATASETS,
     HOSPITAL_FILE_SUFFIXES,
@@ -176,6 +177,13 @@ def data_rules(config: RunConfig) -> list[str]:
         p.require(task != "causal-qa" or data.dataset in CHOICE_DATASETS,
                   f"`model.task` 'causal-qa' needs a multiple-choice dataset ('pubmedqa', 'medmcqa', 'medqa'), "
                   f"got {data.dataset!r}")
+        p.require(task != "instruction-tuning" or data.dataset in (*INSTRUCTION_DATASETS, *FILE_DATASETS),
+                  f"`model.task` 'instruction-tuning' needs instruction/response rows: "
+                  f"{list(INSTRUCTION_DATASETS)} or a file of one's own ({', '.join(FILE_DATASETS)}) with "
+                  f"`instruction`/`input`/`output` or `messages` columns; got {data.dataset!r}")
+        p.require(data.dataset not in INSTRUCTION_DATASETS or task == "instruction-tuning",
+                  f"`data.dataset` {data.dataset!r} holds instruction/response pairs and needs `model.task` "
+                  f"'instruction-tuning', got {task!r}")
     return p
 
 
@@ -278,6 +286,10 @@ def selection_rules(config: RunConfig) -> list[str]:
               f"`federation.personalize-epochs` must be 0 with `privacy.mode` {config.privacy.mode!r}: the local "
               f"fine-tune is not DP-SGD and its scores are not counted in the hospitals' ε, got "
               f"{fed.personalize_epochs}")
+    if uses:
+        p.require(config.model.task != "instruction-tuning" or fed.select_metric == "loss",
+                  f"`federation.select-metric` must be 'loss' with `model.task` 'instruction-tuning' (a generative "
+                  f"model is scored by its held-out loss and perplexity, not by classes), got {fed.select_metric!r}")
     return p
 
 
