@@ -38,7 +38,7 @@ MODES = ("auto", "live", "lines", "off")
 #: Environment variable that sets the mode where ``auto`` is asked for (e.g. ``flwr run``'s ServerApp).
 ENV_VAR = "FEDFM_PROGRESS"
 #: Global metrics shown, in this order, where the run records them.
-_SHOWN = ("accuracy", "macro-f1", "loss")
+_SHOWN = ("accuracy", "macro-f1", "perplexity", "loss")
 
 logger = logging.getLogger("fedfm")
 

@@ -37,7 +37,7 @@ __all__ = [
 #: The plots a report may hold (``epsilon.png`` only for a run with differential privacy).
 PLOTS = ("global.png", "hospitals.png", "epsilon.png", "bytes.png")
 #: Metrics shown first, in this order; any others a task reports follow, sorted.
-_HEADLINE = ("accuracy", "macro-f1", "weighted-f1", "loss")
+_HEADLINE = ("accuracy", "macro-f1", "weighted-f1", "perplexity", "token-accuracy", "loss")
 #: Bookkeeping entries of a hospital's metrics, not scores.
 _NOT_SCORES = frozenset({"num-examples", "hospital-index"})
 
@@ -231,7 +231,7 @@ def plot_hospitals(run: RunFiles, path: Path) -> Path | None:
     """
     names = run.hospitals()
     evaluated = {k for e in run.rounds for h in e.per_hospital.values() for k in h.evaluate}
-    metrics = [("evaluate", m) for m in _ordered(evaluated) if m in ("accuracy", "macro-f1", "loss")]
+    metrics = [("evaluate", m) for m in _ordered(evaluated) if m in ("accuracy", "macro-f1", "perplexity", "loss")]
     if not metrics:
         metrics = [("evaluate", m) for m in _ordered(evaluated)[:3]]
     if any("train-loss" in h.train for e in run.rounds for h in e.per_hospital.values()):

@@ -90,36 +90,44 @@ class RunResult:
         first = "global test" if central else "hospitals' mean"
         hospitals = self.final_per_hospital
         scored = [(first, self.final_global), *hospitals.items()]
-        rows = [(name, m) for name, m in scored if "accuracy" in m or "macro-f1" in m]
+        # A classifier is read by accuracy and macro-F1; a generative model by its held-out loss and perplexity.
+        columns = (("loss", "perplexity") if any("perplexity" in m for _, m in scored)
+                   else ("accuracy", "macro-f1"))
+        rows = [(name, m) for name, m in scored if any(c in m for c in columns)]
         if not rows:
             return ("no test scores: federation.central-evaluation is false and no hospital evaluated "
                     f"(federation.fraction-evaluate); score the adapter with `fedfm evaluate --adapter "
                     f"{self.adapter_dir}`")
         personalized = self.final_personalized
         width = max(len(name) for name, _ in rows)
-        header = f"{'':{width}}  {'accuracy':>8}  {'macro-f1':>8}  {'examples':>8}"
-        lines = [header + (f"  {'personalized acc':>16}  {'personalized f1':>15}" if personalized else "")]
+        widths = [max(8, len(c)) for c in columns]
+        mine = [f"personalized {_SHORT[c]}" for c in columns]
+        header = f"{'':{width}}  " + "  ".join(f"{c:>{w}}" for c, w in zip(columns, widths)) + f"  {'examples':>8}"
+        lines = [header + ("".join(f"  {c}" for c in mine) if personalized else "")]
         for name, m in rows:
             if name == first:
                 examples = (summary.global_test_rows or 0 if central
                             else sum(h.get("num-examples", 0) for h in hospitals.values()))
             else:
                 examples = m.get("num-examples", 0)
-            line = (f"{name:{width}}  {m.get('accuracy', float('nan')):8.3f}  {m.get('macro-f1', float('nan')):8.3f}"
-                    f"  {int(examples):8d}")
+            line = (f"{name:{width}}  " + "  ".join(f"{m.get(c, float('nan')):{w}.3f}" for c, w in zip(columns, widths))
+                    + f"  {int(examples):8d}")
             if name in personalized:
-                mine = personalized[name]
-                line += f"  {mine.get('accuracy', float('nan')):16.3f}  {mine.get('macro-f1', float('nan')):15.3f}"
+                line += "".join(f"  {personalized[name].get(c, float('nan')):{len(h)}.3f}" for c, h in zip(columns, mine))
             lines.append(line)
         selection = summary.selection
         if selection.best_round is not None:
             best = selection.best.global_ if selection.best is not None else {}
             lines.append(
                 f"best round by validation {selection.metric}: {selection.best_round} "
-                f"({selection.best_validation:.4f}; global test accuracy {best.get('accuracy', float('nan')):.3f}); "
+                f"({selection.best_validation:.4f}; global test {columns[0]} {best.get(columns[0], float('nan')):.3f}); "
                 f"exported adapter: round {selection.exported_round} (select-best {selection.select_best})"
             )
         return "\n".join(lines)
+
+
+#: How the final table's personalized columns name a metric.
+_SHORT = {"accuracy": "acc", "macro-f1": "f1", "loss": "loss", "perplexity": "perplexity"}
 
 
 class _FlowerFilter(logging.Filter):

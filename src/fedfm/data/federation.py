@@ -171,6 +171,7 @@ def split_hospital(
     context: str = "none",
     validation_fraction: float = 0.0,
     augment: str = "none",
+    group_column: str | None = None,
 ) -> HospitalData:
     """One hospital's rows split into local train and test (stratified), then capped.
 
@@ -204,6 +205,9 @@ def split_hospital(
         ``data.augment``: ``"none"`` or ``"conclusion"``
         (:func:`fedfm.data.qa.with_conclusions`), applied to the train rows only,
         after their cap.
+    group_column : str or None
+        A column of rows that belong together (:attr:`SourceData.group_column`):
+        rows sharing its value stay on one side of the test and validation splits.
 
     Returns
     -------
@@ -213,13 +217,13 @@ def split_hospital(
     # Whole abstracts only when sentences carry their neighbours: otherwise a test
     # sentence's text would reach training as a neighbour's context. Without
     # context, rows are split one by one, as the label-skew benchmarks were measured.
-    grouped = context != "none" and has_abstracts(rows)
-    if grouped:
-        train_rows, test_rows = group_split(list(rows[ABSTRACT_COLUMN]), test_fraction, _rng(seed, 0, index))
+    group = ABSTRACT_COLUMN if context != "none" and has_abstracts(rows) else group_column
+    if group is not None:
+        train_rows, test_rows = group_split(list(rows[group]), test_fraction, _rng(seed, 0, index))
     else:
         train_rows, test_rows = split_rows(list(rows["label"]), test_fraction, _rng(seed, 0, index))
     train_rows, validation_rows = _carve_validation(
-        rows, train_rows, validation_fraction, _rng(seed, 3, index), grouped=grouped
+        rows, train_rows, validation_fraction, _rng(seed, 3, index), group=group
     )
     capper = _rng(seed, 1, index)
     train = _cap(add_context(rows.select(train_rows), context), max_train_per_hospital, capper)
@@ -237,14 +241,14 @@ def split_hospital(
 
 
 def _carve_validation(
-    rows: Dataset, train_rows: list[int], fraction: float, rng: np.random.Generator, *, grouped: bool
+    rows: Dataset, train_rows: list[int], fraction: float, rng: np.random.Generator, *, group: str | None
 ) -> tuple[list[int], list[int]]:
     """Train row numbers split into (train, validation), by the same rules as the test split."""
     if fraction <= 0:
         return train_rows, []
     train = rows.select(train_rows)
-    if grouped:
-        keep, held = group_split(list(train[ABSTRACT_COLUMN]), fraction, rng)
+    if group is not None:
+        keep, held = group_split(list(train[group]), fraction, rng)
     else:
         keep, held = split_rows(list(train["label"]), fraction, rng)
     return [train_rows[i] for i in keep], [train_rows[i] for i in held]
@@ -476,6 +480,9 @@ def _build(
     )
     if context != "none":
         parts = keep_groups_together(train, parts, column=ABSTRACT_COLUMN, seed=seed)
+    elif source.group_column is not None:
+        # Near-duplicates (one condition's questions) in one hospital: none is trained on elsewhere and held out here.
+        parts = keep_groups_together(train, parts, column=source.group_column, seed=seed)
     hospitals = []
     for index, (name, rows) in enumerate(parts):
         if len(rows) == 0:
@@ -487,7 +494,7 @@ def _build(
             split_hospital(
                 name, rows, index=index, test_fraction=test_fraction, seed=seed,
                 max_train_per_hospital=max_train, max_test=max_test, context=context,
-                validation_fraction=validation_fraction, augment=augment,
+                validation_fraction=validation_fraction, augment=augment, group_column=source.group_column,
             )
         )
     pooled = (

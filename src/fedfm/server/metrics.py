@@ -4,15 +4,20 @@ from __future__ import annotations
 
 from fedfm import keys
 
-#: The metrics a log line shows, where a run has them.
-_HEADLINE = ("accuracy", "macro-f1")
+#: The metrics a log line shows, where a run has them (a classifier's, then a generative model's).
+_HEADLINE = ("accuracy", "macro-f1", "perplexity")
 
 
 def headline(metrics: dict[str, float] | None) -> str:
-    """``accuracy 0.812 macro-f1 0.790`` for a log line; ``-`` for none."""
+    """``accuracy 0.812 macro-f1 0.790`` (``perplexity 7.41`` for a generative model) for a log line; ``-`` for none."""
     if not metrics:
         return "-"
     return " ".join(f"{k} {metrics[k]:.3f}" for k in _HEADLINE if k in metrics)
+
+
+def lead(metrics: dict[str, float]) -> str:
+    """The first headline metric's value (``0.812``), for a hospital's entry on a log line; ``-`` for none."""
+    return next((f"{metrics[k]:.3f}" for k in _HEADLINE if k in metrics), "-")
 
 
 def weighted(per_hospital: dict[int, dict[str, float]]) -> dict[str, float]:

@@ -24,7 +24,7 @@ from fedfm.config import RunConfig, evaluation_due
 from fedfm.privacy.accounting import ClientLevelLedger, default_delta, sampled_hospitals
 from fedfm.progress import Progress
 from fedfm.rundir import Checkpoint, ClientLevel, HospitalEntry, RoundEntry, RoundPrivacy, RunDirectory
-from fedfm.server.metrics import headline, plain, weighted
+from fedfm.server.metrics import headline, lead, plain, weighted
 from fedfm.server.model import load_global
 from fedfm.strategies import GuardedStrategy
 from fedfm.strategies.selection import BestRound, validation_of
@@ -181,7 +181,7 @@ class Recorder:
         state, state_arrays = self.server_state()
         self.run_dir.write_checkpoint(server_round, record_to_numpy(arrays), state=state, state_arrays=state_arrays)
         hospitals = "  ".join(
-            f"{name} {v.evaluate.get('accuracy', float('nan')):.3f}" for name, v in per_hospital.items() if v.evaluate
+            f"{name} {lead(v.evaluate)}" for name, v in per_hospital.items() if v.evaluate
         )
         logger.info(
             "round %d/%d  global %s | %s | %.1f s",
