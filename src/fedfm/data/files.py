@@ -31,7 +31,26 @@ _TEXT_FORMATS = ("csv", "jsonl", "json")
 _SHOWN_ROWS = 5
 
 
-def _locate(request: SourceRequest) -> Path:
+def locate_file(request: SourceRequest) -> Path:
+    """The file ``request.path`` names: as given, else inside the data directory (``chemprot/train.jsonl``).
+
+    Parameters
+    ----------
+    request : SourceRequest
+        ``path``, ``data_dir`` and ``data_dir_origin`` are used.
+
+    Returns
+    -------
+    Path
+        An existing file.
+
+    Raises
+    ------
+    ConfigError
+        ``request.path`` is not set.
+    DataError
+        No such file, naming every place looked at.
+    """
     if request.path is None:
         raise ConfigError(f"source {request.name!r} reads a file: pass path=<file.{request.name}>")
     path = request.path.expanduser()
@@ -262,7 +281,7 @@ def load_file(request: SourceRequest) -> SourceData:
     if request.kind not in _KIND_READERS:
         raise ConfigError(f"a {request.name} file cannot be read as {request.kind!r} rows; kinds read from files: "
                           f"{sorted(_KIND_READERS)}")
-    path = _locate(request)
+    path = locate_file(request)
     if request.name in _TEXT_FORMATS:
         check_utf8(path)
     try:
