@@ -336,7 +336,8 @@ def test_source_data_checks_its_columns():
 def test_unknown_names_list_the_known_ones():
     with pytest.raises(ConfigError) as info:
         load_source("mimic")
-    assert "['csv', 'heart_disease_uci', 'json', 'jsonl', 'medmcqa'" in str(info.value)
+    assert "['conll', 'csv', 'heart_disease_uci', 'json', 'jsonl', 'medical_meadow_wikidoc_patient', 'medmcqa'" in str(
+        info.value)
     with pytest.raises(ConfigError) as info:
         get_partitioner("shards")
     assert "['dirichlet', 'iid', 'natural']" in str(info.value)

@@ -20,8 +20,10 @@ Pooling = Literal["auto", "cls", "mean"]
 BuiltinDataset = Literal[
     "heart_disease_uci", "nicta_piboso", "pubmedqa", "medmcqa", "medqa", "ncbi_disease", "medical_meadow_wikidoc_patient"
 ]
-#: Datasets read from a file of one's own; with an `abstract_id` column they take `data.context` too.
-FileDataset = Literal["csv", "jsonl", "parquet"]
+#: Tables of one's own (`data.path`); with an `abstract_id` column they take `data.context` too.
+TableDataset = Literal["csv", "jsonl", "parquet"]
+#: Datasets read from a file of one's own: the tables, and word-tagged CoNLL text (a token and its tag per line).
+FileDataset = Literal[TableDataset, "conll"]
 Dataset = Literal[BuiltinDataset, FileDataset]
 Partitioner = Literal["iid", "dirichlet", "natural"]
 Context = Literal["none", "position", "neighbours", "both"]
@@ -57,6 +59,7 @@ MODEL_ALIASES: tuple[str, ...] = get_args(ModelAlias)
 TASKS: tuple[str, ...] = get_args(Task)
 DATASETS: tuple[str, ...] = get_args(Dataset)
 FILE_DATASETS: tuple[str, ...] = get_args(FileDataset)
+TABLE_DATASETS: tuple[str, ...] = get_args(TableDataset)
 CONTEXTS: tuple[str, ...] = get_args(Context)
 AUGMENTS: tuple[str, ...] = get_args(Augment)
 PARTITIONERS: tuple[str, ...] = get_args(Partitioner)
@@ -65,7 +68,7 @@ COMPRESSION_METHODS: tuple[str, ...] = get_args(CompressionMethod)
 ATTACKS: tuple[str, ...] = get_args(AttackKind)
 
 #: Datasets tagged word by word, for `model.task = "token-classification"` (and only for it).
-TOKEN_DATASETS = ("ncbi_disease",)
+TOKEN_DATASETS = ("ncbi_disease", "conll")
 #: Datasets whose rows are sentences of abstracts, for `data.context` other than "none".
 ABSTRACT_DATASETS = ("nicta_piboso",)
 #: Datasets whose rows carry a `conclusion` column, for `data.augment = "conclusion"`.

@@ -20,13 +20,14 @@ from typing import TYPE_CHECKING, Any, Literal, get_args, get_origin, get_type_h
 from fedfm.config.choices import (
     ABSTRACT_DATASETS,
     CHOICE_DATASETS,
-    INSTRUCTION_DATASETS,
     CONCLUSION_DATASETS,
     FILE_DATASETS,
     HOSPITAL_FILE_SUFFIXES,
     HOSPITAL_NAME,
+    INSTRUCTION_DATASETS,
     INT64_BOUNDS,
     MODEL_ALIASES,
+    TABLE_DATASETS,
     TOKEN_DATASETS,
 )
 
@@ -169,17 +170,22 @@ def data_rules(config: RunConfig) -> list[str]:
               f"{list(CONCLUSION_DATASETS)} (not a deployment's SuperNode files); got {data.dataset!r}; use 'none'")
     if not data.hospitals:
         p.require(task != "token-classification" or data.dataset in TOKEN_DATASETS,
-                  f"`model.task` 'token-classification' needs a word-tagged dataset {list(TOKEN_DATASETS)}, "
-                  f"got {data.dataset!r}")
+                  f"`model.task` 'token-classification' needs a word-tagged dataset {list(TOKEN_DATASETS)} "
+                  f"('conll': a file of one's own, a token and its BIO tag per line), got {data.dataset!r}")
+        # The tables' rule above lets files take a context; a word-tagged file has no abstracts.
+        p.require(data.context == "none" or data.dataset not in FILE_DATASETS or data.dataset in TABLE_DATASETS,
+                  f"`data.context` {data.context!r} needs sentences grouped into abstracts; a {data.dataset!r} file "
+                  f"is tagged word by word; use 'none'")
         p.require(data.dataset not in TOKEN_DATASETS or task == "token-classification",
                   f"`data.dataset` {data.dataset!r} is tagged word by word and needs `model.task` "
                   f"'token-classification', got {task!r}")
-        p.require(task != "causal-qa" or data.dataset in CHOICE_DATASETS,
-                  f"`model.task` 'causal-qa' needs a multiple-choice dataset ('pubmedqa', 'medmcqa', 'medqa'), "
-                  f"got {data.dataset!r}")
-        p.require(task != "instruction-tuning" or data.dataset in (*INSTRUCTION_DATASETS, *FILE_DATASETS),
+        p.require(task != "causal-qa" or data.dataset in (*CHOICE_DATASETS, *TABLE_DATASETS),
+                  f"`model.task` 'causal-qa' needs a multiple-choice dataset {list(CHOICE_DATASETS)} or a file of "
+                  f"one's own ({', '.join(TABLE_DATASETS)}) with `question`, `options` (or `A`, `B`, ...) and "
+                  f"`answer` columns; got {data.dataset!r}")
+        p.require(task != "instruction-tuning" or data.dataset in (*INSTRUCTION_DATASETS, *TABLE_DATASETS),
                   f"`model.task` 'instruction-tuning' needs instruction/response rows: "
-                  f"{list(INSTRUCTION_DATASETS)} or a file of one's own ({', '.join(FILE_DATASETS)}) with "
+                  f"{list(INSTRUCTION_DATASETS)} or a file of one's own ({', '.join(TABLE_DATASETS)}) with "
                   f"`instruction`/`input`/`output` or `messages` columns; got {data.dataset!r}")
         p.require(data.dataset not in INSTRUCTION_DATASETS or task == "instruction-tuning",
                   f"`data.dataset` {data.dataset!r} holds instruction/response pairs and needs `model.task` "

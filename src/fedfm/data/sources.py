@@ -9,10 +9,13 @@ from pathlib import Path
 from datasets import Dataset
 
 from fedfm.data._cache import LruCache
-from fedfm.data.base import CLASSIFICATION, SourceData, SourceRequest
-from fedfm.data.files import FILE_FORMATS, load_file
+from fedfm.data.base import CLASSIFICATION, INSTRUCTION, MULTIPLE_CHOICE, SourceData, SourceRequest
+from fedfm.data.choice_files import choice_file
+from fedfm.data.conll import load_conll
+from fedfm.data.files import FILE_FORMATS, load_file, register_file_kind
 from fedfm.data.formats import TEXT_INPUT, InputFormat, register_input_format
 from fedfm.data.heart import HEART_RECORD_INPUT, load_heart_disease
+from fedfm.data.instruction import MEDICAL_MEADOW, instruction_file, load_medical_meadow
 from fedfm.data.ncbi import load_ncbi_disease
 from fedfm.data.paths import resolve_data_dir_with_origin
 from fedfm.data.piboso import load_piboso
@@ -102,7 +105,8 @@ def load_source(
     name : str
         ``heart_disease_uci``, ``nicta_piboso``, ``pubmedqa``, ``medmcqa``, ``medqa``,
         ``ncbi_disease``, a
-        generic file format (``csv``, ``jsonl``, ``json``, ``parquet``) or a name
+        generic file format (``csv``, ``jsonl``, ``json``, ``parquet``), ``conll``
+        (a word-tagged file, :mod:`fedfm.data.conll`) or a name
         added with :func:`register_source`.
     data_dir : str or Path or None
         The shared data directory; see :func:`resolve_data_dir` for the default.
@@ -181,5 +185,9 @@ register_source("pubmedqa", load_pubmedqa, input_format=PUBMEDQA_INPUT)
 register_source("medmcqa", load_medmcqa, input_format=MULTIPLE_CHOICE_INPUT)
 register_source("medqa", load_medqa, input_format=MULTIPLE_CHOICE_INPUT)
 register_source("ncbi_disease", load_ncbi_disease)
+register_source("conll", load_conll)
+register_source(MEDICAL_MEADOW, load_medical_meadow)
+register_file_kind(INSTRUCTION, instruction_file)
+register_file_kind(MULTIPLE_CHOICE, choice_file)
 for _format in FILE_FORMATS:
     register_source(_format, load_file)
