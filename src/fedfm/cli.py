@@ -73,14 +73,27 @@ def _parser() -> argparse.ArgumentParser:
     for name, text in (("predict", "run an exported model on every row of a CSV, JSON-lines or Parquet file"),
                        ("evaluate", "score an exported model on a labelled file with fedfm's metrics")):
         infer = commands.add_parser(name, help=text)
-        infer.add_argument("--adapter", required=True, metavar="DIR", help="a run's adapter/ or merged/ folder")
-        infer.add_argument("--input", required=True, metavar="FILE", help="rows as .csv, .jsonl or .parquet")
-        infer.add_argument("--output", metavar="FILE", help="predictions as .csv or .jsonl" if name == "predict"
-                           else "also write the metrics to this .json file")
+        # `fedfm evaluate --benchmark` scores a model on a question suite: no --input, the model by --model.
+        infer.add_argument("--adapter", required=name == "predict", metavar="DIR",
+                           help="a run's adapter/ or merged/ folder")
+        infer.add_argument("--input", required=name == "predict", metavar="FILE",
+                           help="rows as .csv, .jsonl or .parquet")
+        infer.add_argument("--output", *(("--out",) if name == "evaluate" else ()), metavar="FILE",
+                           help="predictions as .csv or .jsonl" if name == "predict"
+                           else "also write the metrics (with --benchmark: the scores and answers) to this .json file")
         infer.add_argument("--text-column", help="the column holding the text (default: the one trained on)")
         infer.add_argument("--label-column", help="the column holding the label (default: the one trained on)")
         infer.add_argument("--base-model", metavar="DIR", help="the base model's folder, if not found by its name")
         infer.add_argument("--batch-size", type=_positive_int, default=32, help="rows per forward pass (default 32)")
+        if name == "evaluate":
+            infer.add_argument("--benchmark", metavar="SUITE",
+                               help="score a causal LM on a question suite instead of a file: 'medical' (PubMedQA, "
+                                    "MedMCQA, MedQA as FlowerTune LLM's medical track)")
+            infer.add_argument("--model", metavar="NAME_OR_DIR",
+                               help="with --benchmark: a model alias (default smollm2-135m), a model folder, or a "
+                                    "causal-qa or instruction-tuning run's adapter/ or merged/ folder")
+            infer.add_argument("--limit", type=_positive_int, metavar="N",
+                               help="with --benchmark: only the first N questions of each benchmark")
 
     run_report = commands.add_parser("report", help="plot a run's metrics, ε and bytes per round into a report.md")
     run_report.add_argument("run_dir", help="a run directory written by fedfm run (finished, stopped or running)")
@@ -150,6 +163,18 @@ def main(argv: list[str] | None = None) -> int:
             if plot is not None:
                 print(f"plot: {plot_epsilon(run_files.rounds, plot)}")
             return 0
+        if args.command == "evaluate" and (problem := _benchmark_problem(args)):
+            return _error(problem, args.traceback)
+        if args.command == "evaluate" and args.benchmark is not None:
+            from fedfm.benchmark import DEFAULT_MODEL, evaluate_suite
+
+            report = evaluate_suite(args.benchmark, model=args.model or args.adapter or DEFAULT_MODEL,
+                                    base_model=args.base_model, limit=args.limit, output=args.output,
+                                    batch_size=args.batch_size)
+            print(report.table())
+            if args.output:
+                print(f"scores: {args.output}")
+            return 0
         if args.command in ("predict", "evaluate"):
             from fedfm import predict
 
@@ -193,6 +218,23 @@ def main(argv: list[str] | None = None) -> int:
         if err.filename is None:  # not about a file the user named: a fault of fedfm or the machine
             raise
         return _error(f"{err.filename}: {err.strerror or err} (check the path and its permissions)", args.traceback)
+
+
+def _benchmark_problem(args: argparse.Namespace) -> str | None:
+    """What is wrong with how ``fedfm evaluate``'s two forms (a file, a ``--benchmark``) were asked for, if anything."""
+    if args.benchmark is None:
+        if args.model is not None or args.limit is not None:
+            return "--model and --limit go with --benchmark; to score a file, pass --adapter DIR --input FILE"
+        missing = [flag for flag, value in (("--adapter", args.adapter), ("--input", args.input)) if value is None]
+        return f"the following arguments are required: {', '.join(missing)}" if missing else None
+    unused = [flag for flag, value in (("--input", args.input), ("--text-column", args.text_column),
+                                       ("--label-column", args.label_column))
+              if value is not None]
+    if unused:
+        return f"--benchmark scores its own questions; {', '.join(unused)} cannot go with it"
+    if args.adapter is not None and args.model is not None:
+        return "--benchmark scores one model: pass --model or --adapter, not both"
+    return None
 
 
 def _error(message: str, traceback: bool) -> int:
