@@ -39,7 +39,7 @@ def test_medical_meadow_is_split_by_condition_with_topics() -> None:
     assert len(source.train) + len(source.test) == 5942
     assert 0.08 < len(source.test) / 5942 < 0.13
     assert source.label_names == MEDICAL_MEADOW_TOPICS and source.group_column == "group"
-    condition = lambda group: group.split(" ", 1)[1]  # noqa: E731 - "0001 allergy" -> "allergy"
+    condition = lambda group: group.split(" ", 1)[1]  # "0001 allergy" -> "allergy"
     assert not {condition(g) for g in source.train["group"]} & {condition(g) for g in source.test["group"]}
     row = source.train[0]
     assert row["messages"] == [
@@ -291,9 +291,9 @@ def test_dp_per_example_gradients_are_whole_conversations(smol_tokenizer: Any, t
 
 @pytest.mark.integration
 def test_dp_sgd_instruction_tunes_and_its_epsilon_is_recomputed(tiny_llama_dir: Path, tmp_path: Path) -> None:
-    import fedfm
     from opacus.accountants import RDPAccountant
 
+    import fedfm
     from fedfm.privacy.accounting import HospitalLedger
     from fedfm.privacy.hospital import LEDGER_FILE
 
