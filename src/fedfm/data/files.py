@@ -7,6 +7,7 @@ instruction pairs, ...) register their reader with :func:`register_file_kind`.
 from __future__ import annotations
 
 import codecs
+import json
 import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -68,6 +69,15 @@ def locate_file(request: SourceRequest) -> Path:
         f"cannot find the {request.name} file {str(path)!r}: looked at {' and '.join(looked)}. "
         f"Pass an existing file as path=, or a path relative to ${DATA_DIR_ENV}."
     )
+
+
+def read_json(path: Path) -> Any:
+    """The JSON document in ``path`` (UTF-8), or one DataError naming the file and where it is broken."""
+    try:
+        with path.open(encoding="utf-8") as handle:
+            return json.load(handle)
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{path} is not valid JSON: {exc}") from exc
 
 
 def check_utf8(path: str | Path) -> None:

@@ -28,7 +28,7 @@ from typing import Any
 import datasets
 
 from fedfm.data.base import INSTRUCTION, SourceData, SourceRequest
-from fedfm.data.files import check_utf8, encode_labels
+from fedfm.data.files import check_utf8, encode_labels, read_json
 from fedfm.data.paths import data_file
 from fedfm.errors import DataError
 
@@ -228,11 +228,7 @@ def load_medical_meadow(request: SourceRequest) -> SourceData:
     """
     path = data_file(request.data_dir, request.data_dir_origin, f"{MEDICAL_MEADOW}/{_MEDICAL_MEADOW_FILE}")
     check_utf8(path)
-    try:
-        with path.open(encoding="utf-8") as handle:
-            records = json.load(handle)
-    except json.JSONDecodeError as exc:
-        raise DataError(f"{path} is not valid JSON: {exc}") from exc
+    records = read_json(path)
     if not isinstance(records, list) or not records:
         raise DataError(f"{path} must hold a JSON list of Alpaca rows")
     columns: dict[str, dict[str, list[Any]]] = {

@@ -6,11 +6,11 @@ import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import datasets
 
 from fedfm.data.base import MULTIPLE_CHOICE, SourceData, SourceRequest
+from fedfm.data.files import read_json
 from fedfm.data.formats import InputFormat
 from fedfm.data.paths import data_file
 from fedfm.errors import DataError
@@ -52,14 +52,6 @@ MULTIPLE_CHOICE_INPUT = MultipleChoiceInput()
 PUBMEDQA_INPUT = MultipleChoiceInput(same_options=True)
 
 
-def _read_json(path: Path) -> Any:
-    try:
-        with path.open(encoding="utf-8") as handle:
-            return json.load(handle)
-    except json.JSONDecodeError as exc:
-        raise DataError(f"{path} is not valid JSON: {exc}") from exc
-
-
 def load_pubmedqa(request: SourceRequest) -> SourceData:
     """Load PubMedQA PQA-L (Jin et al., EMNLP 2019, https://arxiv.org/abs/1909.06146).
 
@@ -81,8 +73,8 @@ def load_pubmedqa(request: SourceRequest) -> SourceData:
         :func:`with_conclusions` reads it, for ``data.augment = "conclusion"``).
     """
     origin = request.data_dir_origin
-    questions = _read_json(data_file(request.data_dir, origin, "pubmedqa/ori_pqal.json"))
-    test_truth = _read_json(data_file(request.data_dir, origin, "pubmedqa/test_ground_truth.json"))
+    questions = read_json(data_file(request.data_dir, origin, "pubmedqa/ori_pqal.json"))
+    test_truth = read_json(data_file(request.data_dir, origin, "pubmedqa/test_ground_truth.json"))
     unknown = sorted(set(test_truth) - set(questions))
     if unknown:
         raise DataError(f"test_ground_truth.json names PMIDs absent from ori_pqal.json: {unknown[:5]}")

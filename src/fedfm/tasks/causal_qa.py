@@ -201,12 +201,7 @@ class CausalQA(Task):
         return out
 
     def collate(self, tokenizer: Any) -> Callable[[list[dict[str, Any]]], dict[str, torch.Tensor]]:
-        pad_id = pad_token_id(tokenizer)
-
-        def collate(rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-            return pad_right([r["input_ids"] for r in rows], [r["labels"] for r in rows], pad_id)
-
-        return collate
+        return right_padded_collate(tokenizer)
 
     def loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Mean over rows of each row's mean answer-token cross-entropy.
@@ -412,6 +407,16 @@ def pad_token_id(tokenizer: Any) -> int:
         if candidate is not None:
             return int(candidate)
     return 0
+
+
+def right_padded_collate(tokenizer: Any) -> Callable[[list[dict[str, Any]]], dict[str, torch.Tensor]]:
+    """A collate function right-padding rows' ``input_ids`` and ``labels`` (:func:`pad_right`) with the pad id."""
+    pad_id = pad_token_id(tokenizer)
+
+    def collate(rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        return pad_right([r["input_ids"] for r in rows], [r["labels"] for r in rows], pad_id)
+
+    return collate
 
 
 def pad_right(input_ids: list[list[int]], labels: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:

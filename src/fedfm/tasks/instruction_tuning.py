@@ -42,7 +42,7 @@ from transformers import AutoModelForCausalLM
 from fedfm import interrupt
 from fedfm.errors import DataError
 from fedfm.tasks.base import Task
-from fedfm.tasks.causal_qa import IGNORE_INDEX, answer_logits, pad_right, pad_token_id
+from fedfm.tasks.causal_qa import IGNORE_INDEX, answer_logits, pad_right, pad_token_id, right_padded_collate
 
 #: The template of models that have none: ChatML written as plain text (no special tokens needed).
 PLAIN_TEMPLATE = (
@@ -202,12 +202,7 @@ class InstructionTuning(Task):
         return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
     def collate(self, tokenizer: Any) -> Callable[[list[dict[str, Any]]], dict[str, torch.Tensor]]:
-        pad_id = pad_token_id(tokenizer)
-
-        def collate(rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-            return pad_right([r["input_ids"] for r in rows], [r["labels"] for r in rows], pad_id)
-
-        return collate
+        return right_padded_collate(tokenizer)
 
     def loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Mean over rows of each row's mean response-token cross-entropy (every conversation weighs the same)."""
