@@ -85,6 +85,10 @@ def _parser() -> argparse.ArgumentParser:
         infer.add_argument("--label-column", help="the column holding the label (default: the one trained on)")
         infer.add_argument("--base-model", metavar="DIR", help="the base model's folder, if not found by its name")
         infer.add_argument("--batch-size", type=_positive_int, default=32, help="rows per forward pass (default 32)")
+        if name == "predict":
+            infer.add_argument("--max-new-tokens", type=_positive_int, default=256, metavar="N",
+                               help="an instruction-tuned model: the most tokens of each generated answer "
+                                    "(default 256; greedy decoding)")
         if name == "evaluate":
             infer.add_argument("--benchmark", metavar="SUITE",
                                help="score a causal LM on a question suite instead of a file: 'medical' (PubMedQA, "
@@ -184,7 +188,8 @@ def main(argv: list[str] | None = None) -> int:
                 metrics = predict.evaluate_file(args.adapter, args.input, **options)
                 print("\n".join(f"{key:12} {value:.4f}" for key, value in metrics.items()))
             else:
-                rows, _, _ = predict.predict_file(args.adapter, args.input, **options)
+                rows, _, _ = predict.predict_file(args.adapter, args.input, max_new_tokens=args.max_new_tokens,
+                                                  **options)
                 print(f"predicted {len(rows.table)} row(s)" + (f": {args.output}" if args.output else ""))
             return 0
         if args.command == "report":

@@ -179,6 +179,7 @@ def plot_global(run: RunFiles, path: Path) -> Path | None:
 
     Solid lines are the global adapter on the global test set; dotted lines the
     hospitals' example-weighted mean on their local tests, when both were recorded.
+    A generative model's perplexity has a panel of its own, on a log scale.
     Round 0 is the starting adapter, where the summary has it.
 
     Parameters
@@ -198,7 +199,9 @@ def plot_global(run: RunFiles, path: Path) -> Path | None:
     names = _ordered({k for entry in rounds for k in entry.global_})
     if not names:
         return None
-    groups = [("scores", [n for n in names if "loss" not in n]), ("loss", [n for n in names if "loss" in n])]
+    # Perplexity (exp of a loss: thousands before training) gets a log axis of its own, off the [0, 1] scores.
+    groups = [("scores", [n for n in names if "loss" not in n and n != "perplexity"]),
+              ("perplexity", [n for n in names if n == "perplexity"]), ("loss", [n for n in names if "loss" in n])]
     groups = [(label, group) for label, group in groups if group]
     figure, panels = _figure(len(groups))
     differs = any(entry.federated and entry.federated != entry.global_ for entry in run.rounds)
@@ -210,7 +213,9 @@ def plot_global(run: RunFiles, path: Path) -> Path | None:
             if differs:
                 axes.plot(*_series(run.rounds, lambda e, n=name: e.federated.get(n)), linestyle=":",  # type: ignore[misc]
                           color=color, label=f"{name} (hospitals' mean)")
-        _finish(axes, "Global adapter" if label == "scores" else "Global loss", label)
+        if label == "perplexity":
+            axes.set_yscale("log")
+        _finish(axes, "Global adapter" if label == "scores" else f"Global {label}", label)
     return _save(figure, path)
 
 

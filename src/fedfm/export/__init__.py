@@ -12,7 +12,10 @@ completes the exported folders (``adapter/`` and, with
   the run's own ``config.toml``, ``summary.json`` and ``metrics.jsonl``
   (:mod:`fedfm.export.card`);
 - a merged classifier that pools by the mean gets ``modeling_fedfm.py`` and an
-  ``auto_map`` in its ``config.json`` (:mod:`fedfm.export.merged`).
+  ``auto_map`` in its ``config.json`` (:mod:`fedfm.export.merged`);
+- an instruction-tuned model's folder records the ``chat`` input format
+  (:mod:`fedfm.export.conversation`: a row as a conversation to answer) and its
+  tokenizer carries the chat template training used.
 
 Loading a folder back for ``fedfm predict`` / ``fedfm evaluate`` is
 :func:`fedfm.predict.load_exported`.
@@ -21,6 +24,7 @@ Loading a folder back for ``fedfm predict`` / ``fedfm evaluate`` is
 from __future__ import annotations
 
 from fedfm.export.card import CARD, loading_snippet, model_card
+from fedfm.export.conversation import CHAT_INPUT, ConversationInput, carry_chat_template
 from fedfm.export.describe import write_model_card
 from fedfm.export.merged import MODELING_FILE
 from fedfm.export.settings import (
@@ -34,12 +38,15 @@ from fedfm.export.settings import (
 
 __all__ = [
     "CARD",
+    "CHAT_INPUT",
     "EXPORT_POOLINGS",
     "MODELING_FILE",
     "PREDICTABLE_TASKS",
     "TEXT",
+    "ConversationInput",
     "ExportError",
     "ExportSettings",
+    "carry_chat_template",
     "export_settings",
     "loading_snippet",
     "model_card",

