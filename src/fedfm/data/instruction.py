@@ -79,6 +79,26 @@ def alpaca_messages(instruction: str, input_text: str | None, output: str) -> li
     return [{"role": "user", "content": prompt}, {"role": "assistant", "content": output.strip()}]
 
 
+def messages_cell(value: Any, where: str) -> list[Any]:
+    """A ``messages`` cell as a list: JSON lines give lists, Parquet arrays, a CSV cell JSON text.
+
+    Raises
+    ------
+    DataError
+        Text that is not JSON, or anything but a list.
+    """
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{where}: `messages` is text that is not JSON ({exc.msg}); write a JSON list of "
+                            f'{{"role": ..., "content": ...}} turns') from exc
+    if isinstance(value, (list, tuple)) or type(value).__name__ == "ndarray":
+        return list(value)
+    raise DataError(f"{where}: `messages` must be a list of {{\"role\", \"content\"}} turns, got "
+                    f"{type(value).__name__}")
+
+
 def check_messages(value: Any, where: str) -> list[dict[str, str]]:
     """A conversation checked and normalized: a list of ``{role, content}`` turns ending with the assistant's.
 
@@ -100,15 +120,9 @@ def check_messages(value: Any, where: str) -> list[dict[str, str]]:
         Not a list of turns; a role other than system/user/assistant; an empty
         content; no user turn; the last turn not the assistant's.
     """
-    if isinstance(value, str):
-        try:
-            value = json.loads(value)
-        except json.JSONDecodeError as exc:
-            raise DataError(f"{where}: `messages` is text that is not JSON ({exc.msg}); write a JSON list of "
-                            f'{{"role": ..., "content": ...}} turns') from exc
-    if not isinstance(value, list) or not value:
-        raise DataError(f"{where}: `messages` must be a non-empty list of {{\"role\", \"content\"}} turns, "
-                        f"got {type(value).__name__}")
+    value = messages_cell(value, where)
+    if not value:
+        raise DataError(f"{where}: `messages` must be a non-empty list of {{\"role\", \"content\"}} turns")
     turns = []
     for i, turn in enumerate(value):
         if not isinstance(turn, Mapping) or turn.get("role") not in ROLES:

@@ -16,7 +16,6 @@ A row of a file for ``fedfm predict`` / ``fedfm evaluate`` is one of
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -25,7 +24,7 @@ from typing import Any
 
 from fedfm.data.base import INSTRUCTION
 from fedfm.data.formats import InputFormat, register_input_format
-from fedfm.data.instruction import alpaca_messages, check_messages
+from fedfm.data.instruction import alpaca_messages, check_messages, messages_cell
 from fedfm.errors import DataError
 
 #: The columns a row may give its conversation in, in the order they are looked for.
@@ -91,7 +90,7 @@ class ConversationInput(InputFormat):
         if column is None:
             raise DataError(f"{where} fills none of the columns {list(PROMPT_COLUMNS)}")
         if column == "messages":
-            turns = check_messages(_turns(row["messages"], where) + [_ANSWER_SLOT], where)[:-1]
+            turns = check_messages(messages_cell(row["messages"], where) + [_ANSWER_SLOT], where)[:-1]
             if turns[-1]["role"] == "assistant":
                 return turns[:-1], turns[-1]["content"]
             return turns, None
@@ -113,20 +112,6 @@ def _blank(value: Any) -> bool:
     if isinstance(value, float):
         return math.isnan(value)  # a cell a row of another kind left empty
     return value is None or (isinstance(value, str) and not value.strip())
-
-
-def _turns(value: Any, where: str) -> list[Any]:
-    """A ``messages`` cell as a list (JSON lines give lists, Parquet arrays, a CSV JSON text)."""
-    if isinstance(value, str):
-        try:
-            value = json.loads(value)
-        except json.JSONDecodeError as exc:
-            raise DataError(f"{where}: `messages` is text that is not JSON ({exc.msg}); write a JSON list of "
-                            f'{{"role": ..., "content": ...}} turns') from exc
-    if isinstance(value, (list, tuple)) or type(value).__name__ == "ndarray":
-        return list(value)
-    raise DataError(f"{where}: `messages` must be a list of {{\"role\", \"content\"}} turns, got "
-                    f"{type(value).__name__}")
 
 
 #: Conversations written with the tokenizer's chat template.

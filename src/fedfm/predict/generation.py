@@ -17,7 +17,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from fedfm import interrupt
 from fedfm.errors import FedfmError
 from fedfm.predict.loader import Exported
 
@@ -76,6 +75,7 @@ def greedy_continuations(model: Any, tokenizer: Any, prompts: Sequence[Sequence[
     """
     from transformers import GenerationConfig
 
+    from fedfm.tasks.base import by_length, evaluating
     from fedfm.tasks.causal_qa import pad_token_id
 
     pad = pad_token_id(tokenizer)
@@ -83,13 +83,8 @@ def greedy_continuations(model: Any, tokenizer: Any, prompts: Sequence[Sequence[
                               pad_token_id=pad, eos_token_id=tokenizer.eos_token_id)
     ids = [list(p) for p in prompts]
     answers = [""] * len(ids)
-    order = np.argsort([len(i) for i in ids], kind="stable")  # similar lengths pad less
-    was_training = model.training
-    model.eval()
-    try:
-        for start in range(0, len(order), max(1, batch_size)):
-            interrupt.check()
-            chosen = [int(i) for i in order[start : start + max(1, batch_size)]]
+    with evaluating(model):
+        for chosen in by_length([len(i) for i in ids], batch_size):
             width = max(len(ids[i]) for i in chosen)
             input_ids = torch.tensor([[pad] * (width - len(ids[i])) + ids[i] for i in chosen], device=device)
             mask = torch.tensor([[0] * (width - len(ids[i])) + [1] * len(ids[i]) for i in chosen], device=device)
@@ -100,8 +95,6 @@ def greedy_continuations(model: Any, tokenizer: Any, prompts: Sequence[Sequence[
                 answers[i] = tokenizer.decode(out[row, width:], skip_special_tokens=True).strip()
             if on_batch is not None:
                 on_batch(len(chosen))
-    finally:
-        model.train(was_training)
     return answers
 
 

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from datasets import Dataset
+
+from fedfm import interrupt
 
 
 class Task(ABC):
@@ -68,3 +71,36 @@ class Task(ABC):
 def lengths_of(dataset: Dataset) -> list[int]:
     """Token counts of tokenized rows (for length-bucketed batching)."""
     return [len(ids) for ids in dataset["input_ids"]]
+
+
+def by_length(lengths: Sequence[int], batch_size: int) -> Iterator[list[int]]:
+    """Row indices in batches of ``batch_size`` rows of similar length (shortest first; a stop request is checked
+    before each batch), so that scoring or generating pads little.
+
+    Parameters
+    ----------
+    lengths : sequence of int
+        Each row's token count.
+    batch_size : int
+        Rows per batch (at least one).
+
+    Yields
+    ------
+    list of int
+    """
+    order = np.argsort(np.asarray(lengths, dtype=np.int64), kind="stable")
+    size = max(1, batch_size)
+    for start in range(0, len(order), size):
+        interrupt.check()
+        yield [int(i) for i in order[start : start + size]]
+
+
+@contextlib.contextmanager
+def evaluating(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    """``model`` in eval mode for the block; its train/eval mode is restored afterwards."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)

@@ -35,9 +35,8 @@ import torch
 from datasets import Dataset
 from transformers import AutoModelForCausalLM
 
-from fedfm import interrupt
 from fedfm.errors import DataError
-from fedfm.tasks.base import Task
+from fedfm.tasks.base import Task, by_length
 from fedfm.tasks.metrics import classification_metrics
 
 #: Label value the loss ignores (prompt and padding positions).
@@ -374,10 +373,7 @@ def _score_sequences(
     pairs = [(r, k) for r in rows for k in range(len(options[r]))]
     sequences = [prompts[r] + options[r][k] for r, k in pairs]
     targets = [[IGNORE_INDEX] * len(prompts[r]) + options[r][k] for r, k in pairs]
-    order = np.argsort([len(s) for s in sequences], kind="stable")  # similar lengths pad less
-    for start in range(0, len(order), batch_size):
-        interrupt.check()
-        chosen = [int(i) for i in order[start : start + batch_size]]
+    for chosen in by_length([len(s) for s in sequences], batch_size):
         batch = pad_right([sequences[i] for i in chosen], [targets[i] for i in chosen], pad_id)
         batch = {k: v.to(device) for k, v in batch.items()}
         sums, counts = answer_nll(*answer_logits(model, batch))

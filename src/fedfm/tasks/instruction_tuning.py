@@ -39,9 +39,8 @@ import torch
 from datasets import Dataset
 from transformers import AutoModelForCausalLM
 
-from fedfm import interrupt
 from fedfm.errors import DataError
-from fedfm.tasks.base import Task
+from fedfm.tasks.base import Task, by_length, evaluating
 from fedfm.tasks.causal_qa import IGNORE_INDEX, answer_logits, pad_right, pad_token_id, right_padded_collate
 
 #: The template of models that have none: ChatML written as plain text (no special tokens needed).
@@ -235,23 +234,16 @@ class InstructionTuning(Task):
                    device: torch.device) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Per row: summed response NLL, response tokens, tokens predicted exactly (batches of similar length)."""
         ids, labels = dataset["input_ids"], dataset["labels"]
-        order = np.argsort([len(r) for r in ids], kind="stable")
         sums, counts, correct = (np.zeros(len(ids)) for _ in range(3))
         pad_id = pad_token_id(tokenizer)
-        was_training = model.training
-        model.eval()
-        try:
-            for start in range(0, len(order), max(1, batch_size)):
-                interrupt.check()
-                chosen = [int(i) for i in order[start : start + max(1, batch_size)]]
+        with evaluating(model):
+            for chosen in by_length([len(r) for r in ids], batch_size):
                 batch = pad_right([ids[i] for i in chosen], [labels[i] for i in chosen], pad_id)
                 batch = {k: v.to(device) for k, v in batch.items()}
                 row_sums, row_counts, row_correct = response_stats(*answer_logits(model, batch))
                 sums[chosen], counts[chosen], correct[chosen] = (
                     t.detach().cpu().numpy() for t in (row_sums, row_counts, row_correct)
                 )
-        finally:
-            model.train(was_training)
         return sums, counts, correct
 
 
