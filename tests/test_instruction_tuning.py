@@ -88,6 +88,11 @@ def test_files_of_alpaca_and_chat_rows(tmp_path: Path) -> None:
     assert source.train["messages"][0] == alpaca_messages("Summarize the report.", "CT: no bleed.", "Normal CT.")
     assert source.train["messages"][1][0] == {"role": "user", "content": "Define sepsis."}
     assert source.label_names == ["a", "b"] and source.train["label"] == [0, 1]
+    # Other columns stay: hospitals by a site column of one's own.
+    by_site = load_source("jsonl", path=alpaca, kind="instruction")
+    assert by_site.label_names == ["all"] and by_site.train["site"] == ["a", "b"]
+    federation = build_federation(by_site, partitioner="natural", num_hospitals=None, column="site", test_fraction=0.5)
+    assert [h.name for h in federation.hospitals] == ["a", "b"]
     chats = tmp_path / "chats.csv"
     Dataset.from_dict({"messages": [json.dumps(CHAT)], "group": ["g1"]}).to_csv(chats)
     source = load_source("csv", path=chats, kind="instruction")

@@ -184,6 +184,9 @@ def instruction_file(request: SourceRequest, table: datasets.Dataset, path: Path
     columns: dict[str, list[Any]] = {"messages": conversations, "label": labels}
     if GROUP_COLUMN in present:
         columns[GROUP_COLUMN] = [str(g) for g in table[GROUP_COLUMN]]
+    # Other columns stay (a site column to partition by: `data.partitioner = "natural"`, `data.partition-column`).
+    read = {"messages", *ALPACA_COLUMNS, "label", request.label_column, GROUP_COLUMN}
+    columns.update({c: list(table[c]) for c in present if c not in read})
     return SourceData(
         name=request.name,
         kind=INSTRUCTION,
