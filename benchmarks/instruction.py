@@ -363,8 +363,22 @@ def main(argv: list[str] | None = None) -> int:
         "comparison": comparison(results),
         "settings": config.to_flat(),
     }
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / f"instruction-meadow{'-' + args.tag if args.tag else ''}.json"
+
+    def save() -> None:
+        # After every stage: a later stage that fails loses nothing measured before it.
+        report["device"] = device_info(workspace.loaded.device)
+        report["total_wall_seconds"] = round(time.perf_counter() - started, 1)
+        path.write_text(json.dumps(report, indent=2) + "\n")
+
+    save()
+    if results:
+        print()
+        print(table(report), flush=True)
     if args.speed:
         report["speed"] = speed(config)
+        save()
     if args.medical_limit > 0:
         models = {"base (zero-shot)": config.model.name}
         for arm in ("federated", "centralized"):
@@ -372,14 +386,7 @@ def main(argv: list[str] | None = None) -> int:
                 models[f"{arm} SFT"] = results[arm]["adapter"]
         report["medical"] = {"limit": args.medical_limit,
                              "scores": medical(models, args.medical_limit, args.medical_batch_size)}
-    report["device"] = device_info(workspace.loaded.device)
-    report["total_wall_seconds"] = round(time.perf_counter() - started, 1)
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"instruction-meadow{'-' + args.tag if args.tag else ''}.json"
-    path.write_text(json.dumps(report, indent=2) + "\n")
-    if results:
-        print()
-        print(table(report))
+        save()
     print(f"written: {path}", flush=True)
     return 0
 

@@ -109,6 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     parser.add_argument("--work", type=Path, default=Path("/tmp/fedfm-pubmedqa-generative"))
+    parser.add_argument("--reuse", action="store_true", help="score the finished run in --work instead of training")
     args = parser.parse_args(argv)
     _environment()
     import fedfm
@@ -119,7 +120,10 @@ def main(argv: list[str] | None = None) -> int:
     config = RunConfig().replace(**{**SETTINGS, "data.path": str(args.work / "pubmedqa-train-chat.jsonl"),
                                     **dict(parse_override(text) for text in args.overrides)})
     started = time.perf_counter()
-    run = fedfm.run(config, out=args.work / "run", overwrite=True)
+    if args.reuse and (args.work / "run" / "summary.json").is_file():
+        run = fedfm.RunResult.load(args.work / "run")  # score a finished run again
+    else:
+        run = fedfm.run(config, out=args.work / "run", overwrite=True)
     train_seconds = time.perf_counter() - started
     scores = {"base (zero-shot)": answer(config.model.name, args.limit, args.batch_size),
               "federated SFT": answer(str(run.adapter_dir), args.limit, args.batch_size)}
