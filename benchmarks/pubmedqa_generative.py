@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
         run = fedfm.RunResult.load(args.work / "run")  # score a finished run again
     else:
         run = fedfm.run(config, out=args.work / "run", overwrite=True)
-    train_seconds = time.perf_counter() - started
+    train_seconds = float(run.summary.get("wall_seconds") or 0) if args.reuse else time.perf_counter() - started
     scores = {"base (zero-shot)": answer(config.model.name, args.limit, args.batch_size),
               "federated SFT": answer(str(run.adapter_dir), args.limit, args.batch_size)}
     selection = run.summary.get("selection") or {}
