@@ -48,7 +48,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from quality import _environment, device_info  # noqa: E402  (benchmarks/ is not a package)
+from quality import _environment, device_info  # benchmarks/ is not a package: found through sys.path
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = ROOT / "benchmarks" / "results"
@@ -122,9 +122,9 @@ def _train(workspace: Any, config: Any, rows: Any, steps: int, seed: int) -> dic
 
 def run_arms(config: Any, arms: list[str], out: Path) -> dict[str, Any]:
     """The chosen arms, each scored on the same rows; adapters written under ``out/adapters``."""
-    import fedfm
     from datasets import concatenate_datasets
 
+    import fedfm
     from fedfm.adapters import EXPORT_SETTINGS, export_adapter, get_adapter_state, set_adapter_state
     from fedfm.export.settings import export_settings
     from fedfm.rundir.checkpoint import read_checkpoint

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from quality import _environment, device_info  # noqa: E402  (benchmarks/ is not a package)
+from quality import _environment, device_info  # benchmarks/ is not a package: found through sys.path
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = ROOT / "benchmarks" / "results"
