@@ -1,4 +1,4 @@
-"""The quality benchmark runs end to end (``--quick``) and writes its three arms."""
+"""The benchmarks run end to end on small settings and write what they measured."""
 
 from __future__ import annotations
 
@@ -122,3 +122,41 @@ def test_scale_quick_measures_overhead_memory_and_bytes(tmp_path: Path) -> None:
     arms = {arm["method"]: arm for arm in report["communication"]["arms"]}
     assert arms["int8"]["bytes_up_per_hospital_round"] < 0.3 * arms["none"]["bytes_up_per_hospital_round"]
     assert arms["none"]["full_model_bytes"] > 50 * arms["none"]["bytes_up_per_hospital_round"]
+
+
+def test_instruction_benchmark_scores_every_arm_on_the_same_rows(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    # Execute: the tiny Llama, 4 hospitals of 4 conversations, one round; the step-speed and medical parts too
+    done = run_benchmark("instruction.py", tmp_path, "--work", str(tmp_path / "work"), "--speed",
+                         "--medical-limit", "1", "--set", f"model.name={tiny_llama_dir}",
+                         "--set", "model.dtype=float32", "--set", "data.max-train-per-hospital=4",
+                         "--set", "data.max-test=3", "--set", "federation.num-rounds=1")
+
+    # Assert: every arm scored on the same global rows and hospitals; the comparison and the other parts written
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    report = json.loads((tmp_path / "instruction-meadow.json").read_text())
+    arms = report["arms"]
+    assert set(arms) == {"base", "federated", "centralized", "local"}
+    hospitals = set(report["hospitals"])
+    for name in ("base", "federated", "centralized"):
+        assert set(arms[name]["per_hospital"]) == hospitals
+        assert arms[name]["global"]["perplexity"] > 1
+    assert set(arms["local"]["per_hospital"]) == hospitals
+    # The federation and the pooled arm saw as many examples: 1 round x 3 local steps x 4 rows x 4 hospitals.
+    assert arms["federated"]["examples_seen"] == arms["centralized"]["examples_seen"] == 4 * 3 * 4
+    assert {"federated_over_centralized_loss", "every_hospital_perplexity_below_base",
+            "federated_beats_every_local_only"} <= set(report["comparison"])
+    assert report["speed"]["tokens"] > 0 and set(report["speed"]["tokens_per_second"]) == {"fedfm", "plain"}
+    assert set(report["medical"]["scores"]) == {"base (zero-shot)", "federated SFT", "centralized SFT"}
+    assert "federated / centralized held-out loss" in done.stdout
+
+
+def test_pubmedqa_generative_route_trains_then_answers(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    done = run_benchmark("pubmedqa_generative.py", tmp_path, "--work", str(tmp_path / "work"), "--limit", "2",
+                         "--set", f"model.name={tiny_llama_dir}", "--set", "model.dtype=float32",
+                         "--set", "model.max-length=192", "--set", "data.max-train-per-hospital=4",
+                         "--set", "federation.num-rounds=1")
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    report = json.loads((tmp_path / "pubmedqa-generative-limit2.json").read_text())
+    assert report["training_questions"] == 500 and report["exported_round"] == 1
+    assert set(report["scores"]) == {"base (zero-shot)", "federated SFT"}
+    assert all(s["questions"] == 2 for s in report["scores"].values())
