@@ -20,7 +20,15 @@ from datasets import Dataset
 
 from fedfm.adapters import LoadedModel, load_model
 from fedfm.config import DataSpec, RunConfig
-from fedfm.data import CLASSIFICATION, Federation, NodeData, build_federation, deployment_federation, load_source, node_federation
+from fedfm.data import (
+    CLASSIFICATION,
+    Federation,
+    NodeData,
+    build_federation,
+    deployment_federation,
+    load_source,
+    node_federation,
+)
 from fedfm.errors import ConfigError
 from fedfm.tasks import Task, get_task
 
@@ -38,6 +46,8 @@ def federation_for(data: DataSpec, *, kind: str = CLASSIFICATION) -> Federation:
 
     With ``data.hospitals`` (a deployment) the hospitals are those names
     without rows, and the global test set is the ``data.path`` file or empty.
+    ``kind`` is the rows the task reads (:attr:`fedfm.tasks.Task.data_kind`):
+    a file of one's own (``data.dataset = csv | jsonl | parquet``) is read as that kind.
     """
     with _LOCK:
         key = (data, kind)
