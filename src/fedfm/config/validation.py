@@ -161,9 +161,10 @@ def data_rules(config: RunConfig) -> list[str]:
     p, data, task = _Problems(), config.data, config.model.task
     if data.dataset in FILE_DATASETS and not data.hospitals:
         p.require(bool(data.path), f"`data.path` must name a file when `data.dataset` is {data.dataset!r}")
-    p.require(data.context == "none" or data.dataset in (*ABSTRACT_DATASETS, *FILE_DATASETS) or bool(data.hospitals),
+    # A table of one's own may group its sentences into abstracts; a word-tagged CoNLL file cannot.
+    p.require(data.context == "none" or data.dataset in (*ABSTRACT_DATASETS, *TABLE_DATASETS) or bool(data.hospitals),
               f"`data.context` {data.context!r} needs sentences grouped into abstracts: a dataset of abstracts "
-              f"{list(ABSTRACT_DATASETS)}, or a file ({', '.join(FILE_DATASETS)}) or a deployment's SuperNode files "
+              f"{list(ABSTRACT_DATASETS)}, or a file ({', '.join(TABLE_DATASETS)}) or a deployment's SuperNode files "
               f"with an 'abstract_id' column; got {data.dataset!r}; use 'none'")
     p.require(data.augment != "conclusion" or (data.dataset in CONCLUSION_DATASETS and not data.hospitals),
               f"`data.augment` 'conclusion' needs a dataset whose questions carry their abstract's conclusion "
@@ -172,10 +173,6 @@ def data_rules(config: RunConfig) -> list[str]:
         p.require(task != "token-classification" or data.dataset in TOKEN_DATASETS,
                   f"`model.task` 'token-classification' needs a word-tagged dataset {list(TOKEN_DATASETS)} "
                   f"('conll': a file of one's own, a token and its BIO tag per line), got {data.dataset!r}")
-        # The tables' rule above lets files take a context; a word-tagged file has no abstracts.
-        p.require(data.context == "none" or data.dataset not in FILE_DATASETS or data.dataset in TABLE_DATASETS,
-                  f"`data.context` {data.context!r} needs sentences grouped into abstracts; a {data.dataset!r} file "
-                  f"is tagged word by word; use 'none'")
         p.require(data.dataset not in TOKEN_DATASETS or task == "token-classification",
                   f"`data.dataset` {data.dataset!r} is tagged word by word and needs `model.task` "
                   f"'token-classification', got {task!r}")
