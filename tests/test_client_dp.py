@@ -8,7 +8,8 @@ from typing import Any
 
 import numpy as np
 import pytest
-from flwr.app import ConfigRecord, Context, RecordDict
+from flwr.app import ConfigRecord, Context, MetricRecord, RecordDict
+from tests.conftest import instruction, reply
 
 from fedfm import keys, strategies
 from fedfm.client import app
@@ -19,31 +20,76 @@ from fedfm.privacy.accounting import sampled_hospitals as num_sampled
 from fedfm.strategies.client_dp import ADAPTIVE_KEY, CLIPPING_NORM_KEY
 from fedfm.wire import numpy_to_record, record_to_numpy
 from fedfm.workspace import workspace_for
-from tests.conftest import instruction
 
 
-@pytest.mark.parametrize(("sampled", "total"), [(5, 5), (3, 10)])
-def test_client_level_epsilon_equals_one_opacus_accountant_over_the_rounds(sampled: int, total: int) -> None:
+def _opacus_epsilon(noise_multiplier: float, releases: int, delta: float = 1e-5) -> float:
+    """ε of ``releases`` full (unsampled) Gaussian releases, from a fresh Opacus accountant."""
     from opacus.accountants import RDPAccountant
 
-    ledger = ClientLevelLedger(noise_multiplier=1.2, sample_rate=sampled / total, delta=1e-5)
-    single = RDPAccountant()
+    accountant = RDPAccountant()
+    for _ in range(releases):
+        accountant.step(noise_multiplier=noise_multiplier, sample_rate=1.0)
+    return float(accountant.get_epsilon(delta=delta))
+
+
+def test_client_level_epsilon_claims_no_sampling_amplification_and_states_both_neighbourings() -> None:
+    # The review's example: 4 hospitals, σ = 1, 10 rounds. Add/remove one hospital: sensitivity C/m, multiplier σ;
+    # replace one hospital's data: 2C/m, so σ/2 (the "sound 48.8" of issue 26).
+    ledger = ClientLevelLedger(noise_multiplier=1.0, delta=1e-5)
     spent = []
-    for _ in range(6):
-        ledger = ledger.after_round(sampled, sampled)
-        single.step(noise_multiplier=1.2, sample_rate=sampled / total)
-        spent.append(ledger.epsilon())
-    assert ledger.releases == 6
-    assert spent[-1] == pytest.approx(single.get_epsilon(delta=1e-5), rel=1e-9)
+    for release in range(1, 11):
+        ledger = ledger.after_round()
+        if release in (1, 5, 10):
+            spent.append(ledger.epsilon())
+    assert ledger.releases == 10 and ledger.history == [(1.0, 1.0, 10)]
+    assert spent[-1] == pytest.approx(_opacus_epsilon(1.0, 10), rel=1e-9)
+    assert ledger.epsilon_replace_one() == pytest.approx(_opacus_epsilon(0.5, 10), rel=1e-9)
+    assert spent[-1] == pytest.approx(19.05, abs=0.01) and ledger.epsilon_replace_one() == pytest.approx(48.80, abs=0.01)
     assert all(b > a for a, b in zip(spent, spent[1:], strict=False))
 
 
-def test_a_round_with_fewer_replies_is_accounted_at_less_noise() -> None:
-    full = ClientLevelLedger(1.0, 1.0, 1e-5).after_round(4, 4)
-    short = ClientLevelLedger(1.0, 1.0, 1e-5).after_round(3, 4)
-    assert short.history == [(0.75, 1.0, 1)]
-    assert short.epsilon() > full.epsilon()
-    assert ClientLevelLedger(1.0, 1.0, 1e-5).after_round(0, 4).releases == 0
+def test_client_level_mean_divides_by_the_hospitals_sampled_and_releases_without_replies(
+    tiny_csv_settings: dict[str, Any],
+) -> None:
+    from fedfm.server.app import build_strategy
+
+    # Prepare: two hospitals sampled, a clipping norm no update reaches, almost no noise.
+    config = RunConfig().replace(**tiny_csv_settings, **{
+        "privacy.client-dp": "server-fixed", "privacy.client-noise-multiplier": 1e-9,
+        "privacy.client-clipping-norm": 100.0, "federation.update-norm-limit": 3.0,
+    })
+    guard = build_strategy(config, workspace_for(config))
+    start = {k: v.numpy() for k, v in workspace_for(config).loaded.initial_state.items()}
+    guard.inner.current_arrays = numpy_to_record(start)  # what configure_train records
+    guard.inner.strategy._start = start
+    update = {k: np.full(v.shape, 0.01, v.dtype) for k, v in start.items()}
+    content = RecordDict({keys.ARRAYS: numpy_to_record({k: start[k] + update[k] for k in start}),
+                          keys.METRICS: MetricRecord({keys.NUM_EXAMPLES: 30, keys.HOSPITAL_INDEX: 0})})
+    # Execute: one of the two replies; then none.
+    one, _ = guard.aggregate_train(1, [reply(content, node_id=11)])
+    none, _ = guard.aggregate_train(2, [])
+    # Assert: the missing hospital counts as a zero update (not a mean over the one reply), and a round with no
+    # reply still releases; the median norm screen and the minimum number of replies are off.
+    assert guard.update_norm_limit == 0 and guard.min_replies == 0
+    assert one is not None and none is not None
+    for name, value in record_to_numpy(one).items():
+        np.testing.assert_allclose(value, start[name] + update[name] / 2, atol=1e-6)
+    for name, value in record_to_numpy(none).items():
+        np.testing.assert_allclose(value, start[name], atol=1e-6)
+    assert guard.rounds[1].train_aggregated and guard.rounds[2].train_aggregated
+
+
+def test_client_level_noise_does_not_come_from_numpys_global_generator(tiny_csv_settings: dict[str, Any]) -> None:
+    # numpy's global state is in every checkpoint; the noise must not be replayable from it.
+    config = RunConfig().replace(**{"privacy.client-dp": "server-fixed", "privacy.client-noise-multiplier": 1.0})
+    wrapper = strategies.create(config, num_hospitals=2, fraction_train=1.0, min_train_nodes=2)
+    zeros = numpy_to_record({"w": np.zeros(64, np.float32)})
+    draws = []
+    for _ in range(2):
+        np.random.seed(0)
+        draws.append(record_to_numpy(wrapper._add_noise_to_aggregated_arrays(zeros))["w"])
+    assert np.std(draws[0]) == pytest.approx(0.1 / 2, rel=0.5)  # σ·C/m = 1 x 0.1 / 2
+    assert not np.allclose(draws[0], draws[1])
 
 
 def test_num_sampled_follows_flowers_fedavg() -> None:
@@ -149,10 +195,9 @@ def test_client_level_dp_run_records_epsilon_each_round(mode: str, tiny_csv_sett
     assert [level["releases"] for level in levels] == [1, 2, 3]
     eps = [level["epsilon"] for level in levels]
     assert all(b > a for a, b in zip(eps, eps[1:], strict=False))
-    expected = ClientLevelLedger(0.8, 1.0, 1e-5)
-    for _ in range(3):
-        expected = expected.after_round(3, 3)
-    assert eps[-1] == pytest.approx(expected.epsilon())
+    assert eps[-1] == pytest.approx(_opacus_epsilon(0.8, 3), rel=1e-9)
+    assert levels[-1]["epsilon_replace_one"] == pytest.approx(_opacus_epsilon(0.4, 3), rel=1e-9)
+    assert levels[-1]["neighbouring"] == "add-or-remove-one-hospital"
     assert result.summary["privacy"]["client_level"]["epsilon"] == pytest.approx(eps[-1])
     norms = [level["clipping_norm"] for level in levels]
     if mode == "server-fixed":

@@ -275,12 +275,76 @@ def test_dp_sgd_leaves_each_hospitals_noise_to_the_hospital_when_the_server_has_
         plans = privacy.check(config, federation_for(config.data))
     # Assert: no plan from rows the server does not have, and the log says who calibrates.
     assert plans == []
-    assert "each hospital calibrates its own noise from its own rows" in caplog.text
+    assert "each hospital checks δ against its own rows and calibrates its own noise" in caplog.text
     # Per-hospital budgets are still checked against the listed names.
     wrong = config.replace(**{"privacy.hospital-epsilon": "west=2"})
     with pytest.raises(ConfigError, match=r"`privacy.hospital-epsilon` names 'west', which is no hospital of this "
                                           r"run; hospitals: \['south', 'east', 'north'\]"):
         privacy.check(wrong, federation_for(wrong.data))
+
+
+def _dp_train(tiny_bert: Path, own: Path, node_config: dict[str, Any], **settings: Any) -> Any:
+    """Hospital east's reply to a DP-SGD training instruction of a deployment whose server holds no rows."""
+    coordinator = _deployment(**{"model.name": str(tiny_bert), "lora.r": 4, "train.batch-size": 8,
+                                 "train.local-steps": 2, "privacy.mode": "dp-sgd", "privacy.noise-multiplier": 2.0,
+                                 **settings})
+    sent = RecordDict({
+        keys.ARRAYS: state_to_record(workspace_for(coordinator).loaded.initial_state),
+        keys.CONFIG: ConfigRecord({keys.RUN_CONFIG: to_json(coordinator), keys.SERVER_ROUND: 1}),
+    })
+    context = Context(run_id=1, node_id=7, state=RecordDict(), run_config={},
+                      node_config={"hospital": "east", "data-path": str(own), **node_config})
+    return app(instruction(sent, message_type="train"), context)
+
+
+def test_a_hospital_checks_its_own_delta_and_keeps_no_unnoised_statistic(tmp_path: Path, tiny_bert: Path) -> None:
+    # Prepare: east's file has 20 rows, 14 of them for training; the server holds none, so it checked no δ.
+    own = _write_notes(tmp_path / "east" / "records.csv", 20, seed=3)
+    state = {keys.STATE_DIR: str(tmp_path / "east-state")}
+    # Execute / Assert: δ = 0.9 would let a mechanism publish a whole row; the hospital refuses it itself.
+    with pytest.raises(ConfigError, match=r"`privacy.delta` 0.9 is not below 1/N = 0.0714 for hospital 'east' "
+                                          r"\(14 rows\)"):
+        _dp_train(tiny_bert, own, state, **{"privacy.delta": 0.9})
+    # A SuperNode's own δ cap wins over the run's; a ledger kept in memory only is the operator's explicit choice.
+    trained = _dp_train(tiny_bert, own, {keys.DELTA_CAP: 1e-6, keys.LEDGER_IN_MEMORY: True},
+                        **{"privacy.delta": 1e-3})
+    assert not trained.has_error(), trained.error
+    metrics = dict(trained.content[keys.METRICS])
+    assert metrics[keys.DP_DELTA] == pytest.approx(1e-6)
+    # Only what the ledger covers leaves: no loss, drawn-row count or time of the Poisson batches.
+    assert keys.DP_EPSILON in metrics and metrics[keys.NUM_EXAMPLES] == 14
+    assert not {keys.TRAIN_LOSS, keys.TRAIN_EXAMPLES, keys.TRAIN_SECONDS} & set(metrics)
+
+
+def test_a_supernode_without_a_state_dir_refuses_dp_sgd(tmp_path: Path, tiny_bert: Path) -> None:
+    own = _write_notes(tmp_path / "east" / "records.csv", 20, seed=3)
+    with pytest.raises(ConfigError, match=r"hospital 'east' has nowhere to keep its privacy ledger across restarts "
+                                          r"\(DP-SGD\): start its SuperNode with --node-config \"state-dir="):
+        _dp_train(tiny_bert, own, {})
+
+
+def test_a_stored_ledger_is_held_to_the_smallest_budget(tmp_path: Path, tiny_bert: Path) -> None:
+    from fedfm.privacy.accounting import HospitalLedger, epsilon_of
+    from fedfm.privacy.hospital import LEDGER_FILE
+
+    # Prepare: an earlier run at ε = 8 left east's ledger in its state folder, having spent ε ≈ 2.6.
+    own = _write_notes(tmp_path / "east" / "records.csv", 20, seed=3)
+    folder = tmp_path / "east-state"
+    history = [(2.0, 1.0, 6)]
+    spent = epsilon_of(history, 1e-5)
+    HospitalLedger(hospital="east", target_epsilon=8.0, delta=1e-5, noise_multiplier=2.0, sample_rate=1.0,
+                   steps_per_round=2, history=history, rounds=[1, 2, 3]).save(folder / LEDGER_FILE)
+    assert 2.0 < spent < 8.0
+    # Execute: a new run that allows ε 8 again, on a SuperNode whose operator caps it at 2.
+    refused = _dp_train(tiny_bert, own, {keys.STATE_DIR: str(folder), keys.EPSILON_CAP: 2.0},
+                        **{"privacy.target-epsilon": 8.0})
+    # Assert: the hospital refuses (its ledger is past the cap), and the stored ledger keeps the lower budget.
+    metrics = dict(refused.content[keys.METRICS])
+    assert keys.ARRAYS not in refused.content
+    assert metrics[keys.DP_REFUSED] == 1 and metrics[keys.DP_TARGET_EPSILON] == 2.0
+    assert metrics[keys.DP_EPSILON] == pytest.approx(spent)
+    stored = HospitalLedger.load(folder / LEDGER_FILE)
+    assert stored is not None and stored.target_epsilon == 2.0 and stored.history == history
 
 
 def test_a_simulation_refuses_data_hospitals_before_ray_starts(tmp_path: Path) -> None:

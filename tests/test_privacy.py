@@ -285,7 +285,9 @@ def test_dp_recipe_replaces_the_training_optimizer_only_under_dp() -> None:
 
 
 def _context(partition: int, state: RecordDict | None = None) -> Context:
-    return Context(run_id=1, node_id=100 + partition, node_config={keys.PARTITION_ID: partition},
+    # Called outside a run, there is no run directory: the ledger lives in the context (as an operator may accept).
+    return Context(run_id=1, node_id=100 + partition,
+                   node_config={keys.PARTITION_ID: partition, keys.LEDGER_IN_MEMORY: True},
                    state=state if state is not None else RecordDict(), run_config={})
 
 

@@ -12,8 +12,7 @@ from fedfm import keys
 from fedfm.config import RunConfig
 from fedfm.privacy.accounting import HospitalLedger, default_delta
 from fedfm.privacy.dpsgd import sample_rate
-from fedfm.privacy.hospital import dp_batch_size
-from fedfm.privacy.hospital import LEDGER_FILE
+from fedfm.privacy.hospital import LEDGER_FILE, dp_batch_size
 from fedfm.workspace import workspace_for
 
 pytestmark = pytest.mark.integration
@@ -72,6 +71,24 @@ def test_three_hospitals_spend_their_budgets_round_by_round(dp_run) -> None:  # 
         stored = HospitalLedger.load(result.run_dir / "hospitals" / name / LEDGER_FILE)
         assert stored is not None
         assert stored.epsilon() == pytest.approx(row["epsilon"])
+
+
+def test_every_reported_epsilon_is_recomputed_by_a_fresh_opacus_accountant(dp_run) -> None:  # type: ignore[no-untyped-def]
+    from opacus.accountants import RDPAccountant
+
+    lines = [json.loads(x) for x in (dp_run.run_dir / "metrics.jsonl").read_text().splitlines()]
+    for name in dp_run.summary["hospitals"]:
+        stored = HospitalLedger.load(dp_run.run_dir / "hospitals" / name / LEDGER_FILE)
+        assert stored is not None
+        accountant = RDPAccountant()
+        for line in lines:
+            if line["round"] in stored.rounds:  # the steps this hospital took in this round, one at a time
+                for _ in range(stored.steps_per_round):
+                    accountant.step(noise_multiplier=stored.noise_multiplier, sample_rate=stored.sample_rate)
+            reported = line["privacy"]["sample_level_epsilon"][name]
+            assert reported == pytest.approx(accountant.get_epsilon(delta=stored.delta), rel=1e-9)
+        # Under DP-SGD the reply held no unnoised statistic of the rows.
+        assert not {keys.TRAIN_LOSS, keys.TRAIN_EXAMPLES, keys.TRAIN_SECONDS} & set(lines[0]["per_hospital"][name]["train"])
 
 
 def test_each_hospital_reports_its_membership_inference_auc(dp_run) -> None:  # type: ignore[no-untyped-def]

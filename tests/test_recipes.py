@@ -215,6 +215,17 @@ def test_config_refuses_accumulation_and_class_weights_under_dp_sgd() -> None:
     assert "`train.class-weights` must be 'none' with `privacy.mode` 'dp-sgd'" in message
 
 
+def test_config_refuses_row_copying_under_dp_sgd() -> None:
+    # DP-SGD's ε is per training row: anything that puts one record into several rows would multiply it.
+    with pytest.raises(ConfigError) as refused:
+        RunConfig().replace(**{"privacy.mode": "dp-sgd", "data.dataset": "pubmedqa", "model.task": "causal-qa",
+                               "data.augment": "conclusion"})
+    assert "`data.augment` must be 'none' with `privacy.mode` 'dp-sgd', got 'conclusion'" in str(refused.value)
+    with pytest.raises(ConfigError) as refused:
+        RunConfig().replace(**{"privacy.mode": "dp-sgd", "data.dataset": "nicta_piboso", "data.context": "neighbours"})
+    assert "`data.context` must be 'none' with `privacy.mode` 'dp-sgd', got 'neighbours'" in str(refused.value)
+
+
 def test_config_names_each_recipe_field_and_its_allowed_values() -> None:
     with pytest.raises(ConfigError) as bad:
         RunConfig().replace(**{"train.lr-schedule": "step", "train.warmup-ratio": 1.0,

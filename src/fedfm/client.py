@@ -31,7 +31,7 @@ from fedfm.errors import ConfigError, FedfmError
 from fedfm.hospital_state import HospitalSession, state_folder
 from fedfm.instruction import Instruction, hospital_index, parse_instruction
 from fedfm.privacy.audit import loss_threshold_auc
-from fedfm.privacy.hospital import dp_train_spec, new_ledger
+from fedfm.privacy.hospital import dp_train_spec, hospital_ledger
 from fedfm.strategies.client_dp import clipping_mod
 from fedfm.train import autocast, train_local
 from fedfm.wire import numpy_to_record, record_to_numpy
@@ -169,8 +169,9 @@ def _train(instruction: Instruction, received: dict[str, np.ndarray] | None, con
     ledger = None
     if config.privacy.mode == "dp-sgd":
         name = workspace.hospital_name(index)
-        ledger = session.ledger or new_ledger(config, index=index, name=name, num_rows=len(rows),
-                                              node_config=context.node_config)
+        _require_persistent_ledger(session, context, name)
+        ledger = hospital_ledger(config, session.ledger, index=index, name=name, num_rows=len(rows),
+                                 node_config=context.node_config)
         if not ledger.allows(ledger.steps_per_round):
             # The hospital, not the server, enforces its budget: it sends no update at all.
             session.ledger = ledger.after_refusal(server_round)
@@ -198,13 +199,15 @@ def _train(instruction: Instruction, received: dict[str, np.ndarray] | None, con
     reported: dict[str, float | int] = {
         keys.NUM_EXAMPLES: len(rows),
         keys.HOSPITAL_INDEX: index,
-        keys.TRAIN_LOSS: result.loss,
-        keys.TRAIN_SECONDS: result.seconds,
         "train-steps": result.steps,
         keys.TRAIN_LEARNING_RATE: result.learning_rate,
-        keys.TRAIN_EXAMPLES: result.examples,
     }
-    if ledger is not None:
+    if ledger is None:
+        reported.update({keys.TRAIN_LOSS: result.loss, keys.TRAIN_SECONDS: result.seconds,
+                         keys.TRAIN_EXAMPLES: result.examples})
+    else:
+        # Under DP-SGD only what the ledger covers leaves: the loss over the sampled rows, how many rows
+        # the Poisson batches drew and how long they took are statistics of the rows, with no noise on them.
         session.ledger = ledger.after_training(server_round, result.steps)
         reported.update(session.ledger.metrics())
     trained = _numpy(get_adapter_state(workspace.loaded.model))
@@ -219,6 +222,24 @@ def _train(instruction: Instruction, received: dict[str, np.ndarray] | None, con
         shared = _compress(shared, plan.shared(start), config, session)
     session.save(context, server_round=server_round)
     return RecordDict({keys.ARRAYS: numpy_to_record(shared), keys.METRICS: MetricRecord(dict(reported))})
+
+
+def _require_persistent_ledger(session: HospitalSession, context: Context, name: str) -> None:
+    """Refuse DP-SGD in a hospital whose ledger would not survive its process, unless its operator accepts that.
+
+    A SuperNode without ``state-dir`` keeps the ledger in memory only: a restart would start ε again at 0.
+    """
+    if session.folder is not None or _truthy(context.node_config.get(keys.LEDGER_IN_MEMORY)):
+        return
+    raise ConfigError(
+        f"hospital {name!r} has nowhere to keep its privacy ledger across restarts (DP-SGD): start its SuperNode "
+        f"with --node-config \"{keys.STATE_DIR}=<a folder of its own>\", or with {keys.LEDGER_IN_MEMORY}=true "
+        "to accept that a restarted SuperNode reports ε from 0 again"
+    )
+
+
+def _truthy(value: object) -> bool:
+    return value is True or (isinstance(value, (int, float)) and value == 1) or str(value).lower() in {"true", "yes", "1"}
 
 
 def _compress(

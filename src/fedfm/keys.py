@@ -69,6 +69,10 @@ NUM_PARTITIONS = "num-partitions"
 STATE_DIR = "state-dir"
 #: A SuperNode's own cap on its hospital's ε.
 EPSILON_CAP = "privacy-epsilon"
+#: A SuperNode's own cap on its hospital's δ.
+DELTA_CAP = "privacy-delta"
+#: A SuperNode's operator accepts a DP-SGD ledger kept in memory only (a restart starts it again at ε = 0).
+LEDGER_IN_MEMORY = "privacy-ledger-in-memory"
 
 # Train-config entry: which attempt at its round an instruction is (0 first; retries count up).
 ATTEMPT = "fedfm-attempt"

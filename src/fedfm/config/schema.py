@@ -271,7 +271,8 @@ class FederationSpec:
     )
     update_norm_limit: float = _help(
         "Leave out a hospital's update whose change to the global adapter is larger than this many times the "
-        "round's median change (a scaled or runaway update); 0 turns the check off.", 10.0
+        "round's median change (a scaled or runaway update); 0 turns the check off. Off under privacy.client-dp "
+        "(the median would let one hospital's data decide whether another's update counts).", 10.0
     )
     select_best: SelectBest = _help(
         "Which round's global adapter is exported: `last`, or `validation` (the round with the best "
@@ -396,7 +397,7 @@ class PrivacySpec:
     accountant: Accountant = _help("Opacus accountant that turns steps into ε: `rdp` or `prv`.", "rdp")
     hospital_epsilon: tuple[str, ...] = _help(
         'Per-hospital budgets overriding target-epsilon, as "name=epsilon" or "index=epsilon" '
-        '(e.g. ["Cleveland=3", "2=1.5"]). A SuperNode may also cap its own with node config privacy-epsilon.',
+        '(e.g. ["Cleveland=3", "2=1.5"]). A SuperNode may also cap its own with node config privacy-epsilon (and its δ with privacy-delta).',
         factory=tuple,
     )
     audit: bool = _help(

@@ -318,6 +318,16 @@ def privacy_rules(config: RunConfig) -> list[str]:
               f"`privacy.client-clipping-norm` must be a finite number > 0, got {pr.client_clipping_norm}")
     p.require(0 <= pr.client_delta < 1,
               f"`privacy.client-delta` must be in (0, 1), or 0 for the default, got {pr.client_delta}")
+    if pr.mode == "dp-sgd":
+        data = config.data
+        p.require(data.augment == "none",
+                  f"`data.augment` must be 'none' with `privacy.mode` 'dp-sgd', got {data.augment!r}: it makes two "
+                  f"training rows of every question, and DP-SGD's ε is per row, so a question would be protected "
+                  f"only at twice the ε the ledger reports")
+        p.require(data.context == "none",
+                  f"`data.context` must be 'none' with `privacy.mode` 'dp-sgd', got {data.context!r}: each sentence's "
+                  f"row then carries its neighbours' text or its abstract's length, so one sentence's removal "
+                  f"changes other rows too, which DP-SGD's per-row guarantee does not cover")
     if pr.secure_aggregation and pr.client_dp != "none":
         p.append("`privacy.secure-aggregation` cannot be combined with `privacy.client-dp` yet: Flower's client-level "
                  "DP wrappers and its SecAgg+ workflow use different strategy APIs; use DP-SGD (`privacy.mode`) "

@@ -58,7 +58,7 @@ def check(config: RunConfig, federation: Federation) -> list[PlannedBudget]:
         Opacus is missing, a δ is not below 1/N, a per-hospital budget names
         no hospital, or a budget cannot pay for even one round.
     """
-    from fedfm.privacy.hospital import budget_for, delta_for, dp_batch_size
+    from fedfm.privacy.hospital import budget_for, delta_for, delta_problem, dp_batch_size
 
     spec = config.privacy
     if spec.mode == "none" and spec.client_dp == "none":
@@ -78,21 +78,19 @@ def check(config: RunConfig, federation: Federation) -> list[PlannedBudget]:
     if not any(len(h.train) for h in federation.hospitals):
         if problems:
             raise ConfigError(problems)
-        # A deployment (`data.hospitals`): the rows are on the SuperNodes, and each hospital's ledger
-        # calibrates σ from its own row count at its first round (privacy.hospital.new_ledger).
+        # A deployment (`data.hospitals`): the rows are on the SuperNodes, and each hospital checks its δ
+        # against its own row count and calibrates σ at its first round (privacy.hospital.hospital_ledger).
         logger.info("DP-SGD in every hospital (%s accountant): the server holds no hospital rows, so each hospital "
-                    "calibrates its own noise from its own rows at its first round; no plan here",
+                    "checks δ against its own rows and calibrates its own noise at its first round; no plan here",
                     spec.accountant)
         return []
     plans: list[PlannedBudget] = []
     for index, hospital in enumerate(federation.hospitals):
         rows = len(hospital.train)
         delta = delta_for(config, rows)
-        if delta >= 1.0 / max(rows, 1):
-            problems.append(
-                f"`privacy.delta` {delta:g} is not below 1/N = {1 / rows:.3g} for hospital {hospital.name!r} "
-                f"({rows} rows): a mechanism that leaks one whole row would satisfy it"
-            )
+        problem = delta_problem(delta, rows, hospital.name)
+        if problem:
+            problems.append(problem)
             continue
         budget = budget_for(config, index, hospital.name)
         batch = dp_batch_size(config)

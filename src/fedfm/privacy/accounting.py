@@ -248,33 +248,39 @@ def sampled_hospitals(num_hospitals: int, fraction: float, minimum: int) -> int:
 class ClientLevelLedger:
     """The server's ledger of client-level (hospital-level) DP over the rounds.
 
-    Each aggregated round is one Gaussian release of the mean of clipped
-    updates, with hospitals sampled at rate ``sample_rate`` (sampled / all).
-    Flower's wrappers scale the noise to the number of hospitals *sampled*; when
-    fewer reply, the mean is over fewer updates, so the round is accounted at
-    the effective noise multiplier σ · replied / sampled.
-
-    Sampling: Flower draws a fixed-size subset each round; Opacus's analysis
-    is that of Poisson sampling at the same rate, the usual approximation for
-    fixed-size sampling. With every hospital in every round (rate 1) there is
-    no amplification and the accounting is exact.
+    Each round is one Gaussian release: the sum of the hospitals' clipped
+    updates (norm ≤ C) divided by the number sampled, ``m`` (fixed before any
+    reply: :class:`fedfm.strategies.client_dp.FixedDenominator`), plus noise
+    of standard deviation σ·C/m. Neighbouring federations differ by one
+    hospital added or removed (its update present or zero), so the
+    sensitivity is C/m and the round's noise multiplier is σ; when one
+    hospital's data is *replaced* instead, the sensitivity is 2C/m and the
+    multiplier σ/2 (:meth:`epsilon_replace_one`). No amplification by
+    sampling is claimed (sample rate 1 in every history entry): Flower draws
+    a fixed-size subset, which Opacus's Poisson analysis does not cover, and
+    accounting every round in full is an upper bound whichever hospitals
+    were drawn.
     """
 
     noise_multiplier: float
-    sample_rate: float
     delta: float
     accountant: str = "rdp"
     history: list[HistoryEntry] = field(default_factory=list)
+    #: Sampling rate of every release in the history (always 1: no amplification claimed).
+    sample_rate: float = 1.0
 
-    def after_round(self, replied: int, sampled: int) -> ClientLevelLedger:
-        if replied <= 0:
-            return self
-        effective = self.noise_multiplier * replied / sampled
-        return replace(self, history=compose(self.history, effective, self.sample_rate, 1))
+    def after_round(self) -> ClientLevelLedger:
+        """The ledger once one more round has released its noised mean."""
+        return replace(self, history=compose(self.history, self.noise_multiplier, 1.0, 1))
 
     @property
     def releases(self) -> int:
         return sum(n for _, _, n in self.history)
 
     def epsilon(self) -> float:
+        """ε for one hospital added or removed."""
         return epsilon_of(self.history, self.delta, self.accountant)
+
+    def epsilon_replace_one(self) -> float:
+        """ε for one hospital's data replaced (each release at half the noise multiplier)."""
+        return epsilon_of([(s / 2, q, n) for s, q, n in self.history], self.delta, self.accountant)

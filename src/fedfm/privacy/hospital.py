@@ -11,16 +11,20 @@ The server only ever reads the ε each hospital reports.
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections.abc import Mapping
 from typing import Any
 
 from fedfm import keys
 from fedfm.config import RunConfig, TrainSpec, hospital_epsilons
+from fedfm.errors import ConfigError
 from fedfm.privacy.accounting import HospitalLedger, default_delta, open_ledger
 from fedfm.privacy.dpsgd import sample_rate, steps_per_round
 
 #: The ledger's file in the hospital's state folder.
 LEDGER_FILE = "privacy-ledger.json"
+
+logger = logging.getLogger("fedfm")
 
 
 def budget_for(config: RunConfig, index: int, name: str, node_config: Mapping[str, Any] | None = None) -> float:
@@ -38,9 +42,62 @@ def dp_batch_size(config: RunConfig) -> int:
     return config.privacy.batch_size or config.train.batch_size
 
 
-def delta_for(config: RunConfig, num_rows: int) -> float:
-    """δ of a hospital with ``num_rows`` training rows: ``privacy.delta``, else :func:`default_delta`."""
-    return config.privacy.delta or default_delta(num_rows)
+def delta_for(config: RunConfig, num_rows: int, node_config: Mapping[str, Any] | None = None) -> float:
+    """δ of a hospital with ``num_rows`` training rows: ``privacy.delta``, else :func:`default_delta`,
+    capped by the SuperNode's own (node config ``privacy-delta``)."""
+    delta = config.privacy.delta or default_delta(num_rows)
+    cap = (node_config or {}).get(keys.DELTA_CAP)
+    return min(delta, float(cap)) if cap is not None else delta
+
+
+def delta_problem(delta: float, num_rows: int, name: str) -> str | None:
+    """Why ``delta`` is no guarantee for a hospital of ``num_rows`` rows (None when it is below 1/N)."""
+    if delta < 1.0 / max(num_rows, 1):
+        return None
+    return (f"`privacy.delta` {delta:g} is not below 1/N = {1 / max(num_rows, 1):.3g} for hospital {name!r} "
+            f"({num_rows} rows): a mechanism that leaks one whole row would satisfy it; lower `privacy.delta` "
+            f"(0 picks 1e-5 or 1/N^1.1)")
+
+
+def hospital_ledger(
+    config: RunConfig,
+    stored: HospitalLedger | None,
+    *,
+    index: int,
+    name: str,
+    num_rows: int,
+    node_config: Mapping[str, Any] | None = None,
+) -> HospitalLedger:
+    """The ledger a hospital trains under this round: its stored one, or a new one at its first DP round.
+
+    The hospital checks its own safeguards here, whatever the server checked:
+    δ must be below 1/N for its own N, and a stored ledger (from this run or
+    an earlier one in the same state folder) keeps its history but is held to
+    the smallest budget and δ that the ledger, this run and the SuperNode's
+    caps allow: a later run can lower a hospital's budget, never raise it.
+
+    Raises
+    ------
+    ConfigError
+        δ is not below 1/N for this hospital.
+    """
+    budget = budget_for(config, index, name, node_config)
+    delta = delta_for(config, num_rows, node_config)
+    if stored is None:
+        problem = delta_problem(delta, num_rows, name)
+        if problem:
+            raise ConfigError(problem)
+        return new_ledger(config, index=index, name=name, num_rows=num_rows, node_config=node_config)
+    held = dataclasses.replace(
+        stored, target_epsilon=min(stored.target_epsilon, budget), delta=min(stored.delta, delta)
+    )
+    problem = delta_problem(held.delta, num_rows, name)
+    if problem:
+        raise ConfigError(problem)
+    if held.target_epsilon < stored.target_epsilon or held.delta < stored.delta:
+        logger.info("%s: stored privacy ledger now held to ε %g at δ %.2g (it had ε %g at δ %.2g)",
+                    name, held.target_epsilon, held.delta, stored.target_epsilon, stored.delta)
+    return held
 
 
 def new_ledger(
@@ -51,7 +108,7 @@ def new_ledger(
     return open_ledger(
         hospital=name,
         target_epsilon=budget_for(config, index, name, node_config),
-        delta=delta_for(config, num_rows),
+        delta=delta_for(config, num_rows, node_config),
         sample_rate=sample_rate(dp_batch_size(config), num_rows),
         steps_per_round=steps_per_round(spec, dp_batch_size(config), num_rows),
         planned_rounds=config.federation.num_rounds,

@@ -79,9 +79,10 @@ def ledger_table(rounds: Sequence[RoundEntry], summary: RunSummary | None) -> st
     level = privacy.client_level
     if level is not None:
         lines.append(
-            f"client-level ({privacy.client_dp}): ε {level.epsilon:.3f} at δ {level.delta:.2g} after "
-            f"{level.releases} release(s), noise multiplier {level.noise_multiplier:g}, "
-            f"hospitals sampled per round {level.sample_rate:.2f}, clipping norm {level.clipping_norm:.4g}"
+            f"client-level ({privacy.client_dp}): ε {level.epsilon:.3f} at δ {level.delta:.2g} for one hospital "
+            f"added or removed (ε {level.epsilon_replace_one:.3f} for one hospital's data replaced) after "
+            f"{level.releases} release(s), noise multiplier {level.noise_multiplier:g}, no sampling amplification "
+            f"claimed, clipping norm {level.clipping_norm:.4g}"
         )
     audit = privacy.audit
     if audit is not None:

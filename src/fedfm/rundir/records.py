@@ -70,23 +70,29 @@ class HospitalEntry:
 class ClientLevel:
     """The server's client-level DP ledger after a round (Flower's DP wrappers)."""
 
+    #: ε when neighbouring federations differ by one hospital added or removed (the guarantee stated).
     epsilon: float
     delta: float
     releases: int
     noise_multiplier: float
     sample_rate: float
     clipping_norm: float
+    #: ε when they differ by one hospital's data replaced (twice the sensitivity).
+    epsilon_replace_one: float = float("nan")
+    neighbouring: str = "add-or-remove-one-hospital"
 
     def to_json(self) -> dict[str, Any]:
         return {"epsilon": self.epsilon, "delta": self.delta, "releases": self.releases,
                 "noise_multiplier": self.noise_multiplier, "sample_rate": self.sample_rate,
-                "clipping_norm": self.clipping_norm}
+                "clipping_norm": self.clipping_norm, "epsilon_replace_one": self.epsilon_replace_one,
+                "neighbouring": self.neighbouring}
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> ClientLevel:
         nan = float("nan")
         return cls(data.get("epsilon", nan), data.get("delta", nan), data.get("releases", 0),
-                   data.get("noise_multiplier", nan), data.get("sample_rate", nan), data.get("clipping_norm", nan))
+                   data.get("noise_multiplier", nan), data.get("sample_rate", nan), data.get("clipping_norm", nan),
+                   data.get("epsilon_replace_one", nan), data.get("neighbouring", "add-or-remove-one-hospital"))
 
 
 @dataclass(frozen=True)

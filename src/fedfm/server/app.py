@@ -66,15 +66,18 @@ def build_strategy(config: RunConfig, workspace: Workspace) -> GuardedStrategy:
         # Wait for no more than the fewest hospitals a round needs: a hospital that is down must not stall the run.
         min_available_nodes=minimum,
     )
+    client_level = config.privacy.client_dp != "none"
     return GuardedStrategy(
         inner,
-        min_replies=minimum,
+        # Under client-level DP every round releases its noised mean over the hospitals sampled, whoever
+        # replied, and no reply is left out for how it compares with the others (strategies.client_dp).
+        min_replies=0 if client_level else minimum,
         initial=initial_arrays(workspace),
         plan_of=lambda hospital: strategies.client_plan(config, hospital),
         evaluate_when=lambda server_round: evaluation_due(fed, server_round),
-        uniform_weights=config.privacy.client_dp != "none",
+        uniform_weights=client_level,
         compression=config.compression.method,
-        update_norm_limit=fed.update_norm_limit,
+        update_norm_limit=0.0 if client_level else fed.update_norm_limit,
     )
 
 

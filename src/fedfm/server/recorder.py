@@ -149,7 +149,7 @@ class Recorder:
         client_level = None
         if self.client_ledger is not None:
             if record.train_aggregated:
-                self.client_ledger = self.client_ledger.after_round(record.train_replies, self.sampled)
+                self.client_ledger = self.client_ledger.after_round()
             client_level = ClientLevel(
                 epsilon=self.client_ledger.epsilon(),
                 delta=self.client_ledger.delta,
@@ -157,6 +157,7 @@ class Recorder:
                 noise_multiplier=self.client_ledger.noise_multiplier,
                 sample_rate=self.client_ledger.sample_rate,
                 clipping_norm=float(getattr(self.strategy.inner, "clipping_norm", float("nan"))),
+                epsilon_replace_one=self.client_ledger.epsilon_replace_one(),
             )
         now = time.perf_counter()
         entry = RoundEntry(
@@ -208,7 +209,6 @@ def _client_level_ledger(config: RunConfig, num_hospitals: int) -> tuple[ClientL
         return None, sampled
     ledger = ClientLevelLedger(
         noise_multiplier=spec.client_noise_multiplier,
-        sample_rate=sampled / num_hospitals,
         delta=spec.client_delta or default_delta(num_hospitals),
         accountant=spec.accountant,
     )

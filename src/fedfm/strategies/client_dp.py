@@ -2,26 +2,37 @@
 
 ``privacy.client-dp`` picks one of Flower's four wrappers (server- or
 client-side clipping, fixed or adaptive norm). Flower adds the noise to the
-*aggregate* at the scale of one hospital's share of a uniform mean, so the
-guarantee holds only when:
+*aggregate* at the scale of one hospital's share of a uniform mean over the
+``m`` hospitals sampled, so the guarantee holds only when:
 
 - the aggregate is FedAvg's mean (a server optimizer such as FedAdam or
   FedAvgM would step on the un-noised mean and keep it in its state);
 - every hospital weighs the same (``GuardedStrategy(uniform_weights=True)``
   sets each reply's example count to 1);
 - every hospital sends its whole adapter (the wrappers compute each update
-  against the whole global record).
+  against the whole global record);
+- the mean's denominator does not depend on who replied: fedfm divides the
+  sum of the clipped updates by ``m`` (:class:`FixedDenominator`), so a
+  hospital that is absent, fails or is left out contributes a zero update,
+  and every round releases (noise only, if nobody replied). Its sensitivity
+  is then ``C / m`` when one hospital is added or removed;
+- whether a reply enters depends on that reply alone (the guard's
+  median-based norm screen is off under client-level DP).
 
 fedfm refuses other combinations before anything runs, and accounts ε over
 the rounds with Opacus (:class:`fedfm.privacy.accounting.ClientLevelLedger`).
+The noise (and the adaptive wrappers' noisy count) comes from the operating
+system's entropy, not from numpy's global generator, which a checkpoint stores.
 """
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Iterable
 from typing import Any
 
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord
 from flwr.clientapp.typing import ClientAppCallable
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import (
@@ -36,6 +47,7 @@ from flwr.serverapp.strategy import (
 from fedfm import keys
 from fedfm.config import RunConfig
 from fedfm.errors import ConfigError
+from fedfm.wire import numpy_to_record, record_to_numpy
 
 #: The key Flower's client-side wrappers put the clipping norm under.
 CLIPPING_NORM_KEY = "clipping_norm"
@@ -43,7 +55,91 @@ CLIPPING_NORM_KEY = "clipping_norm"
 ADAPTIVE_KEY = "fedfm-adaptive-clipping"
 
 
-class _ClientSideAdaptiveClipping(DifferentialPrivacyClientSideAdaptiveClipping):
+class FixedDenominator(Strategy):
+    """FedAvg's uniform mean, divided by the hospitals sampled rather than by those that replied.
+
+    ``inner`` (FedAvg or FedProx, with every reply weighing 1) averages the
+    ``k`` replies it is given; this returns ``start + (k / m) (mean - start)``,
+    i.e. the start plus the sum of the updates over ``m``: a missing hospital
+    counts as a zero update, and no replies at all leave the start (to which
+    the DP wrapper around this still adds its noise).
+    """
+
+    def __init__(self, inner: Strategy, sampled: int) -> None:
+        self.inner = inner
+        self.sampled = sampled
+        self._start: dict[str, np.ndarray] = {}
+
+    def __getattr__(self, name: str) -> Any:  # Flower's wrappers read e.g. ``weighted_by_key``
+        if name == "inner":
+            raise AttributeError(name)
+        return getattr(self.inner, name)
+
+    def summary(self) -> None:
+        self.inner.summary()
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        self._start = record_to_numpy(arrays)
+        return self.inner.configure_train(server_round, arrays, config, grid)
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        replies = list(replies)
+        if not replies:
+            return numpy_to_record(self._start), None
+        arrays, metrics = self.inner.aggregate_train(server_round, replies)
+        if arrays is None:
+            return None, metrics
+        share = len(replies) / self.sampled
+        mean = record_to_numpy(arrays)
+        return numpy_to_record({
+            name: (start + share * (mean[name].astype(np.float64) - start)).astype(mean[name].dtype)
+            for name, start in ((n, self._start[n].astype(np.float64)) for n in mean)
+        }), metrics
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        return self.inner.configure_evaluate(server_round, arrays, config, grid)
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        return self.inner.aggregate_evaluate(server_round, replies)
+
+
+def _secret_normal(mean: float, std: float, shape: tuple[int, ...] = ()) -> Any:
+    return np.random.default_rng(secrets.randbits(128)).normal(mean, std, shape)
+
+
+class _SecretNoise:
+    """Mixin for Flower's DP wrappers: noise from OS entropy, the clipped count over the hospitals sampled."""
+
+    noise_multiplier: float
+    clipping_norm: float
+    num_sampled_clients: int
+    clipped_count_stddev: float
+
+    def _add_noise_to_aggregated_arrays(self, aggregated: ArrayRecord) -> ArrayRecord:
+        std = self.noise_multiplier * self.clipping_norm / self.num_sampled_clients
+        return numpy_to_record({
+            name: (value + _secret_normal(0.0, std, value.shape)).astype(value.dtype)
+            for name, value in record_to_numpy(aggregated).items()
+        })
+
+    def _noisy_fraction(self, count: int, total: int) -> float:
+        # Over the hospitals sampled, not those that replied: the denominator must not depend on the replies.
+        return float(_secret_normal(count, self.clipped_count_stddev)) / float(self.num_sampled_clients)
+
+
+class _ServerSideFixedClipping(_SecretNoise, DifferentialPrivacyServerSideFixedClipping):
+    pass
+
+
+class _ServerSideAdaptiveClipping(_SecretNoise, DifferentialPrivacyServerSideAdaptiveClipping):
+    pass
+
+
+class _ClientSideFixedClipping(_SecretNoise, DifferentialPrivacyClientSideFixedClipping):
+    pass
+
+
+class _ClientSideAdaptiveClipping(_SecretNoise, DifferentialPrivacyClientSideAdaptiveClipping):
     """Flower's wrapper, also telling hospitals to use the adaptive mod (both send the same norm key)."""
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
@@ -63,9 +159,9 @@ def clipping_mod(msg: Message, context: Context, call_next: ClientAppCallable) -
 
 
 WRAPPERS: dict[str, type[Strategy]] = {
-    "server-fixed": DifferentialPrivacyServerSideFixedClipping,
-    "server-adaptive": DifferentialPrivacyServerSideAdaptiveClipping,
-    "client-fixed": DifferentialPrivacyClientSideFixedClipping,
+    "server-fixed": _ServerSideFixedClipping,
+    "server-adaptive": _ServerSideAdaptiveClipping,
+    "client-fixed": _ClientSideFixedClipping,
     "client-adaptive": _ClientSideAdaptiveClipping,
 }
 
@@ -98,11 +194,12 @@ def wrap(inner: Strategy, config: RunConfig, sampled: int) -> Strategy:
     if spec.client_dp == "none":
         return inner
     cls: Any = WRAPPERS[spec.client_dp]
+    mean = FixedDenominator(inner, sampled)
     if spec.client_dp.endswith("fixed"):
-        return cls(inner, spec.client_noise_multiplier, spec.client_clipping_norm, sampled)  # type: ignore[no-any-return]
+        return cls(mean, spec.client_noise_multiplier, spec.client_clipping_norm, sampled)  # type: ignore[no-any-return]
     try:
         return cls(  # type: ignore[no-any-return]
-            inner,
+            mean,
             spec.client_noise_multiplier,
             sampled,
             initial_clipping_norm=spec.client_clipping_norm,
