@@ -117,7 +117,7 @@ def test_invalid_privacy_settings_are_named_together() -> None:
 def _dp_config(settings: dict[str, Any], **extra: Any) -> RunConfig:
     return RunConfig().replace(**settings, **{
         "train.local-steps": 3, "train.learning-rate": 5e-2, "federation.num-rounds": 3,
-        "privacy.mode": "dp-sgd", **extra,
+        "privacy.mode": "dp-sgd", "privacy.recipe": "lora", **extra,
     })
 
 

@@ -34,6 +34,7 @@ def dp_run(tiny_csv_settings: dict[str, Any], tmp_path_factory: pytest.TempPathF
         "federation.num-rounds": 4,
         "federation.min-hospitals": 2,
         "privacy.mode": "dp-sgd",
+        "privacy.recipe": "lora",
         "privacy.noise-multiplier": SIGMA,
         "privacy.target-epsilon": 1000.0,
         "privacy.audit": True,
@@ -123,3 +124,45 @@ def test_privacy_report_names_a_directory_that_is_not_a_run(tmp_path: Path, caps
 
     assert main(["privacy-report", str(tmp_path)]) == 2
     assert "has no metrics.jsonl" in capsys.readouterr().err
+
+
+def test_the_linear_probe_recipe_trains_the_head_alone_in_full_batches(
+    tiny_csv_settings: dict[str, Any], tmp_path: Path
+) -> None:
+    from opacus.accountants import RDPAccountant
+
+    import fedfm
+    from fedfm import privacy
+    import torch
+    from safetensors.torch import load_file
+    from fedfm.workspace import federation_for
+
+    # Prepare: the recipe `auto` picks for sequence classification, 3 steps a round, 2 rounds.
+    config = RunConfig().replace(**{
+        **tiny_csv_settings, "federation.num-rounds": 2, "privacy.mode": "dp-sgd", "privacy.probe-steps": 3,
+        "privacy.target-epsilon": 4.0,
+    })
+    plans = privacy.check(config, federation_for(config.data))
+    # Execute
+    result = fedfm.run(config, out=tmp_path / "probe")
+    # Assert: every row in every step (rate 1), σ calibrated so the 6 steps end at the budget.
+    assert {(p.sample_rate, p.steps_per_round) for p in plans} == {(1.0, 3)}
+    lines = [json.loads(x) for x in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+    for name in result.summary["hospitals"]:
+        stored = HospitalLedger.load(result.run_dir / "hospitals" / name / LEDGER_FILE)
+        assert stored is not None and stored.history == [(stored.noise_multiplier, 1.0, 6)]
+        accountant = RDPAccountant()
+        for line in lines:
+            for _ in range(3):
+                accountant.step(noise_multiplier=stored.noise_multiplier, sample_rate=1.0)
+            assert line["privacy"]["sample_level_epsilon"][name] == pytest.approx(accountant.get_epsilon(delta=stored.delta))
+        assert line["privacy"]["sample_level_epsilon"][name] == pytest.approx(4.0, rel=0.01)
+    # Only the head moved: the LoRA factors are the run's initial ones (up to FedAvg's rounding), the head left zero.
+    initial = workspace_for(config).loaded.initial_state
+    final = load_file(result.run_dir / "adapter" / "adapter_model.safetensors")
+    assert set(final) == set(initial)
+    for name, value in final.items():
+        if "lora_" in name:
+            assert torch.allclose(value, initial[name], atol=1e-6), name
+        else:
+            assert value.abs().sum() > 0, name

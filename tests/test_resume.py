@@ -242,6 +242,7 @@ def test_a_resumed_run_continues_every_hospitals_privacy_ledger(tiny_csv_setting
         "federation.num-rounds": 2,
         "federation.fraction-evaluate": 0.0,
         "privacy.mode": "dp-sgd",
+        "privacy.recipe": "lora",
         "privacy.noise-multiplier": sigma,
         "privacy.target-epsilon": 1000.0,
     })

@@ -31,9 +31,11 @@ from fedfm.errors import ConfigError, FedfmError
 from fedfm.hospital_state import HospitalSession, state_folder
 from fedfm.instruction import Instruction, hospital_index, parse_instruction
 from fedfm.privacy.audit import loss_threshold_auc
-from fedfm.privacy.hospital import dp_train_spec, hospital_ledger
+from fedfm.privacy.hospital import dp_train_spec, hospital_ledger, recipe_of
+from fedfm.privacy.linear_probe import ProbeRound
+from fedfm.privacy.linear_probe import train_round as probe_round
 from fedfm.strategies.client_dp import clipping_mod
-from fedfm.train import autocast, train_local
+from fedfm.train import TrainResult, autocast, train_local
 from fedfm.wire import numpy_to_record, record_to_numpy
 from fedfm.workspace import Workspace, workspace_for
 
@@ -183,19 +185,28 @@ def _train(instruction: Instruction, received: dict[str, np.ndarray] | None, con
             refusal = MetricRecord({keys.NUM_EXAMPLES: len(rows), keys.HOSPITAL_INDEX: index,
                                     **session.ledger.metrics(refused=True)})
             return RecordDict({keys.METRICS: refusal})
-    result = train_local(
-        workspace.loaded.model,
-        workspace.task,
-        rows,
-        workspace.loaded.tokenizer,
-        spec=dataclasses.replace(dp_train_spec(config) if ledger is not None else config.train,
-                                 learning_rate=instruction.learning_rate),
-        device=workspace.loaded.device,
-        dtype=config.model.dtype,
-        seed=config.train.seed * 1_000_003 + server_round * 1009 + index,
-        plan=plan,
-        dp=ledger.round_plan(config.privacy.max_grad_norm) if ledger is not None else None,
-    )
+    result: TrainResult | ProbeRound
+    if ledger is not None and recipe_of(config) == "linear-probe":
+        loaded, privacy = workspace.loaded, config.privacy
+        result = probe_round(
+            loaded.model, workspace.task, rows, loaded.tokenizer, dp=ledger.round_plan(privacy.max_grad_norm),
+            learning_rate=privacy.probe_learning_rate, centring=privacy.probe_centring,
+            max_length=config.model.max_length, device=loaded.device, batch_size=config.train.eval_batch_size,
+        )
+    else:
+        result = train_local(
+            workspace.loaded.model,
+            workspace.task,
+            rows,
+            workspace.loaded.tokenizer,
+            spec=dataclasses.replace(dp_train_spec(config) if ledger is not None else config.train,
+                                     learning_rate=instruction.learning_rate),
+            device=workspace.loaded.device,
+            dtype=config.model.dtype,
+            seed=config.train.seed * 1_000_003 + server_round * 1009 + index,
+            plan=plan,
+            dp=ledger.round_plan(config.privacy.max_grad_norm) if ledger is not None else None,
+        )
     reported: dict[str, float | int] = {
         keys.NUM_EXAMPLES: len(rows),
         keys.HOSPITAL_INDEX: index,
@@ -203,6 +214,7 @@ def _train(instruction: Instruction, received: dict[str, np.ndarray] | None, con
         keys.TRAIN_LEARNING_RATE: result.learning_rate,
     }
     if ledger is None:
+        assert isinstance(result, TrainResult)
         reported.update({keys.TRAIN_LOSS: result.loss, keys.TRAIN_SECONDS: result.seconds,
                          keys.TRAIN_EXAMPLES: result.examples})
     else:

@@ -49,6 +49,10 @@ HetloraWeighting = Literal["sparsity", "examples"]
 AttackKind = Literal["sign-flip", "scale", "noise", "nan"]
 
 PrivacyMode = Literal["none", "dp-sgd"]
+#: `privacy.recipe`: what a DP-SGD hospital trains (``auto``: the linear probe for sequence classification).
+DpRecipe = Literal["auto", "linear-probe", "lora"]
+#: `privacy.probe-centring`: the public text whose mean feature the probe's features are centred on.
+ProbeCentring = Literal["generic", "vocabulary", "heart-codebook", "none"]
 ClientDpMode = Literal["none", "server-fixed", "server-adaptive", "client-fixed", "client-adaptive"]
 Accountant = Literal["rdp", "prv"]
 

@@ -27,6 +27,7 @@ from fedfm.config.choices import (
     Context,
     Dataset,
     Device,
+    DpRecipe,
     DType,
     HetloraWeighting,
     LrDecay,
@@ -35,6 +36,7 @@ from fedfm.config.choices import (
     Partitioner,
     Pooling,
     PrivacyMode,
+    ProbeCentring,
     SelectBest,
     SelectMetric,
     Task,
@@ -367,6 +369,13 @@ class PrivacySpec:
         "each keeping its own accountant across rounds.",
         "none",
     )
+    recipe: DpRecipe = _help(
+        "What a DP-SGD hospital trains: `linear-probe` (sequence classification: the classifier head alone on "
+        "frozen features computed once, centred and scaled with public text only, by full-batch DP-GD; "
+        "privacy.probe-*), `lora` (Poisson-sampled DP-SGD on the LoRA tensors and the head), or `auto` "
+        "(linear-probe for sequence classification, lora for the other tasks).",
+        "auto",
+    )
     target_epsilon: float = _help(
         "Each hospital's ε budget for the whole run. With noise-multiplier 0 the noise is calibrated so "
         "the planned rounds end at this ε; a hospital refuses any round that would take it past.",
@@ -389,6 +398,19 @@ class PrivacySpec:
     learning_rate: float = _help(
         "DP-SGD's local learning rate (replaces train.learning-rate under DP); 0 keeps train's.", 0.1, within="[0, 10]",
         note="0 keeps train.learning-rate"
+    )
+    probe_steps: int = _help(
+        "Linear probe: full-batch DP-GD steps per round (every training row in every step).", 20, bounds=(1, 100_000)
+    )
+    probe_learning_rate: float = _help(
+        "Linear probe: step size of DP-GD on the centred, scaled features (it moves with max-grad-norm).", 2.0,
+        within="> 0",
+    )
+    probe_centring: ProbeCentring = _help(
+        "Linear probe: the public text whose mean feature is subtracted from every row's before training "
+        "(`generic`: sentences written into fedfm; `vocabulary`: random words of the tokenizer; `heart-codebook`: "
+        "records drawn from the UCI heart-disease codebook; `none`). No patient row is used, so it costs no ε.",
+        "generic",
     )
     noise_multiplier: float = _help(
         "σ of DP-SGD's Gaussian noise (in units of max-grad-norm); 0 calibrates it from target-epsilon.", 0.0,

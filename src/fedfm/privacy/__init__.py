@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 from fedfm.config import RunConfig, hospital_epsilons
 from fedfm.errors import ConfigError
 from fedfm.privacy.accounting import HospitalLedger, calibrate, compose, epsilon_of, sampled_hospitals
-from fedfm.privacy.dpsgd import DpSgd, sample_rate, steps_per_round
+from fedfm.privacy.dpsgd import DpSgd
 
 if TYPE_CHECKING:
     from fedfm.data import Federation
@@ -58,7 +58,7 @@ def check(config: RunConfig, federation: Federation) -> list[PlannedBudget]:
         Opacus is missing, a δ is not below 1/N, a per-hospital budget names
         no hospital, or a budget cannot pay for even one round.
     """
-    from fedfm.privacy.hospital import budget_for, delta_for, delta_problem, dp_batch_size
+    from fedfm.privacy.hospital import budget_for, delta_for, delta_problem, round_shape
 
     spec = config.privacy
     if spec.mode == "none" and spec.client_dp == "none":
@@ -93,8 +93,7 @@ def check(config: RunConfig, federation: Federation) -> list[PlannedBudget]:
             problems.append(problem)
             continue
         budget = budget_for(config, index, hospital.name)
-        batch = dp_batch_size(config)
-        q, steps = sample_rate(batch, rows), steps_per_round(config.train, batch, rows)
+        q, steps = round_shape(config, rows)
         sigma = spec.noise_multiplier
         if sigma <= 0:
             try:

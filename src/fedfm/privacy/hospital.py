@@ -37,6 +37,26 @@ def budget_for(config: RunConfig, index: int, name: str, node_config: Mapping[st
     return budget
 
 
+def recipe_of(config: RunConfig) -> str:
+    """What a DP-SGD hospital trains: ``linear-probe`` or ``lora`` (``auto`` resolved by the task)."""
+    recipe = config.privacy.recipe
+    if recipe == "auto":
+        return "linear-probe" if config.model.task == "sequence-classification" else "lora"
+    return recipe
+
+
+def round_shape(config: RunConfig, num_rows: int) -> tuple[float, int]:
+    """The sampling rate and steps of one DP round for a hospital of ``num_rows`` rows.
+
+    The linear probe takes full-batch steps (every row in every step: rate 1);
+    DP-SGD on LoRA samples Poisson batches of ``privacy.batch-size`` expected rows.
+    """
+    if recipe_of(config) == "linear-probe":
+        return 1.0, config.privacy.probe_steps
+    batch = dp_batch_size(config)
+    return sample_rate(batch, num_rows), steps_per_round(config.train, batch, num_rows)
+
+
 def dp_batch_size(config: RunConfig) -> int:
     """Expected rows per DP-SGD step: ``privacy.batch-size``, else ``train.batch-size``."""
     return config.privacy.batch_size or config.train.batch_size
@@ -104,13 +124,13 @@ def new_ledger(
     config: RunConfig, *, index: int, name: str, num_rows: int, node_config: Mapping[str, Any] | None = None
 ) -> HospitalLedger:
     """The ledger a hospital opens at its first DP round (σ calibrated for the whole run)."""
-    spec: TrainSpec = config.train
+    rate, steps = round_shape(config, num_rows)
     return open_ledger(
         hospital=name,
         target_epsilon=budget_for(config, index, name, node_config),
         delta=delta_for(config, num_rows, node_config),
-        sample_rate=sample_rate(dp_batch_size(config), num_rows),
-        steps_per_round=steps_per_round(spec, dp_batch_size(config), num_rows),
+        sample_rate=rate,
+        steps_per_round=steps,
         planned_rounds=config.federation.num_rounds,
         noise_multiplier=config.privacy.noise_multiplier,
         accountant=config.privacy.accountant,

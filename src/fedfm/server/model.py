@@ -8,12 +8,21 @@ import torch
 from fedfm import strategies
 from fedfm.adapters import load_global_adapter
 from fedfm.config import RunConfig
+from fedfm.privacy.hospital import recipe_of
+from fedfm.privacy.linear_probe import zero_head_arrays
 from fedfm.workspace import Workspace
 
 
 def initial_arrays(workspace: Workspace) -> dict[str, np.ndarray]:
-    """The adapter the run starts from (this process's freshly built LoRA), as numpy arrays."""
-    return {k: v.numpy() for k, v in workspace.loaded.initial_state.items()}
+    """The adapter the run starts from (this process's freshly built LoRA), as numpy arrays.
+
+    Under the DP linear probe the head starts at zero (:mod:`fedfm.privacy.linear_probe`).
+    """
+    arrays = {k: v.numpy() for k, v in workspace.loaded.initial_state.items()}
+    config = workspace.config
+    if config.privacy.mode == "dp-sgd" and recipe_of(config) == "linear-probe":
+        return zero_head_arrays(arrays)
+    return arrays
 
 
 def load_global(

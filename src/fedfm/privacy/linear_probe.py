@@ -1,0 +1,130 @@
+"""A hospital's round of the DP linear probe (``privacy.recipe = "linear-probe"``).
+
+The encoder and its LoRA tensors stay as the run started them, so each row's
+feature (what the classifier head reads) never changes: a hospital extracts
+its rows' features once per process and keeps them in memory. Each round it
+takes the global head from its model, trains it by full-batch DP-GD on the
+features centred and scaled with public text only (:mod:`fedfm.privacy.probe`),
+folds the centring back into the head and writes it into the model, whose
+adapter state is then the reply as usual. Every row is in every step, so the
+ledger's history entry for a round is ``(σ, 1.0, probe-steps)``.
+
+The server starts the run from a zero head (:func:`zero_head_arrays`): DP-GD
+from zero is what was measured, and a zero head reads the same in either space.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from fedfm.privacy.dpsgd import DpSgd
+from fedfm.privacy.probe import (
+    FeatureTransform,
+    Head,
+    dp_gd,
+    extract_features,
+    fold_transform,
+    head_module,
+    public_centre,
+    public_scale,
+    public_texts,
+    transform,
+    write_head,
+)
+
+#: Features per (model, rows) and transforms per (model, centring, length), for this process's lifetime.
+_FEATURES: dict[tuple[int, str], tuple[np.ndarray, np.ndarray]] = {}
+_TRANSFORMS: dict[tuple[int, str, int], FeatureTransform] = {}
+
+
+@dataclass(frozen=True)
+class ProbeRound:
+    """What a round of the probe did (the hospital reports only the steps; the ledger counts them)."""
+
+    steps: int
+    learning_rate: float
+    seconds: float
+
+
+def feature_transform(
+    model: torch.nn.Module, task: Any, tokenizer: Any, *, centring: str, max_length: int, device: torch.device | str,
+) -> FeatureTransform:
+    """The public centring and global scale for ``model`` (computed once per process)."""
+    key = (id(model), centring, max_length)
+    if key not in _TRANSFORMS:
+        texts = public_texts("generic" if centring == "none" else centring, tokenizer=tokenizer)
+        with torch.no_grad():
+            centre, features = public_centre(model, task, tokenizer, texts, max_length=max_length, device=device)
+        if centring == "none":
+            centre = np.zeros_like(centre)
+        _TRANSFORMS[key] = FeatureTransform(centre=centre, scale=public_scale(features, centre))
+    return _TRANSFORMS[key]
+
+
+def _features(model: torch.nn.Module, task: Any, rows: Any, tokenizer: Any, device: torch.device | str,
+              batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+    key = (id(model), str(getattr(rows, "_fingerprint", id(rows))))
+    if key not in _FEATURES:
+        with torch.no_grad():
+            _FEATURES[key] = extract_features(model, task, rows, tokenizer, batch_size=batch_size, device=device)
+    return _FEATURES[key]
+
+
+def _classifier(model: torch.nn.Module) -> torch.nn.Linear:
+    module = head_module(model)
+    copies = getattr(module, "modules_to_save", None)
+    linear = copies[next(iter(copies))] if copies is not None else module
+    if not isinstance(linear, torch.nn.Linear):
+        raise TypeError(f"the classification head is a {type(linear).__name__}; the linear probe needs a linear one")
+    return linear
+
+
+def read_head(model: torch.nn.Module) -> Head:
+    """The model's classifier as a :class:`Head` over raw features."""
+    linear = _classifier(model)
+    bias = linear.bias.detach().double().cpu().numpy() if linear.bias is not None else np.zeros(linear.out_features)
+    return Head(linear.weight.detach().double().cpu().numpy(), bias)
+
+
+def unfold(head: Head, spec: FeatureTransform) -> Head:
+    """The inverse of :func:`~fedfm.privacy.probe.fold_transform`: the head over the transformed features."""
+    return Head(head.weight * spec.scale, head.bias + head.weight @ spec.centre.astype(np.float64))
+
+
+def train_round(
+    model: torch.nn.Module,
+    task: Any,
+    rows: Any,
+    tokenizer: Any,
+    *,
+    dp: DpSgd,
+    learning_rate: float,
+    centring: str,
+    max_length: int,
+    device: torch.device | str,
+    batch_size: int,
+) -> ProbeRound:
+    """One round of the probe in a hospital: ``dp.steps`` full-batch DP-GD steps from the model's global head.
+
+    The trained head is written into ``model``; its noise comes from the
+    operating system's entropy (:func:`fedfm.privacy.probe.dp_gd`).
+    """
+    started = time.perf_counter()
+    spec = feature_transform(model, task, tokenizer, centring=centring, max_length=max_length, device=device)
+    features, labels = _features(model, task, rows, tokenizer, device, batch_size)
+    head, steps = dp_gd(
+        transform(features, spec), labels, head=unfold(read_head(model), spec), steps=dp.steps,
+        learning_rate=learning_rate, max_grad_norm=dp.max_grad_norm, noise_multiplier=dp.noise_multiplier,
+    )
+    write_head(model, fold_transform(head, spec))
+    return ProbeRound(steps=steps, learning_rate=learning_rate, seconds=time.perf_counter() - started)
+
+
+def zero_head_arrays(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """``arrays`` with the classifier head (every tensor that is not a LoRA factor) set to zero."""
+    return {name: value if "lora_" in name else np.zeros_like(value) for name, value in arrays.items()}
