@@ -31,7 +31,7 @@ from fedfm.errors import ConfigError, FedfmError
 from fedfm.hospital_state import HospitalSession, state_folder
 from fedfm.instruction import Instruction, hospital_index, parse_instruction
 from fedfm.privacy.audit import loss_threshold_auc
-from fedfm.privacy.hospital import dp_train_spec, hospital_ledger, recipe_of
+from fedfm.privacy.hospital import centring_of, dp_train_spec, hospital_ledger, recipe_of
 from fedfm.privacy.linear_probe import ProbeRound
 from fedfm.privacy.linear_probe import train_round as probe_round
 from fedfm.strategies.client_dp import clipping_mod
@@ -190,7 +190,7 @@ def _train(instruction: Instruction, received: dict[str, np.ndarray] | None, con
         loaded, privacy = workspace.loaded, config.privacy
         result = probe_round(
             loaded.model, workspace.task, rows, loaded.tokenizer, dp=ledger.round_plan(privacy.max_grad_norm),
-            learning_rate=privacy.probe_learning_rate, centring=privacy.probe_centring,
+            learning_rate=privacy.probe_learning_rate, centring=centring_of(config),
             max_length=config.model.max_length, device=loaded.device, batch_size=config.train.eval_batch_size,
         )
     else:

@@ -52,7 +52,7 @@ PrivacyMode = Literal["none", "dp-sgd"]
 #: `privacy.recipe`: what a DP-SGD hospital trains (``auto``: the linear probe for sequence classification).
 DpRecipe = Literal["auto", "linear-probe", "lora"]
 #: `privacy.probe-centring`: the public text whose mean feature the probe's features are centred on.
-ProbeCentring = Literal["generic", "vocabulary", "heart-codebook", "none"]
+ProbeCentring = Literal["auto", "generic", "vocabulary", "heart-codebook", "none"]
 ClientDpMode = Literal["none", "server-fixed", "server-adaptive", "client-fixed", "client-adaptive"]
 Accountant = Literal["rdp", "prv"]
 

@@ -409,8 +409,9 @@ class PrivacySpec:
     probe_centring: ProbeCentring = _help(
         "Linear probe: the public text whose mean feature is subtracted from every row's before training "
         "(`generic`: sentences written into fedfm; `vocabulary`: random words of the tokenizer; `heart-codebook`: "
-        "records drawn from the UCI heart-disease codebook; `none`). No patient row is used, so it costs no ε.",
-        "generic",
+        "records drawn from the UCI heart-disease codebook; `none`; `auto`: heart-codebook for heart_disease_uci, "
+        "vocabulary otherwise). No patient row is used, so it costs no ε.",
+        "auto",
     )
     noise_multiplier: float = _help(
         "σ of DP-SGD's Gaussian noise (in units of max-grad-norm); 0 calibrates it from target-epsilon.", 0.0,

@@ -45,6 +45,14 @@ def recipe_of(config: RunConfig) -> str:
     return recipe
 
 
+def centring_of(config: RunConfig) -> str:
+    """The public text the linear probe centres on (``auto``: the dataset's own public codebook where it has one)."""
+    centring = config.privacy.probe_centring
+    if centring == "auto":
+        return "heart-codebook" if config.data.dataset == "heart_disease_uci" else "vocabulary"
+    return centring
+
+
 def round_shape(config: RunConfig, num_rows: int) -> tuple[float, int]:
     """The sampling rate and steps of one DP round for a hospital of ``num_rows`` rows.
 
