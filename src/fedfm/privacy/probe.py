@@ -42,17 +42,23 @@ from fedfm.privacy.accounting import HistoryEntry, calibrate, compose, epsilon_o
 from fedfm.privacy.dpsgd import secret_rng
 
 __all__ = [
+    "CENTRINGS",
+    "SCALINGS",
     "FeatureTransform",
     "Head",
     "calibrate_next_stage",
+    "clipped_gradient_sum",
     "dp_gd",
     "extract_features",
+    "federated_average",
     "fold_transform",
+    "head_linear",
     "head_module",
     "per_example_gradients",
     "probe_history",
     "probe_noise",
     "public_centre",
+    "public_scale",
     "public_texts",
     "transform",
     "write_head",
@@ -76,6 +82,25 @@ def head_module(model: torch.nn.Module) -> torch.nn.Module:
         if name.rsplit(".", 1)[-1] in HEAD_MODULES:
             return module
     raise ValueError(f"{type(model).__name__} has no module named one of {HEAD_MODULES}")
+
+
+def head_linear(model: torch.nn.Module) -> torch.nn.Linear:
+    """The linear layer that computes the logits (with peft: the active trainable copy, which the forward pass uses).
+
+    Raises
+    ------
+    TypeError
+        The head is not one linear layer (a linear probe cannot be written into it).
+    """
+    module = head_module(model)
+    copies = getattr(module, "modules_to_save", None)
+    if copies is not None:
+        active = getattr(module, "active_adapters", None) or list(copies.keys())
+        module = copies[active[0] if isinstance(active, list) else active]
+    if not isinstance(module, torch.nn.Linear):
+        raise TypeError(f"the classification head is a {type(module).__name__}, not a linear layer; "
+                        "a linear probe cannot be written into it")
+    return module
 
 
 @torch.no_grad()
@@ -138,8 +163,7 @@ def extract_features(
         if was_training:
             model.train()
     if not captured:
-        width = int(getattr(getattr(head, "in_features", None), "__int__", lambda: 0)())
-        return np.zeros((0, width), np.float32), np.zeros(0, np.int64)
+        return np.zeros((0, head_linear(model).in_features), np.float32), np.zeros(0, np.int64)
     features = np.empty((len(order), captured[0].shape[-1]), np.float32)
     features[order] = torch.cat(captured).numpy()
     out_labels = np.empty(len(order), np.int64)
@@ -502,17 +526,7 @@ def write_head(model: torch.nn.Module, head: Head) -> None:
     After this, :func:`fedfm.adapters.get_adapter_state` carries the head, and
     the model's logits on raw rows are ``head.logits(features)``.
     """
-    module = head_module(model)
-    # peft's ModulesToSaveWrapper routes the forward pass to its active trainable copy.
-    copies = getattr(module, "modules_to_save", None)
-    if copies is not None:
-        active = getattr(module, "active_adapters", None) or list(copies.keys())
-        linear = copies[active[0] if isinstance(active, list) else active]
-    else:
-        linear = module
-    if not isinstance(linear, torch.nn.Linear):
-        raise ValueError(f"the classification head is a {type(linear).__name__}, not a linear layer; "
-                         "a linear probe cannot be written into it")
+    linear = head_linear(model)
     if tuple(linear.weight.shape) != head.weight.shape:
         raise ValueError(f"head weight has shape {head.weight.shape}, the model's classifier {tuple(linear.weight.shape)}")
     with torch.no_grad():
