@@ -282,26 +282,36 @@ def grid(dataset: str, stage: str, best: dict[str, Any]) -> list[dict[str, Any]]
     raise ValueError(stage)
 
 
-def select(dataset: str, data: dict[str, Any], seeds: list[int], report: dict[str, Any], save: Any) -> dict[str, Any]:
-    """Coordinate search at ε = 8 on validation: feature transform, then (C, lr), then (rounds, steps), then features again."""
+def select(
+    dataset: str, data: dict[str, Any], seeds: list[int], report: dict[str, Any], save: Any, *,
+    epsilon: float = 8.0, start: dict[str, Any] | None = None,
+    stages: tuple[str, ...] = ("features", "optimizer", "schedule", "features"),
+) -> dict[str, Any]:
+    """Coordinate search on validation at ``epsilon``: each stage keeps the best of its grid around the current best.
+
+    At ε = 8 from :data:`START`: feature transform, then (C, lr), then (rounds, steps), then the
+    feature transform again. At ε = 3 and 1 from the ε = 8 choice: (C, lr), then (rounds, steps).
+    """
     metric = METRIC[dataset]
-    best = dict(START)
+    best = dict(start or START)
     trials = report.setdefault("validation", [])
-    for stage in ("features", "optimizer", "schedule", "features"):
+    for stage in stages:
         scored = []
         for setting in grid(dataset, stage, best):
-            result = evaluate_setting(data, setting, epsilon=8.0, seeds=seeds, final=False)
+            result = evaluate_setting(data, setting, epsilon=epsilon, seeds=seeds, final=False)
             trials.append({"stage": stage, **result})
             scored.append((result[metric]["mean"], result))
-            print(f"[{dataset} validation ε 8 {stage}] {_setting(setting)}: {metric} "
+            print(f"[{dataset} validation ε {epsilon:g} {stage}] {_setting(setting)}: {metric} "
                   f"{result[metric]['mean']:.3f} ± {result[metric]['std']:.3f}", flush=True)
         best = max(scored, key=lambda item: item[0])[1]["setting"]
-        print(f"[{dataset}] after {stage}: {_setting(best)}", flush=True)
+        print(f"[{dataset}] ε {epsilon:g} after {stage}: {_setting(best)}", flush=True)
         save()
-    report["chosen"] = best
-    # Is the foldable global scale within noise of per-row normalization?
-    rows = {s: next((t for t in trials[::-1] if t["setting"] == {**best, "scaling": s}), None) for s in ("global", "row")}
-    report["global_vs_row"] = {s: (r[metric] if r else None) for s, r in rows.items()}
+    if epsilon == 8.0 and start is None:
+        report["chosen"] = best
+        # Is the foldable global scale within noise of per-row normalization?
+        rows = {s: next((t for t in trials[::-1] if t["setting"] == {**best, "scaling": s} and t["epsilon"] == epsilon),
+                        None) for s in ("global", "row")}
+        report["global_vs_row"] = {s: (r[metric] if r else None) for s, r in rows.items()}
     return best
 
 
@@ -333,22 +343,24 @@ def prefer_foldable(dataset: str, report: dict[str, Any], data: dict[str, Any], 
 
 
 def table(report: dict[str, Any]) -> str:
-    lines = ["| dataset | arm | ε | σ | accuracy | macro-F1 | target |", "| --- | --- | ---: | ---: | ---: | ---: | --- |"]
+    lines = ["| dataset | arm | setting | ε | σ | accuracy | macro-F1 | target |",
+             "| --- | --- | --- | ---: | ---: | ---: | ---: | --- |"]
     for dataset, part in report["datasets"].items():
         for arm in part.get("test", []):
             eps = arm["epsilon"]
             target = TARGETS.get(dataset, "") if eps == 8.0 else ""
             lines.append(
-                f"| {dataset} | {arm['arm']} | {'-' if eps is None else f'{eps:g}'} | {arm['noise_multiplier']:.3f} "
+                f"| {dataset} | {arm['arm']} | {_setting(arm['setting'])} | {'-' if eps is None else f'{eps:g}'} | {arm['noise_multiplier']:.3f} "
                 f"| {arm['accuracy']['mean']:.3f} ± {arm['accuracy']['std']:.3f} "
                 f"| {arm['macro-f1']['mean']:.3f} ± {arm['macro-f1']['std']:.3f} | {target} |"
             )
         for name, row in part.get("alone_no_dp", {}).items():
-            lines.append(f"| {dataset} | probe alone, no DP: {name} ({row['rows']} rows) | - | - | {row['accuracy']:.3f} "
+            lines.append(f"| {dataset} | probe alone, no DP: {name} ({row['rows']} rows) | lr {row['learning_rate']:g} "
+                         f"{row['steps']} steps | - | - | {row['accuracy']:.3f} "
                          f"| {row['macro-f1']:.3f} | |")
         lora = part.get("lora_alone_no_dp") or {}
         for name, row in lora.get("hospitals", {}).items():
-            lines.append(f"| {dataset} | LoRA alone, no DP ({lora['test_rows']} test rows): {name} | - | - "
+            lines.append(f"| {dataset} | LoRA alone, no DP ({lora['test_rows']} test rows): {name} | quality.py | - | - "
                          f"| {row['accuracy']:.3f} | {row['macro-f1']:.3f} | |")
     return "\n".join(lines)
 
@@ -369,20 +381,30 @@ def run(dataset: str, *, cache: Path, seeds: int, report: dict[str, Any], save: 
     best = prefer_foldable(dataset, part, data, selection_seeds)
     print(f"[{dataset}] chosen on validation: {_setting(best)}", flush=True)
     save()
+    # ε = 3 and 1 get their own optimizer and schedule, chosen on validation at that ε.
+    chosen = {8.0: best}
+    for epsilon in EPSILONS[1:]:
+        chosen[epsilon] = select(dataset, data, selection_seeds, part, save, epsilon=epsilon, start=best,
+                                 stages=("optimizer", "schedule"))
+    part["chosen_by_epsilon"] = {f"{e:g}": c for e, c in chosen.items()}
+    reference, part["no_dp_validation"] = no_dp_setting(data, best)
+    print(f"[{dataset}] no-DP reference chosen on validation: {_setting(reference)}", flush=True)
+    save()
     # Fresh seeds for the test figures, so selection noise does not carry over.
     test_seeds = list(range(1000, 1000 + seeds))
     part["test"] = []
-    reference, part["no_dp_validation"] = no_dp_setting(data, best)
-    print(f"[{dataset}] no-DP reference chosen on validation: {_setting(reference)}", flush=True)
-    for epsilon in (*EPSILONS, None):
-        chosen = best if epsilon is not None else reference
-        result = evaluate_setting(data, chosen, epsilon=epsilon, seeds=test_seeds[:1] if epsilon is None else test_seeds,
-                                  final=True)
-        result["arm"] = "federated probe, DP-GD" if epsilon is not None else "federated probe, no DP"
+    arms: list[tuple[str, float | None, dict[str, Any], list[int]]] = [
+        *(("federated probe, DP-GD", e, chosen[e], test_seeds) for e in EPSILONS),
+        ("federated probe, no DP", None, reference, test_seeds[:1]),
+        *(("federated probe, DP-GD, the ε 8 setting", e, best, test_seeds) for e in EPSILONS[1:]),
+    ]
+    for label, epsilon, setting, run_seeds in arms:
+        result = evaluate_setting(data, setting, epsilon=epsilon, seeds=run_seeds, final=True)
+        result["arm"] = label
         part["test"].append(result)
-        print(f"[{dataset} test] ε {epsilon}: accuracy {result['accuracy']['mean']:.3f} ± "
+        print(f"[{dataset} test] {label} ε {epsilon}: accuracy {result['accuracy']['mean']:.3f} ± "
               f"{result['accuracy']['std']:.3f}, macro-F1 {result['macro-f1']['mean']:.3f} ± "
-              f"{result['macro-f1']['std']:.3f}", flush=True)
+              f"{result['macro-f1']['std']:.3f}  ({_setting(setting)})", flush=True)
         save()
     part["alone_no_dp"] = local_alone(data, best)
     part["lora_alone_no_dp"] = lora_alone(dataset)
