@@ -358,6 +358,11 @@ def table(report: dict[str, Any]) -> str:
             lines.append(f"| {dataset} | probe alone, no DP: {name} ({row['rows']} rows) | lr {row['learning_rate']:g} "
                          f"{row['steps']} steps | - | - | {row['accuracy']:.3f} "
                          f"| {row['macro-f1']:.3f} | |")
+        ceiling = part.get("centralized_converged_no_dp")
+        if ceiling:
+            lines.append(f"| {dataset} | probe pooled, L-BFGS to convergence, no DP (ceiling) | "
+                         f"{ceiling['setting']['centring']}/{ceiling['setting']['scaling']} | - | - "
+                         f"| {ceiling['accuracy']:.3f} | {ceiling['macro-f1']:.3f} | |")
         lora = part.get("lora_alone_no_dp") or {}
         for name, row in lora.get("hospitals", {}).items():
             lines.append(f"| {dataset} | LoRA alone, no DP ({lora['test_rows']} test rows): {name} | quality.py | - | - "
@@ -408,7 +413,36 @@ def run(dataset: str, *, cache: Path, seeds: int, report: dict[str, Any], save: 
         save()
     part["alone_no_dp"] = local_alone(data, best)
     part["lora_alone_no_dp"] = lora_alone(dataset)
+    part["centralized_converged_no_dp"] = converged_ceiling(data, best)
     save()
+
+
+def converged_ceiling(data: dict[str, Any], setting: dict[str, Any]) -> dict[str, Any]:
+    """The linear probe's ceiling without DP: all hospitals' rows pooled, multinomial logistic regression run to
+    convergence (L-BFGS, no penalty), scored on test. Not federated, not private: what no DP probe can beat."""
+    import torch
+
+    from fedfm.privacy import probe
+
+    spec = transform_for(data, setting["centring"], setting["scaling"])
+    x = torch.tensor(probe.transform(np.concatenate([np.concatenate([xt, xv]) for (xt, _), (xv, _)
+                                                     in zip(data["train"], data["validation"], strict=True)]), spec))
+    y = torch.tensor(np.concatenate([np.concatenate([yt, yv]) for (_, yt), (_, yv)
+                                     in zip(data["train"], data["validation"], strict=True)]))
+    weight = torch.zeros(data["num_labels"], x.shape[1], dtype=torch.float64, requires_grad=True)
+    bias = torch.zeros(data["num_labels"], dtype=torch.float64, requires_grad=True)
+    optimizer = torch.optim.LBFGS([weight, bias], max_iter=500, line_search_fn="strong_wolfe")
+
+    def closure() -> Any:
+        optimizer.zero_grad()
+        loss = torch.nn.functional.cross_entropy(x @ weight.T + bias, y)
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    head = probe.Head(weight.detach().numpy(), bias.detach().numpy())
+    return {"setting": setting, "rows": len(y),
+            **score(head, probe.transform(data["test"][0], spec), data["test"][1], data["num_labels"])}
 
 
 def lora_alone(dataset: str) -> dict[str, Any] | None:
@@ -433,8 +467,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--cache", type=Path, default=Path(os.environ.get("FEDFM_PROBE_CACHE", "/tmp/fedfm-dp-probe")))
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT / "dp-probe.json")
+    parser.add_argument("--ceiling-only", action="store_true",
+                        help="only add the pooled, converged no-DP probe to an existing --out (at its chosen setting)")
     args = parser.parse_args(argv)
     _environment()
+    if args.ceiling_only:
+        report = json.loads(args.out.read_text())
+        for dataset, part in report["datasets"].items():
+            data = features(dataset, args.cache)
+            part["centralized_converged_no_dp"] = converged_ceiling(data, part["chosen"])
+            print(f"[{dataset}] pooled converged probe, no DP: {part['centralized_converged_no_dp']}", flush=True)
+        args.out.write_text(json.dumps(report, indent=1) + "\n")
+        print(table(report))
+        return 0
     report: dict[str, Any] = {"delta": DELTA, "validation_fraction": VALIDATION_FRACTION, "seeds": args.seeds,
                               "aggregation": "FedAvg weighted by hospital row counts", "datasets": {}}
     if args.out.is_file():

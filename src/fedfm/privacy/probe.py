@@ -23,6 +23,12 @@ learns little from them. This module is the core of the recipe that does:
 
 Everything here is plain numpy/torch; nothing imports Flower.
 
+Settings (:class:`ProbeSettings`) were chosen on hospitals' validation rows by
+``benchmarks/dp_probe.py``. Tuning on private rows is itself a release: every
+configuration tried leaks a little, so a deployment that tunes on its own
+hospitals must pay for the tuning from the budget (Papernot & Steinke 2022,
+https://arxiv.org/abs/2110.03620) or use these defaults untuned.
+
 Abadi et al. 2016 (DP-SGD, https://arxiv.org/abs/1607.00133); Tramèr & Boneh
 2021 (linear models on fixed features are strong private baselines,
 https://arxiv.org/abs/2011.11660).
