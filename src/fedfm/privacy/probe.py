@@ -23,6 +23,12 @@ learns little from them. This module is the core of the recipe that does:
 
 Everything here is plain numpy/torch; nothing imports Flower.
 
+Settings (:class:`ProbeSettings`) were chosen on hospitals' validation rows by
+``benchmarks/dp_probe.py``. Tuning on private rows is itself a release: every
+configuration tried leaks a little, so a deployment that tunes on its own
+hospitals must pay for the tuning from the budget (Papernot & Steinke 2022,
+https://arxiv.org/abs/2110.03620) or use these defaults untuned.
+
 Abadi et al. 2016 (DP-SGD, https://arxiv.org/abs/1607.00133); Tramèr & Boneh
 2021 (linear models on fixed features are strong private baselines,
 https://arxiv.org/abs/2011.11660).
@@ -42,17 +48,24 @@ from fedfm.privacy.accounting import HistoryEntry, calibrate, compose, epsilon_o
 from fedfm.privacy.dpsgd import secret_rng
 
 __all__ = [
+    "CENTRINGS",
+    "SCALINGS",
     "FeatureTransform",
     "Head",
+    "ProbeSettings",
     "calibrate_next_stage",
+    "clipped_gradient_sum",
     "dp_gd",
     "extract_features",
+    "federated_average",
     "fold_transform",
+    "head_linear",
     "head_module",
     "per_example_gradients",
     "probe_history",
     "probe_noise",
     "public_centre",
+    "public_scale",
     "public_texts",
     "transform",
     "write_head",
@@ -63,6 +76,60 @@ __all__ = [
 CENTRINGS = ("generic", "vocabulary", "heart-codebook", "none")
 #: How centred features are rescaled: one public constant (foldable into the head) or each row to unit length.
 SCALINGS = ("global", "row")
+
+
+@dataclass(frozen=True)
+class ProbeSettings:
+    """A hospital's DP-GD probe settings; defaults chosen on validation at ε = 8 by ``benchmarks/dp_probe.py``.
+
+    The defaults are NICTA-PIBOSO's choice (5 Dirichlet hospitals, ~1,000 rows each;
+    ``benchmarks/results/dp-probe.json``). Heart (4 hospitals of 26-170 rows) chose
+    ``centring="heart-codebook", max_grad_norm=0.3, learning_rate=8, rounds=10,
+    steps_per_round=20``: the best step size shrinks with the rows a hospital has.
+
+    Attributes
+    ----------
+    centring : str
+        One of :data:`CENTRINGS`: the public text whose mean feature is subtracted.
+    scaling : str
+        One of :data:`SCALINGS`; ``global`` folds into the exported head.
+    max_grad_norm : float
+        Per-example clipping bound C of (weight, bias) together.
+    learning_rate : float
+        SGD step on the noisy mean gradient.
+    rounds : int
+        Federated rounds the budget is planned for (each hospital trains in every one).
+    steps_per_round : int
+        Full-batch DP-GD steps a hospital takes per round.
+    """
+
+    centring: str = "vocabulary"
+    scaling: str = "global"
+    max_grad_norm: float = 1.0
+    learning_rate: float = 32.0
+    rounds: int = 20
+    steps_per_round: int = 25
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.centring not in CENTRINGS:
+            problems.append(f"`centring` must be one of {list(CENTRINGS)}, got {self.centring!r}")
+        if self.scaling not in SCALINGS:
+            problems.append(f"`scaling` must be one of {list(SCALINGS)}, got {self.scaling!r}")
+        for name in ("max_grad_norm", "learning_rate"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value > 0):
+                problems.append(f"`{name}` should be positive, got {value}")
+        for name in ("rounds", "steps_per_round"):
+            if getattr(self, name) < 1:
+                problems.append(f"`{name}` should be at least 1, got {getattr(self, name)}")
+        if problems:
+            raise ValueError("; ".join(problems))
+
+    @property
+    def total_steps(self) -> int:
+        """DP-GD steps a hospital takes over the run (what σ is calibrated for)."""
+        return self.rounds * self.steps_per_round
 
 
 # --------------------------------------------------------------------------- features
@@ -76,6 +143,25 @@ def head_module(model: torch.nn.Module) -> torch.nn.Module:
         if name.rsplit(".", 1)[-1] in HEAD_MODULES:
             return module
     raise ValueError(f"{type(model).__name__} has no module named one of {HEAD_MODULES}")
+
+
+def head_linear(model: torch.nn.Module) -> torch.nn.Linear:
+    """The linear layer that computes the logits (with peft: the active trainable copy, which the forward pass uses).
+
+    Raises
+    ------
+    TypeError
+        The head is not one linear layer (a linear probe cannot be written into it).
+    """
+    module = head_module(model)
+    copies = getattr(module, "modules_to_save", None)
+    if copies is not None:
+        active = getattr(module, "active_adapters", None) or list(copies.keys())
+        module = copies[active[0] if isinstance(active, list) else active]
+    if not isinstance(module, torch.nn.Linear):
+        raise TypeError(f"the classification head is a {type(module).__name__}, not a linear layer; "
+                        "a linear probe cannot be written into it")
+    return module
 
 
 @torch.no_grad()
@@ -138,8 +224,7 @@ def extract_features(
         if was_training:
             model.train()
     if not captured:
-        width = int(getattr(getattr(head, "in_features", None), "__int__", lambda: 0)())
-        return np.zeros((0, width), np.float32), np.zeros(0, np.int64)
+        return np.zeros((0, head_linear(model).in_features), np.float32), np.zeros(0, np.int64)
     features = np.empty((len(order), captured[0].shape[-1]), np.float32)
     features[order] = torch.cat(captured).numpy()
     out_labels = np.empty(len(order), np.int64)
@@ -502,17 +587,7 @@ def write_head(model: torch.nn.Module, head: Head) -> None:
     After this, :func:`fedfm.adapters.get_adapter_state` carries the head, and
     the model's logits on raw rows are ``head.logits(features)``.
     """
-    module = head_module(model)
-    # peft's ModulesToSaveWrapper routes the forward pass to its active trainable copy.
-    copies = getattr(module, "modules_to_save", None)
-    if copies is not None:
-        active = getattr(module, "active_adapters", None) or list(copies.keys())
-        linear = copies[active[0] if isinstance(active, list) else active]
-    else:
-        linear = module
-    if not isinstance(linear, torch.nn.Linear):
-        raise ValueError(f"the classification head is a {type(linear).__name__}, not a linear layer; "
-                         "a linear probe cannot be written into it")
+    linear = head_linear(model)
     if tuple(linear.weight.shape) != head.weight.shape:
         raise ValueError(f"head weight has shape {head.weight.shape}, the model's classifier {tuple(linear.weight.shape)}")
     with torch.no_grad():
