@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import math
 import sys
 import tempfile
 import time
@@ -112,8 +113,25 @@ def run_arm(label: str, settings: dict[str, Any], *, verbose: bool) -> dict[str,
     return arm
 
 
+def _summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Repeated runs of one arm: the last run's record, with the global scores' mean and spread over all."""
+    import statistics
+
+    arm = dict(runs[-1])
+    names = [name for name in runs[0]["global"] if all(name in run["global"] for run in runs)]
+    arm["global"] = {name: statistics.mean(run["global"][name] for run in runs) for name in names}
+    arm["global_std"] = {name: statistics.stdev(run["global"][name] for run in runs) for name in names}
+    arm["runs"] = [run["global"] for run in runs]
+    arm["wall_seconds"] = round(statistics.mean(run["wall_seconds"] for run in runs), 1)
+    return arm
+
+
+def _pm(spread: dict[str, float], name: str) -> str:
+    return f" ± {spread[name]:.3f}" if name in spread else ""
+
+
 def _rate(value: float) -> str:
-    return "–" if value != value else f"{value:.1f}"  # NaN: a DP arm reports no training time
+    return "–" if math.isnan(value) else f"{value:.1f}"  # NaN: a DP arm reports no training time
 
 
 def markdown(arms: list[dict[str, Any]]) -> str:
@@ -129,8 +147,11 @@ def markdown(arms: list[dict[str, Any]]) -> str:
         eps = max(arm["epsilon_spent"].values()) if arm["epsilon_spent"] else None
         sigma = max(arm["noise_multiplier"].values()) if arm["noise_multiplier"] else None
         auc = arm["audit_mean_auc"]
+        spread = arm.get("global_std", {})
+        label = f"{arm['label']} (mean of {len(arm['runs'])})" if "runs" in arm else arm["label"]
         lines.append(
-            f"| {arm['label']} | {g.get('accuracy', float('nan')):.3f} | {g.get('macro-f1', float('nan')):.3f} "
+            f"| {label} | {g.get('accuracy', float('nan')):.3f}{_pm(spread, 'accuracy')} "
+            f"| {g.get('macro-f1', float('nan')):.3f}{_pm(spread, 'macro-f1')} "
             f"| {g.get('weighted-f1', float('nan')):.3f} | {'-' if eps is None else f'{eps:.2f}'} "
             f"| {'-' if sigma is None else f'{sigma:.3f}'} | {'-' if auc is None else f'{auc:.3f}'} "
             f"| {_rate(arm['examples_per_second'])} | {arm['wall_seconds'] / reference_wall:.2f}x "
@@ -150,6 +171,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dp-set", dest="dp_overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="setting applied to the DP-SGD arms only (the DP recipe, e.g. privacy.batch-size=64); "
                              f"default: {' '.join(f'{k}={v}' for k, v in DP_RECIPE.items())}")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="runs of each DP arm (its noise and sampling come from OS entropy, so each run differs); "
+                             "the table shows their mean and spread, the JSON every run")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     parser.add_argument("--verbose", action="store_true")
     args = parser.parse_args(argv)
@@ -184,41 +208,50 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     started = time.perf_counter()
-    arms = []
-    for label, settings in plan:
-        print(f"== {label}", flush=True)
-        arm = run_arm(label, settings, verbose=args.verbose)
-        arm["settings"] = {k: list(v) if isinstance(v, tuple) else v for k, v in settings.items()}
-        arms.append(arm)
-
-    import torch
-
-    reference = arms[0]
-    report = {
-        "benchmark": "privacy",
-        "quick": args.quick,
-        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
-        "dataset": args.dataset,
-        "dp_recipe": recipe,
-        "arms": arms,
-        "comparison": {
-            arm["label"]: {
-                "macro_f1_drop_points": 100 * (reference["global"].get("macro-f1", 0.0) - arm["global"].get("macro-f1", 0.0)),
-                "wall_vs_no_dp": arm["wall_seconds"] / reference["wall_seconds"],
-            }
-            for arm in arms[1:]
-        },
-        "targets": {"macro_f1_drop_points_at_eps8": 5.0},
-        "device": device_info(torch.device("cpu")),
-        "total_wall_seconds": round(time.perf_counter() - started, 1),
-    }
+    arms: list[dict[str, Any]] = []
     args.out.mkdir(parents=True, exist_ok=True)
     name = "privacy" if args.dataset == "nicta" else f"privacy-{args.dataset}"
     path = args.out / f"{name}{'-quick' if args.quick else ''}.json"
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(report, indent=2) + "\n")
-    tmp.replace(path)
+
+    def write() -> None:
+        """The report so far (after every arm, so a run cut off keeps what it measured)."""
+        import torch
+
+        reference = arms[0]
+        report = {
+            "benchmark": "privacy",
+            "quick": args.quick,
+            "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
+            "dataset": args.dataset,
+            "dp_recipe": recipe,
+            "repeats": args.repeats,
+            "arms": arms,
+            "comparison": {
+                arm["label"]: {
+                    "macro_f1_drop_points": 100 * (reference["global"].get("macro-f1", 0.0)
+                                                   - arm["global"].get("macro-f1", 0.0)),
+                    "wall_vs_no_dp": arm["wall_seconds"] / reference["wall_seconds"],
+                }
+                for arm in arms[1:]
+            },
+            "targets": {"macro_f1_drop_points_at_eps8": 5.0},
+            "device": device_info(torch.device("cpu")),
+            "total_wall_seconds": round(time.perf_counter() - started, 1),
+        }
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(report, indent=2) + "\n")
+        tmp.replace(path)
+
+    for label, settings in plan:
+        runs = []
+        for repeat in range(1 if settings["privacy.mode"] == "none" else max(1, args.repeats)):
+            print(f"== {label}" + (f" (run {repeat + 1} of {args.repeats})" if args.repeats > 1 else ""), flush=True)
+            runs.append(run_arm(label, settings, verbose=args.verbose))
+        arm = runs[-1] if len(runs) == 1 else _summarize(runs)
+        arm["settings"] = {k: list(v) if isinstance(v, tuple) else v for k, v in settings.items()}
+        arms.append(arm)
+        write()
     print()
     print(markdown(arms))
     print(f"\nwritten: {path}", flush=True)

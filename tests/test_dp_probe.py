@@ -207,11 +207,3 @@ def test_public_texts_hold_no_rows_and_repeat() -> None:
     assert all(t.startswith("age ") and "chest pain: " in t for t in heart)
     with pytest.raises(ValueError, match="one of"):
         probe.public_texts("patients")
-
-
-def test_settings_refuse_every_bad_field_at_once() -> None:
-    with pytest.raises(ValueError, match="`centring` must be one of") as err:
-        probe.ProbeSettings(centring="patients", learning_rate=0.0, rounds=0)
-    assert "`learning_rate` should be positive, got 0.0" in str(err.value)
-    assert "`rounds` should be at least 1, got 0" in str(err.value)
-    assert probe.ProbeSettings(rounds=4, steps_per_round=50).total_steps == 200

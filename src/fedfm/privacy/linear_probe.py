@@ -29,7 +29,7 @@ from fedfm.privacy.probe import (
     dp_gd,
     extract_features,
     fold_transform,
-    head_module,
+    head_linear,
     public_centre,
     public_scale,
     public_texts,
@@ -75,18 +75,9 @@ def _features(model: torch.nn.Module, task: Any, rows: Any, tokenizer: Any, devi
     return _FEATURES[key]
 
 
-def _classifier(model: torch.nn.Module) -> torch.nn.Linear:
-    module = head_module(model)
-    copies = getattr(module, "modules_to_save", None)
-    linear = copies[next(iter(copies))] if copies is not None else module
-    if not isinstance(linear, torch.nn.Linear):
-        raise TypeError(f"the classification head is a {type(linear).__name__}; the linear probe needs a linear one")
-    return linear
-
-
 def read_head(model: torch.nn.Module) -> Head:
     """The model's classifier as a :class:`Head` over raw features."""
-    linear = _classifier(model)
+    linear = head_linear(model)
     bias = linear.bias.detach().double().cpu().numpy() if linear.bias is not None else np.zeros(linear.out_features)
     return Head(linear.weight.detach().double().cpu().numpy(), bias)
 

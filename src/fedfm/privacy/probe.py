@@ -23,7 +23,8 @@ learns little from them. This module is the core of the recipe that does:
 
 Everything here is plain numpy/torch; nothing imports Flower.
 
-Settings (:class:`ProbeSettings`) were chosen on hospitals' validation rows by
+The run configuration's ``privacy.probe-*`` settings (and ``privacy.max-grad-norm``)
+drive it; their defaults were chosen on hospitals' validation rows by
 ``benchmarks/dp_probe.py``. Tuning on private rows is itself a release: every
 configuration tried leaks a little, so a deployment that tunes on its own
 hospitals must pay for the tuning from the budget (Papernot & Steinke 2022,
@@ -52,7 +53,6 @@ __all__ = [
     "SCALINGS",
     "FeatureTransform",
     "Head",
-    "ProbeSettings",
     "calibrate_next_stage",
     "clipped_gradient_sum",
     "dp_gd",
@@ -76,60 +76,6 @@ __all__ = [
 CENTRINGS = ("generic", "vocabulary", "heart-codebook", "none")
 #: How centred features are rescaled: one public constant (foldable into the head) or each row to unit length.
 SCALINGS = ("global", "row")
-
-
-@dataclass(frozen=True)
-class ProbeSettings:
-    """A hospital's DP-GD probe settings; defaults chosen on validation at ε = 8 by ``benchmarks/dp_probe.py``.
-
-    The defaults are NICTA-PIBOSO's choice (5 Dirichlet hospitals, ~1,000 rows each;
-    ``benchmarks/results/dp-probe.json``). Heart (4 hospitals of 26-170 rows) chose
-    ``centring="heart-codebook", max_grad_norm=0.3, learning_rate=8, rounds=10,
-    steps_per_round=20``: the best step size shrinks with the rows a hospital has.
-
-    Attributes
-    ----------
-    centring : str
-        One of :data:`CENTRINGS`: the public text whose mean feature is subtracted.
-    scaling : str
-        One of :data:`SCALINGS`; ``global`` folds into the exported head.
-    max_grad_norm : float
-        Per-example clipping bound C of (weight, bias) together.
-    learning_rate : float
-        SGD step on the noisy mean gradient.
-    rounds : int
-        Federated rounds the budget is planned for (each hospital trains in every one).
-    steps_per_round : int
-        Full-batch DP-GD steps a hospital takes per round.
-    """
-
-    centring: str = "vocabulary"
-    scaling: str = "global"
-    max_grad_norm: float = 1.0
-    learning_rate: float = 32.0
-    rounds: int = 20
-    steps_per_round: int = 25
-
-    def __post_init__(self) -> None:
-        problems = []
-        if self.centring not in CENTRINGS:
-            problems.append(f"`centring` must be one of {list(CENTRINGS)}, got {self.centring!r}")
-        if self.scaling not in SCALINGS:
-            problems.append(f"`scaling` must be one of {list(SCALINGS)}, got {self.scaling!r}")
-        for name in ("max_grad_norm", "learning_rate"):
-            value = getattr(self, name)
-            if not (math.isfinite(value) and value > 0):
-                problems.append(f"`{name}` should be positive, got {value}")
-        for name in ("rounds", "steps_per_round"):
-            if getattr(self, name) < 1:
-                problems.append(f"`{name}` should be at least 1, got {getattr(self, name)}")
-        if problems:
-            raise ValueError("; ".join(problems))
-
-    @property
-    def total_steps(self) -> int:
-        """DP-GD steps a hospital takes over the run (what σ is calibrated for)."""
-        return self.rounds * self.steps_per_round
 
 
 # --------------------------------------------------------------------------- features
