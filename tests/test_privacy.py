@@ -377,3 +377,21 @@ def test_audit_instruction_returns_the_hospitals_auc(tiny_csv_settings: dict[str
     assert metrics[keys.AUDIT_MEMBERS] == len(workspace.hospital_rows("train", 1))
     assert metrics[keys.AUDIT_NONMEMBERS] == len(workspace.hospital_rows("test", 1))
     assert keys.ARRAYS not in answer.content
+
+
+def test_a_stored_ledger_of_another_recipe_is_accounted_as_this_run_trains() -> None:
+    from fedfm.privacy.accounting import HospitalLedger, compose, epsilon_of
+    from fedfm.privacy.hospital import hospital_ledger
+
+    # Prepare: an earlier run's DP-SGD on LoRA (Poisson rate 64/500, 8 steps a round) spent part of ε 8.
+    stored = HospitalLedger(hospital="east", target_epsilon=8.0, delta=1e-5, noise_multiplier=1.2,
+                            sample_rate=64 / 500, steps_per_round=8, history=[(1.2, 64 / 500, 24)], rounds=[1, 2, 3])
+    config = RunConfig().replace(**{"privacy.mode": "dp-sgd", "privacy.recipe": "linear-probe",
+                                    "privacy.probe-steps": 10, "federation.num-rounds": 4})
+    # Execute: this run's hospital takes the stored ledger on.
+    held = hospital_ledger(config, stored, index=0, name="east", num_rows=500)
+    # Assert: this run's full-batch rounds are what gets accounted, and its σ spends what is left, no more.
+    assert (held.sample_rate, held.steps_per_round) == (1.0, 10) and held.history == stored.history
+    planned = compose(stored.history, held.noise_multiplier, 1.0, 40)
+    assert epsilon_of(planned, 1e-5) == pytest.approx(8.0, rel=2e-3)
+    assert epsilon_of(planned, 1e-5) <= 8.0

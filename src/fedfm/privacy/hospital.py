@@ -122,10 +122,29 @@ def hospital_ledger(
     problem = delta_problem(held.delta, num_rows, name)
     if problem:
         raise ConfigError(problem)
+    rate, steps = round_shape(config, num_rows)
+    if (held.sample_rate, held.steps_per_round) != (rate, steps):
+        # A later run with another recipe or batch: its rounds are accounted as they run, and σ is
+        # calibrated so that its planned rounds, after the stored history, end at the budget.
+        held = dataclasses.replace(held, sample_rate=rate, steps_per_round=steps,
+                                   noise_multiplier=_remaining_noise(config, held, rate, steps))
     if held.target_epsilon < stored.target_epsilon or held.delta < stored.delta:
         logger.info("%s: stored privacy ledger now held to ε %g at δ %.2g (it had ε %g at δ %.2g)",
                     name, held.target_epsilon, held.delta, stored.target_epsilon, stored.delta)
     return held
+
+
+def _remaining_noise(config: RunConfig, ledger: HospitalLedger, rate: float, steps: int) -> float:
+    """σ for this run's planned rounds after ``ledger``'s history (its own σ when nothing is left: it will refuse)."""
+    from fedfm.privacy.probe import calibrate_next_stage
+
+    if config.privacy.noise_multiplier > 0:
+        return config.privacy.noise_multiplier
+    try:
+        return calibrate_next_stage(ledger.history, ledger.target_epsilon, ledger.delta, sample_rate=rate,
+                                    steps=steps * config.federation.num_rounds, accountant=ledger.accountant)
+    except ValueError:
+        return ledger.noise_multiplier
 
 
 def new_ledger(
