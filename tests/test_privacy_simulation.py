@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 from fedfm import keys
@@ -157,6 +158,12 @@ def test_the_linear_probe_recipe_trains_the_head_alone_in_full_batches(
                 accountant.step(noise_multiplier=stored.noise_multiplier, sample_rate=1.0)
             assert line["privacy"]["sample_level_epsilon"][name] == pytest.approx(accountant.get_epsilon(delta=stored.delta))
         assert line["privacy"]["sample_level_epsilon"][name] == pytest.approx(4.0, rel=0.01)
+    # Each hospital keeps its rows' features in its own state folder, for its next process (a deployed hospital).
+    for index, name in enumerate(result.summary["hospitals"]):
+        (stored_features,) = (result.run_dir / "hospitals" / name).glob("probe-features-*.npz")
+        with np.load(stored_features) as saved:
+            assert saved["labels"].tolist() == workspace_for(config).hospital_rows("train", index)["labels"]
+            assert saved["features"].shape[0] == len(saved["labels"])
     # Only the head moved: the LoRA factors are the run's initial ones (up to FedAvg's rounding), the head left zero.
     initial = workspace_for(config).loaded.initial_state
     final = load_file(result.run_dir / "adapter" / "adapter_model.safetensors")

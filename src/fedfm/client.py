@@ -192,6 +192,7 @@ def _train(instruction: Instruction, received: dict[str, np.ndarray] | None, con
             loaded.model, workspace.task, rows, loaded.tokenizer, dp=ledger.round_plan(privacy.max_grad_norm),
             learning_rate=privacy.probe_learning_rate, centring=centring_of(config),
             max_length=config.model.max_length, device=loaded.device, batch_size=config.train.eval_batch_size,
+            folder=session.folder,
         )
     else:
         result = train_local(

@@ -15,8 +15,10 @@ from zero is what was measured, and a zero head reads the same in either space.
 
 from __future__ import annotations
 
+import hashlib
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -66,12 +68,40 @@ def feature_transform(
     return _TRANSFORMS[key]
 
 
+def rows_digest(model: torch.nn.Module, rows: Any) -> str:
+    """A name for ``rows``' features under ``model``: a hash of the model's origin, the token ids and the labels."""
+    digest = hashlib.sha256(str(getattr(getattr(model, "config", None), "name_or_path", "")).encode())
+    labels = rows["labels"] if "labels" in rows.column_names else rows["label"]
+    for ids, label in zip(rows["input_ids"], labels, strict=True):
+        digest.update(np.asarray(ids, np.int64).tobytes())
+        digest.update(np.int64(label).tobytes())
+    return digest.hexdigest()[:24]
+
+
 def _features(model: torch.nn.Module, task: Any, rows: Any, tokenizer: Any, device: torch.device | str,
-              batch_size: int) -> tuple[np.ndarray, np.ndarray]:
-    key = (id(model), str(getattr(rows, "_fingerprint", id(rows))))
-    if key not in _FEATURES:
-        with torch.no_grad():
-            _FEATURES[key] = extract_features(model, task, rows, tokenizer, batch_size=batch_size, device=device)
+              batch_size: int, folder: Path | None) -> tuple[np.ndarray, np.ndarray]:
+    """The rows' features: from this process's memory, else the hospital's state folder, else computed.
+
+    A deployed hospital starts a fresh process for every instruction, so the
+    folder (its own, on its own machine) saves it a pass over its rows each round.
+    """
+    digest = rows_digest(model, rows)
+    key = (id(model), digest)
+    if key in _FEATURES:
+        return _FEATURES[key]
+    path = folder / f"probe-features-{digest}.npz" if folder is not None else None
+    if path is not None and path.is_file():
+        with np.load(path) as stored:
+            _FEATURES[key] = (stored["features"], stored["labels"])
+        return _FEATURES[key]
+    with torch.no_grad():
+        _FEATURES[key] = extract_features(model, task, rows, tokenizer, batch_size=batch_size, device=device)
+    if path is not None:  # written whole or not at all: a process killed mid-write leaves no half file
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_name(path.name + ".partial")
+        with partial.open("wb") as out:
+            np.savez(out, features=_FEATURES[key][0], labels=_FEATURES[key][1])
+        partial.replace(path)
     return _FEATURES[key]
 
 
@@ -99,15 +129,18 @@ def train_round(
     max_length: int,
     device: torch.device | str,
     batch_size: int,
+    folder: Path | None = None,
 ) -> ProbeRound:
     """One round of the probe in a hospital: ``dp.steps`` full-batch DP-GD steps from the model's global head.
 
     The trained head is written into ``model``; its noise comes from the
-    operating system's entropy (:func:`fedfm.privacy.probe.dp_gd`).
+    operating system's entropy (:func:`fedfm.privacy.probe.dp_gd`). ``folder``:
+    the hospital's state folder, where the rows' features are kept between
+    processes (they never leave the hospital).
     """
     started = time.perf_counter()
     spec = feature_transform(model, task, tokenizer, centring=centring, max_length=max_length, device=device)
-    features, labels = _features(model, task, rows, tokenizer, device, batch_size)
+    features, labels = _features(model, task, rows, tokenizer, device, batch_size, folder)
     head, steps = dp_gd(
         transform(features, spec), labels, head=unfold(read_head(model), spec), steps=dp.steps,
         learning_rate=learning_rate, max_grad_norm=dp.max_grad_norm, noise_multiplier=dp.noise_multiplier,
