@@ -171,6 +171,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dp-set", dest="dp_overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="setting applied to the DP-SGD arms only (the DP recipe, e.g. privacy.batch-size=64); "
                              f"default: {' '.join(f'{k}={v}' for k, v in DP_RECIPE.items())}")
+    parser.add_argument("--no-reference", action="store_true",
+                        help="run the DP arms only (no arm without DP to compare against)")
     parser.add_argument("--repeats", type=int, default=1,
                         help="runs of each DP arm (its noise and sampling come from OS entropy, so each run differs); "
                              "the table shows their mean and spread, the JSON every run")
@@ -194,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
         base.update(QUICK)
     base.update(dict(parse_override(text) for text in args.overrides))
     recipe = dict(parse_override(text) for text in args.dp_overrides) if args.dp_overrides else DP_RECIPE
-    plan = [("no DP", {**base, "privacy.mode": "none"})]
+    plan = [] if args.no_reference else [("no DP", {**base, "privacy.mode": "none"})]
     plan += [(f"DP-SGD ε={e:g}", {**base, **recipe, "privacy.mode": "dp-sgd", "privacy.target-epsilon": e})
              for e in epsilons]
     try:
@@ -217,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
         """The report so far (after every arm, so a run cut off keeps what it measured)."""
         import torch
 
-        reference = arms[0]
+        reference = arms[0] if not args.no_reference else None
         report = {
             "benchmark": "privacy",
             "quick": args.quick,
@@ -233,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
                                                    - arm["global"].get("macro-f1", 0.0)),
                     "wall_vs_no_dp": arm["wall_seconds"] / reference["wall_seconds"],
                 }
-                for arm in arms[1:]
+                for arm in (arms[1:] if reference is not None else [])
             },
             "targets": {"macro_f1_drop_points_at_eps8": 5.0},
             "device": device_info(torch.device("cpu")),
