@@ -22,8 +22,12 @@ Usage::
     python benchmarks/strategies.py --parts ranks,robust
     python benchmarks/strategies.py --quick --strategies fedavg,flora   # smoke test
 
-Writes ``<out>/strategies.json`` (``strategies-quick.json`` with ``--quick``)
-and prints a Markdown table per part.
+Writes ``<out>/strategies.json`` (``strategies-quick.json`` with ``--quick``,
+``--name`` for another) after every arm, so a run cut off keeps what it measured,
+and prints a Markdown table per part. ``--merge`` keeps the file's arms and parts
+this run does not measure (an arm measured again replaces the old one).
+With ``--set data.validation-fraction=0.1`` each arm also records the hospitals'
+validation scores, which is what strategy settings are chosen on.
 """
 
 from __future__ import annotations
@@ -147,10 +151,15 @@ def run_arm(label: str, settings: dict[str, Any], *, verbose: bool) -> dict[str,
     worst = min(per_hospital, key=lambda name: per_hospital[name]) if per_hospital else ""
     rounds = max(1, len(result.history))
     left_out = sum(len(line.get("left_out", {})) for line in result.history)
+    # The hospitals' validation scores of the last evaluated round (data.validation-fraction > 0):
+    # what settings are chosen on; the test figures are only reported.
+    validated = [line["validation"] for line in result.history if line.get("validation")]
     arm = {
         "label": label,
         "strategy": config.federation.strategy,
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "global": result.final_global,
+        "validation": validated[-1] if validated else {},
         "per_hospital_macro_f1": per_hospital,
         "worst_hospital": worst,
         "worst_hospital_macro_f1": per_hospital.get(worst, float("nan")),
@@ -162,8 +171,9 @@ def run_arm(label: str, settings: dict[str, Any], *, verbose: bool) -> dict[str,
         "personalized": result.summary.get("personalized", False),
         "wall_seconds": round(wall, 1),
     }
+    validation = f"validation macro-F1 {arm['validation']['macro-f1']:.3f}  " if "macro-f1" in arm["validation"] else ""
     print(
-        f"[{label}] global macro-F1 {arm['global'].get('macro-f1', float('nan')):.3f}  "
+        f"[{label}] {validation}global macro-F1 {arm['global'].get('macro-f1', float('nan')):.3f}  "
         f"loss {arm['global'].get('loss', float('nan')):.4f}  "
         f"worst hospital {arm['worst_hospital_macro_f1']:.3f}  "
         f"up {arm['bytes_up_per_round'] / 1e6:.2f} MB/round  {wall:.0f} s",
@@ -204,6 +214,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="setting applied to every arm, last; repeatable")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    parser.add_argument("--name", default="", help="file name without .json (default strategies / strategies-heart)")
+    parser.add_argument("--tag", default="", help="appended to every arm's label, e.g. the settings a sweep tries")
+    parser.add_argument("--merge", action="store_true",
+                        help="keep the file's arms and parts this run does not measure (same dataset only)")
     parser.add_argument("--verbose", action="store_true")
     args = parser.parse_args(argv)
     parts = [p.strip() for p in args.parts.split(",") if p.strip()]
@@ -229,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.quick:
                 settings.update(QUICK)
             settings.update(overrides)
-            plan.append((part, label, settings))
+            plan.append((part, f"{label} ({args.tag})" if args.tag else label, settings))
     try:
         # Every arm's configuration is checked before the first one spends minutes.
         for _, _, settings in plan:
@@ -238,35 +252,67 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
 
+    import torch
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    name = args.name or ("strategies" if args.dataset == "nicta" else "strategies-heart")
+    path = args.out / f"{name}{'-quick' if args.quick else ''}.json"
+    # Arms this run measures replace the file's arms of the same part and label; the file's other
+    # arms and parts stay (each arm carries its own date), so a part or a few arms can be rerun alone.
+    def previous_parts() -> dict[str, Any] | None:
+        # Read again before every write: another run may be merging its arms into the same file.
+        if not (args.merge and path.exists()):
+            return {}
+        previous = json.loads(path.read_text())
+        if previous.get("dataset") != args.dataset or previous.get("quick") != args.quick:
+            print(f"error: {path} holds dataset {previous.get('dataset')!r} quick={previous.get('quick')}, "
+                  f"not {args.dataset!r} quick={args.quick}; choose another --name", file=sys.stderr)
+            return None
+        return dict(previous.get("parts", {}))
+
+    if previous_parts() is None:
+        return 2
+
+    def plain(settings: dict[str, Any]) -> dict[str, Any]:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in settings.items()}
+
     started = time.perf_counter()
     results: dict[str, list[dict[str, Any]]] = {part: [] for part in parts}
+
+    def write() -> None:
+        # After every arm, so a run cut off keeps what it measured.
+        kept = previous_parts() or {}
+        merged: dict[str, Any] = {}
+        for part in [*kept, *(p for p in results if p not in kept)]:
+            fresh = results.get(part, [])
+            labels = {arm["label"] for arm in fresh}
+            old = [arm for arm in kept.get(part, {}).get("arms", []) if arm["label"] not in labels]
+            order = [label for label, _, _ in PARTS[part]["arms"]] if part in PARTS else []
+            arms = sorted([*old, *fresh], key=lambda a: order.index(a["label"]) if a["label"] in order else len(order))
+            merged[part] = {"settings": plain(PARTS[part]["settings"]) if part in PARTS else {}, "arms": arms}
+        report = {
+            "benchmark": "strategies",
+            "quick": args.quick,
+            "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
+            "dataset": args.dataset,
+            "base_settings": plain(base),
+            "overrides": overrides,
+            "parts": merged,
+            "device": device_info(torch.device("cpu")),
+            "total_wall_seconds": round(time.perf_counter() - started, 1),
+        }
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(report, indent=2) + "\n")
+        tmp.replace(path)
+
     for part, label, settings in plan:
         print(f"== {part}: {label}", flush=True)
         arm = run_arm(label, settings, verbose=args.verbose)
-        arm["settings"] = {k: list(v) if isinstance(v, tuple) else v for k, v in settings.items()}
+        arm["settings"] = plain(settings)
         results[part].append(arm)
+        write()
 
-    import torch
-
-    report = {
-        "benchmark": "strategies",
-        "quick": args.quick,
-        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
-        "dataset": args.dataset,
-        "base_settings": {k: list(v) if isinstance(v, tuple) else v for k, v in base.items()},
-        "parts": {part: {"settings": {k: list(v) if isinstance(v, tuple) else v
-                                      for k, v in PARTS[part]["settings"].items()},
-                         "arms": arms} for part, arms in results.items()},
-        "device": device_info(torch.device("cpu")),
-        "total_wall_seconds": round(time.perf_counter() - started, 1),
-    }
-    args.out.mkdir(parents=True, exist_ok=True)
-    name = "strategies" if args.dataset == "nicta" else "strategies-heart"
-    path = args.out / f"{name}{'-quick' if args.quick else ''}.json"
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(report, indent=2) + "\n")
-    tmp.replace(path)
     print()
     for part, arms in results.items():
         print(markdown(part, arms))

@@ -241,9 +241,9 @@ def test_float_ranges_sit_beside_their_fields() -> None:
               if "within" in f.metadata}
     assert within["train.learning_rate"] == "(0, 10]" and within["lora.dropout"] == "[0, 1)"
     with pytest.raises(ConfigError) as err:
-        RunConfig().replace(**{"privacy.noise-multiplier": -1, "strategy.eta": 0, "data.test-fraction": 1})
+        RunConfig().replace(**{"privacy.noise-multiplier": -1, "strategy.eta": -1, "data.test-fraction": 1})
     assert err.value.problems == [
         "`data.test-fraction` must be in (0, 1), got 1.0",
-        "`strategy.eta` must be > 0, got 0.0",
+        "`strategy.eta` must be >= 0 (0 picks each optimizer's own), got -1.0",
         "`privacy.noise-multiplier` must be >= 0 (0 calibrates it), got -1.0",
     ]

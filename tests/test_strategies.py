@@ -13,6 +13,7 @@ from fedfm import keys, strategies
 from fedfm.config import RunConfig
 from fedfm.errors import ConfigError
 from fedfm.strategies import GuardedStrategy
+from fedfm.strategies.secure import LEGACY
 from fedfm.wire import numpy_to_record, record_to_numpy
 
 M = "base_model.model.enc.layer.0.query"
@@ -140,6 +141,29 @@ def test_server_optimizer_state_is_kept_across_rounds() -> None:
     assert np.all(step1 > 0) and not np.allclose(step1, step2)
     # Flower's Adam step computes in float64; the global goes back out in the dtype it came in.
     assert all(v.dtype == np.float32 for v in record_to_numpy(second).values())
+
+
+@pytest.mark.parametrize(("name", "fields"), [
+    ("fedavgm", {"server_learning_rate": "server_learning_rate", "server_momentum": "server_momentum"}),
+    ("fedadam", {"eta": "eta", "beta_1": "beta_1", "beta_2": "beta_2", "tau": "tau"}),
+    ("fedyogi", {"eta": "eta", "beta_1": "beta_1", "beta_2": "beta_2", "tau": "tau"}),
+    ("fedadagrad", {"eta": "eta", "tau": "tau"}),
+])
+def test_the_documented_defaults_reach_flowers_server_optimizers(name: str, fields: dict[str, str]) -> None:
+    # Flower's own defaults differ (FedAvgM lr 1.0 and momentum 0.0, FedOpt eta 0.1): ours must replace them.
+    config = _config(name)
+    inner = strategies.create(config, num_hospitals=4, **SAMPLING)
+    for attribute, field in fields.items():
+        expected = strategies.server_eta(config, name) if field == "eta" else getattr(config.strategy, field)
+        assert getattr(inner, attribute) == expected, (name, attribute)
+    if "eta" in fields:
+        # strategy.eta = 0 (the default) is each optimizer's own rate; a positive one overrides it.
+        assert config.strategy.eta == 0 and inner.eta == strategies.SERVER_ETA[name]  # type: ignore[attr-defined]
+        assert strategies.create(_config(name, **{"strategy.eta": 0.2}), num_hospitals=4, **SAMPLING).eta == 0.2  # type: ignore[attr-defined]
+    if name in LEGACY:
+        # The SecAgg+ path builds Flower's legacy class: it must get the same values.
+        options = LEGACY[name][1](config)
+        assert all(options[attribute] == getattr(inner, attribute) for attribute in fields), name
 
 
 def test_fedprox_hands_its_mu_to_the_hospitals() -> None:

@@ -34,6 +34,7 @@ from fedfm.strategies.factory import create, initial_arrays
 from fedfm.strategies.fedsa_lora import FedSaLora
 from fedfm.strategies.ffa_lora import FfaLora
 from fedfm.strategies.flora import FLoRA
+from fedfm.strategies.flower import SERVER_ETA, server_eta
 from fedfm.strategies.guard import GuardedStrategy, RoundRecord
 from fedfm.strategies.hetlora import HetLora
 from fedfm.strategies.plan import ClientPlan
@@ -47,6 +48,7 @@ register("hetlora", HetLora, linear=False, plan=HetLora.client_plan, heterogeneo
 register("flora", FLoRA, linear=False, plan=FLoRA.client_plan, heterogeneous_ranks=True)
 
 __all__ = [
+    "SERVER_ETA",
     "AdapterStrategy",
     "ClientPlan",
     "FLoRA",
@@ -66,6 +68,7 @@ __all__ = [
     "is_linear",
     "register",
     "require_linear",
+    "server_eta",
     "update_problems",
     "weighted_mean",
 ]

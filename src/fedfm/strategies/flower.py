@@ -19,6 +19,7 @@ A and B separately is what FedAvg does here; the LoRA-aware strategies
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from flwr.serverapp import strategy as fl
@@ -43,14 +44,43 @@ def _fedprox_plan(config: RunConfig, hospital: int) -> ClientPlan:
     return ClientPlan(proximal_mu=config.strategy.proximal_mu)
 
 
-def _fedopt(config: RunConfig, num_hospitals: int) -> dict[str, Any]:
-    s = config.strategy
-    return {"eta": s.eta, "eta_l": config.train.learning_rate, "beta_1": s.beta_1, "beta_2": s.beta_2, "tau": s.tau}
+#: Each server optimizer's learning rate when ``strategy.eta`` is 0 (the default), chosen on the
+#: hospitals' validation splits of NICTA-PIBOSO (LoRA r=8, local AdamW lr 3e-3, 12 steps a round;
+#: docs/strategies.md). They differ because Flower's three steps scale differently with tau = 1e-2:
+#: FedAdam's bias correction multiplies its step by sqrt(1 - beta_2^(t+1)) (0.14 in round 1), FedYogi
+#: has none, and FedAdagrad divides by the root of the summed squares.
+SERVER_ETA: dict[str, float] = {"fedadam": 5e-2, "fedyogi": 1.5e-2, "fedadagrad": 3e-2}
+
+
+def server_eta(config: RunConfig, name: str) -> float:
+    """The server learning rate ``name`` (``fedadam``, ``fedyogi`` or ``fedadagrad``) runs with.
+
+    Parameters
+    ----------
+    config : RunConfig
+        The run's configuration; a positive ``strategy.eta`` is used as it is.
+    name : str
+        The server optimizer.
+
+    Returns
+    -------
+    float
+        ``strategy.eta``, or the optimizer's own default (:data:`SERVER_ETA`) when it is 0.
+    """
+    return config.strategy.eta or SERVER_ETA[name]
+
+
+def _fedopt(name: str) -> Callable[[RunConfig, int], dict[str, Any]]:
+    def options(config: RunConfig, num_hospitals: int) -> dict[str, Any]:
+        s = config.strategy
+        return {"eta": server_eta(config, name), "eta_l": config.train.learning_rate, "beta_1": s.beta_1,
+                "beta_2": s.beta_2, "tau": s.tau}
+    return options
 
 
 def _fedadagrad(config: RunConfig, num_hospitals: int) -> dict[str, Any]:
-    s = config.strategy
-    return {"eta": s.eta, "eta_l": config.train.learning_rate, "tau": s.tau}
+    # Flower's FedAdagrad fixes beta_1 at 0: no momentum, so strategy.beta-1 does not apply.
+    return {"eta": server_eta(config, "fedadagrad"), "eta_l": config.train.learning_rate, "tau": config.strategy.tau}
 
 
 def _trimmed(config: RunConfig, num_hospitals: int) -> dict[str, Any]:
@@ -72,8 +102,8 @@ def _multikrum(config: RunConfig, num_hospitals: int) -> dict[str, Any]:
 register("fedavg", fl.FedAvg, linear=True)
 register("fedavgm", fl.FedAvgM, linear=True, options=_fedavgm)
 register("fedprox", fl.FedProx, linear=True, options=_fedprox, plan=_fedprox_plan)
-register("fedadam", fl.FedAdam, linear=True, options=_fedopt)
-register("fedyogi", fl.FedYogi, linear=True, options=_fedopt)
+register("fedadam", fl.FedAdam, linear=True, options=_fedopt("fedadam"))
+register("fedyogi", fl.FedYogi, linear=True, options=_fedopt("fedyogi"))
 register("fedadagrad", fl.FedAdagrad, linear=True, options=_fedadagrad)
 register("fedmedian", fl.FedMedian, linear=False)
 register("fedtrimmedavg", fl.FedTrimmedAvg, linear=False, options=_trimmed)

@@ -13,6 +13,7 @@ from typing import Any
 from flwr.server.strategy import FedAdagrad, FedAdam, FedAvg, FedAvgM, FedYogi
 
 from fedfm.config import RunConfig
+from fedfm.strategies.flower import server_eta
 from fedfm.strategies.registry import require_linear
 
 #: Linear strategies the SecAgg+ path runs, with their legacy Flower class and its options.
@@ -23,11 +24,11 @@ LEGACY: dict[str, tuple[type, Callable[[RunConfig], dict[str, Any]]]] = {
     "fedsa-lora": (FedAvg, lambda c: {}),  # the mean of the A factors (each B stays home)
     "fedavgm": (FedAvgM, lambda c: {"server_learning_rate": c.strategy.server_learning_rate,
                                     "server_momentum": c.strategy.server_momentum}),
-    "fedadam": (FedAdam, lambda c: {"eta": c.strategy.eta, "beta_1": c.strategy.beta_1,
+    "fedadam": (FedAdam, lambda c: {"eta": server_eta(c, "fedadam"), "beta_1": c.strategy.beta_1,
                                     "beta_2": c.strategy.beta_2, "tau": c.strategy.tau}),
-    "fedyogi": (FedYogi, lambda c: {"eta": c.strategy.eta, "beta_1": c.strategy.beta_1,
+    "fedyogi": (FedYogi, lambda c: {"eta": server_eta(c, "fedyogi"), "beta_1": c.strategy.beta_1,
                                     "beta_2": c.strategy.beta_2, "tau": c.strategy.tau}),
-    "fedadagrad": (FedAdagrad, lambda c: {"eta": c.strategy.eta, "tau": c.strategy.tau}),
+    "fedadagrad": (FedAdagrad, lambda c: {"eta": server_eta(c, "fedadagrad"), "tau": c.strategy.tau}),
 }
 
 
