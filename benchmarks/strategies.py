@@ -147,7 +147,10 @@ def run_arm(label: str, settings: dict[str, Any], *, verbose: bool) -> dict[str,
     with tempfile.TemporaryDirectory(prefix="fedfm-strategies-") as tmp:
         result = fedfm.run(config, out=Path(tmp) / "run", verbose=verbose)
     wall = time.perf_counter() - started
-    per_hospital = {name: m.get("macro-f1", float("nan")) for name, m in result.final_per_hospital.items()}
+    # A personalized strategy's hospitals report their own model as `personalized-*`; the plain scores are the
+    # shared part alone (FedSA-LoRA: A and the head with B at zero).
+    per_hospital = {name: m.get("personalized-macro-f1", m.get("macro-f1", float("nan")))
+                    for name, m in result.final_per_hospital.items()}
     worst = min(per_hospital, key=lambda name: per_hospital[name]) if per_hospital else ""
     rounds = max(1, len(result.history))
     left_out = sum(len(line.get("left_out", {})) for line in result.history)
