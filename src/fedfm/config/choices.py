@@ -15,7 +15,7 @@ ModelAlias = Literal["minilm", "smollm2-135m"]
 Task = Literal["sequence-classification", "causal-qa", "token-classification", "instruction-tuning"]
 DType = Literal["float32", "bfloat16"]
 Device = Literal["auto", "cpu", "cuda"]
-Pooling = Literal["auto", "cls", "mean"]
+Pooling = Literal["auto", "cls", "mean", "layer-mean"]
 
 BuiltinDataset = Literal[
     "heart_disease_uci", "nicta_piboso", "pubmedqa", "medmcqa", "medqa", "ncbi_disease", "medical_meadow_wikidoc_patient"

@@ -97,8 +97,10 @@ class ModelSpec:
     device: Device = _help("`auto` (cuda when present), `cpu` or `cuda`.", "auto")
     pooling: Pooling = _help(
         "Sequence classification: how token states become one vector. `mean` (mask-aware mean of the last "
-        "layer, as sentence-transformers models are trained), `cls` (the architecture's own first-token "
-        "pooler) or `auto` (`mean` when the model folder's 1_Pooling/config.json says so, else `cls`).",
+        "layer, as sentence-transformers models are trained), `layer-mean` (that mean averaged over the "
+        "embeddings and every layer: a better linear probe on NICTA, worse on heart), `cls` (the "
+        "architecture's own first-token pooler) or `auto` (`mean` when the model folder's "
+        "1_Pooling/config.json says so, else `cls`).",
         "auto",
     )
 

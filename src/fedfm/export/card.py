@@ -143,26 +143,38 @@ def _base_line(base_model: str) -> tuple[list[str], str]:
 _POOLING_SNIPPET = '''
 
 class MeanPooler(torch.nn.Module):
-    """Mask-aware mean of the last layer's token states: the pooling this adapter was trained with."""
+    """Mask-aware mean of the token states: the pooling this adapter was trained with."""
 
     mask = None
+    states = ()
 
-    def forward(self, hidden_states):
+    def _mean(self, hidden_states):
         if self.mask is None:
             return hidden_states.mean(dim=1)
         keep = self.mask[:, : hidden_states.shape[1]].unsqueeze(-1).to(hidden_states.dtype)
         return (hidden_states * keep).sum(dim=1) / keep.sum(dim=1).clamp(min=1.0)
 
+    def forward(self, hidden_states):
+        states, self.states = self.states or [hidden_states], []
+        return torch.stack([self._mean(state) for state in states]).mean(dim=0)
 
-def use_mean_pooling(model):
-    """fedfm.json says {"pooling": "mean"}: replace the encoder's first-token pooler (no weights change)."""
+
+def use_mean_pooling(model, layers={layers}):
+    """fedfm.json says {{"pooling": "{pooling}"}}: replace the encoder's first-token pooler (no weights change).
+
+    layers=True averages the mean over the embedding output and every layer's output ("layer-mean").
+    """
     encoder = model.base_model
-    encoder.pooler = MeanPooler()
+    encoder.pooler = pooler = MeanPooler()
 
     def hand_over_mask(module, args, kwargs):
-        module.pooler.mask = kwargs.get("attention_mask")
+        pooler.mask, pooler.states = kwargs.get("attention_mask"), []
 
     encoder.register_forward_pre_hook(hand_over_mask, with_kwargs=True)
+    if layers:
+        for layer in (encoder.embeddings, *encoder.encoder.layer):
+            layer.register_forward_hook(lambda module, args, output: pooler.states.append(
+                output[0] if isinstance(output, tuple) else output))
 '''
 
 
@@ -201,16 +213,18 @@ def loading_snippet(settings: ExportSettings, *, folder: str, merged: bool) -> s
     lines = _snippet_head("AutoModelForSequenceClassification", folder=folder, merged=merged, imports=imports,
                           base_expr=base_expr)
     lines.append(f"labels = {settings.label_names!r}")
-    if settings.pooling == "mean" and not merged:
-        lines.append(_POOLING_SNIPPET.rstrip("\n"))
+    mean_pooled = settings.pooling in ("mean", "layer-mean")
+    if mean_pooled and not merged:
+        lines.append(_POOLING_SNIPPET.format(layers=settings.pooling == "layer-mean", pooling=settings.pooling)
+                     .rstrip("\n"))
         lines.append("")
     lines += ["", "tokenizer = AutoTokenizer.from_pretrained(folder)"]
     if merged:
-        remote = ", trust_remote_code=True" if settings.pooling == "mean" else ""
+        remote = ", trust_remote_code=True" if mean_pooled else ""
         lines.append(f"model = AutoModelForSequenceClassification.from_pretrained(folder{remote}).eval()")
     else:
         lines.append(f"base = AutoModelForSequenceClassification.from_pretrained(base_path, num_labels={len(settings.label_names)})")
-        if settings.pooling == "mean":
+        if mean_pooled:
             lines.append("use_mean_pooling(base)")
         lines.append("model = PeftModel.from_pretrained(base, folder).eval()")
     if settings.context != "none":
@@ -451,12 +465,13 @@ def model_card(
         body.append("The merged model needs transformers only" + (
             "; it pools by the mean of its token states, which `modeling_fedfm.py` in this folder rebuilds, so "
             "pass `trust_remote_code=True` (without it transformers would build a first-token pooler with "
-            "random weights)." if settings.pooling == "mean" else "."))
+            "random weights)." if settings.pooling in ("mean", "layer-mean") else "."))
     else:
         body.append("With transformers and peft only" + (
-            "; `fedfm.json` says `{\"pooling\": \"mean\"}`, so the base model's first-token pooler is replaced "
-            "by a mean over tokens before the adapter is loaded (fedfm users can call "
-            "`fedfm.tasks.pooling.apply_pooling(base, \"mean\")` instead)." if settings.pooling == "mean" else "."))
+            f"; `fedfm.json` says `{{\"pooling\": \"{settings.pooling}\"}}`, so the base model's first-token pooler "
+            "is replaced by a mean over tokens before the adapter is loaded (fedfm users can call "
+            f"`fedfm.tasks.pooling.apply_pooling(base, \"{settings.pooling}\")` instead)."
+            if settings.pooling in ("mean", "layer-mean") else "."))
     if settings.task in PREDICTABLE_TASKS:
         rows_in, rows_out, labelled = scores.files
         body += ["", "```python", loading_snippet(settings, folder=folder, merged=merged).rstrip("\n"), "```", "",

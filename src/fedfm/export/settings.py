@@ -27,7 +27,7 @@ TEXT = TEXT_INPUT.name
 #: Tasks whose exported folders the card's snippet, ``fedfm predict`` and ``fedfm evaluate`` cover.
 PREDICTABLE_TASKS = ("sequence-classification", "causal-qa", "instruction-tuning")
 #: ``pooling`` values a ``fedfm.json`` may hold (``""``: no pooling recorded, the model's own).
-EXPORT_POOLINGS = ("", "cls", "mean")
+EXPORT_POOLINGS = ("", "cls", "mean", "layer-mean")
 
 
 class ExportError(FedfmError, ValueError):
@@ -58,7 +58,7 @@ class ExportSettings:
     max_length : int
         Tokens kept per example, as in training.
     pooling : str
-        ``mean`` or ``cls`` for classifiers (see :mod:`fedfm.tasks.pooling`), ``""`` otherwise.
+        ``mean``, ``layer-mean`` or ``cls`` for classifiers (see :mod:`fedfm.tasks.pooling`), ``""`` otherwise.
     fixed_options : list of str
         Causal QA with the same options on every row (PubMedQA: yes/no/maybe):
         input files then need no ``options`` column.
