@@ -58,6 +58,10 @@ VALIDATION_FRACTION = 0.2
 NICTA: dict[str, Any] = {**NICTA_SETTINGS, "data.max-test": 500}
 
 
+#: ``--pooling`` and ``--max-test`` (NICTA), set once in ``main``: which features, scored on how many test rows.
+OPTIONS: dict[str, Any] = {"pooling": "", "max_test": None}
+
+
 def config_for(dataset: str) -> Any:
     from fedfm.config import RunConfig, load_config
 
@@ -65,8 +69,19 @@ def config_for(dataset: str) -> Any:
         config = load_config(HEART_TOML)
     else:
         config = RunConfig().replace(**NICTA)
+        if OPTIONS["max_test"] is not None:
+            config = config.replace(**{"data.max-test": OPTIONS["max_test"]})
+    if OPTIONS["pooling"]:
+        config = config.replace(**{"model.pooling": OPTIONS["pooling"]})
     # Features are read in float32 whatever the training dtype.
     return config.replace(**{"data.validation-fraction": VALIDATION_FRACTION, "model.dtype": "float32"})
+
+
+def cache_name(dataset: str) -> str:
+    """The feature file of ``dataset`` under the chosen pooling and test size."""
+    suffix = (f"-{OPTIONS['pooling']}" if OPTIONS["pooling"] else "") + (
+        f"-test{OPTIONS['max_test']}" if OPTIONS["max_test"] is not None and dataset != "heart" else "")
+    return f"{dataset}{suffix}.npz"
 
 
 # --------------------------------------------------------------------------- features
@@ -74,7 +89,7 @@ def config_for(dataset: str) -> Any:
 
 def features(dataset: str, cache: Path) -> dict[str, Any]:
     """Every split's features and labels, and the public centres (computed once, then read from ``cache``)."""
-    path = cache / f"{dataset}.npz"
+    path = cache / cache_name(dataset)
     if path.is_file():
         data = dict(np.load(path, allow_pickle=False))
         return _unpack(data)
@@ -278,7 +293,8 @@ def grid(dataset: str, stage: str, best: dict[str, Any]) -> list[dict[str, Any]]
                 for c, lr in itertools.product([0.1, 0.3, 1.0, 3.0], [0.5, 2.0, 8.0, 32.0, 128.0])]
     if stage == "schedule":
         return [{**best, "rounds": r, "steps": s} for r, s in [(1, 200), (4, 50), (10, 20), (10, 50), (20, 10),
-                                                                 (20, 25), (40, 10), (20, 50), (50, 10), (10, 100)]]
+                                                                 (20, 25), (40, 10), (20, 50), (50, 10), (10, 100),
+                                                                 (40, 25)]]
     raise ValueError(stage)
 
 
@@ -467,10 +483,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--cache", type=Path, default=Path(os.environ.get("FEDFM_PROBE_CACHE", "/tmp/fedfm-dp-probe")))
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT / "dp-probe.json")
+    parser.add_argument("--pooling", default="", choices=("", "mean", "layer-mean", "cls"),
+                        help="model.pooling of the features (default: the model's own, mean for MiniLM)")
+    parser.add_argument("--max-test", type=int, default=None,
+                        help="NICTA test rows (default 500; 0: all 1,991 official test sentences)")
     parser.add_argument("--ceiling-only", action="store_true",
                         help="only add the pooled, converged no-DP probe to an existing --out (at its chosen setting)")
     args = parser.parse_args(argv)
     _environment()
+    OPTIONS.update(pooling=args.pooling, max_test=args.max_test)
     if args.ceiling_only:
         report = json.loads(args.out.read_text())
         for dataset, part in report["datasets"].items():
@@ -481,6 +502,7 @@ def main(argv: list[str] | None = None) -> int:
         print(table(report))
         return 0
     report: dict[str, Any] = {"delta": DELTA, "validation_fraction": VALIDATION_FRACTION, "seeds": args.seeds,
+                              "pooling": args.pooling or "model default", "max_test": args.max_test,
                               "aggregation": "FedAvg weighted by hospital row counts", "datasets": {}}
     if args.out.is_file():
         report = json.loads(args.out.read_text()) | {"seeds": args.seeds}
