@@ -15,6 +15,7 @@ from fedfm.adapters import export_adapter, set_adapter_state, set_base_delta
 from fedfm.client import app
 from fedfm.config import RunConfig, to_json
 from fedfm.server import load_global
+from fedfm.strategies.plan import ClientPlan, decode_plan, encode_plans
 from fedfm.train import train_local
 from fedfm.wire import numpy_to_record, record_to_numpy
 from fedfm.workspace import workspace_for
@@ -170,3 +171,22 @@ def test_a_hospital_listed_as_hostile_sends_its_update_sign_flipped(tiny_csv_set
         np.testing.assert_allclose(hostile[name] - initial[name], -2.0 * (honest[name] - initial[name]), rtol=1e-3, atol=1e-6)
     assert any(not np.allclose(bystander[k], initial[k]) for k in bystander)
     np.testing.assert_allclose(bystander[next(iter(bystander))], _train(honest_config, initial, _context(0))[next(iter(bystander))])
+
+
+def test_ffa_lora_learning_rate_scale_reaches_the_hospital_and_scales_its_step(tiny_csv_settings: dict[str, Any]) -> None:
+    # Prepare: one plain SGD step, so a step is exactly -lr x gradient
+    sgd = {"train.optimizer": "sgd", "train.momentum": 0.0, "train.local-steps": 1, "train.max-grad-norm": 0.0}
+    steps = {}
+    for scale in (1.0, 2.5):
+        config = _config(tiny_csv_settings, "ffa-lora", **sgd, **{"strategy.ffa-learning-rate-scale": scale})
+        initial = _initial(config)
+        global_arrays = strategies.initial_arrays(strategies.create(config, num_hospitals=2), config, initial)
+        # Execute
+        sent = _train(config, global_arrays, _context(0))
+        steps[scale] = {k: sent[k] - global_arrays[k] for k in sent}
+    # Assert: the plan the server encodes carries the scale, and every trained tensor moved 2.5x as far
+    plan = ClientPlan(fixed=("lora_A",), learning_rate_scale=2.5)
+    assert decode_plan(encode_plans([plan]), 0) == plan
+    assert any(np.abs(v).max() > 0 for v in steps[1.0].values())
+    for name, step in steps[1.0].items():
+        np.testing.assert_allclose(steps[2.5][name], 2.5 * step, rtol=1e-4, atol=1e-7)

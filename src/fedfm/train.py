@@ -41,6 +41,11 @@ class LocalPlan(Protocol):
         """FedProx's ``mu``: adds ``mu/2 * ||w - w_start||^2`` over the trained parameters; 0 for none."""
         ...
 
+    @property
+    def learning_rate_scale(self) -> float:
+        """Train at the round's learning rate times this (FFA-LoRA: B alone moves, so it takes larger steps)."""
+        ...
+
 
 @dataclass(frozen=True)
 class TrainResult:
@@ -256,8 +261,9 @@ def train_local(
         ``fixed`` name fragments are left untouched in this call (FFA-LoRA
         freezes ``lora_A``; trainable again afterwards), only the first
         ``rank`` LoRA components train (the rest keep their values: zero, for
-        heterogeneous-rank strategies), and ``proximal_mu`` adds FedProx's
-        ``mu/2 * ||w - w_start||^2``. None trains every trainable parameter.
+        heterogeneous-rank strategies), ``proximal_mu`` adds FedProx's
+        ``mu/2 * ||w - w_start||^2``, and ``learning_rate_scale`` multiplies
+        the learning rate. None trains every trainable parameter.
     dp : DpSgd, optional
         Train with DP-SGD instead (Opacus): ``dp.steps`` Poisson-sampled steps,
         each example's gradient clipped to ``dp.max_grad_norm``, Gaussian noise
@@ -284,6 +290,7 @@ def train_local(
     frozen = plan.fixed if plan is not None else ()
     rank = plan.rank if plan is not None else None
     proximal_mu = plan.proximal_mu if plan is not None else 0.0
+    learning_rate = spec.learning_rate * (plan.learning_rate_scale if plan is not None else 1.0)
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
@@ -329,7 +336,7 @@ def train_local(
             for chunks in groups:
                 interrupt.check()  # Ctrl-C: the round is abandoned between steps (fedfm.interrupt)
                 for group in optimizer.param_groups:
-                    group["lr"] = spec.learning_rate * lr_factor(
+                    group["lr"] = learning_rate * lr_factor(
                         steps, total, schedule=spec.lr_schedule, warmup_ratio=spec.warmup_ratio
                     )
                 optimizer.zero_grad(set_to_none=True)
@@ -364,5 +371,5 @@ def train_local(
         steps=steps,
         examples=examples,
         seconds=time.perf_counter() - start,
-        learning_rate=spec.learning_rate,
+        learning_rate=learning_rate,
     )

@@ -320,6 +320,12 @@ class StrategySpec:
         0.5, within="> 0",
     )
     server_momentum: float = _help("FedAvgM: server momentum (see server-learning-rate).", 0.5, within="[0, 1)")
+    ffa_learning_rate_scale: float = _help(
+        "FFA-LoRA: hospitals train at train.learning-rate times this. With A frozen only B moves, so the product "
+        "BA changes about half as fast as plain LoRA's at the same rate; Sun et al. (ICLR 2024) likewise give "
+        "FFA-LoRA a larger step (a larger LoRA alpha).",
+        1.0, within="> 0",
+    )
     eta: float = _help(
         "FedAdam, FedYogi, FedAdagrad: server learning rate; 0 picks each one's own (FedAdam 5e-2, FedYogi 1.5e-2, "
         "FedAdagrad 3e-2: their steps scale differently, see docs/strategies.md). They were chosen for LoRA "

@@ -35,7 +35,7 @@ class FfaLora(AdapterStrategy):
 
     @classmethod
     def client_plan(cls, config: RunConfig, hospital: int) -> ClientPlan:
-        return ClientPlan(fixed=("lora_A",))
+        return ClientPlan(fixed=("lora_A",), learning_rate_scale=config.strategy.ffa_learning_rate_scale)
 
     def aggregate_arrays(self, server_round: int, updates: list[Update]) -> dict[str, np.ndarray]:
         return aggregate([u.arrays for u in updates], [u.weight for u in updates])

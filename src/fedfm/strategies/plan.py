@@ -113,6 +113,9 @@ class ClientPlan:
         weights; the hospital then trains a fresh adapter (FLoRA).
     proximal_mu : float
         Weight of the FedProx term ``mu/2 ||w - w_global||^2``; 0 for none.
+    learning_rate_scale : float
+        The hospital trains at ``train.learning-rate`` times this (FFA-LoRA:
+        ``strategy.ffa-learning-rate-scale``).
     """
 
     fixed: tuple[str, ...] = ()
@@ -120,6 +123,7 @@ class ClientPlan:
     rank: int | None = None
     fold: bool = False
     proximal_mu: float = 0.0
+    learning_rate_scale: float = 1.0
 
     def is_fixed(self, name: str) -> bool:
         return any(fragment in name for fragment in self.fixed)
@@ -216,4 +220,5 @@ def decode_plan(text: str, hospital: int) -> ClientPlan:
         rank=fields["rank"],
         fold=bool(fields["fold"]),
         proximal_mu=float(fields["proximal_mu"]),
+        learning_rate_scale=float(fields.get("learning_rate_scale", 1.0)),
     )
