@@ -148,7 +148,7 @@ def test_row_normalization_does_not_fold() -> None:
     np.testing.assert_allclose(np.linalg.norm(probe.transform(np.ones((2, 3)), spec), axis=1), 1.0)
 
 
-@pytest.mark.parametrize("pooling", ["cls", "mean"])
+@pytest.mark.parametrize("pooling", ["cls", "mean", "layer-mean"])
 def test_folded_head_in_the_model_gives_the_probes_logits(tiny_bert: Path, pooling: str) -> None:
     from datasets import Dataset
 
