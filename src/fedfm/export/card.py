@@ -469,7 +469,8 @@ def model_card(
     else:
         body.append("With transformers and peft only" + (
             f"; `fedfm.json` says `{{\"pooling\": \"{settings.pooling}\"}}`, so the base model's first-token pooler "
-            "is replaced by a mean over tokens before the adapter is loaded (fedfm users can call "
+            f"is replaced by a mean over tokens{' and layers' if settings.pooling == 'layer-mean' else ''} before "
+            "the adapter is loaded (fedfm users can call "
             f"`fedfm.tasks.pooling.apply_pooling(base, \"{settings.pooling}\")` instead)."
             if settings.pooling in ("mean", "layer-mean") else "."))
     if settings.task in PREDICTABLE_TASKS:
