@@ -13,7 +13,7 @@ from typing import Any
 from fedfm.config import RunConfig
 from fedfm.data.base import INSTRUCTION
 from fedfm.data.formats import input_format
-from fedfm.export.settings import PREDICTABLE_TASKS, ExportSettings
+from fedfm.export.settings import MEAN_POOLINGS, PREDICTABLE_TASKS, ExportSettings
 from fedfm.rundir import RoundEntry, RunSummary
 
 #: The model card's file name in an exported folder (what the Hugging Face Hub shows).
@@ -213,7 +213,7 @@ def loading_snippet(settings: ExportSettings, *, folder: str, merged: bool) -> s
     lines = _snippet_head("AutoModelForSequenceClassification", folder=folder, merged=merged, imports=imports,
                           base_expr=base_expr)
     lines.append(f"labels = {settings.label_names!r}")
-    mean_pooled = settings.pooling in ("mean", "layer-mean")
+    mean_pooled = settings.pooling in MEAN_POOLINGS
     if mean_pooled and not merged:
         lines.append(_POOLING_SNIPPET.format(layers=settings.pooling == "layer-mean", pooling=settings.pooling)
                      .rstrip("\n"))
@@ -465,14 +465,14 @@ def model_card(
         body.append("The merged model needs transformers only" + (
             "; it pools by the mean of its token states, which `modeling_fedfm.py` in this folder rebuilds, so "
             "pass `trust_remote_code=True` (without it transformers would build a first-token pooler with "
-            "random weights)." if settings.pooling in ("mean", "layer-mean") else "."))
+            "random weights)." if settings.pooling in MEAN_POOLINGS else "."))
     else:
         body.append("With transformers and peft only" + (
             f"; `fedfm.json` says `{{\"pooling\": \"{settings.pooling}\"}}`, so the base model's first-token pooler "
             f"is replaced by a mean over tokens{' and layers' if settings.pooling == 'layer-mean' else ''} before "
             "the adapter is loaded (fedfm users can call "
             f"`fedfm.tasks.pooling.apply_pooling(base, \"{settings.pooling}\")` instead)."
-            if settings.pooling in ("mean", "layer-mean") else "."))
+            if settings.pooling in MEAN_POOLINGS else "."))
     if settings.task in PREDICTABLE_TASKS:
         rows_in, rows_out, labelled = scores.files
         body += ["", "```python", loading_snippet(settings, folder=folder, merged=merged).rstrip("\n"), "```", "",

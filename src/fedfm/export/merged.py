@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from fedfm.export.settings import ExportSettings
+from fedfm.export.settings import MEAN_POOLINGS, ExportSettings
 from fedfm.rundir import atomic_write_text
 
 #: The module a mean-pooled merged classifier carries for ``trust_remote_code=True``.
@@ -89,7 +89,7 @@ def describe_merged_config(folder: Path, settings: ExportSettings) -> None:
     if settings.task == "sequence-classification":
         config["id2label"] = {str(i): name for i, name in enumerate(settings.label_names)}
         config["label2id"] = {name: i for i, name in enumerate(settings.label_names)}
-    if settings.pooling in ("mean", "layer-mean"):
+    if settings.pooling in MEAN_POOLINGS:
         base = (config.get("architectures") or ["BertForSequenceClassification"])[0]
         atomic_write_text(folder / MODELING_FILE,
                           _MODELING_TEMPLATE.format(base=base, layers=settings.pooling == "layer-mean"))

@@ -28,6 +28,8 @@ TEXT = TEXT_INPUT.name
 PREDICTABLE_TASKS = ("sequence-classification", "causal-qa", "instruction-tuning")
 #: ``pooling`` values a ``fedfm.json`` may hold (``""``: no pooling recorded, the model's own).
 EXPORT_POOLINGS = ("", "cls", "mean", "layer-mean")
+#: Poolings that replace the encoder's first-token pooler (loading code must rebuild them).
+MEAN_POOLINGS = ("mean", "layer-mean")
 
 
 class ExportError(FedfmError, ValueError):
