@@ -59,7 +59,7 @@ NICTA: dict[str, Any] = {**NICTA_SETTINGS, "data.max-test": 500}
 
 
 #: ``--pooling`` and ``--max-test`` (NICTA), set once in ``main``: which features, scored on how many test rows.
-OPTIONS: dict[str, Any] = {"pooling": "", "max_test": None}
+OPTIONS: dict[str, Any] = {"pooling": "", "max_test": None, "model": ""}
 
 
 def config_for(dataset: str) -> Any:
@@ -73,13 +73,16 @@ def config_for(dataset: str) -> Any:
             config = config.replace(**{"data.max-test": OPTIONS["max_test"]})
     if OPTIONS["pooling"]:
         config = config.replace(**{"model.pooling": OPTIONS["pooling"]})
+    if OPTIONS["model"]:
+        config = config.replace(**{"model.name": OPTIONS["model"]})
     # Features are read in float32 whatever the training dtype.
     return config.replace(**{"data.validation-fraction": VALIDATION_FRACTION, "model.dtype": "float32"})
 
 
 def cache_name(dataset: str) -> str:
-    """The feature file of ``dataset`` under the chosen pooling and test size."""
-    suffix = (f"-{OPTIONS['pooling']}" if OPTIONS["pooling"] else "") + (
+    """The feature file of ``dataset`` under the chosen model, pooling and test size."""
+    suffix = (f"-{Path(OPTIONS['model']).name}" if OPTIONS["model"] else "") + (
+        f"-{OPTIONS['pooling']}" if OPTIONS["pooling"] else "") + (
         f"-test{OPTIONS['max_test']}" if OPTIONS["max_test"] is not None and dataset != "heart" else "")
     return f"{dataset}{suffix}.npz"
 
@@ -487,11 +490,13 @@ def main(argv: list[str] | None = None) -> int:
                         help="model.pooling of the features (default: the model's own, mean for MiniLM)")
     parser.add_argument("--max-test", type=int, default=None,
                         help="NICTA test rows (default 500; 0: all 1,991 official test sentences)")
+    parser.add_argument("--model", default="",
+                        help="model.name of the features (default minilm), e.g. an encoder from public_encoder.py")
     parser.add_argument("--ceiling-only", action="store_true",
                         help="only add the pooled, converged no-DP probe to an existing --out (at its chosen setting)")
     args = parser.parse_args(argv)
     _environment()
-    OPTIONS.update(pooling=args.pooling, max_test=args.max_test)
+    OPTIONS.update(pooling=args.pooling, max_test=args.max_test, model=args.model)
     if args.ceiling_only:
         report = json.loads(args.out.read_text())
         for dataset, part in report["datasets"].items():
@@ -503,6 +508,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     report: dict[str, Any] = {"delta": DELTA, "validation_fraction": VALIDATION_FRACTION, "seeds": args.seeds,
                               "pooling": args.pooling or "model default", "max_test": args.max_test,
+                              "model": args.model or "minilm",
                               "aggregation": "FedAvg weighted by hospital row counts", "datasets": {}}
     if args.out.is_file():
         report = json.loads(args.out.read_text()) | {"seeds": args.seeds}

@@ -109,6 +109,35 @@ def test_privacy_quick_compares_dp_with_no_dp(tmp_path: Path) -> None:
     assert "| DP-SGD ε=8 |" in done.stdout
 
 
+def test_public_encoder_tunes_on_public_sections_and_saves_a_model_folder(tiny_bert: Path, tmp_path: Path) -> None:
+    # Execute: the tiny BERT on 300 public sentences
+    folder = tmp_path / "encoder"
+    done = run_benchmark("public_encoder.py", tmp_path, "--quick", "--model", str(tiny_bert), "--model-out", str(folder),
+                         timeout=600)
+
+    # Assert: no NICTA abstract or sentence among the rows; a folder fedfm and transformers load
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    report = json.loads((tmp_path / "public-encoder-quick.json").read_text())
+    assert report["dropped"]["abstracts_shared_with_nicta"] == []
+    assert report["dropped"]["sentences_in_nicta"] > 0  # boilerplate lines NICTA shares are left out
+    assert sum(report["rows_per_role"].values()) == 300 and report["steps"] > 0
+    assert 0.0 <= report["public_validation_accuracy"] <= 1.0
+    import torch
+    from transformers import AutoModel
+
+    from fedfm.adapters import resolve_model_path
+
+    assert resolve_model_path(str(folder)) == folder
+    tuned, start = AutoModel.from_pretrained(folder), AutoModel.from_pretrained(tiny_bert)
+    name = "encoder.layer.0.attention.self.query.weight"
+    assert not torch.equal(tuned.state_dict()[name], start.state_dict()[name])  # the encoder itself was trained
+
+    # Execute + Assert: the folder is not overwritten by a second run
+    again = run_benchmark("public_encoder.py", tmp_path, "--quick", "--model", str(tiny_bert), "--model-out",
+                          str(folder), timeout=600)
+    assert again.returncode == 2 and "is not empty" in again.stderr
+
+
 def test_scale_quick_measures_overhead_memory_and_bytes(tmp_path: Path) -> None:
     # Execute: every part, small
     done = run_benchmark("scale.py", tmp_path, "--quick", "--hospitals", "2,3", "--methods", "none,int8",
