@@ -115,7 +115,7 @@ def test_public_encoder_tunes_on_public_sections_and_saves_a_model_folder(tiny_b
     done = run_benchmark("public_encoder.py", tmp_path, "--quick", "--model", str(tiny_bert), "--model-out", str(folder),
                          timeout=600)
 
-    # Assert: no NICTA abstract or sentence among the rows; a folder fedfm and transformers load
+    # Assert: what was left out is recorded; a folder fedfm and transformers load
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     report = json.loads((tmp_path / "public-encoder-quick.json").read_text())
     assert report["dropped"]["abstracts_shared_with_nicta"] == []
@@ -136,6 +136,32 @@ def test_public_encoder_tunes_on_public_sections_and_saves_a_model_folder(tiny_b
     again = run_benchmark("public_encoder.py", tmp_path, "--quick", "--model", str(tiny_bert), "--model-out",
                           str(folder), timeout=600)
     assert again.returncode == 2 and "is not empty" in again.stderr
+
+
+def test_public_rows_hold_no_nicta_sentence_and_map_headings_to_roles() -> None:
+    # Setup
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import public_encoder
+
+    from fedfm.data.paths import resolve_data_dir
+
+    data = resolve_data_dir()
+    assert data is not None
+
+    # Execute
+    rows, dropped = public_encoder.section_rows(data / "pubmedqa" / "ori_pqal.json", data / "nicta_piboso")
+
+    # Assert: every public sentence is absent from every NICTA split; headings land on their roles
+    nicta, _ = public_encoder.excluded_sentences(data / "nicta_piboso")
+    assert rows and not any(public_encoder._key(row["text"]) in nicta for row in rows)
+    assert {row["label"] for row in rows} == set(public_encoder.ROLES)
+    roles = {heading: public_encoder.role_of(heading) for heading in (
+        "BACKGROUND", "MATERIALS AND METHODS", "PATIENTS AND METHODS", "PATIENTS", "MAIN OUTCOME MEASURES",
+        "STUDY DESIGN", "INTERVENTIONS", "CONCLUSIONS", "LIMITATIONS")}
+    assert roles == {"BACKGROUND": "background", "MATERIALS AND METHODS": "methods", "PATIENTS AND METHODS": "methods",
+                     "PATIENTS": "population", "MAIN OUTCOME MEASURES": "other", "STUDY DESIGN": "study design",
+                     "INTERVENTIONS": "intervention", "CONCLUSIONS": "outcome", "LIMITATIONS": None}
+    assert dropped["unmapped_sections"]["LIMITATIONS"] > 0
 
 
 def test_scale_quick_measures_overhead_memory_and_bytes(tmp_path: Path) -> None:
