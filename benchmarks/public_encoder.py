@@ -49,7 +49,7 @@ ROLES = ("background", "intervention", "methods", "other", "outcome", "populatio
 #: The sentence splitter: end punctuation, spaces, then a capital letter.
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z])")
 
-
+#: Whole headings that are background too (their longer forms, e.g. "RATIONALE AND OBJECTIVES", stay unmapped).
 _ALSO_BACKGROUND = {"STUDY OBJECTIVE", "CONTEXT", "RATIONALE", "HYPOTHESIS"}
 
 
