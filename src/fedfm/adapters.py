@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import threading
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -147,7 +148,11 @@ def load_model(
     key = (spec.name, type(task).__name__, spec.pooling, num_labels, lora, spec.device, seed, side)
     with _CACHE_LOCK:
         if key not in _CACHE:
+            started = time.perf_counter()
             _CACHE[key] = _build(spec, lora, task, num_labels=num_labels, seed=seed)
+            # One line per load: a warm hospital process (`fedfm hospital`) shows it once per run.
+            logger.info("fedfm: loaded base model %s for the %s side in %.1f s (process %d)",
+                        spec.name, side, time.perf_counter() - started, os.getpid())
         return _CACHE[key]
 
 
