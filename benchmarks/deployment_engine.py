@@ -12,9 +12,12 @@ minus TLS and node authentication, which only matter between machines:
 - ``flwr run <repo> local --stream --run-config ...`` with the run's flat configuration.
 
 It needs no Ray, so it also runs where Ray is not installed (the GPU machines
-some sessions are lent, see docs/dev-notes.md). Flower starts a fresh
-``flwr-clientapp`` process for every instruction, so each round pays the model
-load in every hospital; the figures include it.
+some sessions are lent, see docs/dev-notes.md). By default (``warm=False``)
+Flower starts a fresh ``flwr-clientapp`` process for every instruction, so each
+round pays the model load in every hospital; the figures include it. With
+``warm=True`` each SuperNode runs with ``--isolation process`` beside one
+``fedfm hospital`` process that runs all its instructions and keeps the model
+and rows loaded (docs/how-to/deploy.md, "Warm hospitals").
 """
 
 from __future__ import annotations
@@ -56,6 +59,9 @@ class LocalFederation:
     folder: Path
     hospitals: int
     keep_logs: Path | None = None
+    warm: bool = False
+    #: Torch threads of each warm hospital process (0: torch's default).
+    threads: int = 0
     env: dict[str, str] = field(default_factory=dict)
     port: int = 0
     processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
@@ -103,10 +109,17 @@ class LocalFederation:
         ])
         self._wait(lambda: "Uvicorn running on" in self.log("superlink"), "the SuperLink serving", 120)
         for index in range(self.hospitals):
+            runtime_port = _free_port()
             self._start(f"supernode-{index}", [
                 _executable("flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{self.port}",
-                "--node-config", f"partition-id={index}", "--port", str(_free_port()),
+                "--node-config", f"partition-id={index}", "--port", str(runtime_port),
+                *(["--isolation", "process"] if self.warm else []),
             ])
+            if self.warm:
+                self._start(f"hospital-{index}", [
+                    _executable("fedfm"), "hospital", "--insecure", "--runtime-api-address",
+                    f"127.0.0.1:{runtime_port}", *(["--threads", str(self.threads)] if self.threads else []),
+                ])
         self._wait(lambda: self.log("superlink").count("Activated") >= self.hospitals,
                    f"all {self.hospitals} SuperNodes connecting", 180)
 

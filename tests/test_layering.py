@@ -19,7 +19,7 @@ LAYERS: dict[str, int] = {
     "strategies": 3, "rundir": 3, "legacy": 3, "report": 3, "progress": 3, "instruction": 3,
     "workspace": 4, "hospital_state": 4, "export": 4, "predict": 4, "preflight": 4, "benchmark": 4,
     "client": 5, "server": 5, "secagg": 5,
-    "engine": 6, "runner": 6, "cli": 7,
+    "engine": 6, "runner": 6, "hospital_process": 6, "cli": 7,
 }
 
 

@@ -103,6 +103,22 @@ def _parser() -> argparse.ArgumentParser:
     run_report.add_argument("run_dir", help="a run directory written by fedfm run (finished, stopped or running)")
     run_report.add_argument("--out", metavar="DIR", help="where the report goes (default: RUN_DIR/report)")
 
+    hospital = commands.add_parser(
+        "hospital",
+        help="run a hospital's ClientApp tasks in one long-lived process beside its SuperNode (--isolation process)",
+        description="Serve the ClientApp tasks of a SuperNode started with `flower-supernode --isolation process`: "
+                    "this process takes flower-superexec's place and runs every instruction itself, so the base "
+                    "model and the hospital's tokenized rows load once per run (docs/how-to/deploy.md).",
+    )
+    hospital.add_argument("--runtime-api-address", default="127.0.0.1:9094", metavar="HOST:PORT",
+                          help="the SuperNode's Runtime API, its --host and --port (default 127.0.0.1:9094)")
+    hospital.add_argument("--insecure", action="store_true",
+                          help="plain HTTP to a SuperNode on this machine (its Runtime API has no --ssl-certfile)")
+    hospital.add_argument("--root-certificates", metavar="CA.pem",
+                          help="the CA certificate that signed the SuperNode's Runtime API --ssl-certfile")
+    hospital.add_argument("--threads", type=_positive_int, default=None, metavar="N",
+                          help="torch threads for training (default: torch's own choice, every core)")
+
     commands.add_parser("config-reference", help="list every configuration key with its default and meaning")
     commands.add_parser("strategies", help="list the registered aggregation strategies")
     return parser
@@ -198,6 +214,14 @@ def main(argv: list[str] | None = None) -> int:
             written = write_report(Path(args.run_dir), Path(args.out) if args.out else None)
             print(f"report: {written}")
             print("\n".join(f"plot:   {written.parent / name}" for name in PLOTS if (written.parent / name).is_file()))
+            return 0
+        if args.command == "hospital":
+            from fedfm.hospital_process import serve
+            from fedfm.runner import setup_logging
+
+            setup_logging(args.traceback)
+            serve(args.runtime_api_address, root_certificates=args.root_certificates, insecure=args.insecure,
+                  threads=args.threads or 0)
             return 0
         if args.command == "config-reference":
             print(describe())

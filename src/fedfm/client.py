@@ -99,6 +99,13 @@ class _Unpacked(NamedTuple):
     start: dict[str, np.ndarray]
 
 
+def use_threads(count: int) -> None:
+    """Train with ``count`` torch threads whatever the run's federation settings derive (``fedfm hospital --threads``)."""
+    global _threads_set
+    torch.set_num_threads(count)
+    _threads_set = True
+
+
 def _unpack(
     instruction: Instruction, received: dict[str, np.ndarray] | None, context: Context, *, training: bool = False
 ) -> _Unpacked:

@@ -11,14 +11,16 @@ is the only one it knows, whatever index the server gives it.
 
 from __future__ import annotations
 
+import gc
 import threading
 from dataclasses import dataclass, field
 from typing import Any
 
 import datasets
+import torch
 from datasets import Dataset
 
-from fedfm.adapters import LoadedModel, load_model
+from fedfm.adapters import LoadedModel, clear_cache, load_model
 from fedfm.config import DataSpec, RunConfig
 from fedfm.data import (
     CLASSIFICATION,
@@ -30,6 +32,7 @@ from fedfm.data import (
     node_federation,
 )
 from fedfm.errors import ConfigError
+from fedfm.privacy.linear_probe import clear_features
 from fedfm.tasks import Task, get_task
 
 # One progress bar per hospital and split would bury the round lines.
@@ -213,3 +216,17 @@ def clear() -> None:
         _FEDERATIONS.clear()
         _NODE_FEDERATIONS.clear()
         _WORKSPACES.clear()
+
+
+def release() -> None:
+    """Forget everything this process cached for its runs: federations, workspaces, models, probe features.
+
+    A long-lived hospital process (:mod:`fedfm.hospital_process`) calls it when a
+    new run begins, so it never holds two runs' models at once.
+    """
+    clear()
+    clear_cache()
+    clear_features()
+    gc.collect()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.empty_cache()

@@ -44,6 +44,12 @@ _FEATURES: dict[tuple[int, str], tuple[np.ndarray, np.ndarray]] = {}
 _TRANSFORMS: dict[tuple[int, str, int], FeatureTransform] = {}
 
 
+def clear_features() -> None:
+    """Forget the features and transforms computed in this process (they are keyed by the model's ``id``)."""
+    _FEATURES.clear()
+    _TRANSFORMS.clear()
+
+
 @dataclass(frozen=True)
 class ProbeRound:
     """What a round of the probe did (the hospital reports only the steps; the ledger counts them)."""
