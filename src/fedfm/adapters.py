@@ -8,13 +8,14 @@ tensors in and out, so memory grows with the adapter, not with the hospitals.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import importlib.util
 import json
 import logging
 import os
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -99,6 +100,48 @@ def resolve_device(spec: ModelSpec) -> torch.device:
     return torch.device("cpu")
 
 
+def hardware_problems(spec: ModelSpec) -> list[str]:
+    """What this machine lacks for ``spec``'s quantized base: a CUDA GPU torch sees, and bitsandbytes.
+
+    Asked before any model loads: by :func:`fedfm.preflight.config_problems` (``fedfm check``,
+    ``fedfm run``, the ServerApp) and by :func:`load_model` on a hospital's machine.
+    """
+    if spec.quantization == "none":
+        return []
+    problems = []
+    if spec.device == "cpu" or not torch.cuda.is_available():
+        where = "`model.device` is 'cpu'" if spec.device == "cpu" else "torch sees no CUDA GPU on this machine"
+        problems.append(
+            f"`model.quantization` {spec.quantization!r} needs a CUDA GPU and bitsandbytes, but {where}; set "
+            f'model.quantization = "none" on a CPU (or install a CUDA build of torch: bash scripts/install.sh --gpu)'
+        )
+    elif importlib.util.find_spec("bitsandbytes") is None:
+        problems.append(
+            f"`model.quantization` {spec.quantization!r} needs bitsandbytes, which is not installed: "
+            f'pip install "fedfm[gpu]"'
+        )
+    return problems
+
+
+def quantization_config(quantization: str) -> Any:
+    """transformers' ``BitsAndBytesConfig`` for ``model.quantization`` (``8bit`` or ``4bit``).
+
+    ``4bit`` is QLoRA's recipe (Dettmers et al., 2023, https://arxiv.org/abs/2305.14314): NF4
+    weights, double quantization of the quantization constants, bfloat16 compute. A task head
+    (``classifier``, ``score``) and a causal LM's ``lm_head`` are left unquantized: a head trains
+    in full, and the output layer's precision is what the loss sees.
+    """
+    from transformers import BitsAndBytesConfig
+
+    skip = [*HEAD_MODULES, "lm_head"]
+    if quantization == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
+    if quantization == "4bit":
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                  bnb_4bit_compute_dtype=torch.bfloat16, llm_int8_skip_modules=skip)
+    raise ValueError(f"`model.quantization` must be '8bit' or '4bit' here, got {quantization!r}")
+
+
 @dataclass
 class LoadedModel:
     """A LoRA-wrapped model with its tokenizer; one per process and model shape."""
@@ -113,6 +156,10 @@ class LoadedModel:
     model_settings: dict[str, str] = field(default_factory=dict)
     #: Original weights of base layers that :func:`set_base_delta` changed, by module path.
     original_weights: dict[str, torch.Tensor] = field(default_factory=dict)
+    #: ``model.quantization`` of the base (``none``, ``8bit``, ``4bit``).
+    quantization: str = "none"
+    #: Builds the same model with an unquantized float32 base on the CPU (what a merged export folds into).
+    unquantized: Callable[[], LoadedModel] | None = None
 
 
 _CACHE: dict[tuple[Any, ...], LoadedModel] = {}
@@ -145,7 +192,11 @@ def load_model(
         The cached model; callers set the adapter state they need before use.
     """
     # The task object, not spec.task: callers may pass a task other than the spec's default.
-    key = (spec.name, type(task).__name__, spec.pooling, num_labels, lora, spec.device, seed, side)
+    key = (spec.name, type(task).__name__, spec.pooling, num_labels, lora, spec.device, spec.quantization,
+           spec.gradient_checkpointing, seed, side)
+    problems = hardware_problems(spec)
+    if problems:  # a hospital's machine: the server's preflight could not see it
+        raise ModelError("; ".join(problems))
     with _CACHE_LOCK:
         if key not in _CACHE:
             started = time.perf_counter()
@@ -170,12 +221,17 @@ def _build(spec: ModelSpec, lora: LoraSpec, task: Task, *, num_labels: int, seed
     path = resolve_model_path(spec.name)
     device = resolve_device(spec)
     torch.manual_seed(seed)
+    quantized = spec.quantization != "none"
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
         # Frozen weights stay float32 whatever the folder stores (transformers 5 would keep a
         # float16 checkpoint in float16, and training it without autocast overflows to NaN);
-        # `model.dtype` is the autocast dtype of the forward passes.
-        kwargs = {"dtype": torch.float32, **task.model_kwargs(num_labels=num_labels)}
+        # `model.dtype` is the autocast dtype of the forward passes. A quantized base is placed on
+        # its GPU as it loads (bitsandbytes quantizes there); only its unquantized layers are float32.
+        kwargs: dict[str, Any] = {"dtype": torch.float32, **task.model_kwargs(num_labels=num_labels)}
+        if quantized:
+            kwargs |= {"quantization_config": quantization_config(spec.quantization),
+                       "device_map": {"": torch.cuda.current_device()}}
         base = task.model_class().from_pretrained(path, **kwargs)
     except (OSError, ValueError) as err:
         raise ModelError(f"cannot load model `{spec.name}` from {path}: {err}") from err
@@ -184,7 +240,9 @@ def _build(spec: ModelSpec, lora: LoraSpec, task: Task, *, num_labels: int, seed
         tokenizer.pad_token = tokenizer.eos_token
     if getattr(base.config, "pad_token_id", None) is None:
         base.config.pad_token_id = tokenizer.pad_token_id
+    # Counted before k-bit preparation: a 4-bit layer's parameter holds two weights per byte.
     base_parameters = sum(p.numel() for p in base.parameters())
+    _prepare_memory(base, spec, name=spec.name)
     targets: list[str] | str | None = list(lora.target_modules) or DEFAULT_TARGETS.get(base.config.model_type)
     extra: dict[str, Any] = {}
     if targets == [ALL_LINEAR]:
@@ -203,8 +261,10 @@ def _build(spec: ModelSpec, lora: LoraSpec, task: Task, *, num_labels: int, seed
         model = get_peft_model(base, config)
     except ValueError as err:
         raise ModelError(f"cannot apply LoRA to `{spec.name}` with target modules {targets}: {err}") from err
-    model.to(device)
+    if not quantized:  # a quantized model is on its GPU already, and `.to` would refuse it
+        model.to(device)
     state = get_adapter_state(model)
+    plain = dataclasses.replace(spec, quantization="none", gradient_checkpointing=False, device="cpu")
     return LoadedModel(
         model=model,
         tokenizer=tokenizer,
@@ -213,7 +273,36 @@ def _build(spec: ModelSpec, lora: LoraSpec, task: Task, *, num_labels: int, seed
         adapter_parameters=sum(v.numel() for v in state.values()),
         initial_state=state,
         model_settings=settings,
+        quantization=spec.quantization,
+        unquantized=(lambda: _build(plain, lora, task, num_labels=num_labels, seed=seed)) if quantized else None,
     )
+
+
+def _prepare_memory(base: Any, spec: ModelSpec, *, name: str) -> None:
+    """Get a base ready for LoRA training at lower memory: k-bit preparation and gradient checkpointing.
+
+    A quantized base goes through peft's ``prepare_model_for_kbit_training`` (its unquantized layers,
+    e.g. norms and a head, become float32). Checkpointing is non-reentrant: torch's reentrant variant
+    passes no gradient back through a block whose inputs do not require one (a frozen base's
+    embeddings), so the LoRA factors inside it would learn nothing without
+    ``enable_input_require_grads``; the non-reentrant one needs no such hook.
+    """
+    checkpointing = {"use_reentrant": False}
+    try:
+        if spec.quantization != "none":
+            from peft import prepare_model_for_kbit_training
+
+            prepare_model_for_kbit_training(base, use_gradient_checkpointing=spec.gradient_checkpointing,
+                                            gradient_checkpointing_kwargs=checkpointing)
+        elif spec.gradient_checkpointing:
+            # transformers 5 renamed it; the old name warns until v6
+            enable = getattr(base, "activation_checkpointing_enable", None)
+            if enable is not None:
+                enable(activation_checkpointing_kwargs=checkpointing)
+            else:
+                base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpointing)
+    except ValueError as err:  # e.g. an architecture without gradient checkpointing
+        raise ModelError(f"cannot prepare model `{name}` for `model.gradient-checkpointing`: {err}") from err
 
 
 def get_adapter_state(model: Any) -> dict[str, torch.Tensor]:
@@ -381,6 +470,11 @@ def export_adapter(
     set_base_delta(loaded, {})
     set_adapter_state(loaded.model, state)
     model = loaded.model
+    if merged_dir is not None and loaded.unquantized is not None:
+        # A merged model is the unquantized base plus the update, never the GPU's 8- or 4-bit copy.
+        plain = loaded.unquantized()
+        export_adapter(plain, {k: v.float() for k, v in state.items()}, out_dir, merged_dir=merged_dir, fold=fold)
+        return
     if fold and next(iter(fold.values()))[0].shape[0] > 0:
         model = _stacked_model(loaded, state, fold)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import logging
 import random
 import threading
 from collections.abc import Callable, Iterator
@@ -46,11 +47,57 @@ from fedfm.interrupt import RunInterrupted
 _SWAP = threading.Lock()
 
 
-def resolve(name: str, *, workers: int) -> str:
-    """The backend a run uses: ``auto`` is in-process for one worker, Ray for several."""
+def resolve(name: str, *, workers: int, ray_settings: bool = False) -> str:
+    """The backend a run uses: ``auto`` is in-process for one worker, Ray for several.
+
+    Parameters
+    ----------
+    name : str
+        ``federation.backend``.
+    workers : int
+        The run's simulation workers.
+    ray_settings : bool
+        A setting only Ray reads is given (``federation.ray-address``, ``federation.gpus-per-hospital``):
+        ``auto`` is then Ray whatever the workers.
+    """
     if name == "auto":
-        return "in-process" if workers == 1 else "ray"
+        return "in-process" if workers == 1 and not ray_settings else "ray"
     return name
+
+
+def ray_options(
+    *, workers: int, threads: int, gpus_per_hospital: float, address: str, gpus: int, quiet: bool
+) -> dict[str, Any]:
+    """Flower's ``backend_config`` for its Ray backend: what each worker reserves, and how Ray starts.
+
+    Parameters
+    ----------
+    workers, threads : int
+        Simulation workers and the torch threads (Ray CPUs) each reserves.
+    gpus_per_hospital : float
+        A worker's share of a GPU (``federation.gpus-per-hospital``); 0 splits one GPU among the
+        workers when there are ``gpus``, and reserves none otherwise.
+    address : str
+        An existing cluster to join (``federation.ray-address``); empty starts a local Ray.
+    gpus : int
+        The GPUs this machine's torch sees (0 on a CPU machine, or with ``model.device = "cpu"``).
+    quiet : bool
+        Keep Ray's own logs off the terminal (a hospital's failure still reaches the server as an
+        error reply).
+
+    Returns
+    -------
+    dict
+        ``client_resources`` and ``init_args``.
+    """
+    share = gpus_per_hospital if gpus_per_hospital > 0 else (1.0 / workers if gpus else 0.0)
+    logging_options: dict[str, Any] = {"logging_level": logging.ERROR, "log_to_driver": False} if quiet else {}
+    # ray.init refuses num_cpus and num_gpus when it joins a cluster: the cluster's own `ray start` said them.
+    init_args: dict[str, Any] = (
+        {"address": address, **logging_options} if address
+        else {"num_cpus": workers * threads, "num_gpus": gpus, "include_dashboard": False, **logging_options}
+    )
+    return {"client_resources": {"num_cpus": threads, "num_gpus": share}, "init_args": init_args}
 
 
 def _generators() -> tuple[Any, ...]:

@@ -6,8 +6,10 @@ is checked here, in this order, and reported at once:
 
 1. the strategy: its name in the registry, and what it cannot be combined with
    (:func:`fedfm.strategies.config_problems`: client-level DP, secure aggregation,
-   ``federation.client-ranks``); in a simulation, ``data.hospitals`` (a deployment's
-   hospitals) is refused;
+   ``federation.client-ranks``, a quantized base under a strategy that folds into it);
+   this machine: a quantized base needs a CUDA GPU and bitsandbytes
+   (:func:`fedfm.adapters.hardware_problems`), simulated hospitals' GPU shares a GPU; in a
+   simulation, ``data.hospitals`` (a deployment's hospitals) is refused;
 2. the data: the federation is read and split (:func:`fedfm.workspace.federation_for`;
    an unreadable or one-class file is a :class:`~fedfm.errors.DataError`), then
    checked against the rounds asked for (:func:`fedfm.data.check_federation`);
@@ -21,7 +23,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
 from fedfm import privacy, strategies
+from fedfm.adapters import hardware_problems
 from fedfm.config import RunConfig
 from fedfm.data import Federation, check_federation
 from fedfm.errors import ConfigError
@@ -61,6 +66,18 @@ def config_problems(config: RunConfig, *, simulation: bool = False) -> list[str]
         ``data.hospitals`` (a deployment's) is refused.
     """
     problems = strategies.config_problems(config)
+    problems.extend(hardware_problems(config.model))
+    if config.model.quantization != "none" and not problems and strategies.client_plan(config, 0).fold:
+        problems.append(
+            f"`model.quantization` {config.model.quantization!r} cannot be combined with strategy "
+            f"{config.federation.strategy!r}: it folds each round's update into the base weights, which a "
+            f"quantized base cannot take; use model.quantization = \"none\" or another strategy"
+        )
+    if simulation and config.federation.gpus_per_hospital > 0 and not torch.cuda.is_available():
+        problems.append(
+            f"`federation.gpus-per-hospital` ({config.federation.gpus_per_hospital}) reserves GPUs for the "
+            f"simulated hospitals, but torch sees no CUDA GPU on this machine; set it to 0"
+        )
     if simulation and config.data.hospitals:
         problems.append(
             f"`data.hospitals` {list(config.data.hospitals)} lists a deployment's hospitals, whose rows are on their "

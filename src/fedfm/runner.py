@@ -269,22 +269,19 @@ def _simulate(config: RunConfig, run_dir: Path, *, checked: Preflight, verbose: 
     federation = checked.federation
     num_hospitals = len(federation.hospitals)
     workers, threads = resolve_parallelism(config.federation)
-    backend = engine.resolve(config.federation.backend, workers=workers)
+    fed = config.federation
+    address = fed.ray_address.strip()
+    backend = engine.resolve(fed.backend, workers=workers, ray_settings=bool(address) or fed.gpus_per_hospital > 0)
     torch.set_num_threads(threads)
-    use_gpu = config.model.device != "cpu" and torch.cuda.is_available()
-    backend_config: dict[str, Any] = {
-        "client_resources": {"num_cpus": threads, "num_gpus": (1.0 / workers) if use_gpu else 0.0},
-        "init_args": {"num_cpus": workers * threads, "num_gpus": 1 if use_gpu else 0, "include_dashboard": False},
-    }
-    if not verbose:
-        # A hospital's failure still reaches the server as an error reply, logged with its id.
-        backend_config["init_args"].update({"logging_level": logging.ERROR, "log_to_driver": False})
+    gpus = torch.cuda.device_count() if config.model.device != "cpu" and torch.cuda.is_available() else 0
+    backend_config = engine.ray_options(workers=workers, threads=threads, gpus_per_hospital=fed.gpus_per_hospital,
+                                        address=address, gpus=gpus, quiet=not verbose)
     logger.info(
         "fedfm: %d hospitals (%s), %d rounds, model %s, %s; run directory %s",
         num_hospitals, ", ".join(h.name for h in federation.hospitals), config.federation.num_rounds,
         config.model.name,
         f"in this process, {threads} thread(s)" if backend == "in-process"
-        else f"{workers} Ray worker(s) x {threads} thread(s)",
+        else f"{workers} Ray worker(s) x {threads} thread(s)" + (f" on the Ray cluster at {address}" if address else ""),
         run_dir,
     )
     with warnings.catch_warnings(), engine.backend(backend), interrupt.stop_on_sigint():

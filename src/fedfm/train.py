@@ -60,7 +60,13 @@ class TrainResult:
 
 
 def autocast(device: torch.device, dtype: str) -> contextlib.AbstractContextManager[Any]:
-    """bf16 autocast when asked for (fast on CPUs with AMX and on GPUs); a no-op for float32."""
+    """bf16 autocast when asked for (fast on CPUs with AMX and on GPUs); a no-op for float32.
+
+    ``auto`` is bf16 on a CUDA device that supports it and float32 (no autocast) elsewhere,
+    so a CPU run under ``auto`` is the same computation as under ``float32``.
+    """
+    if dtype == "auto":
+        dtype = "bfloat16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
     if dtype == "bfloat16":
         return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()

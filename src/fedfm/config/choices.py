@@ -13,7 +13,10 @@ from typing import Literal, get_args
 
 ModelAlias = Literal["minilm", "smollm2-135m"]
 Task = Literal["sequence-classification", "causal-qa", "token-classification", "instruction-tuning"]
-DType = Literal["float32", "bfloat16"]
+#: `model.dtype`: the autocast dtype of forward passes (`auto`: bfloat16 on a CUDA device that has it, else float32).
+DType = Literal["auto", "float32", "bfloat16"]
+#: `model.quantization`: how the frozen base is stored (bitsandbytes; `4bit` is QLoRA's NF4).
+Quantization = Literal["none", "8bit", "4bit"]
 Device = Literal["auto", "cpu", "cuda"]
 Pooling = Literal["auto", "cls", "mean", "layer-mean"]
 

@@ -37,6 +37,7 @@ from fedfm.config.choices import (
     Pooling,
     PrivacyMode,
     ProbeCentring,
+    Quantization,
     SelectBest,
     SelectMetric,
     Task,
@@ -93,8 +94,24 @@ class ModelSpec:
         128,
         bounds=(8, 1_048_576),
     )
-    dtype: DType = _help("Autocast dtype for forward passes: `float32` (safe everywhere) or `bfloat16`.", "float32")
+    dtype: DType = _help(
+        "Autocast dtype for forward passes: `auto` (bfloat16 on a CUDA device that supports it, float32 "
+        "everywhere else, so a CPU run is unchanged), `float32` (safe everywhere) or `bfloat16`.",
+        "auto",
+    )
     device: Device = _help("`auto` (cuda when present), `cpu` or `cuda`.", "auto")
+    quantization: Quantization = _help(
+        "How the frozen base model is stored on the GPU (bitsandbytes; needs a CUDA GPU and "
+        '`pip install "fedfm[gpu]"`): `none`, `8bit` (LLM.int8) or `4bit` (QLoRA: NF4 with double '
+        "quantization, bfloat16 compute). The LoRA adapter and any task head stay float32, and the exported "
+        "adapter is a plain peft adapter of the unquantized base.",
+        "none",
+    )
+    gradient_checkpointing: bool = _help(
+        "Recompute activations in the backward pass instead of keeping them (non-reentrant): less memory "
+        "for long sequences and large bases, about a third more compute per step; same gradients.",
+        False,
+    )
     pooling: Pooling = _help(
         "Sequence classification: how token states become one vector. `mean` (mask-aware mean of the last "
         "layer, as sentence-transformers models are trained), `layer-mean` (that mean averaged over the "
@@ -265,8 +282,22 @@ class FederationSpec:
     backend: Backend = _help(
         "Where `fedfm run` simulates the hospitals: `in-process` (in its own process, one at a time, no Ray: "
         "least start-up and memory), `ray` (Flower's Ray backend, one process per worker), or `auto` "
-        "(in-process with one worker, Ray with several). `flwr run` uses Flower's own engine (Ray).",
+        "(in-process with one worker, Ray with several or with `ray-address` or `gpus-per-hospital` set). "
+        "`flwr run` uses Flower's own engine (Ray).",
         "auto",
+    )
+    gpus_per_hospital: float = _help(
+        "Ray backend: the share of a GPU each simulation worker reserves (Ray's `num_gpus`); 0.125 puts eight "
+        "workers on one GPU, 2 gives each two GPUs. 0 (the default) splits one GPU among the workers when "
+        "torch sees one, and reserves none otherwise.",
+        0.0,
+        within=">= 0",
+    )
+    ray_address: str = _help(
+        "Ray backend: the address of an existing Ray cluster to run the hospitals on (`ray start --head` "
+        "on one machine, `ray start --address ...` on the others; e.g. `10.0.0.5:6379`); empty starts a "
+        "Ray of this machine's own. Every machine needs fedfm and the model installed at the same paths.",
+        "",
     )
     round_timeout: float = _help("Seconds the server waits for replies in a round.", 3600.0, within="> 0")
     round_retries: int = _help(

@@ -139,11 +139,22 @@ class _Problems(list[str]):
 
 
 def model_rules(config: RunConfig) -> list[str]:
-    """`[model]`: a known alias or a model folder."""
+    """`[model]`: a known alias or a model folder; a quantized base only on a GPU, and not under DP-SGD."""
     p, model = _Problems(), config.model
     p.require(model.name in MODEL_ALIASES or Path(model.name).expanduser().is_dir(),
               f"`model.name` must be one of {list(MODEL_ALIASES)} or an existing local model directory, "
               f"got {model.name!r}")
+    # Whether this machine has the GPU and bitsandbytes is asked at preflight (fedfm.adapters.hardware_problems).
+    p.require(model.quantization == "none" or model.device != "cpu",
+              f"`model.quantization` {model.quantization!r} needs a CUDA GPU and bitsandbytes, but `model.device` is "
+              f"'cpu'; set model.quantization = \"none\" on a CPU")
+    if config.privacy.mode == "dp-sgd":
+        p.require(not model.gradient_checkpointing,
+                  "`model.gradient-checkpointing` must be false with `privacy.mode` 'dp-sgd': Opacus records each "
+                  "layer's activations in its forward hooks, and checkpointing runs every forward twice")
+        p.require(model.quantization == "none",
+                  f"`model.quantization` must be 'none' with `privacy.mode` 'dp-sgd', got {model.quantization!r}: "
+                  f"Opacus's per-sample gradients have not been verified on a bitsandbytes base")
     return p
 
 
@@ -264,6 +275,17 @@ def federation_rules(config: RunConfig) -> list[str]:
     p.require(fed.backend != "in-process" or fed.num_workers <= 1,
               f"`federation.backend` 'in-process' runs one hospital at a time, but `federation.num-workers` is "
               f"{fed.num_workers}; use 'ray' for several workers, or num-workers 1")
+    if fed.ray_address.strip():
+        p.require(fed.backend != "in-process",
+                  f"`federation.ray-address` {fed.ray_address!r} runs the hospitals on a Ray cluster, but "
+                  f"`federation.backend` is 'in-process'; set the backend to 'ray' (or 'auto'), or leave "
+                  f"`federation.ray-address` empty")
+    p.require(fed.gpus_per_hospital == 0 or fed.backend != "in-process",
+              f"`federation.gpus-per-hospital` ({fed.gpus_per_hospital}) is a Ray worker's GPU share, but "
+              f"`federation.backend` is 'in-process' (one process on one GPU); set it to 0, or the backend to 'ray'")
+    p.require(fed.gpus_per_hospital == 0 or config.model.device != "cpu",
+              f"`federation.gpus-per-hospital` ({fed.gpus_per_hospital}) reserves GPUs, but `model.device` is "
+              f"'cpu'; set it to 0, or `model.device` to 'auto' or 'cuda'")
     p.require(fed.update_norm_limit == 0 or fed.update_norm_limit > 1,
               f"`federation.update-norm-limit` must be 0 (off) or > 1 (times the median change), got "
               f"{fed.update_norm_limit}")
