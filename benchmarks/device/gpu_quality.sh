@@ -21,6 +21,8 @@ SITE=/tmp/fedfm-site MODEL=/tmp/fedfm-model DATA=/tmp/fedfm-data
 mkdir -p "$OUT" "$SITE" "$MODEL" "$DATA"
 started=$(date +%s)
 "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" .device/whl/*.whl
+# The image's grpcio and protobuf must take the shipped grpcio-health-checking, or the SuperLink never starts.
+PYTHONPATH="$SITE" "$PY" benchmarks/device/check_grpc.py
 "$PY" - "$SITE" "$MODEL" "$DATA" <<'EOF'
 import lzma, shutil, sys, tarfile
 from pathlib import Path

@@ -6,8 +6,12 @@
 #   .device/model/        MiniLM's folder with its weights as float16 (model.safetensors.xz)
 #   .device/data.tar.xz   the NICTA-PIBOSO files
 # Run from the repository root with fedfm's venv active (needs the package registry).
+# IMAGE_GRPCIO (default 1.84) is the GPU image's grpcio: it is not shipped, and
+# grpcio-health-checking goes at this venv's version only if that grpcio takes it
+# (wheel_closure.py says what to do otherwise; gpu_quality.sh checks again there).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
+export IMAGE_GRPCIO="${IMAGE_GRPCIO:-1.84}"
 rm -rf .device && mkdir -p .device/whl .device/model /tmp/fedfm-prepare
 python benchmarks/device/wheel_closure.py .device/whl \
     "flwr==$(python -c 'import flwr; print(flwr.__version__)')" \
