@@ -217,3 +217,37 @@ def test_pubmedqa_generative_route_trains_then_answers(tiny_llama_dir: Path, tmp
     assert report["training_questions"] == 500 and report["exported_round"] == 1
     assert set(report["scores"]) == {"base (zero-shot)", "federated SFT"}
     assert all(s["questions"] == 2 for s in report["scores"].values())
+
+
+def test_gpu_scale_refuses_without_cuda_and_its_dry_run_writes_every_part(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("the refusal is that of a machine without CUDA")
+    # Without CUDA: one line, nothing measured
+    refused = run_benchmark("gpu_scale.py", tmp_path)
+    assert refused.returncode == 2 and not list(tmp_path.glob("*.json"))
+    assert refused.stderr.strip().splitlines()[-1].startswith("gpu_scale.py: error: torch sees no CUDA GPU")
+
+    # --dry-run: the same code paths on the CPU, with the tiny Llama; 1 and 2 hospitals
+    done = run_benchmark("gpu_scale.py", tmp_path, "--dry-run", "--set", f"model.name={tiny_llama_dir}",
+                         "--hospitals", "1,2", "--epochs", "1")
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    report = json.loads((tmp_path / "gpu-scale-dry-run.json").read_text())
+    bf16 = report["quantization"]["arms"]["bf16"]
+    assert bf16["tokens"] > 0 and bf16["tokens_per_second"] > 0 and bf16["peak_gib"] is None
+    assert "4bit" not in report["quantization"]["arms"]  # needs a GPU and bitsandbytes
+    assert report["utilization"]["flops_per_second"]["6N"] == pytest.approx(6 * bf16["base_parameters"]
+                                                                           * bf16["tokens_per_second"])
+    assert report["utilization"]["share_of_peak"] is None
+    assert [run["hospitals"] for run in report["hospitals"]["runs"].values()] == [1, 2]
+    assert all(run["rounds"] == 1 for run in report["hospitals"]["runs"].values())
+
+
+def test_gpu_scale_knows_the_dense_bf16_peak_of_the_lent_chips() -> None:
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from gpu_scale import peak_flops
+
+    assert peak_flops("NVIDIA H100 80GB HBM3") == peak_flops("NVIDIA H200") == 989e12
+    assert peak_flops("NVIDIA H100 PCIe") == 756e12
+    assert peak_flops("Tesla T4") is None
