@@ -67,7 +67,8 @@ def _round_seconds(run_dir: Path) -> list[float]:
     return [json.loads(line)["seconds"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-def run_arm(arm: str, settings: dict[str, Any], folder: Path, *, threads: int) -> dict[str, Any]:
+def run_arm(arm: str, settings: dict[str, Any], folder: Path, *, threads: int, logs: Path | None = None
+            ) -> dict[str, Any]:
     """One run of ``arm``; its round seconds and what each hospital process loaded."""
     run_dir = folder / "run"
     flat = {**settings, "output.dir": str(run_dir)}
@@ -80,7 +81,7 @@ def run_arm(arm: str, settings: dict[str, Any], folder: Path, *, threads: int) -
         loads = {"server": done.stdout.count("loaded base model")}
     else:
         with LocalFederation(folder / "network", hospitals=settings["data.num-hospitals"], warm=arm == "warm",
-                             threads=threads) as federation:
+                             threads=threads, keep_logs=logs) as federation:
             federation.run(flat, timeout=3600)
             loads = {name: federation.log(name).count("loaded base model")
                      for name in federation.processes if name.startswith("hospital-")}
@@ -97,6 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=0,
                         help="torch threads of each warm hospital process (0: what the run derives from the cores)")
     parser.add_argument("--quick", action="store_true", help="tiny run: a smoke test, not a result")
+    parser.add_argument("--logs", type=Path, help="keep each network's process logs in LOGS/<arm>-<repeat>/")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args(argv)
@@ -110,7 +112,8 @@ def main(argv: list[str] | None = None) -> int:
     for repeat in range(args.repeats):
         for arm in arms:
             with tempfile.TemporaryDirectory(prefix=f"fedfm-{arm}-") as tmp:
-                result = run_arm(arm, settings, Path(tmp), threads=args.threads)
+                result = run_arm(arm, settings, Path(tmp), threads=args.threads,
+                                 logs=args.logs / f"{arm}-{repeat}" if args.logs else None)
             result["repeat"] = repeat
             runs.append(result)
             print(f"{arm:10} repeat {repeat}: rounds {[round(s, 1) for s in result['round_seconds']]} s, "

@@ -406,3 +406,20 @@ def test_model_errors_keep_their_type(exported: Path, tmp_path: Path) -> None:
     # The Python API raises fedfm's own errors, which the command turns into its line
     with pytest.raises(ModelError, match="is not a model folder"):
         predict_file(exported / "adapter", exported / "rows.csv", base_model=str(tmp_path))
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        ([], "fedfm hospital needs exactly one of --insecure"),
+        (["--insecure", "--root-certificates", "ca.pem"], "fedfm hospital needs exactly one of --insecure"),
+        (["--insecure", "--runtime-api-address", "9094"], "--runtime-api-address '9094' must be host:port"),
+        (["--root-certificates", "{tmp}/missing.pem"], "--root-certificates {tmp}/missing.pem: no such file"),
+    ],
+    ids=["neither", "both", "no-port", "missing-ca"],
+)
+def test_a_warm_hospital_with_bad_options_is_refused_before_it_asks_for_tasks(
+    args: list[str], expected: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    line = _fails(["hospital", *[a.replace("{tmp}", str(tmp_path)) for a in args]], capsys)
+    assert expected.replace("{tmp}", str(tmp_path)) in line

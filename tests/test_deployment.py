@@ -53,6 +53,7 @@ HOSPITALS = ("south", "east", "north")
 LABEL_NAMES = ("positive", "negative")
 # A hospital that never saw one of the classes (its file has only "positive" rows).
 ONE_CLASS = "east"
+WARM = ("north", "south")  # hospitals whose instructions run in one long-lived `fedfm hospital` process
 CONNECTION = "hospitals"  # the SuperLink connection's name in the flwr config (`flwr run . hospitals`)
 
 
@@ -446,16 +447,25 @@ class Network:
         self.processes[name] = process
         return process
 
-    def supernode(self, hospital: str, partition_id: int | None = None) -> subprocess.Popen[bytes]:
-        """A hospital's SuperNode as docs/how-to/deploy.md starts it: its own key, its own data, its name."""
+    def supernode(self, hospital: str, partition_id: int | None = None, *, warm: bool = False) -> subprocess.Popen[bytes]:
+        """A hospital's SuperNode as docs/how-to/deploy.md starts it: its own key, its own data, its name.
+
+        ``warm``: with ``--isolation process``, beside one ``fedfm hospital`` process (named ``<hospital>-process``)
+        that runs all its instructions.
+        """
         index = f"partition-id={partition_id} " if partition_id is not None else ""
         node_config = f'{index}hospital="{hospital}" data-root="{self.folder / hospital}" data-path="records.csv"'
-        return self.start(hospital, [
+        runtime_port = _free_port()
+        node = self.start(hospital, [
             str(BIN / "flower-supernode"), "--superlink", f"127.0.0.1:{self.port}",
             "--root-certificates", str(self.certificates / "ca.crt"),
             "--auth-supernode-private-key", str(self.keys / hospital),
-            "--node-config", node_config, "--port", str(_free_port()),
+            "--node-config", node_config, "--port", str(runtime_port), *(["--isolation", "process"] if warm else []),
         ])
+        if warm:
+            self.start(f"{hospital}-process", [str(BIN / "fedfm"), "hospital", "--insecure",
+                                               "--runtime-api-address", f"127.0.0.1:{runtime_port}"])
+        return node
 
     def flwr(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
         return subprocess.run([str(BIN / "flwr"), *args], env=self.env, cwd=self.folder, capture_output=True,
@@ -519,8 +529,11 @@ def _start_network(folder: Path) -> Network:
     for hospital in HOSPITAL_ROWS:  # the coordinator lists the hospitals' public keys
         done = network.flwr("supernode", "register", str(network.keys / f"{hospital}.pub"), CONNECTION)
         assert done.returncode == 0, done.stdout + done.stderr
-    for hospital in HOSPITAL_ROWS:  # known by name in data.hospitals; east also by its index there
-        network.supernode(hospital, HOSPITALS.index(hospital) if hospital == "east" else None)
+    # Known by name in data.hospitals; east also by its index there. East runs Flower's default (a fresh
+    # flwr-clientapp process per instruction), north and south are warm hospitals (one `fedfm hospital` process).
+    for hospital in HOSPITAL_ROWS:
+        network.supernode(hospital, HOSPITALS.index(hospital) if hospital == "east" else None,
+                          warm=hospital in WARM)
     _wait_until(lambda: network.log("superlink").count("[Fleet.ActivateNode] Activated") == len(HOSPITAL_ROWS),
                 "every listed SuperNode connecting", 180, list(network.logs.values()))
     return network
@@ -599,6 +612,19 @@ def test_three_hospitals_train_on_their_own_files_over_tls_and_an_unlisted_key_i
         name: {"train_rows": rows - round(0.3 * rows), "test_rows": round(0.3 * rows)} for name, rows in HOSPITAL_ROWS.items()
     }
     assert (run_dir / "adapter" / "adapter_model.safetensors").is_file()
+    # The warm hospitals ran their three instructions (two trainings, one evaluation) in one process each, which
+    # loaded the base model once; east's SuperNode started a process per instruction.
+    for hospital in WARM:
+        process = network.processes[f"{hospital}-process"]
+        assert process.poll() is None
+        assert _base_model_loads(network.log(f"{hospital}-process")) == [process.pid]
+    assert "Starting Flower SuperExec" in network.log("east")
+    assert not any("Starting Flower SuperExec" in network.log(hospital) for hospital in WARM)
+
+
+def _base_model_loads(log: str) -> list[int]:
+    """The process id of each base-model load a log reports."""
+    return [int(line.rsplit("(process ", 1)[1].rstrip(")")) for line in log.splitlines() if "loaded base model" in line]
 
 
 @pytest.mark.integration
@@ -635,3 +661,8 @@ def test_the_run_completes_when_a_hospital_dies_mid_round(network: Network, tiny
     assert summary["hospitals"]["east"] == {"train_rows": HOSPITAL_ROWS["east"] - round(0.3 * HOSPITAL_ROWS["east"]),
                                             "test_rows": None}  # it never evaluated
     assert (run_dir / "adapter" / "adapter_model.safetensors").is_file()
+    # A new run in the warm processes released the first run's model and loaded the base once more.
+    for hospital in WARM:
+        log = network.log(f"{hospital}-process")
+        assert _base_model_loads(log) == [network.processes[f"{hospital}-process"].pid] * 2
+        assert "released the earlier run's model and rows" in log
