@@ -233,7 +233,7 @@ def _build(spec: ModelSpec, lora: LoraSpec, task: Task, *, num_labels: int, seed
             kwargs |= {"quantization_config": quantization_config(spec.quantization),
                        "device_map": {"": torch.cuda.current_device()}}
         base = task.model_class().from_pretrained(path, **kwargs)
-    except (OSError, ValueError) as err:
+    except (OSError, ValueError, ImportError) as err:  # ImportError: bitsandbytes without its CUDA library
         raise ModelError(f"cannot load model `{spec.name}` from {path}: {err}") from err
     settings = task.adapt_model(base, model_dir=path, pooling=spec.pooling)
     if tokenizer.pad_token is None:
