@@ -116,8 +116,9 @@ class LocalFederation:
                 *(["--isolation", "process"] if self.warm else []),
             ])
             if self.warm:
+                # `python -m fedfm.cli`: the GPU machines run fedfm from PYTHONPATH, without its console script.
                 self._start(f"hospital-{index}", [
-                    _executable("fedfm"), "hospital", "--insecure", "--runtime-api-address",
+                    sys.executable, "-m", "fedfm.cli", "hospital", "--insecure", "--runtime-api-address",
                     f"127.0.0.1:{runtime_port}", *(["--threads", str(self.threads)] if self.threads else []),
                 ])
         self._wait(lambda: self.log("superlink").count("Activated") >= self.hospitals,

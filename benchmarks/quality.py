@@ -290,12 +290,13 @@ def run_federated(config: Any, *, verbose: bool, engine: str = "simulation", log
 
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="fedfm-quality-") as tmp:
-        if engine == "deployment":
+        if engine in ("deployment", "deployment-warm"):
             from deployment_engine import LocalFederation
 
             run_dir = Path(tmp) / "run"
             flat = {**config.to_flat(), "output.dir": str(run_dir)}
-            with LocalFederation(Path(tmp) / "network", config.data.num_hospitals, keep_logs=logs) as federation:
+            with LocalFederation(Path(tmp) / "network", config.data.num_hospitals, keep_logs=logs,
+                                 warm=engine == "deployment-warm") as federation:
                 federation.run(flat, timeout=3 * 3600)
                 if not (run_dir / "summary.json").is_file():  # `flwr run` exits 0 even when the ServerApp failed
                     raise RuntimeError(f"the run wrote no summary; flwr run said:\n{federation.log('flwr-run')[-4000:]}")
@@ -541,9 +542,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--arms", default=",".join(ARMS),
                         help="comma-separated subset of federated,centralized,local (default: all three)")
     parser.add_argument("--verbose", action="store_true", help="show Flower's and Ray's own logs")
-    parser.add_argument("--engine", choices=("simulation", "deployment"), default="simulation",
+    parser.add_argument("--engine", choices=("simulation", "deployment", "deployment-warm"), default="simulation",
                         help="federated arm in Flower's simulation engine (Ray) or on its Deployment Engine, "
-                        "a SuperLink and one SuperNode per hospital on this machine (no Ray needed)")
+                        "a SuperLink and one SuperNode per hospital on this machine (no Ray needed); "
+                        "deployment-warm: each SuperNode beside one `fedfm hospital` process")
     parser.add_argument("--tag", default="", help="suffix of the JSON file's name, e.g. the machine (default: none)")
     args = parser.parse_args(argv)
     arms = [a.strip() for a in args.arms.split(",") if a.strip()]
