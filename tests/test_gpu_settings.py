@@ -192,3 +192,38 @@ def test_ray_settings_pick_ray_and_joining_a_cluster_passes_only_its_address() -
     joined = engine.ray_options(workers=2, threads=1, gpus_per_hospital=0, address="10.0.0.5:6379", gpus=0, quiet=True)
     assert set(joined["init_args"]) == {"address", "logging_level", "log_to_driver"}
     assert joined["init_args"]["address"] == "10.0.0.5:6379"
+
+
+def test_a_merged_export_of_a_quantized_base_folds_into_the_unquantized_one(tiny_bert: Path, tmp_path: Path) -> None:
+    # Prepare: a quantized base cannot load here, so its stand-in is the tiny BERT with every frozen weight
+    # rounded to a coarse grid (what quantization does to them), marked 4-bit, whose `unquantized` builds the
+    # float32 base on the CPU as adapters._build sets it up for a quantized model
+    import dataclasses
+
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification
+
+    task, lora = get_task("sequence-classification"), LoraSpec(r=4)
+    coarse = load_model(ModelSpec(name=str(tiny_bert)), lora, task, num_labels=3, side="coarse-stand-in")
+    with torch.no_grad():
+        for p in coarse.model.parameters():
+            if not p.requires_grad:
+                p.copy_((p * 4).round() / 4)
+    stand_in = dataclasses.replace(coarse, quantization="4bit", unquantized=lambda: adapters._build(
+        ModelSpec(name=str(tiny_bert), device="cpu"), lora, task, num_labels=3, seed=0))
+    state = {k: v + 0.1 for k, v in coarse.initial_state.items()}
+
+    # Execute
+    adapters.export_adapter(stand_in, state, tmp_path / "adapter", merged_dir=tmp_path / "merged")
+
+    # Assert: a plain peft adapter of the unquantized base, float32, and the merged model is that base + the update
+    from safetensors.torch import load_file
+
+    assert {v.dtype for v in load_file(tmp_path / "adapter" / "adapter_model.safetensors").values()} == {torch.float32}
+    batch = coarse.tokenizer(["shortness of breath", "calm"], return_tensors="pt", padding=True)
+    base = AutoModelForSequenceClassification.from_pretrained(tiny_bert, num_labels=3)
+    expected = PeftModel.from_pretrained(base, tmp_path / "adapter").eval()(**batch).logits.detach()
+    merged = AutoModelForSequenceClassification.from_pretrained(tmp_path / "merged").eval()
+    torch.testing.assert_close(merged(**batch).logits.detach(), expected, atol=1e-4, rtol=1e-4)
+    coarse.model.eval()
+    assert not torch.allclose(coarse.model(**batch).logits.detach(), expected, atol=1e-3)

@@ -121,7 +121,8 @@ def test_a_simulation_runs_its_hospitals_on_an_existing_ray_cluster(
         "train.local-epochs": 3,
         "federation.num-rounds": 2,
         "federation.min-hospitals": 2,
-        "federation.backend": "ray",
+        # `auto` with one worker (this machine's 2 cores) would be in-process; an address makes it Ray
+        "federation.backend": "auto",
         "federation.ray-address": address,
     })
 
