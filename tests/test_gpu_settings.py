@@ -23,7 +23,8 @@ from fedfm.errors import ModelError
 from fedfm.tasks import get_task
 from fedfm.train import autocast
 
-pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="the refusals are those of a machine without CUDA")
+#: The refusals are those of a machine without CUDA.
+without_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="refusals of a machine without CUDA")
 
 
 def _fails(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
@@ -49,6 +50,7 @@ def unloadable(tmp_path: Path, tiny_csv_settings: dict[str, Any]) -> dict[str, A
     return {**tiny_csv_settings, "model.name": str(folder), "federation.num-rounds": 1}
 
 
+@without_cuda
 @pytest.mark.parametrize("command", ["check", "run"])
 @pytest.mark.parametrize("quantization", ["4bit", "8bit"])
 def test_quantization_without_cuda_is_refused_before_any_model_loads(
@@ -69,6 +71,7 @@ def test_quantization_on_a_cpu_device_is_a_configuration_error(
     assert "`model.quantization` '4bit' needs a CUDA GPU and bitsandbytes, but `model.device` is 'cpu'" in line
 
 
+@without_cuda
 def test_gpu_shares_without_a_gpu_are_refused_before_the_run_starts(
     unloadable: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -93,6 +96,7 @@ def test_settings_that_cannot_work_together_are_named(
     assert expected in _fails(["check", *_sets({**tiny_csv_settings, **settings})], capsys)
 
 
+@without_cuda
 def test_a_hospital_without_cuda_refuses_a_quantized_base_with_a_model_error(tiny_bert: Path) -> None:
     # A SuperNode's machine is not the server's: load_model asks again before loading anything
     cached = len(adapters._CACHE)
