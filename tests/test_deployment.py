@@ -447,23 +447,30 @@ class Network:
         self.processes[name] = process
         return process
 
-    def supernode(self, hospital: str, partition_id: int | None = None, *, warm: bool = False) -> subprocess.Popen[bytes]:
+    def supernode(self, hospital: str, partition_id: int | None = None, *, warm: bool = False,
+                  runtime_tls: bool = False) -> subprocess.Popen[bytes]:
         """A hospital's SuperNode as docs/how-to/deploy.md starts it: its own key, its own data, its name.
 
         ``warm``: with ``--isolation process``, beside one ``fedfm hospital`` process (named ``<hospital>-process``)
-        that runs all its instructions.
+        that runs all its instructions; ``runtime_tls``: the SuperNode's Runtime API speaks TLS (the test CA's
+        certificate for 127.0.0.1) and the hospital process checks it against the CA.
         """
         index = f"partition-id={partition_id} " if partition_id is not None else ""
         node_config = f'{index}hospital="{hospital}" data-root="{self.folder / hospital}" data-path="records.csv"'
         runtime_port = _free_port()
+        tls = ["--ssl-ca-certfile", str(self.certificates / "ca.crt"),
+               "--ssl-certfile", str(self.certificates / "server.pem"),
+               "--ssl-keyfile", str(self.certificates / "server.key")] if runtime_tls else []
         node = self.start(hospital, [
             str(BIN / "flower-supernode"), "--superlink", f"127.0.0.1:{self.port}",
             "--root-certificates", str(self.certificates / "ca.crt"),
             "--auth-supernode-private-key", str(self.keys / hospital),
-            "--node-config", node_config, "--port", str(runtime_port), *(["--isolation", "process"] if warm else []),
+            "--node-config", node_config, "--port", str(runtime_port), *tls,
+            *(["--isolation", "process"] if warm else []),
         ])
         if warm:
-            self.start(f"{hospital}-process", [str(BIN / "fedfm"), "hospital", "--insecure",
+            trust = ["--root-certificates", str(self.certificates / "ca.crt")] if runtime_tls else ["--insecure"]
+            self.start(f"{hospital}-process", [str(BIN / "fedfm"), "hospital", *trust,
                                                "--runtime-api-address", f"127.0.0.1:{runtime_port}"])
         return node
 
@@ -530,10 +537,11 @@ def _start_network(folder: Path) -> Network:
         done = network.flwr("supernode", "register", str(network.keys / f"{hospital}.pub"), CONNECTION)
         assert done.returncode == 0, done.stdout + done.stderr
     # Known by name in data.hospitals; east also by its index there. East runs Flower's default (a fresh
-    # flwr-clientapp process per instruction), north and south are warm hospitals (one `fedfm hospital` process).
+    # flwr-clientapp process per instruction), north and south are warm hospitals (one `fedfm hospital` process),
+    # south's over a Runtime API with TLS.
     for hospital in HOSPITAL_ROWS:
         network.supernode(hospital, HOSPITALS.index(hospital) if hospital == "east" else None,
-                          warm=hospital in WARM)
+                          warm=hospital in WARM, runtime_tls=hospital == "south")
     _wait_until(lambda: network.log("superlink").count("[Fleet.ActivateNode] Activated") == len(HOSPITAL_ROWS),
                 "every listed SuperNode connecting", 180, list(network.logs.values()))
     return network
