@@ -38,5 +38,8 @@ export PYTHONPATH="$SITE:$PWD/src" PATH="$SITE/bin:$PATH" FEDFM_DATA_DIR="$DATA"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 "$PY" -c "import torch, transformers, peft, flwr; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), \
 'transformers', transformers.__version__, 'peft', peft.__version__, 'flwr', flwr.__version__)"
-"$PY" benchmarks/quality.py --dataset nicta --arms federated,centralized --engine deployment --out "$OUT" \
+# Warm hospitals (issue 27): each SuperNode beside one `fedfm hospital` process that keeps the model loaded;
+# ENGINE=deployment gives Flower's default process per instruction (the 283 s H200 figure of issue 5),
+# and --set model.dtype=float32 the recorded pre-issue-27 arithmetic (the default `auto` is bf16 on a GPU).
+"$PY" benchmarks/quality.py --dataset nicta --arms federated,centralized --engine "${ENGINE:-deployment-warm}" --out "$OUT" \
     --set "model.name=$MODEL" "$@" 2>&1 | tee "$OUT/gpu_quality.log"
