@@ -43,8 +43,9 @@ from pathlib import Path
 from typing import Any
 
 from deployment_engine import LocalFederation, _executable
-from fedfm.config import parse_override
 from quality import DEFAULT_OUT, NICTA_SETTINGS, _environment, device_info
+
+from fedfm.config import parse_override
 
 ROOT = Path(__file__).resolve().parents[1]
 ARMS = ("simulation", "warm", "cold")
