@@ -149,6 +149,11 @@ def test_quickstart_command_with_real_minilm_on_four_hospitals(tmp_path: Path) -
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     hospitals = ["Cleveland", "Hungary", "Switzerland", "VA Long Beach"]
+    # Quiet: the first line is fedfm's, and no library's progress bar or deprecation warning reaches the user
+    # (stderr holds only the progress display's lines).
+    assert proc.stdout.startswith("fedfm: 4 hospitals (Cleveland, Hungary, Switzerland, VA Long Beach)")
+    assert all(line.startswith("progress: ") for line in proc.stderr.splitlines()), proc.stderr[-3000:]
+    assert "Warning" not in proc.stdout and "it/s]" not in proc.stdout and "loaded base model" not in proc.stdout
     # A progress line per round and the final table with every hospital.
     assert "round 1/2" in proc.stdout and "round 2/2" in proc.stdout
     table = proc.stdout[proc.stdout.index("accuracy  macro-f1"):]

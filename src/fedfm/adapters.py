@@ -15,6 +15,7 @@ import logging
 import os
 import threading
 import time
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,6 +55,9 @@ def _quiet_transformers() -> None:
 
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
+    # peft asks every model for `is_gradient_checkpointing`, which transformers 5 deprecates in favour of
+    # `is_activation_checkpointing`: a warning between two libraries that no fedfm user can act on.
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
@@ -201,8 +205,8 @@ def load_model(
         if key not in _CACHE:
             started = time.perf_counter()
             _CACHE[key] = _build(spec, lora, task, num_labels=num_labels, seed=seed)
-            # One line per load: a warm hospital process (`fedfm hospital`) shows it once per run.
-            logger.info("fedfm: loaded base model %s for the %s side in %.1f s (process %d)",
+            # One line per load (shown by `fedfm hospital` and --verbose): a warm hospital shows it once per run.
+            logger.debug("fedfm: loaded base model %s for the %s side in %.1f s (process %d)",
                         spec.name, side, time.perf_counter() - started, os.getpid())
         return _CACHE[key]
 

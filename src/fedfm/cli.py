@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 import threading
@@ -220,6 +221,7 @@ def main(argv: list[str] | None = None) -> int:
             from fedfm.runner import setup_logging
 
             setup_logging(args.traceback)
+            logging.getLogger("fedfm.adapters").setLevel(logging.DEBUG)  # each base-model load: once per run
             serve(args.runtime_api_address, root_certificates=args.root_certificates, insecure=args.insecure,
                   threads=args.threads or 0)
             return 0

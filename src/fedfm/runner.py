@@ -151,6 +151,8 @@ def setup_logging(verbose: bool = False) -> None:
         logger.addHandler(handler)
     logger.setLevel(logging.INFO)
     logger.propagate = False
+    # Each base-model load, with its time and process: what --verbose adds to fedfm's own lines.
+    logging.getLogger("fedfm.adapters").setLevel(logging.DEBUG if verbose else logging.NOTSET)
     # A filter on Flower's logger holds whatever handlers Flower installs later.
     flower = logging.getLogger("flwr")
     if verbose:

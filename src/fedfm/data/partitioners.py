@@ -7,12 +7,14 @@ partitions are index views of the caller's dataset.
 
 from __future__ import annotations
 
+import functools
 import warnings
 from collections.abc import Sequence
 from numbers import Real
 from typing import Any, NamedTuple, Protocol
 
 import numpy as np
+import tqdm
 from datasets import Dataset
 
 from fedfm.data.base import is_count
@@ -397,8 +399,11 @@ def natural_partition(
     if column is None:
         raise ConfigError("the natural partitioner needs `column` (e.g. column='hospital')")
     values = _column_values(dataset, column, "column")
-    from flwr_datasets.partitioner import NaturalIdPartitioner
+    from flwr_datasets.partitioner import NaturalIdPartitioner, natural_id_partitioner
 
+    # Its only progress bar counts the rows it groups ("Generating partition_id_to_indices"), in well
+    # under a second; flwr-datasets offers no switch, so its module's tqdm is bound with disable=True.
+    natural_id_partitioner.tqdm = functools.partial(tqdm.tqdm, disable=True)
     splitter = NaturalIdPartitioner(partition_by=_KEY)
     splitter.dataset = _key_dataset(values)
     names = splitter.partition_id_to_natural_id if splitter.num_partitions else {}
