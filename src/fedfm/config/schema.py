@@ -41,6 +41,7 @@ from fedfm.config.choices import (
     SelectBest,
     SelectMetric,
     Task,
+    Tracking,
 )
 from fedfm.config.codec import build, flatten, kebab, render_toml
 from fedfm.config.validation import validate
@@ -557,6 +558,19 @@ class OutputSpec:
         "anything is refused, so no run is ever overwritten by accident.",
         False,
     )
+    tracking: Tracking = _help(
+        "Also log the run to an experiment tracker: `none`, `mlflow` (every round's global and per-hospital "
+        "metrics, ε and bytes; the settings as parameters; the adapter and report as artifacts) or "
+        '`tensorboard` (the same numbers as scalars). Needs `pip install "fedfm[tracking]"`.',
+        "none",
+    )
+    tracking_uri: str = _help(
+        "`mlflow`: the tracking URI (a server `http://...`, or `sqlite:///path.db`); empty keeps a SQLite store "
+        "beside the run directory (`<parent>/mlflow.db`). `tensorboard`: the folder that gets one subfolder per "
+        "run; empty writes into `<run dir>/tensorboard`.",
+        "",
+    )
+    tracking_experiment: str = _help("`mlflow`: the experiment the run is logged under.", "fedfm")
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ import numpy as np
 from flwr.app import ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
-from fedfm import export, keys, privacy, secagg, strategies
+from fedfm import export, keys, privacy, secagg, strategies, tracking
 from fedfm.adapters import export_adapter
 from fedfm.config import RunConfig, evaluation_due, from_flat, round_learning_rate, to_json
 from fedfm.errors import CheckpointError, FedfmError
@@ -147,18 +147,23 @@ def _serve(
     flwr_config = ConfigRecord({keys.RUN_CONFIG: to_json(config), keys.CLIENT_PLANS: client_plans})
     strategy: Any
     stopped: str | None = None
-    if config.privacy.secure_aggregation:
-        strategy = secagg.bridge(config, num_hospitals=len(hospitals), initial=initial_arrays(workspace),
-                                 instructions=dict(flwr_config))
-        recorder = strategy.recorder = Recorder(config, workspace, strategy, directory, progress)
-        final_arrays = secagg.run(grid, context, config, strategy, max_weight=max(len(h.train) for h in hospitals))
-    else:
-        strategy = build_strategy(config, workspace)
-        recorder = Recorder(config, workspace, strategy, directory, progress)
-        final_arrays, stopped = _run_rounds(grid, config, run_dir, strategy, recorder, workspace, checkpoint,
-                                            flwr_config)
-    return _finish(grid, config, directory, workspace, strategy, recorder, checkpoint, flwr_config,
-                   final_arrays=final_arrays, stopped=stopped, started=started)
+    with tracking.tracked(config, run_dir, resumed=checkpoint is not None) as tracker:
+        if config.privacy.secure_aggregation:
+            strategy = secagg.bridge(config, num_hospitals=len(hospitals), initial=initial_arrays(workspace),
+                                     instructions=dict(flwr_config))
+            recorder = strategy.recorder = Recorder(config, workspace, strategy, directory, progress, tracker)
+            final_arrays = secagg.run(grid, context, config, strategy,
+                                      max_weight=max(len(h.train) for h in hospitals))
+        else:
+            strategy = build_strategy(config, workspace)
+            recorder = Recorder(config, workspace, strategy, directory, progress, tracker)
+            final_arrays, stopped = _run_rounds(grid, config, run_dir, strategy, recorder, workspace, checkpoint,
+                                                flwr_config)
+        summary = _finish(grid, config, directory, workspace, strategy, recorder, checkpoint, flwr_config,
+                          final_arrays=final_arrays, stopped=stopped, started=started)
+        if tracker is not None:
+            tracker.finish(run_dir, directory.adapter_dir)
+        return summary
 
 
 def _run_rounds(

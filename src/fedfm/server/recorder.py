@@ -29,6 +29,7 @@ from fedfm.server.model import load_global
 from fedfm.strategies import GuardedStrategy
 from fedfm.strategies.selection import BestRound, validation_of
 from fedfm.strategies.state import capture
+from fedfm.tracking import Tracking
 from fedfm.train import autocast
 from fedfm.wire import record_to_numpy
 from fedfm.workspace import Workspace
@@ -41,7 +42,7 @@ class Recorder:
 
     def __init__(
         self, config: RunConfig, workspace: Workspace, strategy: Any, run_dir: RunDirectory,
-        progress: Progress | None = None,
+        progress: Progress | None = None, tracking: Tracking | None = None,
     ) -> None:
         # ``strategy``: the GuardedStrategy, or secagg's legacy bridge (both keep ``rounds`` and ``hospital_of``).
         self.config = config
@@ -49,6 +50,7 @@ class Recorder:
         self.workspace = workspace
         self.strategy = strategy
         self.run_dir = run_dir
+        self.tracking = tracking  # the experiment tracker (`output.tracking`), if any
         self.names = workspace.hospital_names
         self.rounds: list[RoundEntry] = []
         self.initial: dict[str, float] | None = None
@@ -121,6 +123,8 @@ class Recorder:
         if server_round == 0:
             self.initial = central
             logger.info("round 0/%d  global %s (before training)", self.config.federation.num_rounds, headline(central))
+            if self.tracking is not None:
+                self.tracking.initial(central)
             # Round 0's checkpoint: a run stopped in its first round resumes too.
             state, state_arrays = self.server_state()
             self.run_dir.write_checkpoint(0, record_to_numpy(arrays), state=state, state_arrays=state_arrays)
@@ -177,6 +181,8 @@ class Recorder:
         self.last = now
         self.rounds.append(entry)
         self.run_dir.append_round(entry)
+        if self.tracking is not None:
+            self.tracking.round(entry)
         if validation and self.best.observe(server_round, validation, record_to_numpy(arrays)):
             logger.info("round %d: best validation %s so far (%.4f)", server_round, self.best.metric, self.best.score)
         state, state_arrays = self.server_state()
