@@ -423,3 +423,36 @@ def test_a_warm_hospital_with_bad_options_is_refused_before_it_asks_for_tasks(
 ) -> None:
     line = _fails(["hospital", *[a.replace("{tmp}", str(tmp_path)) for a in args]], capsys)
     assert expected.replace("{tmp}", str(tmp_path)) in line
+
+
+# --------------------------------------------------------------------------------------------- report, several runs
+
+
+@pytest.mark.parametrize("case, expected", [
+    ("not-a-run", "{tmp}/notes is not a fedfm run directory"),
+    ("missing", "run directory {tmp}/typo does not exist"),
+    ("twice", "run directory {tmp}/./run is given twice ({tmp}/run and {tmp}/./run)"),
+    ("out-is-a-file", "cannot write the comparison into {tmp}/taken: {tmp}/taken is a file, not a folder"),
+    ("out-under-a-file", "cannot write the comparison into {tmp}/taken/cmp: {tmp}/taken is a file, not a folder"),
+    ("no-out", "comparing 2 runs needs --out DIR"),
+])
+def test_report_of_several_runs_refuses_before_drawing_anything(
+    case: str, expected: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Prepare: a good run, then a second run directory (or its mistake) and --out (or its mistake)
+    run = _run_dir(tmp_path / "run")
+    other = str(_run_dir(tmp_path / "other"))
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "taken").write_text("a file")
+    second = {"not-a-run": str(tmp_path / "notes"), "missing": str(tmp_path / "typo"),
+              "twice": f"{tmp_path}/./run"}.get(case, other)
+    out = {"out-is-a-file": ["--out", str(tmp_path / "taken")], "out-under-a-file": ["--out", str(tmp_path / "taken" / "cmp")],
+           "no-out": []}.get(case, ["--out", str(tmp_path / "out")])
+
+    # Execute
+    line = _fails(["report", str(run), second, *out], capsys)
+
+    # Assert: the one line names the mistake; nothing was drawn anywhere
+    assert line.startswith("fedfm: error: ") and expected.replace("{tmp}", str(tmp_path)) in line, line
+    assert capsys.readouterr().out == ""
+    assert not list(tmp_path.rglob("*.png")) and not list(tmp_path.rglob("comparison.md"))

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import tomllib
 
 from fedfm import keys
 from fedfm.cli import _parser, main
@@ -17,6 +18,7 @@ from fedfm.config import RunConfig
 from fedfm.errors import ConfigError, FedfmError
 from fedfm.progress import LineProgress, LiveProgress, Progress, RoundStatus, format_status, progress_display
 from fedfm.report import ReportError, read_run, write_report
+from fedfm.report_compare import COMPARISON, compare_runs, plot_comparison, read_comparison
 from fedfm.rundir import (
     ClientLevel,
     FinalScores,
@@ -74,13 +76,15 @@ def _round(server_round: int, *, dp: bool = False, client_level: bool = False, r
     )
 
 
-def _run_dir(path: Path, *, rounds: int = 3, planned: int = 3, summary: bool = True, **kinds: Any) -> Path:
+def _run_dir(path: Path, *, rounds: int = 3, planned: int = 3, summary: bool = True,
+             settings: dict[str, Any] | None = None, **kinds: Any) -> Path:
     """A run directory written through fedfm's own RunDirectory (config, metrics lines, summary)."""
     directory = RunDirectory(path)
     directory.write_config(RunConfig().replace(**{
         "federation.num-rounds": planned,
         "privacy.mode": "dp-sgd" if kinds.get("dp") else "none",
         "privacy.client-dp": "server-fixed" if kinds.get("client_level") else "none",
+        **(settings or {}),
     }))
     history = []
     for server_round in range(1, rounds + 1):
@@ -221,6 +225,173 @@ def test_cli_report_writes_where_told_and_lists_the_plots(tmp_path: Path, capsys
     out = capsys.readouterr().out.splitlines()
     assert out[0] == f"report: {tmp_path / 'out' / 'report.md'}"
     assert [line.split("/")[-1] for line in out[1:]] == ["global.png", "hospitals.png", "epsilon.png", "bytes.png"]
+
+
+# -------------------------------------------------------------------------------------------------- comparing runs
+
+
+def _runs_table(text: str) -> dict[str, dict[str, str]]:
+    """The comparison's table of runs, as run name to column to cell."""
+    lines = [line for line in text.splitlines() if line.startswith("| ")]
+    head = [cell.strip() for cell in lines[0].strip("|").split(" | ")]
+    rows = [dict(zip(head, (cell.strip() for cell in line.strip("|").split(" | ")), strict=True)) for line in lines[2:]]
+    return {row["run"]: row for row in rows}
+
+
+def _global(run_dir: Path, metric: str) -> list[tuple[int, float]]:
+    """(round, value) of a global metric as metrics.jsonl holds it (the later line of a round written twice)."""
+    values = {}
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        entry = json.loads(line)
+        if metric in entry["global"]:
+            values[entry["round"]] = entry["global"][metric]
+    return sorted(values.items())
+
+
+def _generative_run(path: Path, rounds: int = 2) -> Path:
+    """An instruction-tuning run: perplexity and loss, no accuracy."""
+    directory = RunDirectory(path)
+    directory.write_config(RunConfig().replace(**{"model.task": "instruction-tuning", "federation.num-rounds": rounds,
+                                                 "data.dataset": "medical_meadow_wikidoc_patient"}))
+    for server_round in range(1, rounds + 1):
+        directory.append_round(RoundEntry(round=server_round, global_={"perplexity": 40.0 / server_round,
+                                                                       "loss": 3.7 - 0.7 * server_round}))
+    return path
+
+
+def test_comparison_tabulates_the_settings_that_differ_and_each_runs_final_and_best(tmp_path: Path) -> None:
+    # Prepare: two runs of a sweep over the learning rate; the second's best accuracy is in round 2, not the last
+    fast = _run_dir(tmp_path / "lr-0.002", settings={"train.learning-rate": 0.002})
+    slow = _run_dir(tmp_path / "lr-0.0005", rounds=2, planned=3, summary=False, dp=True,
+                    settings={"train.learning-rate": 0.0005})
+    better = _round(2, dp=True)
+    with (slow / "metrics.jsonl").open("a") as f:
+        f.write(round_line(dataclasses.replace(better, global_={**better.global_, "accuracy": 0.9876})) + "\n")
+
+    # Execute
+    comparison = compare_runs([fast, slow], tmp_path / "out")
+
+    # Assert: only the settings whose stored values differ are columns, with each run's stored value
+    assert comparison == tmp_path / "out" / COMPARISON
+    table = _runs_table(comparison.read_text())
+    assert list(table) == ["lr-0.002", "lr-0.0005"]
+    configs = {name: tomllib.loads((tmp_path / name / "config.toml").read_text()) for name in table}
+    differing = [column for column in table["lr-0.002"] if "." in column]
+    assert differing == ["train.learning-rate", "privacy.mode"]
+    for name, row in table.items():
+        assert row["train.learning-rate"] == str(configs[name]["train"]["learning-rate"])
+        assert row["privacy.mode"] == configs[name]["privacy"]["mode"]
+    # the final and best global metrics are those metrics.jsonl holds, with their rounds
+    for name, run_dir in (("lr-0.002", fast), ("lr-0.0005", slow)):
+        for metric in ("accuracy", "macro-f1", "loss"):
+            values = _global(run_dir, metric)
+            best = (min if metric == "loss" else max)(values, key=lambda item: item[1])
+            assert table[name][f"final {metric}"] == f"{values[-1][1]:.4f} (round {values[-1][0]})"
+            assert table[name][f"best {metric}"] == f"{best[1]:.4f} (round {best[0]})"
+    assert table["lr-0.0005"]["best accuracy"] == "0.9876 (round 2)"
+    assert table["lr-0.002"]["rounds"] == "3 of 3" and table["lr-0.0005"]["rounds"] == "2 of 3, incomplete"
+    assert table["lr-0.002"]["wall time"] == "7.5 s" and table["lr-0.0005"]["wall time"] == "-"
+    last = json.loads((slow / "metrics.jsonl").read_text().splitlines()[-1])
+    assert table["lr-0.0005"]["max ε"] == f"{max(last['privacy']['sample_level_epsilon'].values()):.3f} (sample-level)"
+    assert table["lr-0.002"]["max ε"] == "-"
+
+
+def test_each_comparison_plot_has_one_line_per_run_with_its_recorded_values(tmp_path: Path) -> None:
+    # Prepare: three runs, two with the same directory name, one with client-level DP
+    runs = [_run_dir(tmp_path / "a" / "run"), _run_dir(tmp_path / "b" / "run", rounds=2),
+            _run_dir(tmp_path / "dp", client_level=True)]
+
+    # Execute
+    comparison = read_comparison(runs)
+    report = compare_runs(runs, tmp_path / "out")
+
+    # Assert: the names told apart, a plot per metric and for ε and bytes, each written
+    assert comparison.names == ["a/run", "b/run", "dp"]
+    assert [plot.file for plot in comparison.plots] == [
+        "compare-accuracy.png", "compare-macro-f1.png", "compare-loss.png", "compare-epsilon.png", "compare-bytes.png"]
+    for plot in comparison.plots:
+        _assert_png(report.parent / plot.file)
+        assert f"]({plot.file})" in report.read_text()
+    plots = {plot.file: plot for plot in comparison.plots}
+    for metric in ("accuracy", "loss"):
+        figure = plot_comparison(plots[f"compare-{metric}.png"], tmp_path / f"{metric}.png", comparison.names)
+        lines = figure.axes[0].get_lines()
+        assert [line.get_label() for line in lines] == comparison.names
+        for line, run_dir in zip(lines, runs, strict=True):
+            initial = json.loads((run_dir / "summary.json").read_text())["initial"]["global"][metric]
+            assert list(line.get_xdata()) == [0, *(r for r, _ in _global(run_dir, metric))]
+            assert list(line.get_ydata()) == [initial, *(v for _, v in _global(run_dir, metric))]
+    epsilon = plot_comparison(plots["compare-epsilon.png"], tmp_path / "eps.png", comparison.names)
+    assert [[line.get_label() for line in axes.get_lines()] for axes in epsilon.axes] == [["dp"]]
+    client = [json.loads(line)["privacy"]["client_level"]["epsilon"]
+              for line in (runs[2] / "metrics.jsonl").read_text().splitlines()]
+    assert list(epsilon.axes[0].get_lines()[0].get_ydata()) == client
+    sent = plot_comparison(plots["compare-bytes.png"], tmp_path / "bytes.png", comparison.names)
+    for axes, key in zip(sent.axes, ("bytes_up", "bytes_down"), strict=True):
+        assert [line.get_label() for line in axes.get_lines()] == comparison.names
+        assert [list(line.get_ydata()) for line in axes.get_lines()] == [
+            [json.loads(line)[key] for line in (run / "metrics.jsonl").read_text().splitlines()] for run in runs]
+
+
+def test_runs_of_different_tasks_plot_only_what_each_has_and_say_what_is_missing(tmp_path: Path) -> None:
+    classifier = _run_dir(tmp_path / "classifier")
+    generative = _generative_run(tmp_path / "generative")
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "compare-old-metric.png").write_bytes(b"left from an earlier comparison")
+
+    comparison = read_comparison([classifier, generative])
+    report = compare_runs([classifier, generative], tmp_path / "out")
+
+    lines = {plot.file: list(plot.panels[0].lines) for plot in comparison.plots}
+    assert lines == {"compare-accuracy.png": ["classifier"], "compare-macro-f1.png": ["classifier"],
+                     "compare-perplexity.png": ["generative"], "compare-loss.png": ["classifier", "generative"],
+                     "compare-bytes.png": ["classifier", "generative"]}
+    figure = plot_comparison(comparison.plots[2], tmp_path / "p.png", comparison.names)
+    assert figure.axes[0].get_yscale() == "log"
+    text = report.read_text()
+    assert "- classifier has no perplexity" in text and "- generative has no accuracy, macro-f1" in text
+    table = _runs_table(text)
+    assert table["generative"]["final accuracy"] == "-" and table["generative"]["final perplexity"] == "20.0000 (round 2)"
+    assert table["classifier"]["model.task"] == "sequence-classification"
+    assert sorted(p.name for p in report.parent.glob("*.png")) == sorted(lines)  # the stale plot is gone
+
+
+def test_one_run_directory_still_writes_the_single_runs_report(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    run_dir = _run_dir(tmp_path / "run")
+
+    assert main(["report", str(run_dir), "--out", str(tmp_path / "cli")]) == 0
+
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == f"report: {tmp_path / 'cli' / 'report.md'}"
+    expected = write_report(run_dir, tmp_path / "api").read_text()
+    assert (tmp_path / "cli" / "report.md").read_text() == expected
+    assert sorted(p.name for p in (tmp_path / "cli").iterdir()) == ["bytes.png", "global.png", "hospitals.png",
+                                                                     "report.md"]
+
+
+def test_cli_compares_several_runs_and_lists_the_plots(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    runs = [str(_run_dir(tmp_path / "a")), str(_generative_run(tmp_path / "b"))]
+
+    assert main(["report", *runs, "--out", str(tmp_path / "out")]) == 0
+
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == f"comparison: {tmp_path / 'out' / COMPARISON}"
+    assert sorted(line.removeprefix("plot:   ") for line in out[1:]) == sorted(
+        str(p) for p in (tmp_path / "out").glob("*.png"))
+    assert len(out) == 1 + 5  # accuracy, macro-f1, perplexity, loss, bytes
+
+
+def test_compare_runs_refuses_a_single_run_and_a_run_given_twice(tmp_path: Path) -> None:
+    run_dir = _run_dir(tmp_path / "run")
+
+    with pytest.raises(ReportError, match="two or more run directories, got 1"):
+        compare_runs([run_dir], tmp_path / "out")
+    with pytest.raises(ReportError, match="is given twice: name each run once"):
+        compare_runs([run_dir, run_dir], tmp_path / "out")
+    with pytest.raises(ReportError, match=r"is given twice \(.*run and .*run/\)"):
+        compare_runs([str(run_dir), f"{run_dir}/"], tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
 
 
 # -------------------------------------------------------------------------------------------------------- progress

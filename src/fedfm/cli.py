@@ -100,9 +100,12 @@ def _parser() -> argparse.ArgumentParser:
             infer.add_argument("--limit", type=_positive_int, metavar="N",
                                help="with --benchmark: only the first N questions of each benchmark")
 
-    run_report = commands.add_parser("report", help="plot a run's metrics, ε and bytes per round into a report.md")
-    run_report.add_argument("run_dir", help="a run directory written by fedfm run (finished, stopped or running)")
-    run_report.add_argument("--out", metavar="DIR", help="where the report goes (default: RUN_DIR/report)")
+    run_report = commands.add_parser("report", help="plot a run's metrics, ε and bytes per round into a report.md; "
+                                                    "with several runs, a comparison.md side by side")
+    run_report.add_argument("run_dir", nargs="+", help="a run directory written by fedfm run (finished, stopped or "
+                                                       "running); two or more to compare them")
+    run_report.add_argument("--out", metavar="DIR", help="where the report goes (default: RUN_DIR/report); "
+                                                         "required when comparing several runs")
 
     hospital = commands.add_parser(
         "hospital",
@@ -209,10 +212,21 @@ def main(argv: list[str] | None = None) -> int:
                                                   **options)
                 print(f"predicted {len(rows.table)} row(s)" + (f": {args.output}" if args.output else ""))
             return 0
+        if args.command == "report" and len(args.run_dir) > 1:
+            from fedfm.errors import ReportError
+            from fedfm.report_compare import compare_runs
+
+            if not args.out:
+                raise ReportError(f"comparing {len(args.run_dir)} runs needs --out DIR, the folder for "
+                                  "comparison.md and its plots")
+            written = compare_runs(args.run_dir, args.out)
+            print(f"comparison: {written}")
+            print("\n".join(f"plot:   {plot}" for plot in sorted(written.parent.glob("compare-*.png"))))
+            return 0
         if args.command == "report":
             from fedfm.report import PLOTS, write_report
 
-            written = write_report(Path(args.run_dir), Path(args.out) if args.out else None)
+            written = write_report(Path(args.run_dir[0]), Path(args.out) if args.out else None)
             print(f"report: {written}")
             print("\n".join(f"plot:   {written.parent / name}" for name in PLOTS if (written.parent / name).is_file()))
             return 0
