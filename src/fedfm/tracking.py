@@ -58,8 +58,8 @@ def problems(config: RunConfig) -> list[str]:
     kind = config.output.tracking
     if kind == "none" or importlib.util.find_spec(PACKAGES[kind]) is not None:
         return []
-    return [f"`output.tracking` {kind!r} needs the {PACKAGES[kind]} package, which is not installed: "
-            f'pip install "fedfm[tracking]" (or set output.tracking = "none")']
+    return [(f"`output.tracking` {kind!r} needs the {PACKAGES[kind]} package, which is not installed: "
+             f'pip install "fedfm[tracking]" (or set output.tracking = "none")')]
 
 
 def _key(*parts: str) -> str:
@@ -194,7 +194,7 @@ class Tracking:
             return
         try:
             getattr(self.tracker, method)(*args, **kwargs)
-        except Exception as err:  # a tracking server down must not cost the run
+        except Exception as err:  # noqa: BLE001  # a tracking server down must not cost the run
             logger.warning("tracking stopped: %s failed (%s: %s); the run directory has everything",
                            what, type(err).__name__, err)
             self.tracker = None
@@ -231,7 +231,7 @@ def tracked(config: RunConfig, run_dir: Path, *, resumed: bool) -> Iterator[Trac
     try:
         tracker: Tracker = (MlflowTracker(config, run_dir, resumed=resumed) if kind == "mlflow"
                             else TensorBoardTracker(config, run_dir))
-    except Exception as err:
+    except Exception as err:  # noqa: BLE001  # nor a tracker that cannot start
         logger.warning("tracking is off for this run: %s could not start (%s: %s)", kind, type(err).__name__, err)
         yield None
         return
