@@ -523,27 +523,31 @@ def _start_network(folder: Path) -> Network:
     # Each hospital's own file lies in its own folder; the coordinator holds no rows.
     for seed, (hospital, rows) in enumerate(HOSPITAL_ROWS.items()):
         _write_notes(folder / hospital / "records.csv", rows, seed=10 + seed, labels=(0,) if hospital == ONE_CLASS else (0, 1))
-    network.start("superlink", [
-        str(BIN / "flower-superlink"),
-        "--ssl-ca-certfile", str(network.certificates / "ca.crt"),
-        "--ssl-certfile", str(network.certificates / "server.pem"),
-        "--ssl-keyfile", str(network.certificates / "server.key"),
-        "--enable-supernode-auth", "--disable-runtime-dependency-installation",
-        "--host", "127.0.0.1", "--port", str(port), "--database", ":flwr-in-memory:",
-    ])
-    _wait_until(lambda: "Uvicorn running on https://" in network.log("superlink"), "the SuperLink serving HTTPS",
-                120, [network.logs["superlink"]])
-    for hospital in HOSPITAL_ROWS:  # the coordinator lists the hospitals' public keys
-        done = network.flwr("supernode", "register", str(network.keys / f"{hospital}.pub"), CONNECTION)
-        assert done.returncode == 0, done.stdout + done.stderr
-    # Known by name in data.hospitals; east also by its index there. East runs Flower's default (a fresh
-    # flwr-clientapp process per instruction), north and south are warm hospitals (one `fedfm hospital` process),
-    # south's over a Runtime API with TLS.
-    for hospital in HOSPITAL_ROWS:
-        network.supernode(hospital, HOSPITALS.index(hospital) if hospital == "east" else None,
-                          warm=hospital in WARM, runtime_tls=hospital == "south")
-    _wait_until(lambda: network.log("superlink").count("[Fleet.ActivateNode] Activated") == len(HOSPITAL_ROWS),
-                "every listed SuperNode connecting", 180, list(network.logs.values()))
+    try:  # a network that fails to come up is stopped here: the fixture never gets it to stop
+        network.start("superlink", [
+            str(BIN / "flower-superlink"),
+            "--ssl-ca-certfile", str(network.certificates / "ca.crt"),
+            "--ssl-certfile", str(network.certificates / "server.pem"),
+            "--ssl-keyfile", str(network.certificates / "server.key"),
+            "--enable-supernode-auth", "--disable-runtime-dependency-installation",
+            "--host", "127.0.0.1", "--port", str(port), "--database", ":flwr-in-memory:",
+        ])
+        _wait_until(lambda: "Uvicorn running on https://" in network.log("superlink"), "the SuperLink serving HTTPS",
+                    120, [network.logs["superlink"]])
+        for hospital in HOSPITAL_ROWS:  # the coordinator lists the hospitals' public keys
+            done = network.flwr("supernode", "register", str(network.keys / f"{hospital}.pub"), CONNECTION)
+            assert done.returncode == 0, done.stdout + done.stderr
+        # Known by name in data.hospitals; east also by its index there. East runs Flower's default (a fresh
+        # flwr-clientapp process per instruction), north and south are warm hospitals (one `fedfm hospital` process),
+        # south's over a Runtime API with TLS.
+        for hospital in HOSPITAL_ROWS:
+            network.supernode(hospital, HOSPITALS.index(hospital) if hospital == "east" else None,
+                              warm=hospital in WARM, runtime_tls=hospital == "south")
+        _wait_until(lambda: network.log("superlink").count("[Fleet.ActivateNode] Activated") == len(HOSPITAL_ROWS),
+                    "every listed SuperNode connecting", 180, list(network.logs.values()))
+    except BaseException:
+        network.stop()
+        raise
     return network
 
 
