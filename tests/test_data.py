@@ -336,11 +336,11 @@ def test_source_data_checks_its_columns():
 def test_unknown_names_list_the_known_ones():
     with pytest.raises(ConfigError) as info:
         load_source("mimic")
-    assert "['conll', 'csv', 'heart_disease_uci', 'json', 'jsonl', 'medical_meadow_wikidoc_patient', 'medmcqa'" in str(
+    assert "['conll', 'csv', 'heart_disease_uci', 'image-folder', 'json', 'jsonl', 'medical_meadow_wikidoc_patient'" in str(
         info.value)
     with pytest.raises(ConfigError) as info:
         get_partitioner("shards")
-    assert "['dirichlet', 'iid', 'natural']" in str(info.value)
+    assert "['dirichlet', 'iid', 'natural', 'quantity-skew']" in str(info.value)
     with pytest.raises(ConfigError, match="dirichlet"):
         build_federation(load_source("heart_disease_uci"), partitioner="shards", num_hospitals=2)
 

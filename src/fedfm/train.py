@@ -306,7 +306,7 @@ def train_local(
     masks = _rank_masks(trained, rank) if rank is not None else {}
     anchor = [p.detach().clone() for p in params] if proximal_mu > 0 else []
     collate = task.collate(tokenizer)
-    lengths = [len(ids) for ids in dataset["input_ids"]]
+    lengths = task.row_lengths(dataset)
     weights = _class_weights(model, task, dataset, spec)
     total = dp.steps if dp is not None else planned_steps(len(lengths), spec)
     losses: list[float] = []

@@ -203,7 +203,7 @@ def workspace_for(config: RunConfig, node: NodeData | None = None, *, side: str 
             federation = (federation_for(config.data, kind=task.data_kind) if node is None
                           else node_federation_for(config.data, node))
             source = federation.source
-            num_labels = len(source.label_names) if source.kind in ("classification", "token-classification") else 0
+            num_labels = len(source.label_names) if source.kind in ("classification", "token-classification", "image") else 0
             loaded = load_model(config.model, config.lora, task, num_labels=num_labels, seed=config.train.seed,
                                 side=side)
             _WORKSPACES[key] = Workspace(config, task, loaded, federation, num_labels, node)

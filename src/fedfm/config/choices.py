@@ -11,8 +11,10 @@ from __future__ import annotations
 import re
 from typing import Literal, get_args
 
-ModelAlias = Literal["minilm", "smollm2-135m"]
-Task = Literal["sequence-classification", "causal-qa", "token-classification", "instruction-tuning"]
+ModelAlias = Literal["minilm", "smollm2-135m", "dinov2-small"]
+Task = Literal[
+    "sequence-classification", "causal-qa", "token-classification", "instruction-tuning", "image-classification"
+]
 #: `model.dtype`: the autocast dtype of forward passes (`auto`: bfloat16 on a CUDA device that has it, else float32).
 DType = Literal["auto", "float32", "bfloat16"]
 #: `model.quantization`: how the frozen base is stored (bitsandbytes; `4bit` is QLoRA's NF4).
@@ -21,14 +23,15 @@ Device = Literal["auto", "cpu", "cuda"]
 Pooling = Literal["auto", "cls", "mean", "layer-mean"]
 
 BuiltinDataset = Literal[
-    "heart_disease_uci", "nicta_piboso", "pubmedqa", "medmcqa", "medqa", "ncbi_disease", "medical_meadow_wikidoc_patient"
+    "heart_disease_uci", "nicta_piboso", "pubmedqa", "medmcqa", "medqa", "ncbi_disease", "medical_meadow_wikidoc_patient",
+    "pneumoniamnist",
 ]
 #: Tables of one's own (`data.path`); with an `abstract_id` column they take `data.context` too.
 TableDataset = Literal["csv", "jsonl", "parquet"]
 #: Datasets read from a file of one's own: the tables, and word-tagged CoNLL text (a token and its tag per line).
-FileDataset = Literal[TableDataset, "conll"]
+FileDataset = Literal[TableDataset, "conll", "image-folder"]
 Dataset = Literal[BuiltinDataset, FileDataset]
-Partitioner = Literal["iid", "dirichlet", "natural"]
+Partitioner = Literal["iid", "dirichlet", "quantity-skew", "natural"]
 Context = Literal["none", "position", "neighbours", "both"]
 #: `data.augment`: extra training rows a hospital makes from its own training rows.
 Augment = Literal["none", "conclusion"]
@@ -78,6 +81,9 @@ ATTACKS: tuple[str, ...] = get_args(AttackKind)
 
 #: Datasets tagged word by word, for `model.task = "token-classification"` (and only for it).
 TOKEN_DATASETS = ("ncbi_disease", "conll")
+#: Datasets of images, for `model.task = "image-classification"` (which also reads `csv`/`jsonl`/`parquet` tables of
+#: image paths).
+IMAGE_DATASETS = ("pneumoniamnist", "image-folder")
 #: Datasets whose rows are sentences of abstracts, for `data.context` other than "none".
 ABSTRACT_DATASETS = ("nicta_piboso",)
 #: Datasets whose rows carry a `conclusion` column, for `data.augment = "conclusion"`.

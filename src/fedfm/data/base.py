@@ -15,7 +15,8 @@ CLASSIFICATION = "classification"
 MULTIPLE_CHOICE = "multiple-choice"
 TOKEN_CLASSIFICATION = "token-classification"
 INSTRUCTION = "instruction"
-KINDS = (CLASSIFICATION, MULTIPLE_CHOICE, TOKEN_CLASSIFICATION, INSTRUCTION)
+IMAGE = "image"
+KINDS = (CLASSIFICATION, MULTIPLE_CHOICE, TOKEN_CLASSIFICATION, INSTRUCTION, IMAGE)
 
 # The columns a task can rely on; loaders may add more (hospital, pmid, ...).
 REQUIRED_COLUMNS: dict[str, tuple[str, ...]] = {
@@ -26,6 +27,8 @@ REQUIRED_COLUMNS: dict[str, tuple[str, ...]] = {
     # A conversation: a list of {"role", "content"} turns ending with the assistant's; `label` is a topic id
     # (e.g. the question's kind) for stratified splits and the Dirichlet partitioner.
     INSTRUCTION: ("messages", "label"),
+    # An image (a datasets ``Image`` column: decoded to a PIL image on access) and its class id.
+    IMAGE: ("image", "label"),
 }
 
 
@@ -60,7 +63,8 @@ class SourceData:
     Dirichlet partitioner use). Instruction rows carry ``messages`` (a list of
     ``{"role", "content"}`` turns, the last one the assistant's answer) and
     ``label`` (int, a topic id into ``label_names`` for stratified splits and
-    the Dirichlet partitioner). Objects returned by :func:`fedfm.data.load_source` are cached and
+    the Dirichlet partitioner). Image rows carry ``image`` (a ``datasets.Image``
+    column, a PIL image when read) and ``label`` (int). Objects returned by :func:`fedfm.data.load_source` are cached and
     shared: treat them as read-only (use ``Dataset.with_format``, which returns a
     copy, rather than ``set_format``, which changes the shared object).
 
@@ -69,7 +73,7 @@ class SourceData:
     name : str
         The source's registry name, e.g. ``"heart_disease_uci"``.
     kind : str
-        ``"classification"``, ``"multiple-choice"``, ``"token-classification"`` or ``"instruction"``.
+        ``"classification"``, ``"multiple-choice"``, ``"token-classification"``, ``"instruction"`` or ``"image"``.
     train : datasets.Dataset
         The rows hospitals are built from.
     test : datasets.Dataset or None
@@ -108,7 +112,7 @@ class SourceData:
                         f"{split_name} split lacks column(s) {missing} required for kind "
                         f"{self.kind!r}; it has {split.column_names}"
                     )
-        if self.kind in (CLASSIFICATION, TOKEN_CLASSIFICATION, INSTRUCTION) and not self.label_names:
+        if self.kind in (CLASSIFICATION, TOKEN_CLASSIFICATION, INSTRUCTION, IMAGE) and not self.label_names:
             problems.append(f"`label_names` must name at least one class for {self.kind}")
         if self.natural_column is not None and self.natural_column not in self.train.column_names:
             problems.append(

@@ -13,7 +13,7 @@ from datasets import Dataset, concatenate_datasets
 
 from fedfm.config import AUGMENTS, FILE_DATASETS, RunConfig
 from fedfm.data._cache import LruCache
-from fedfm.data.base import CLASSIFICATION, SourceData, is_count
+from fedfm.data.base import CLASSIFICATION, IMAGE, SourceData, is_count
 from fedfm.data.files import ONE_CLASS
 from fedfm.data.partitioners import keep_groups_together, known_partitioners, partition
 from fedfm.data.piboso import (
@@ -465,7 +465,7 @@ def _build(
     augment: str = "none",
 ) -> Federation:
     train = source.train
-    if source.kind == CLASSIFICATION and len(classes := set(train["label"])) < 2:
+    if source.kind in (CLASSIFICATION, IMAGE) and len(classes := set(train["label"])) < 2:
         named = f"{source.label_names[min(classes)]!r} (of {source.label_names})" if classes else "none"
         raise DataError(f"every row of {source.name!r} has the label {named}; {ONE_CLASS}")
     if context != "none":

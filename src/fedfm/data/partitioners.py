@@ -124,7 +124,7 @@ def partition(
     dataset : datasets.Dataset
         The rows to split.
     partitioner : str
-        ``"iid"``, ``"dirichlet"`` (label skew), ``"natural"`` (one hospital per
+        ``"iid"``, ``"dirichlet"`` (label skew), ``"quantity-skew"`` (sizes), ``"natural"`` (one hospital per
         value of ``column``) or a registered name.
     num_partitions : int or None
         Number of hospitals; ignored by ``"natural"`` (may be ``None`` there),
@@ -292,6 +292,65 @@ def dirichlet_partition(
     return [Partition(f"hospital-{i}", dataset.select(rows)) for i, rows in enumerate(assignment)]
 
 
+def quantity_skew_partition(
+    dataset: Dataset,
+    *,
+    num_partitions: int,
+    seed: int,
+    alpha: float = 0.5,
+    column: str | None = None,
+    label_column: str = "label",
+    min_partition_size: int = 2,
+) -> list[Partition]:
+    """Large and small hospitals: sizes drawn from Dirichlet(alpha) over the hospitals, rows dealt at random.
+
+    The quantity-based label-balanced skew of NIID-Bench (Li et al., ICDE 2022,
+    https://arxiv.org/abs/2102.02079): each hospital's share of the rows is one draw of a
+    Dirichlet(alpha) vector, so every hospital's label mix is the dataset's (up to
+    sampling) while their sizes differ. Shuffled rows are cut into those sizes by
+    flwr-datasets' ``SizePartitioner``. A hospital below ``min_partition_size`` rows is
+    raised to it with rows from the largest.
+
+    Parameters
+    ----------
+    dataset : datasets.Dataset
+        The rows.
+    num_partitions : int
+        Number of hospitals (at most the number of rows).
+    seed : int
+        Seed of the draw and the shuffle.
+    alpha : float
+        Concentration (> 0); 0.5 gives hospitals tens of times apart in size, 100 almost equal ones.
+    column, label_column
+        Unused.
+    min_partition_size : int
+        Smallest hospital; capped at ``len(dataset) // num_partitions``.
+
+    Returns
+    -------
+    list[Partition]
+        ``hospital-0`` .. ``hospital-<n-1>``.
+    """
+    if isinstance(alpha, bool) or not isinstance(alpha, Real) or not alpha > 0:
+        raise ConfigError(f"`alpha` must be > 0 for the quantity-skew partitioner, got {alpha!r}")
+    _check_enough_rows(len(dataset), num_partitions)
+    from flwr_datasets.partitioner import SizePartitioner
+
+    rng = np.random.default_rng(seed)
+    floor = min(min_partition_size, len(dataset) // num_partitions)
+    shares = rng.dirichlet(np.full(num_partitions, float(alpha)))
+    sizes = np.maximum(np.floor(shares * len(dataset)).astype(int), floor)
+    # Rounding and the floor leave the total off by a few rows: the largest hospitals give or take them.
+    while (excess := int(sizes.sum()) - len(dataset)) != 0:
+        largest = int(np.argmax(sizes))
+        sizes[largest] -= min(excess, sizes[largest] - floor) if excess > 0 else excess
+    order = rng.permutation(len(dataset))
+    splitter = SizePartitioner([int(n) for n in sizes])
+    splitter.dataset = _key_dataset(order.tolist())
+    return [Partition(f"hospital-{i}", dataset.select(list(splitter.load_partition(i)[_KEY])))
+            for i in range(num_partitions)]
+
+
 def _flwr_dirichlet(labels: list[Any], num_partitions: int, alpha: float, seed: int, min_size: int) -> list[list[int]]:
     from flwr_datasets.partitioner import DirichletPartitioner
 
@@ -412,4 +471,5 @@ def natural_partition(
 
 register_partitioner("iid", iid_partition)
 register_partitioner("dirichlet", dirichlet_partition)
+register_partitioner("quantity-skew", quantity_skew_partition)
 register_partitioner("natural", natural_partition)

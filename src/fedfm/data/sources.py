@@ -9,12 +9,20 @@ from pathlib import Path
 from datasets import Dataset
 
 from fedfm.data._cache import LruCache
-from fedfm.data.base import CLASSIFICATION, INSTRUCTION, MULTIPLE_CHOICE, SourceData, SourceRequest
+from fedfm.data.base import CLASSIFICATION, IMAGE, INSTRUCTION, MULTIPLE_CHOICE, SourceData, SourceRequest
 from fedfm.data.choice_files import choice_file
 from fedfm.data.conll import load_conll
 from fedfm.data.files import FILE_FORMATS, load_file, register_file_kind
 from fedfm.data.formats import TEXT_INPUT, InputFormat, register_input_format
 from fedfm.data.heart import HEART_RECORD_INPUT, load_heart_disease
+from fedfm.data.images import (
+    IMAGE_FOLDER,
+    IMAGE_INPUT,
+    PNEUMONIAMNIST,
+    image_table,
+    load_image_folder,
+    load_pneumoniamnist,
+)
 from fedfm.data.instruction import MEDICAL_MEADOW, instruction_file, load_medical_meadow
 from fedfm.data.ncbi import load_ncbi_disease
 from fedfm.data.paths import resolve_data_dir_with_origin
@@ -179,6 +187,7 @@ def _head(split: Dataset | None, max_rows: int) -> Dataset | None:
 # fedfm.json names these formats; the order is the one its error message lists them in.
 register_input_format(HEART_RECORD_INPUT)
 register_input_format(MULTIPLE_CHOICE_INPUT)
+register_input_format(IMAGE_INPUT)
 register_source("heart_disease_uci", load_heart_disease, input_format=HEART_RECORD_INPUT)
 register_source("nicta_piboso", load_piboso)
 register_source("pubmedqa", load_pubmedqa, input_format=PUBMEDQA_INPUT)
@@ -187,6 +196,9 @@ register_source("medqa", load_medqa, input_format=MULTIPLE_CHOICE_INPUT)
 register_source("ncbi_disease", load_ncbi_disease)
 register_source("conll", load_conll)
 register_source(MEDICAL_MEADOW, load_medical_meadow)
+register_source(PNEUMONIAMNIST, load_pneumoniamnist, input_format=IMAGE_INPUT)
+register_source(IMAGE_FOLDER, load_image_folder, input_format=IMAGE_INPUT)
+register_file_kind(IMAGE, image_table)
 register_file_kind(INSTRUCTION, instruction_file)
 register_file_kind(MULTIPLE_CHOICE, choice_file)
 for _format in FILE_FORMATS:

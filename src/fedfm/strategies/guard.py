@@ -63,6 +63,21 @@ def _metrics_of(content: Any) -> MetricRecord | None:
     return records[0] if len(records) == 1 else None
 
 
+def _common_metrics(replies: list[Message]) -> list[Message]:
+    """The replies with only the metrics every one of them reports (Flower refuses to average differing keys).
+
+    A hospital may report a metric the others cannot (an image classifier's AUC needs both classes in the
+    hospital's test rows); each hospital's own values are recorded in full before this.
+    """
+    keys = [set(m.keys()) for m in (_metrics_of(r.content) for r in replies) if m is not None]
+    common = set.intersection(*keys) if keys else set()
+    for reply in replies:
+        for name, record in list(reply.content.items()):
+            if isinstance(record, MetricRecord) and set(record.keys()) != common:
+                reply.content[name] = MetricRecord({k: v for k, v in record.items() if k in common})
+    return replies
+
+
 def _numbers(metrics: MetricRecord) -> dict[str, float]:
     """A reply's scalar metrics as floats (what the round's line records)."""
     return {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}  # type: ignore[arg-type]
@@ -363,4 +378,4 @@ class GuardedStrategy(Strategy):
             valid.append(msg)
         if not valid:
             return None
-        return self.inner.aggregate_evaluate(server_round, valid)
+        return self.inner.aggregate_evaluate(server_round, _common_metrics(valid))

@@ -8,6 +8,7 @@ from __future__ import annotations
 from fedfm.errors import ConfigError
 from fedfm.tasks.base import Task
 from fedfm.tasks.causal_qa import CausalQA
+from fedfm.tasks.image_classification import ImageClassification
 from fedfm.tasks.instruction_tuning import InstructionTuning
 from fedfm.tasks.sequence_classification import SequenceClassification
 from fedfm.tasks.token_classification import TokenClassification
@@ -46,5 +47,15 @@ register_task(SequenceClassification.name, SequenceClassification)
 register_task(CausalQA.name, CausalQA)
 register_task(TokenClassification.name, TokenClassification)
 register_task(InstructionTuning.name, InstructionTuning)
+register_task(ImageClassification.name, ImageClassification)
 
-__all__ = ["CausalQA", "InstructionTuning", "SequenceClassification", "Task", "TokenClassification", "get_task", "register_task"]
+__all__ = [
+    "CausalQA",
+    "ImageClassification",
+    "InstructionTuning",
+    "SequenceClassification",
+    "Task",
+    "TokenClassification",
+    "get_task",
+    "register_task",
+]

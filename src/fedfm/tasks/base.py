@@ -26,6 +26,9 @@ class Task(ABC):
     peft_task_type: str = ""
     #: The rows the task reads (:data:`fedfm.data.base.KINDS`); a file of one's own is read as this kind.
     data_kind: str = "classification"
+    #: Modules trained in full beside the LoRA factors (peft's ``modules_to_save``), when peft's task type
+    #: does not name them itself (an image classifier's head).
+    modules_to_save: tuple[str, ...] = ()
 
     @abstractmethod
     def model_class(self) -> Any:
@@ -42,6 +45,16 @@ class Task(ABC):
         exported adapter (written to the adapter folder's ``fedfm.json``).
         """
         return {}
+
+    def load_preprocessor(self, model_dir: Path, *, image_size: int) -> Any:
+        """What turns a row into model input: the folder's tokenizer (an image task: its image processor)."""
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(model_dir)
+
+    def row_lengths(self, dataset: Dataset) -> list[int]:
+        """Each prepared row's length, by which training batches rows of similar length (token counts)."""
+        return lengths_of(dataset)
 
     @abstractmethod
     def tokenize(self, dataset: Dataset, tokenizer: Any, *, max_length: int) -> Dataset:

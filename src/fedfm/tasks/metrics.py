@@ -43,6 +43,24 @@ def weighted_f1(labels: np.ndarray, predictions: np.ndarray, num_classes: int) -
     return acc / total if total else 0.0
 
 
+def roc_auc(positive: np.ndarray, negative: np.ndarray) -> float:
+    """P(a positive scores above a negative), ties counting half (the Mann-Whitney U statistic); NaN without both."""
+    positive, negative = np.asarray(positive, dtype=np.float64), np.asarray(negative, dtype=np.float64)
+    if positive.size == 0 or negative.size == 0:
+        return float("nan")
+    scores = np.concatenate([positive, negative])
+    order = np.argsort(scores, kind="mergesort")
+    ranks = np.empty(scores.size, dtype=np.float64)
+    sorted_scores = scores[order]
+    # Average ranks (1-based) over runs of equal scores.
+    starts = np.flatnonzero(np.r_[True, sorted_scores[1:] != sorted_scores[:-1]])
+    ends = np.r_[starts[1:], scores.size]
+    for start, end in zip(starts, ends, strict=True):
+        ranks[order[start:end]] = (start + end + 1) / 2.0
+    u = ranks[: positive.size].sum() - positive.size * (positive.size + 1) / 2.0
+    return float(u / (positive.size * negative.size))
+
+
 def classification_metrics(labels: np.ndarray, predictions: np.ndarray, num_classes: int, loss: float) -> dict[str, float]:
     """The standard metric set every task reports."""
     return {

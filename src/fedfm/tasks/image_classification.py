@@ -1,0 +1,114 @@
+"""Image classification with a vision encoder (a ViT) and a fresh classification head."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from datasets import Dataset
+from transformers import AutoModelForImageClassification
+
+from fedfm import interrupt
+from fedfm.tasks.base import Task, evaluating
+from fedfm.tasks.metrics import classification_metrics, roc_auc
+
+
+class ImageClassification(Task):
+    """One label per image; cross-entropy on the head's logits.
+
+    transformers' image-classification model of the encoder builds the head (DINOv2: a linear layer on the
+    class token concatenated with the mean of the patch tokens, the DINOv2 paper's linear evaluation); LoRA
+    adapts the encoder and the head trains in full. Rows keep their images as they came (``datasets.Image``);
+    the model's image processor resizes and normalizes each batch, as ``fedfm predict`` and the model card do.
+    """
+
+    name = "image-classification"
+    #: peft has no task type for image classification: the head is named in ``modules_to_save`` instead.
+    peft_task_type = ""
+    data_kind = "image"
+    modules_to_save = ("classifier",)
+    #: Batch entry holding per-class loss weights (``train.class-weights``), when the training loop sets one.
+    class_weights_key = "class_weights"
+
+    def model_class(self) -> Any:
+        return AutoModelForImageClassification
+
+    def model_kwargs(self, *, num_labels: int) -> dict[str, Any]:
+        return {"num_labels": num_labels}
+
+    def load_preprocessor(self, model_dir: Path, *, image_size: int) -> Any:
+        """The folder's image processor, resizing every image to ``image_size`` pixels a side (no crop)."""
+        from transformers import AutoImageProcessor
+
+        processor = AutoImageProcessor.from_pretrained(model_dir)
+        processor.size = {"height": image_size, "width": image_size}
+        if getattr(processor, "do_center_crop", False):
+            processor.do_center_crop = False  # the whole image, resized: a crop would cut off lung edges
+        return processor
+
+    def row_lengths(self, dataset: Dataset) -> list[int]:
+        """Every image becomes the same number of patches."""
+        return [1] * len(dataset)
+
+    def tokenize(self, dataset: Dataset, tokenizer: Any, *, max_length: int) -> Dataset:
+        """Keep each row's image (decoded when a batch is built) and its label."""
+        return dataset.select_columns(["image", "label"]).rename_column("label", "labels")
+
+    def collate(self, tokenizer: Any) -> Callable[[list[dict[str, Any]]], dict[str, torch.Tensor]]:
+        def collate(rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+            pixels = tokenizer([r["image"] for r in rows], return_tensors="pt")["pixel_values"]
+            return {"pixel_values": pixels, "labels": torch.tensor([r["labels"] for r in rows], dtype=torch.long)}
+
+        return collate
+
+    def loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        logits = model(pixel_values=batch["pixel_values"]).logits.float()
+        weights = batch.get(self.class_weights_key)
+        per_row = torch.nn.functional.cross_entropy(logits, batch["labels"], reduction="none")
+        # Each row's (weighted) loss, averaged over the rows, so accumulated batches add up exactly.
+        return (per_row * weights[batch["labels"]]).mean() if weights is not None else per_row.mean()
+
+    @torch.no_grad()
+    def evaluate(
+        self, model: torch.nn.Module, dataset: Dataset, tokenizer: Any, *, batch_size: int, device: torch.device
+    ) -> dict[str, float]:
+        """Loss, accuracy, macro- and weighted F1; with two classes also the ROC AUC of class 1's probability."""
+        labels, logits = self.score(model, dataset, tokenizer, batch_size=batch_size, device=device)
+        if len(labels) == 0:
+            return {"loss": 0.0, "accuracy": 0.0, "macro-f1": 0.0, "weighted-f1": 0.0}
+        loss = float(torch.nn.functional.cross_entropy(logits, labels))
+        metrics = classification_metrics(labels.numpy(), logits.argmax(-1).numpy(), logits.shape[1], loss)
+        if logits.shape[1] == 2:
+            positive = torch.softmax(logits, -1)[:, 1].numpy()
+            auc = roc_auc(positive[labels.numpy() == 1], positive[labels.numpy() == 0])
+            if not np.isnan(auc):
+                metrics["auc"] = auc
+        return metrics
+
+    @torch.no_grad()
+    def example_losses(
+        self, model: torch.nn.Module, dataset: Dataset, tokenizer: Any, *, batch_size: int, device: torch.device
+    ) -> np.ndarray:
+        labels, logits = self.score(model, dataset, tokenizer, batch_size=batch_size, device=device)
+        if len(labels) == 0:
+            return np.zeros(0)
+        return torch.nn.functional.cross_entropy(logits, labels, reduction="none").numpy()
+
+    def score(
+        self, model: torch.nn.Module, dataset: Dataset, tokenizer: Any, *, batch_size: int, device: torch.device
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Labels and float32 logits of every row in order, on the CPU."""
+        collate = self.collate(tokenizer)
+        labels, logits = [], []
+        with evaluating(model):
+            for start in range(0, len(dataset), max(1, batch_size)):
+                interrupt.check()
+                batch = collate([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
+                logits.append(model(pixel_values=batch["pixel_values"].to(device)).logits.float().cpu())
+                labels.append(batch["labels"])
+        if not labels:
+            return torch.zeros(0, dtype=torch.long), torch.zeros(0, 1)
+        return torch.cat(labels), torch.cat(logits)
