@@ -148,3 +148,39 @@ def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory, smol_tokenizer: Any
     tiny_llama(len(smol_tokenizer), smol_tokenizer.eos_token_id).save_pretrained(folder)
     smol_tokenizer.save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_vit_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 2-layer, 32-wide random DINOv2 (patch 7) with dinov2-small's image processor, saved as a model folder."""
+    import torch
+    from transformers import Dinov2Config, Dinov2Model
+
+    from fedfm.dinov2 import image_processor
+
+    folder = tmp_path_factory.mktemp("tiny-vit")
+    config = Dinov2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, mlp_ratio=2, patch_size=7,
+                          image_size=28, layer_norm_eps=1e-6)
+    torch.manual_seed(0)
+    Dinov2Model(config).save_pretrained(folder)
+    image_processor(28).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_image_settings(tiny_vit_dir: Path) -> dict[str, Any]:
+    """Run settings for the tiny ViT on PneumoniaMNIST's first rows: 3 Dirichlet hospitals, 28-pixel images."""
+    return {
+        "model.name": str(tiny_vit_dir),
+        "model.task": "image-classification",
+        "model.image-size": 28,
+        "lora.r": 4,
+        "data.dataset": "pneumoniamnist",
+        "data.partitioner": "iid",
+        "data.num-hospitals": 3,
+        "data.max-train-per-hospital": 16,
+        "data.max-test": 16,
+        "train.batch-size": 8,
+        "federation.num-rounds": 2,
+        "federation.min-hospitals": 3,
+    }
