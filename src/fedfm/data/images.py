@@ -115,6 +115,25 @@ def _image_files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
 
 
+def class_folders(folder: Path) -> dict[str, list[Path]]:
+    """Each class's image files in a folder with one sub-folder per class.
+
+    Hidden folders and folders without images are left out; classes come in the folders' sorted order.
+
+    Parameters
+    ----------
+    folder : Path
+        ``<folder>/<class name>/<any depth>/<image>``.
+
+    Returns
+    -------
+    dict of str to list of Path
+        Each class's image files, sorted.
+    """
+    classes = {d.name: _image_files(d) for d in sorted(folder.iterdir()) if d.is_dir() and not d.name.startswith(".")}
+    return {name: files for name, files in classes.items() if files}
+
+
 def load_image_folder(request: SourceRequest) -> SourceData:
     """A folder with one sub-folder per class (``<path>/<class name>/<any depth>/<image>``), as image rows.
 
@@ -134,8 +153,7 @@ def load_image_folder(request: SourceRequest) -> SourceData:
     if not folder.is_dir():
         raise DataError(f"`data.path` {str(request.path)!r} is not a folder; an image folder holds one sub-folder "
                         "of images per class")
-    classes = {d.name: _image_files(d) for d in sorted(folder.iterdir()) if d.is_dir() and not d.name.startswith(".")}
-    classes = {name: files for name, files in classes.items() if files}
+    classes = class_folders(folder)
     if len(classes) < 2:
         raise DataError(f"{folder} must hold at least two sub-folders of images (one per class; suffixes "
                         f"{', '.join(IMAGE_SUFFIXES)}); found {sorted(classes) or 'none'}")

@@ -6,13 +6,16 @@ completes the exported folders (``adapter/`` and, with
 
 - ``fedfm.json`` names everything inference needs besides the weights: the
   task, the base model, the class names in id order, how a row becomes the
-  model's text, the token limit and the pooling (:class:`ExportSettings`,
-  :mod:`fedfm.export.settings`);
+  model's input, the token limit and the pooling, an image classifier's image
+  size (:class:`ExportSettings`, :mod:`fedfm.export.settings`);
 - ``README.md`` is a Hugging Face model card whose every figure is read from
   the run's own ``config.toml``, ``summary.json`` and ``metrics.jsonl``
   (:mod:`fedfm.export.card`);
-- a merged classifier that pools by the mean gets ``modeling_fedfm.py`` and an
-  ``auto_map`` in its ``config.json`` (:mod:`fedfm.export.merged`);
+- a merged classifier's ``config.json`` names its classes, and one that pools
+  by the mean gets ``modeling_fedfm.py`` and an ``auto_map`` there
+  (:mod:`fedfm.export.merged`);
+- an image classifier's folders keep the image processor of training
+  (``preprocessor_config.json``); the card's snippet classifies an image file;
 - an instruction-tuned model's folder records the ``chat`` input format
   (:mod:`fedfm.export.conversation`: a row as a conversation to answer) and its
   tokenizer carries the chat template training used.
@@ -28,6 +31,7 @@ from fedfm.export.conversation import CHAT_INPUT, ConversationInput, carry_chat_
 from fedfm.export.describe import write_model_card
 from fedfm.export.merged import MODELING_FILE
 from fedfm.export.settings import (
+    CLASSIFIER_TASKS,
     EXPORT_POOLINGS,
     PREDICTABLE_TASKS,
     TEXT,
@@ -39,6 +43,7 @@ from fedfm.export.settings import (
 __all__ = [
     "CARD",
     "CHAT_INPUT",
+    "CLASSIFIER_TASKS",
     "EXPORT_POOLINGS",
     "MODELING_FILE",
     "PREDICTABLE_TASKS",

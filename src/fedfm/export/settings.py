@@ -14,8 +14,9 @@ from typing import Any
 
 from fedfm.adapters import EXPORT_SETTINGS
 from fedfm.config import CONTEXTS, FILE_DATASETS, TASKS, RunConfig
-from fedfm.data.base import CLASSIFICATION, INSTRUCTION, MULTIPLE_CHOICE
+from fedfm.data.base import CLASSIFICATION, IMAGE, INSTRUCTION, MULTIPLE_CHOICE
 from fedfm.data.formats import TEXT_INPUT, input_format, known_input_formats
+from fedfm.data.images import IMAGE_INPUT
 from fedfm.data.qa import MULTIPLE_CHOICE_INPUT
 from fedfm.data.sources import source_input_format
 from fedfm.errors import FedfmError
@@ -25,7 +26,9 @@ from fedfm.export.conversation import CHAT_INPUT
 TEXT = TEXT_INPUT.name
 
 #: Tasks whose exported folders the card's snippet, ``fedfm predict`` and ``fedfm evaluate`` cover.
-PREDICTABLE_TASKS = ("sequence-classification", "causal-qa", "instruction-tuning")
+PREDICTABLE_TASKS = ("sequence-classification", "causal-qa", "instruction-tuning", "image-classification")
+#: Tasks whose folders hold a classification head with one output per class in ``label_names``.
+CLASSIFIER_TASKS = ("sequence-classification", "image-classification")
 #: ``pooling`` values a ``fedfm.json`` may hold (``""``: no pooling recorded, the model's own).
 EXPORT_POOLINGS = ("", "cls", "mean", "layer-mean")
 #: Poolings that replace the encoder's first-token pooler (loading code must rebuild them).
@@ -43,7 +46,7 @@ class ExportSettings:
     Attributes
     ----------
     task : str
-        ``sequence-classification``, ``causal-qa`` or ``instruction-tuning``.
+        ``sequence-classification``, ``causal-qa``, ``instruction-tuning`` or ``image-classification``.
     base_model : str
         ``model.name`` of the run: a fedfm alias (``minilm``, ``smollm2-135m``) or a folder.
     label_names : list of str
@@ -51,10 +54,11 @@ class ExportSettings:
     input_format : str
         The name of an input format (:func:`fedfm.data.formats.input_format`):
         ``text`` (a text column), ``heart-disease-record`` (a UCI heart-disease
-        record written as text), ``multiple-choice`` (multiple-choice columns) or
-        ``chat`` (conversations: :mod:`fedfm.export.conversation`).
+        record written as text), ``multiple-choice`` (multiple-choice columns),
+        ``chat`` (conversations: :mod:`fedfm.export.conversation`) or ``image``
+        (a column of image file paths: :class:`fedfm.data.images.ImageInput`).
     text_column : str
-        The text column of the ``text`` format.
+        The text column of the ``text`` format; the column of image paths of the ``image`` format.
     label_column : str
         The label column ``fedfm evaluate`` reads by default.
     max_length : int
@@ -76,6 +80,10 @@ class ExportSettings:
         Prompts are conversations written with the chat template of the
         tokenizer saved in the folder (instruction tuning); the model answers
         after the template's generation prompt.
+    image_size : int
+        Image classifiers: pixels a side the image processor saved in the
+        folder resizes every image to (``model.image-size``); ``0`` for other
+        models and for folders exported before fedfm recorded it.
     """
 
     task: str
@@ -90,6 +98,7 @@ class ExportSettings:
     length_normalize: bool = False
     context: str = "none"
     chat_template: bool = False
+    image_size: int = 0
 
     def to_json(self) -> dict[str, Any]:
         """The ``fedfm.json`` form (``pooling`` stays a top-level key, as older folders have it)."""
@@ -152,7 +161,11 @@ def _settings_problems(data: dict[str, Any]) -> list[str]:
     formats = known_input_formats()
     known_format = data["input_format"] in formats
     check(known_format, f"`input_format` must be one of {list(formats)}, got {data['input_format']!r}")
-    generative = known_format and input_format(data["input_format"]).kind == INSTRUCTION  # answers, not classes
+    kind = input_format(data["input_format"]).kind if known_format else ""
+    generative = kind == INSTRUCTION  # answers, not classes
+    check(known_format is False or (data["task"] == "image-classification") == (kind == IMAGE),
+          f"`input_format` {data['input_format']!r} does not fit the task {data['task']!r} (an image classifier "
+          f"reads `image` rows, nothing else does)")
     if not _is_strings(names) or not (names or generative):
         problems.append(f"`label_names` must be a non-empty list of strings (the classes in id order), got {names!r}")
     elif len(set(names)) != len(names):
@@ -164,6 +177,10 @@ def _settings_problems(data: dict[str, Any]) -> list[str]:
         value = data["max_length"]
         check(isinstance(value, int) and not isinstance(value, bool) and value > 0,
               f"`max_length` must be a positive integer, got {value!r}")
+    if "image_size" in data:
+        value = data["image_size"]
+        check(isinstance(value, int) and not isinstance(value, bool) and value >= 0,
+              f"`image_size` must be a whole number of pixels (0: not an image model), got {value!r}")
     if "pooling" in data:
         check(data["pooling"] in EXPORT_POOLINGS, f"`pooling` must be one of {list(EXPORT_POOLINGS)}, got {data['pooling']!r}")
     if "fixed_options" in data:
@@ -202,6 +219,8 @@ def export_settings(config: RunConfig, label_names: list[str], *, pooling: str =
     rows = get_task(config.model.task).data_kind  # what the task reads decides what an input row must become
     if rows == MULTIPLE_CHOICE:
         fmt = source if source.kind == MULTIPLE_CHOICE else MULTIPLE_CHOICE_INPUT
+    elif rows == IMAGE:
+        fmt = source if source.kind == IMAGE else IMAGE_INPUT  # a table of image paths reads as the image format
     elif rows == INSTRUCTION:
         fmt = source if source.kind == INSTRUCTION else CHAT_INPUT
     elif data.hospitals or source.kind != CLASSIFICATION:
@@ -209,14 +228,18 @@ def export_settings(config: RunConfig, label_names: list[str], *, pooling: str =
     else:
         fmt = source
     classifier = fmt.kind == CLASSIFICATION
-    own_columns = classifier and (data.dataset in FILE_DATASETS or bool(data.hospitals))
+    image = fmt.kind == IMAGE
+    own_columns = (classifier or image) and (data.dataset in FILE_DATASETS or bool(data.hospitals))
     generative = fmt.kind == INSTRUCTION
+    text_column = fmt.text_column or (data.text_column if own_columns else "text")
+    if image and own_columns and data.text_column != "text":  # `text` (the default) means the format's `image`
+        text_column = data.text_column
     return ExportSettings(
         task=config.model.task, base_model=config.model.name, label_names=[] if generative else list(label_names),
-        input_format=fmt.name, text_column=fmt.text_column or (data.text_column if own_columns else "text"),
+        input_format=fmt.name, text_column=text_column,
         label_column=fmt.label_column or (data.label_column if own_columns else "label"),
         max_length=config.model.max_length, pooling=pooling if classifier else "",
         fixed_options=fmt.fixed_options(list(label_names)), context=data.context if classifier else "none",
-        chat_template=generative,
+        chat_template=generative, image_size=config.model.image_size if image else 0,
     )
 

@@ -7,9 +7,13 @@ file is needed. The jobs, one module each:
 - :mod:`fedfm.predict.loader`: check an exported folder and load it with
   plain transformers + peft (:func:`load_exported`);
 - :mod:`fedfm.predict.rows`: read and check an input file (:func:`read_rows`),
-  before any model loads;
-- :mod:`fedfm.predict.scoring`: score the rows (:func:`predict_rows`), fedfm's
-  metrics of labelled rows (:func:`evaluate_rows`) and the prediction table;
+  before any model loads; :mod:`fedfm.predict.tables` reads a CSV, JSON-lines
+  or Parquet file (:func:`read_table`), :mod:`fedfm.predict.images` finds an
+  image classifier's images (:func:`read_images`: a table of image paths, a
+  folder with one sub-folder per class, or one image file);
+- :mod:`fedfm.predict.scoring`: score the rows (:func:`predict_rows`; images
+  through :class:`fedfm.tasks.ImageClassification`), fedfm's metrics of
+  labelled rows (:func:`evaluate_rows`) and the prediction table;
 - :mod:`fedfm.predict.generation`: an instruction-tuned model's answers
   (:func:`generate`: the chat template, left-padded batches, greedy) and its
   loss and perplexity on reference answers;
@@ -28,9 +32,10 @@ from fedfm.predict.generation import (
     greedy_continuations,
     response_metrics,
 )
+from fedfm.predict.images import ImageTable, read_images
 from fedfm.predict.loader import Exported, base_model_path, check_exported, load_exported
 from fedfm.predict.output import OUTPUT_SUFFIXES, check_output, write_table
-from fedfm.predict.rows import INPUT_SUFFIXES, Rows, read_rows, read_table
+from fedfm.predict.rows import Rows, read_rows
 from fedfm.predict.scoring import (
     PredictError,
     Predictions,
@@ -40,6 +45,7 @@ from fedfm.predict.scoring import (
     predict_rows,
     prediction_table,
 )
+from fedfm.predict.tables import INPUT_SUFFIXES, read_table
 
 __all__ = [
     "DEFAULT_MAX_NEW_TOKENS",
@@ -47,6 +53,7 @@ __all__ = [
     "OUTPUT_SUFFIXES",
     "Exported",
     "GenerationError",
+    "ImageTable",
     "PredictError",
     "Predictions",
     "Rows",
@@ -63,6 +70,7 @@ __all__ = [
     "predict_file",
     "predict_rows",
     "prediction_table",
+    "read_images",
     "read_rows",
     "read_table",
     "response_metrics",

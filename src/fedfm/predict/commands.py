@@ -1,4 +1,7 @@
-"""``fedfm predict`` and ``fedfm evaluate`` on a whole file: check everything, load the folder, score, write."""
+"""``fedfm predict`` and ``fedfm evaluate`` on a whole file: check everything, load the folder, score, write.
+
+An image classifier's input may also be a folder with one sub-folder of images per class, or one image file.
+"""
 
 from __future__ import annotations
 
@@ -42,11 +45,13 @@ def predict_file(
     folder : str or Path
         An exported ``adapter/`` or ``merged/`` folder of a fedfm run.
     input_path : str or Path
-        The rows (``.csv``, ``.jsonl``/``.json``, ``.parquet``).
+        The rows (``.csv``, ``.jsonl``/``.json``, ``.parquet``); an image classifier also takes a folder with one
+        sub-folder of images per class, or one image file.
     output : str or Path, optional
         Where to write :func:`prediction_table` (``.csv`` or ``.jsonl``).
     text_column, label_column : str, optional
-        Columns other than the ones the model was trained on.
+        Columns other than the ones the model was trained on (an image classifier: ``text_column`` holds the
+        image paths).
     base_model : str, optional
         The base model's folder, when fedfm's alias cannot find it.
     batch_size : int
@@ -99,7 +104,8 @@ def evaluate_file(
     Returns
     -------
     dict
-        ``loss``, ``accuracy``, ``macro-f1``, ``weighted-f1`` and ``rows``; an instruction-tuned model:
+        ``loss``, ``accuracy``, ``macro-f1``, ``weighted-f1`` and ``rows`` (a binary image classifier also
+        ``auc``); an instruction-tuned model:
         ``loss``, ``perplexity``, ``token-accuracy`` and ``rows``.
     """
     if output is not None and Path(output).suffix.lower() != ".json":

@@ -16,8 +16,11 @@ import torch
 
 from fedfm.adapters import EXPORT_SETTINGS, HEAD_MODULES, resolve_model_path
 from fedfm.errors import ModelError
-from fedfm.export import MODELING_FILE, PREDICTABLE_TASKS, ExportError, ExportSettings
+from fedfm.export import CLASSIFIER_TASKS, MODELING_FILE, PREDICTABLE_TASKS, ExportError, ExportSettings
 from fedfm.tasks.pooling import apply_pooling
+
+#: The file an image classifier's folder keeps its image processor in (``save_pretrained``'s name).
+IMAGE_PROCESSOR_FILE = "preprocessor_config.json"
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -33,7 +36,7 @@ class Exported:
     model : torch.nn.Module
         ``PeftModel`` over the base (adapter folder) or the plain transformers model (merged folder), in eval mode.
     tokenizer : Any
-        The tokenizer saved beside the weights.
+        The tokenizer saved beside the weights (an image classifier: its image processor).
     settings : ExportSettings
         The folder's ``fedfm.json``.
     device : torch.device
@@ -133,12 +136,32 @@ def check_exported(folder: str | Path, settings: ExportSettings) -> None:
         except Exception as err:  # safetensors raises its own error type (header, size) and OSError
             raise ExportError(f"{weights} is truncated or corrupt ({err}): copy it again from the run directory, "
                               f"or re-export it") from err
-    if settings.task == "sequence-classification" and head is not None and head[1][0] != len(settings.label_names):
+    if settings.task == "image-classification" and not (path / IMAGE_PROCESSOR_FILE).is_file():
+        raise ExportError(f"{path / IMAGE_PROCESSOR_FILE} is missing: the image processor that resizes and normalizes "
+                          f"images as training did; copy the whole folder again from the run directory")
+    if settings.task in CLASSIFIER_TASKS and head is not None and head[1][0] != len(settings.label_names):
         raise ExportError(
             f"{path / EXPORT_SETTINGS}: `label_names` lists {len(settings.label_names)} classes "
             f"({settings.label_names}) but the classifier head in {head[0]} has {head[1][0]} outputs: give one "
             f"name per output, in id order, or re-export the folder"
         )
+
+
+def _auto_classes(settings: ExportSettings) -> tuple[Any, Any]:
+    """The transformers auto classes of a folder's model and of its tokenizer or image processor."""
+    from transformers import (
+        AutoImageProcessor,
+        AutoModelForCausalLM,
+        AutoModelForImageClassification,
+        AutoModelForSequenceClassification,
+        AutoTokenizer,
+    )
+
+    if settings.task == "image-classification":
+        return AutoModelForImageClassification, AutoImageProcessor
+    if settings.task == "sequence-classification":
+        return AutoModelForSequenceClassification, AutoTokenizer
+    return AutoModelForCausalLM, AutoTokenizer
 
 
 def load_exported(folder: str | Path, *, base_model: str | None = None, device: str = "auto") -> Exported:
@@ -164,8 +187,6 @@ def load_exported(folder: str | Path, *, base_model: str | None = None, device: 
     ModelError
         The base model cannot be found, or transformers or peft cannot load the folder.
     """
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
-
     from fedfm.adapters import _quiet_transformers
 
     _quiet_transformers()
@@ -176,20 +197,20 @@ def load_exported(folder: str | Path, *, base_model: str | None = None, device: 
                           f"this folder's task is {settings.task!r}")
     check_exported(path, settings)
     place = torch.device("cuda" if device == "cuda" or (device == "auto" and torch.cuda.is_available()) else "cpu")
-    classification = settings.task == "sequence-classification"
-    auto = AutoModelForSequenceClassification if classification else AutoModelForCausalLM
+    auto, preprocessor = _auto_classes(settings)
+    text = settings.task != "image-classification"
     model: Any
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
-        if tokenizer.pad_token is None:
+        tokenizer = preprocessor.from_pretrained(path)
+        if text and tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
         if (path / "adapter_config.json").is_file():
             from peft import PeftModel
 
-            kwargs = {"num_labels": len(settings.label_names)} if classification else {}
+            kwargs = {"num_labels": len(settings.label_names)} if settings.task in CLASSIFIER_TASKS else {}
             base_path = base_model_path(settings, path, base_model)
             base = auto.from_pretrained(base_path, **kwargs)
-            if classification:
+            if settings.task == "sequence-classification":
                 apply_pooling(base, settings.pooling or "cls")
             try:
                 model = PeftModel.from_pretrained(base, path)
@@ -202,7 +223,7 @@ def load_exported(folder: str | Path, *, base_model: str | None = None, device: 
             model = auto.from_pretrained(path, trust_remote_code=(path / MODELING_FILE).is_file())
     except (OSError, ValueError) as err:
         raise ModelError(f"cannot load the exported model in {path}: {err}") from err
-    if getattr(model.config, "pad_token_id", None) is None:
+    if text and getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     model.to(place).eval()
     return Exported(model=model, tokenizer=tokenizer, settings=settings, device=place)

@@ -2,8 +2,8 @@
 
 The exported folder's ``fedfm.json`` (:class:`fedfm.export.ExportSettings`)
 says how a row becomes the model's input. Every problem with the file
-(missing, unknown suffix, absent column, empty text, unknown label) is
-reported before any model loads.
+(missing, unknown suffix, absent column, empty text, unknown label, an image
+file missing or unreadable) is reported before any model loads.
 """
 
 from __future__ import annotations
@@ -17,15 +17,14 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from fedfm.data.base import MULTIPLE_CHOICE
+from fedfm.data.base import IMAGE, MULTIPLE_CHOICE
 from fedfm.data.files import check_texts, normalize_label
 from fedfm.data.formats import input_format
 from fedfm.errors import DataError
 from fedfm.export import PREDICTABLE_TASKS, ExportSettings
 from fedfm.export.conversation import PROMPT_COLUMNS, ConversationInput
-
-#: File suffixes ``--input`` may have.
-INPUT_SUFFIXES = (".csv", ".jsonl", ".json", ".parquet")
+from fedfm.predict.images import read_images
+from fedfm.predict.tables import read_table, require_columns
 
 
 @dataclass(frozen=True)
@@ -51,6 +50,8 @@ class Rows:
         (``{"role", "content"}`` turns, the last one never the assistant's).
     references : list of str, optional
         Generation: each row's reference answer, when every row has one (what ``evaluate`` scores).
+    images : list of str
+        Image classification: each row's image file (an absolute path).
     """
 
     table: pd.DataFrame
@@ -61,44 +62,11 @@ class Rows:
     labels: list[int] | None
     prompts: list[list[dict[str, str]]] = field(default_factory=list)
     references: list[str] | None = None
-
-
-def read_table(path: str | Path) -> pd.DataFrame:
-    """A CSV, JSON-lines (``.jsonl``/``.json``) or Parquet file as a data frame.
-
-    Raises
-    ------
-    DataError
-        The file is missing, its suffix is not one of :data:`INPUT_SUFFIXES`, or it cannot be read.
-    """
-    file = Path(path)
-    suffix = file.suffix.lower()
-    if suffix not in INPUT_SUFFIXES:
-        raise DataError(f"--input {file}: the suffix must be one of {list(INPUT_SUFFIXES)}, got {suffix or 'none'!r}")
-    if file.is_dir():
-        raise DataError(f"--input {file} is a folder: give one file")
-    if not file.is_file():
-        raise DataError(f"--input {file}: no such file")
-    try:
-        if suffix == ".csv":
-            return pd.read_csv(file, encoding="utf-8")
-        if suffix == ".parquet":
-            return pd.read_parquet(file)
-        return pd.read_json(file, lines=True, encoding="utf-8")
-    except UnicodeDecodeError as err:
-        raise DataError(f"--input {file} is not UTF-8 text ({err}): save it with UTF-8 encoding and try again") from err
-    except Exception as err:  # pandas raises many types (parser, arrow, json)
-        raise DataError(f"cannot read {file} as {suffix[1:]}: {err}") from err
+    images: list[str] = field(default_factory=list)
 
 
 def _missing(value: Any) -> bool:
     return value is None or (isinstance(value, float) and math.isnan(value))
-
-
-def _require(table: pd.DataFrame, columns: list[str], where: str, hint: str) -> None:
-    missing = [c for c in columns if c not in table.columns]
-    if missing:
-        raise DataError(f"{where} has no column {missing} ({hint}); columns present: {list(table.columns)}")
 
 
 def _labels(
@@ -138,11 +106,13 @@ def read_rows(
     Parameters
     ----------
     path : str or Path
-        A ``.csv``, ``.jsonl``/``.json`` or ``.parquet`` file.
+        A ``.csv``, ``.jsonl``/``.json`` or ``.parquet`` file; an image classifier also takes a folder with one
+        sub-folder per class or one image file (:func:`fedfm.predict.images.read_images`).
     settings : ExportSettings
         The exported folder's ``fedfm.json``.
     text_column : str, optional
-        The text column (text format); default the one the model was trained on.
+        The text column (text format; image format: the column of image paths); default the one the model was
+        trained on.
     label_column : str, optional
         The label column; default the one the model was trained on.
     need_labels : bool
@@ -160,11 +130,17 @@ def read_rows(
     if settings.task not in PREDICTABLE_TASKS:
         raise DataError(f"fedfm predict and evaluate cover the tasks {list(PREDICTABLE_TASKS)}; "
                         f"the model's task is {settings.task!r}")
-    table = read_table(path)
+    fmt = input_format(settings.input_format)  # how the dataset's rows become the model's input
+    images: list[str] = []
+    if fmt.kind == IMAGE:  # a table of image paths, a folder of class folders, or one image
+        found = read_images(path, settings, image_column=text_column, label_column=label_column,
+                            need_labels=need_labels)
+        table, images = found.table, found.images
+    else:
+        table = read_table(path)
     where = str(path)
     if table.empty:
         raise DataError(f"{where} has no rows")
-    fmt = input_format(settings.input_format)  # how the dataset's rows become the model's input
     if isinstance(fmt, ConversationInput):
         return _conversations(table, fmt, where, need_labels=need_labels)
     texts: list[str] = []
@@ -173,16 +149,18 @@ def read_rows(
     options: list[list[str]] = []
     if fmt.kind == MULTIPLE_CHOICE:
         columns = ["question"] + ([] if settings.fixed_options else ["options"])
-        _require(table, columns, where, "multiple-choice rows need question and options; context is optional")
+        require_columns(table, columns, where, "multiple-choice rows need question and options; context is optional")
         questions = [str(q) for q in table["question"]]
         contexts = ["" if _missing(c) else str(c) for c in table.get("context", pd.Series([""] * len(table)))]
         if settings.fixed_options and "options" not in table.columns:
             options = [list(settings.fixed_options) for _ in range(len(table))]
         else:
             options = [_options(v, where, row) for row, v in enumerate(table["options"])]
+    elif fmt.kind == IMAGE:
+        pass  # the images were found and checked above
     elif fmt.record_columns and text_column is None and fmt.text_column not in table.columns:
         records = list(fmt.record_columns)
-        _require(table, records, where, f"{fmt.record_name}, or pass --text-column with rows already as text")
+        require_columns(table, records, where, f"{fmt.record_name}, or pass --text-column with rows already as text")
         gaps = table[records].isna()
         if gaps.to_numpy().any():
             row = int(gaps.any(axis=1).to_numpy().argmax())
@@ -194,7 +172,7 @@ def read_rows(
         texts = [fmt.record_text(r) for r in table[records].to_dict("records")]
     else:
         column = text_column or fmt.text_column or settings.text_column
-        _require(table, [column], where, "the text the model reads; choose another with --text-column")
+        require_columns(table, [column], where, "the text the model reads; choose another with --text-column")
         values = list(table[column])
         check_texts(values, where=f"{where} column {column!r}")  # as training reads them: non-blank strings
         texts = [str(t) for t in values]
@@ -216,7 +194,8 @@ def read_rows(
             f"{where} has no label column {label!r} (choose one with --label-column; labels are "
             f"{settings.label_names} or their ids); columns present: {list(table.columns)}"
         )
-    return Rows(table=table, texts=texts, questions=questions, contexts=contexts, options=options, labels=labels)
+    return Rows(table=table, texts=texts, questions=questions, contexts=contexts, options=options, labels=labels,
+                images=images)
 
 
 def _conversations(table: pd.DataFrame, fmt: ConversationInput, where: str, *, need_labels: bool) -> Rows:
@@ -251,7 +230,7 @@ def _sentence_contexts(table: pd.DataFrame, texts: list[str], mode: str, where: 
 
     from fedfm.data.piboso import ABSTRACT_COLUMN, add_context, with_abstract_columns
 
-    _require(table, [ABSTRACT_COLUMN], where,
+    require_columns(table, [ABSTRACT_COLUMN], where,
              f"the model reads each sentence with its context {mode!r}: one row per sentence, in its abstract's "
              f"order, with the abstract's id (optional: position from 0, num_sentences)")
     columns: dict[str, list[Any]] = {"text": texts}

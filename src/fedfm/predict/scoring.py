@@ -1,7 +1,9 @@
 """Scoring checked rows with a loaded exported model, and fedfm's metrics and prediction table of the result.
 
 Classification rows are scored as fedfm evaluates them: the same tokenizer,
-token limit and pooling, the class with the largest logit. Causal-QA rows
+token limit and pooling, the class with the largest logit. Images are scored
+by :class:`fedfm.tasks.ImageClassification` itself, with the folder's image
+processor, as the hospitals score their test images. Causal-QA rows
 (multiple choice) are scored by :meth:`fedfm.tasks.CausalQA.option_log_likelihoods`,
 fedfm's own option scoring; the answer is the most likely option. Conversations
 (an instruction-tuned model) are answered by generation and scored on their
@@ -12,19 +14,25 @@ the folder's input format's kind.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 import torch
 
-from fedfm.data.base import INSTRUCTION, MULTIPLE_CHOICE
+from fedfm.data.base import IMAGE, INSTRUCTION, MULTIPLE_CHOICE
 from fedfm.data.formats import input_format
+from fedfm.data.images import image_rows
 from fedfm.errors import DataError, FedfmError
 from fedfm.export import ExportSettings
 from fedfm.predict.generation import DEFAULT_MAX_NEW_TOKENS, generate, response_metrics
 from fedfm.predict.loader import Exported
 from fedfm.predict.rows import Rows
+from fedfm.tasks import ImageClassification
 from fedfm.tasks.metrics import classification_metrics
+
+if TYPE_CHECKING:
+    from datasets import Dataset
 
 
 class PredictError(FedfmError, ValueError):
@@ -105,6 +113,8 @@ def predict_rows(exported: Exported, rows: Rows, *, batch_size: int = 32,
         return Predictions(np.zeros(0, dtype=int), np.zeros((len(answers), 0)), answers, float("nan"))
     if kind == MULTIPLE_CHOICE:
         return _predict_choice(exported, rows, batch_size=batch_size)
+    if kind == IMAGE:
+        return _predict_images(exported, rows, batch_size=batch_size)
     tokenizer, model, s = exported.tokenizer, exported.model, exported.settings
     order = np.argsort([len(t) for t in rows.texts], kind="stable")  # similar lengths pad less
     logits = torch.zeros(len(rows.texts), len(s.label_names))
@@ -158,6 +168,22 @@ def _predict_choice(exported: Exported, rows: Rows, *, batch_size: int) -> Predi
     return Predictions(indices, probabilities, answers, loss)
 
 
+def _image_dataset(rows: Rows) -> Dataset:
+    """The rows as :class:`fedfm.tasks.ImageClassification` scores them (class 0 where a row has no label)."""
+    labels = rows.labels if rows.labels is not None else [0] * len(rows.images)
+    return ImageClassification().tokenize(image_rows(rows.images, labels), None, max_length=0)
+
+
+def _predict_images(exported: Exported, rows: Rows, *, batch_size: int) -> Predictions:
+    """Each image's class probabilities, scored as the hospitals score their test images."""
+    labels, logits = ImageClassification().score(exported.model, _image_dataset(rows), exported.tokenizer,
+                                                  batch_size=batch_size, device=exported.device)
+    loss = float(torch.nn.functional.cross_entropy(logits, labels)) if rows.labels is not None else float("nan")
+    indices = logits.argmax(-1).numpy()
+    names = exported.settings.label_names
+    return Predictions(indices, logits.softmax(-1).numpy(), [names[i] for i in indices], loss)
+
+
 def metrics_of(rows: Rows, predictions: Predictions, settings: ExportSettings) -> dict[str, float]:
     """fedfm's metric set (:func:`fedfm.tasks.metrics.classification_metrics`) of labelled rows.
 
@@ -189,18 +215,25 @@ def evaluate_rows(exported: Exported, rows: Rows, *, batch_size: int = 32) -> di
     Returns
     -------
     dict
-        Classifiers: ``loss``, ``accuracy``, ``macro-f1``, ``weighted-f1``, ``rows``; generation: ``loss``,
-        ``perplexity``, ``token-accuracy``, ``rows``.
+        Classifiers: ``loss``, ``accuracy``, ``macro-f1``, ``weighted-f1``, ``rows`` (a binary image classifier
+        also ``auc``); generation: ``loss``, ``perplexity``, ``token-accuracy``, ``rows``.
 
     Raises
     ------
     DataError
         The rows have no labels (no reference answers).
     """
-    if _kind(exported.settings) == INSTRUCTION:
+    kind = _kind(exported.settings)
+    if kind == INSTRUCTION:
         if rows.references is None:
             raise DataError("evaluation needs a reference answer on every row")
         return response_metrics(exported, rows.prompts, rows.references, batch_size=check_batch_size(batch_size))
+    if kind == IMAGE:  # the hospitals' own evaluation: also the ROC AUC of a binary classifier
+        if rows.labels is None:
+            raise DataError("evaluation needs a label for every image")
+        metrics = ImageClassification().evaluate(exported.model, _image_dataset(rows), exported.tokenizer,
+                                                 batch_size=check_batch_size(batch_size), device=exported.device)
+        return {**metrics, "rows": float(len(rows.labels))}
     return metrics_of(rows, predict_rows(exported, rows, batch_size=batch_size), exported.settings)
 
 
