@@ -78,7 +78,7 @@ def test_notebooks_are_committed_without_outputs() -> None:
     import nbformat
 
     paths = sorted(NOTEBOOKS.glob("*.ipynb"))
-    assert len(paths) == 6, [p.name for p in paths]
+    assert len(paths) == 7, [p.name for p in paths]
     for path in paths:
         notebook = nbformat.read(path, as_version=4)
         nbformat.validate(notebook)
