@@ -171,6 +171,12 @@ class GuardedStrategy(Strategy):
             self._node_to_hospital[node_id] = int(metrics[keys.HOSPITAL_INDEX])  # type: ignore[arg-type]
         return self._node_to_hospital.get(node_id, -1)
 
+    def _in_hospital_order(self, replies: list[Message]) -> list[Message]:
+        """Replies sorted by hospital, not by arrival: a float sum of three or more updates depends on the order
+        of its terms, and a rerun or a resumed run must reach the same global adapter bit for bit."""
+        return sorted(replies, key=lambda msg: (self._node_to_hospital.get(msg.metadata.src_node_id, -1),
+                                                msg.metadata.src_node_id))
+
     def hospital_of(self, node_id: int) -> int | None:
         """The hospital index a node reported, once it has replied."""
         return self._node_to_hospital.get(node_id)
@@ -313,7 +319,7 @@ class GuardedStrategy(Strategy):
             for msg in valid:
                 _metrics_of(msg.content)[keys.NUM_EXAMPLES] = 1  # type: ignore[index]
         record.train_replies = len(valid)
-        arrays, metrics = self.inner.aggregate_train(server_round, valid)
+        arrays, metrics = self.inner.aggregate_train(server_round, self._in_hospital_order(valid))
         record.train_aggregated = arrays is not None
         return self._keep_dtypes(arrays), metrics
 
@@ -378,4 +384,4 @@ class GuardedStrategy(Strategy):
             valid.append(msg)
         if not valid:
             return None
-        return self.inner.aggregate_evaluate(server_round, _common_metrics(valid))
+        return self.inner.aggregate_evaluate(server_round, _common_metrics(self._in_hospital_order(valid)))
