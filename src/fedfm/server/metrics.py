@@ -21,12 +21,16 @@ def lead(metrics: dict[str, float]) -> str:
 
 
 def weighted(per_hospital: dict[int, dict[str, float]]) -> dict[str, float]:
-    """The hospitals' metrics averaged with their ``num-examples`` as weights ({} without examples)."""
+    """The metrics every hospital reports, averaged with their ``num-examples`` as weights ({} without examples).
+
+    A metric some hospitals cannot report (an image classifier's AUC needs both classes among a hospital's
+    test rows) is left out rather than counted as 0 for them, as ``GuardedStrategy.aggregate_evaluate`` does.
+    """
     total = sum(m.get(keys.NUM_EXAMPLES, 0.0) for m in per_hospital.values())
     if total <= 0:
         return {}
-    names = {k for m in per_hospital.values() for k in m} - {keys.NUM_EXAMPLES, keys.HOSPITAL_INDEX}
-    return {k: sum(m.get(k, 0.0) * m[keys.NUM_EXAMPLES] for m in per_hospital.values()) / total for k in sorted(names)}
+    names = set.intersection(*(set(m) for m in per_hospital.values())) - {keys.NUM_EXAMPLES, keys.HOSPITAL_INDEX}
+    return {k: sum(m[k] * m.get(keys.NUM_EXAMPLES, 0.0) for m in per_hospital.values()) / total for k in sorted(names)}
 
 
 def plain(metrics: dict[str, float]) -> dict[str, float]:

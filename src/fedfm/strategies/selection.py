@@ -44,9 +44,11 @@ def validation_of(per_hospital: Iterable[Mapping[str, float]]) -> dict[str, floa
     if not rows:
         return {}
     total = sum(float(m[keys.VALIDATION_EXAMPLES]) for m in rows)
-    names = sorted({k for m in rows for k in m if k.startswith(prefix) and k != keys.VALIDATION_EXAMPLES})
+    # Only what every hospital reports: a missing metric (AUC of one-class rows) must not count as 0.
+    common = set.intersection(*(set(m) for m in rows))
+    names = sorted(k for k in common if k.startswith(prefix) and k != keys.VALIDATION_EXAMPLES)
     out = {
-        name[len(prefix):]: sum(float(m.get(name, 0.0)) * float(m[keys.VALIDATION_EXAMPLES]) for m in rows) / total
+        name[len(prefix):]: sum(float(m[name]) * float(m[keys.VALIDATION_EXAMPLES]) for m in rows) / total
         for name in names
     }
     out["examples"] = total
