@@ -132,13 +132,16 @@ def _serve(
 ) -> RunSummary:
     checkpoint = resume_point(config, run_dir) if config.output.resume else None
     directory = RunDirectory(run_dir)
+    # Hospitals keep their own state (the privacy ledger) under the run directory in a simulation.
+    run_config = config.replace(**{"output.dir": str(run_dir.resolve())})
+    # Data and model first: one that cannot load (a package missing for a model alias) leaves no run
+    # behind, so the same command works again once it is fixed (no --overwrite, nothing to resume).
+    workspace = workspace_for(run_config)
     if checkpoint is not None:
         directory.restart_from(checkpoint.server_round)
         logger.info("resuming %s after round %d of %d", run_dir, checkpoint.server_round, config.federation.num_rounds)
     directory.write_config(config.replace(**{"output.resume": False, "output.overwrite": False}))
-    # Hospitals keep their own state (the privacy ledger) under the run directory in a simulation.
-    config = config.replace(**{"output.dir": str(run_dir.resolve())})
-    workspace = workspace_for(config)
+    config = run_config
     hospitals = workspace.federation.hospitals
     progress = progress if progress is not None else Progress()
     progress.begin(done=checkpoint.server_round if checkpoint is not None else 0,
