@@ -413,9 +413,11 @@ def build_federation(
     if partitioner == "natural":
         column = column if column is not None else source.natural_column
         if column is None:
+            others = [name for name in known_partitioners() if name != "natural"]
             raise ConfigError(
-                f"source {source.name!r} has no natural column; pass column= to partition "
-                f"by one of {source.train.column_names}"
+                f"`data.partitioner` 'natural' needs a natural column naming each row's hospital, and {source.name!r} has "
+                f"none: set `data.partition-column` to one of {source.train.column_names}, or `data.partitioner` "
+                f"to one of {others}"
             )
     key = (
         id(source),
