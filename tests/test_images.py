@@ -406,16 +406,17 @@ def test_a_table_of_image_paths_resolves_them_against_its_folder(tmp_path: Path)
     # Prepare: relative paths (to the table's folder) and one absolute path, in a column named by text-column
     table = tmp_path / "site" / "labels.csv"
     elsewhere = _png(tmp_path / "elsewhere" / "far.png", 7)
-    rows = [("scans/0.png", "pneumonia"), ("scans/1.png", "normal"), (str(elsewhere), "normal")]
+    rows = [("scans/0.png", "pneumonia", "north"), ("scans/1.png", "normal", "south"), (str(elsewhere), "normal", "north")]
     for i in range(2):
         _png(table.parent / "scans" / f"{i}.png", i)
     with table.open("w", newline="") as f:
-        csv.writer(f).writerows([("scan", "label"), *rows])
+        csv.writer(f).writerows([("scan", "label", "hospital"), *rows])
     # Execute
     source = load_source("csv", path=table, text_column="scan", kind="image")
     # Assert
     assert source.kind == "image" and source.label_names == ["normal", "pneumonia"]
     assert source.train["label"] == [1, 0, 0]
+    assert source.train["hospital"] == ["north", "south", "north"]  # other columns stay (natural partitions)
     images = [row["image"] for row in source.train]
     assert [image.size for image in images] == [(28, 28)] * 3
     assert np.array_equal(np.asarray(images[2]), np.asarray(Image.open(elsewhere)))

@@ -169,6 +169,7 @@ def image_table(request: SourceRequest, table: datasets.Dataset, path: Path) -> 
     """A CSV / JSON-lines / Parquet table of image paths (relative to the table's folder, or absolute) and labels.
 
     The path column is ``data.text-column`` (``image`` when left at ``text``); labels as for text files.
+    The table's other columns are kept (e.g. a ``hospital`` column for ``data.partitioner = "natural"``).
 
     Raises
     ------
@@ -188,7 +189,11 @@ def image_table(request: SourceRequest, table: datasets.Dataset, path: Path) -> 
     if not ids:
         raise DataError(f"{path} has no rows")
     check_images(files, where=f"{path} column {column!r}")
-    return SourceData(name=request.name, kind=IMAGE, train=image_rows(files, ids), test=None, label_names=names)
+    rows = image_rows(files, ids)
+    for other in present:
+        if other not in (column, request.label_column, "image", "label"):
+            rows = rows.add_column(other, table[other])
+    return SourceData(name=request.name, kind=IMAGE, train=rows, test=None, label_names=names)
 
 
 def resolve_image_path(value: Any, *, base: Path, where: str) -> str:
