@@ -16,7 +16,7 @@ from fedfm import keys
 from fedfm.config import LoraSpec, ModelSpec, RunConfig, TrainSpec, round_learning_rate
 from fedfm.errors import ConfigError
 from fedfm.tasks import get_task
-from fedfm.train import balanced_class_weights, lr_factor, planned_steps, train_local, warmup_steps
+from fedfm.train import balanced_class_weights, log_class_prior, lr_factor, planned_steps, train_local, warmup_steps
 
 
 def _factors(schedule: str, total: int, warmup: float) -> list[float]:
@@ -153,6 +153,40 @@ def test_class_weights_change_the_loss_as_a_mean_of_weighted_rows(tiny_bert: Pat
     assert weighted == pytest.approx(float((per_row * weights[batch["labels"]]).mean()), rel=1e-5)
 
 
+def test_logit_adjustment_offsets_the_training_logits_by_the_hospitals_smoothed_log_prior() -> None:
+    prior = log_class_prior([0, 0, 0, 0, 0, 0, 1, 1], num_classes=3)
+    # log((N_c + 1) / (N + K)): a class the hospital lacks gets a finite, large negative offset
+    assert prior.tolist() == pytest.approx(np.log([7 / 11, 3 / 11, 1 / 11]).tolist(), rel=1e-6)
+
+
+def test_a_hospital_with_one_class_barely_moves_the_head_under_logit_adjustment(
+    tiny_bert: Path, rows: tuple[Any, Dataset]
+) -> None:
+    # A hospital holding only class 1 (label skew's worst case): plain training pushes the head towards class 1;
+    # logit-adjusted training sees those rows as explained in part by its prior (five rows: an offset of
+    # log(6/7) - log(1/7) = 1.8; a real hospital of 800 such rows gets 6.7), so the plain head moves much less.
+    # The hook is gone after training.
+    tokenizer, data = rows
+    task = get_task("sequence-classification")
+    only_ones = data.select([i for i, label in enumerate(data["labels"]) if label == 1])
+    spec = TrainSpec(local_steps=20, batch_size=5, optimizer="sgd", momentum=0.0, learning_rate=0.5)
+    shift = {}
+    for mode in ("none", "logit-adjusted"):
+        model = _tiny_classifier(tiny_bert).eval()
+        batch = task.collate(tokenizer)([only_ones[i] for i in range(len(only_ones))])
+        with torch.no_grad():
+            before = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        train_local(model, task, only_ones, tokenizer, spec=dataclasses.replace(spec, class_weights=mode),
+                    device=torch.device("cpu"), seed=0)
+        assert not any(m._forward_hooks for m in model.modules())
+        with torch.no_grad():
+            after = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        # How much more the model now favours class 1 over class 0, on average
+        shift[mode] = float(((after[:, 1] - after[:, 0]) - (before[:, 1] - before[:, 0])).mean())
+    assert shift["none"] > 1.0
+    assert 0 < shift["logit-adjusted"] < 0.6 * shift["none"]
+
+
 def test_accumulated_batches_make_the_same_step_as_one_big_batch(tiny_bert: Path, rows: tuple[Any, Dataset]) -> None:
     tokenizer, data = rows
     task = get_task("sequence-classification")
@@ -237,7 +271,7 @@ def test_config_names_each_recipe_field_and_its_allowed_values() -> None:
         "`train.lr-schedule` must be one of ['constant', 'linear', 'cosine'], got 'step'",
         "`train.warmup-ratio` must be in [0, 1), got 1.0",
         "`train.gradient-accumulation` must be >= 1, got 0",
-        "`train.class-weights` must be one of ['none', 'balanced'], got 'inverse'",
+        "`train.class-weights` must be one of ['none', 'balanced', 'logit-adjusted'], got 'inverse'",
         "`federation.lr-decay` must be one of ['none', 'linear', 'cosine'], got 'exponential'",
         "`federation.lr-min-ratio` must be in [0, 1], got 2.0",
         "`lora.target-modules` 'all-linear' must be the only entry, got ['all-linear', 'query']",

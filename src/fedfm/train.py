@@ -14,6 +14,7 @@ import torch
 from datasets import Dataset
 
 from fedfm import interrupt
+from fedfm.adapters import HEAD_MODULES
 from fedfm.config import TrainSpec
 from fedfm.errors import ConfigError
 from fedfm.privacy.dpsgd import DpSgd, empty_step, micro_batches, poisson_batches, private_training, secret_rng
@@ -199,15 +200,68 @@ def balanced_class_weights(labels: list[int] | np.ndarray, num_classes: int) -> 
 
 
 def _class_weights(model: torch.nn.Module, task: Task, dataset: Dataset, spec: TrainSpec) -> torch.Tensor | None:
-    if spec.class_weights == "none":
+    if spec.class_weights != "balanced":
         return None
     key = getattr(task, "class_weights_key", None)
     if key is None:
         raise ConfigError(f"`train.class-weights` {spec.class_weights!r} is not supported by task {task.name!r}; use 'none'")
+    labels, num_classes = _labels(model, dataset)
+    return torch.from_numpy(balanced_class_weights(labels, num_classes))
+
+
+def _labels(model: torch.nn.Module, dataset: Dataset) -> tuple[np.ndarray, int]:
+    """A hospital's training labels and the number of classes of the model's head."""
     labels = np.asarray(dataset["labels"], dtype=np.int64)
     config = getattr(model, "config", None)
-    num_classes = int(getattr(config, "num_labels", 0) or (labels.max() + 1 if labels.size else 1))
-    return torch.from_numpy(balanced_class_weights(labels, num_classes))
+    return labels, int(getattr(config, "num_labels", 0) or (labels.max() + 1 if labels.size else 1))
+
+
+def log_class_prior(labels: list[int] | np.ndarray, num_classes: int) -> np.ndarray:
+    """``log((N_c + 1) / (N + K))`` per class from one hospital's own training labels (Laplace-smoothed, so a
+    class the hospital lacks gets a large negative offset rather than minus infinity).
+
+    Parameters
+    ----------
+    labels : array of int
+        The hospital's training labels.
+    num_classes : int
+        Classes of the model's head (``K``).
+
+    Returns
+    -------
+    numpy.ndarray
+        ``num_classes`` float32 log-probabilities.
+    """
+    counts = np.bincount(np.asarray(labels, dtype=np.int64), minlength=num_classes).astype(np.float64)
+    return np.log((counts + 1.0) / (counts.sum() + num_classes)).astype(np.float32)
+
+
+@contextlib.contextmanager
+def logit_adjustment(model: torch.nn.Module, dataset: Dataset, spec: TrainSpec) -> Iterator[None]:
+    """``train.class-weights = "logit-adjusted"``: the head's output gets the hospital's log class prior added
+    while the block trains (a forward hook on the classification head), so the loss is logit-adjusted
+    (Menon et al., ICLR 2021) and the head itself learns class scores free of this hospital's label mix.
+    Evaluation outside the block sees the plain head.
+    """
+    if spec.class_weights != "logit-adjusted":
+        yield
+        return
+    heads = [m for name, m in model.named_modules() if name.rsplit(".", 1)[-1] in HEAD_MODULES]
+    if not heads:
+        raise ConfigError("`train.class-weights` 'logit-adjusted' needs a classification head (a module named "
+                          f"{' or '.join(HEAD_MODULES)}); this model has none")
+    labels, num_classes = _labels(model, dataset)
+    offset = torch.from_numpy(log_class_prior(labels, num_classes))
+
+    def add_prior(module: torch.nn.Module, args: Any, output: torch.Tensor) -> torch.Tensor:
+        return output + offset.to(device=output.device, dtype=output.dtype)
+
+    # The outermost head (peft's ModulesToSaveWrapper around the trained copy) adds it once.
+    handle = heads[0].register_forward_hook(add_prior)
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 def _rank_masks(named: list[tuple[str, torch.nn.Parameter]], rank: int) -> dict[torch.nn.Parameter, torch.Tensor]:
@@ -326,6 +380,7 @@ def train_local(
     model.train()
     try:
         with contextlib.ExitStack() as stack:
+            stack.enter_context(logit_adjustment(model, dataset, spec))
             optimizer: Any = make_optimizer(params, spec)
             forward: torch.nn.Module = model
             if dp is not None:

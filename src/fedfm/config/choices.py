@@ -39,8 +39,8 @@ Augment = Literal["none", "conclusion"]
 Optimizer = Literal["adamw", "sgd"]
 #: `train.lr-schedule`: the learning rate over one round's local optimizer steps.
 LrSchedule = Literal["constant", "linear", "cosine"]
-#: `train.class-weights`: per-class weights of the training loss.
-ClassWeights = Literal["none", "balanced"]
+#: `train.class-weights`: how a hospital's training loss treats its class imbalance (weights, or a logit offset).
+ClassWeights = Literal["none", "balanced", "logit-adjusted"]
 
 #: `federation.lr-decay`: the local learning rate over the rounds (the server sends each round's).
 LrDecay = Literal["none", "linear", "cosine"]
