@@ -446,10 +446,10 @@ class PrivacySpec:
         "none",
     )
     recipe: DpRecipe = _help(
-        "What a DP-SGD hospital trains: `linear-probe` (sequence classification: the classifier head alone on "
-        "frozen features computed once, centred and scaled with public text only, by full-batch DP-GD; "
+        "What a DP-SGD hospital trains: `linear-probe` (sequence and image classification: the classifier head "
+        "alone on frozen features computed once, centred and scaled with public rows only, by full-batch DP-GD; "
         "privacy.probe-*), `lora` (Poisson-sampled DP-SGD on the LoRA tensors and the head), or `auto` "
-        "(linear-probe for sequence classification, lora for the other tasks).",
+        "(linear-probe for sequence and image classification, lora for the other tasks).",
         "auto",
     )
     target_epsilon: float = _help(
@@ -485,10 +485,11 @@ class PrivacySpec:
         within="> 0",
     )
     probe_centring: ProbeCentring = _help(
-        "Linear probe: the public text whose mean feature is subtracted from every row's before training "
-        "(`generic`: sentences written into fedfm; `vocabulary`: random words of the tokenizer; `heart-codebook`: "
-        "records drawn from the UCI heart-disease codebook; `none`; `auto`: heart-codebook for heart_disease_uci, "
-        "vocabulary otherwise). No patient row is used, so it costs no ε.",
+        "Linear probe: the public rows whose mean feature is subtracted from every row's before training "
+        "(`generic`: sentences written into fedfm, or for images grey images drawn in code; `vocabulary`: random "
+        "words of the tokenizer; `heart-codebook`: records drawn from the UCI heart-disease codebook; `none`; "
+        "`auto`: heart-codebook for heart_disease_uci, generic for images, vocabulary otherwise). No patient row "
+        "is used, so it costs no ε.",
         "auto",
     )
     noise_multiplier: float = _help(

@@ -349,9 +349,14 @@ def privacy_rules(config: RunConfig) -> list[str]:
               f"`privacy.client-clipping-norm` must be a finite number > 0, got {pr.client_clipping_norm}")
     p.require(0 <= pr.client_delta < 1,
               f"`privacy.client-delta` must be in (0, 1), or 0 for the default, got {pr.client_delta}")
-    if pr.recipe == "linear-probe" and config.model.task != "sequence-classification":
+    task = config.model.task
+    if pr.recipe == "linear-probe" and task not in ("sequence-classification", "image-classification"):
         p.append(f"`privacy.recipe` 'linear-probe' trains a classifier head on one pooled feature per row, which "
-                 f"`model.task` {config.model.task!r} does not have; use 'lora' (or 'auto')")
+                 f"`model.task` {task!r} does not have; use 'lora' (or 'auto')")
+    if task == "image-classification" and pr.probe_centring in ("vocabulary", "heart-codebook"):
+        p.append(f"`privacy.probe-centring` {pr.probe_centring!r} centres features on public text, and `model.task` "
+                 f"'image-classification' reads images; use 'generic' (grey images drawn in fedfm; what 'auto' "
+                 f"picks for images) or 'none'")
     if pr.mode == "dp-sgd":
         data = config.data
         p.require(data.augment == "none",

@@ -73,6 +73,8 @@ def micro_batches(indices: Sequence[int], lengths: Sequence[int], size: int) -> 
     would be padded to the batch's longest. Sorted chunks pad far less, and
     give the same per-example gradients: Opacus collects them across the
     chunks' backward passes and clips, sums and noises them in one step.
+    Rows of one length (images: every image is the same number of patches)
+    keep their drawn order.
     """
     ordered = sorted(indices, key=lambda i: lengths[i])
     return [ordered[start : start + size] for start in range(0, len(ordered), size)]

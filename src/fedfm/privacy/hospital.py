@@ -37,18 +37,27 @@ def budget_for(config: RunConfig, index: int, name: str, node_config: Mapping[st
     return budget
 
 
+#: The tasks whose model is a linear head on one pooled feature per row: ``auto`` trains the linear probe there.
+PROBE_TASKS = ("sequence-classification", "image-classification")
+
+
 def recipe_of(config: RunConfig) -> str:
-    """What a DP-SGD hospital trains: ``linear-probe`` or ``lora`` (``auto`` resolved by the task)."""
+    """What a DP-SGD hospital trains: ``linear-probe`` or ``lora`` (``auto``: the probe for text and image
+    classification, LoRA for the other tasks)."""
     recipe = config.privacy.recipe
     if recipe == "auto":
-        return "linear-probe" if config.model.task == "sequence-classification" else "lora"
+        return "linear-probe" if config.model.task in PROBE_TASKS else "lora"
     return recipe
 
 
 def centring_of(config: RunConfig) -> str:
-    """The public text the linear probe centres on (``auto``: the dataset's own public codebook where it has one)."""
+    """The public rows the linear probe centres on (``auto``: the dataset's own public codebook where it has one,
+    the tokenizer's vocabulary for other text, and for images ``generic``, grey images drawn in code: no public
+    X-ray set exists to centre on)."""
     centring = config.privacy.probe_centring
     if centring == "auto":
+        if config.model.task == "image-classification":
+            return "generic"
         return "heart-codebook" if config.data.dataset == "heart_disease_uci" else "vocabulary"
     return centring
 

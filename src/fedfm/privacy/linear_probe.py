@@ -4,7 +4,7 @@ The encoder and its LoRA tensors stay as the run started them, so each row's
 feature (what the classifier head reads) never changes: a hospital extracts
 its rows' features once per process and keeps them in memory. Each round it
 takes the global head from its model, trains it by full-batch DP-GD on the
-features centred and scaled with public text only (:mod:`fedfm.privacy.probe`),
+features centred and scaled with public rows only (:mod:`fedfm.privacy.probe`),
 folds the centring back into the head and writes it into the model, whose
 adapter state is then the reply as usual. Every row is in every step, so the
 ledger's history entry for a round is ``(σ, 1.0, probe-steps)``.
@@ -32,16 +32,16 @@ from fedfm.privacy.probe import (
     extract_features,
     fold_transform,
     head_linear,
-    public_centre,
+    public_features,
+    public_rows,
     public_scale,
-    public_texts,
     transform,
     write_head,
 )
 
-#: Features per (model, rows) and transforms per (model, centring, length), for this process's lifetime.
+#: Features per (model, rows) and transforms per (model, preprocessor, centring, length), for this process's lifetime.
 _FEATURES: dict[tuple[int, str], tuple[np.ndarray, np.ndarray]] = {}
-_TRANSFORMS: dict[tuple[int, str, int], FeatureTransform] = {}
+_TRANSFORMS: dict[tuple[int, int, str, int], FeatureTransform] = {}
 
 
 def clear_features() -> None:
@@ -63,23 +63,26 @@ def feature_transform(
     model: torch.nn.Module, task: Any, tokenizer: Any, *, centring: str, max_length: int, device: torch.device | str,
 ) -> FeatureTransform:
     """The public centring and global scale for ``model`` (computed once per process)."""
-    key = (id(model), centring, max_length)
+    key = (id(model), id(tokenizer), centring, max_length)
     if key not in _TRANSFORMS:
-        texts = public_texts("generic" if centring == "none" else centring, tokenizer=tokenizer)
+        rows = public_rows(centring, data_kind=task.data_kind, tokenizer=tokenizer)
         with torch.no_grad():
-            centre, features = public_centre(model, task, tokenizer, texts, max_length=max_length, device=device)
-        if centring == "none":
-            centre = np.zeros_like(centre)
+            features = public_features(model, task, tokenizer, rows, max_length=max_length, device=device)
+        centre = np.zeros(features.shape[1], features.dtype) if centring == "none" else features.mean(axis=0)
         _TRANSFORMS[key] = FeatureTransform(centre=centre, scale=public_scale(features, centre))
     return _TRANSFORMS[key]
 
 
-def rows_digest(model: torch.nn.Module, rows: Any) -> str:
-    """A name for ``rows``' features under ``model``: a hash of the model's origin, the token ids and the labels."""
+def rows_digest(model: torch.nn.Module, task: Any, rows: Any, tokenizer: Any) -> str:
+    """A name for ``rows``' features under ``model``: a hash of the model's origin, each row's input and the labels.
+
+    Each row's input is what the task identifies it by (:meth:`fedfm.tasks.Task.row_fingerprints`: token ids;
+    an image and the processor's settings).
+    """
     digest = hashlib.sha256(str(getattr(getattr(model, "config", None), "name_or_path", "")).encode())
     labels = rows["labels"] if "labels" in rows.column_names else rows["label"]
-    for ids, label in zip(rows["input_ids"], labels, strict=True):
-        digest.update(np.asarray(ids, np.int64).tobytes())
+    for fingerprint, label in zip(task.row_fingerprints(rows, tokenizer), labels, strict=True):
+        digest.update(fingerprint)
         digest.update(np.int64(label).tobytes())
     return digest.hexdigest()[:24]
 
@@ -91,7 +94,7 @@ def _features(model: torch.nn.Module, task: Any, rows: Any, tokenizer: Any, devi
     A deployed hospital starts a fresh process for every instruction, so the
     folder (its own, on its own machine) saves it a pass over its rows each round.
     """
-    digest = rows_digest(model, rows)
+    digest = rows_digest(model, task, rows, tokenizer)
     key = (id(model), digest)
     if key in _FEATURES:
         return _FEATURES[key]

@@ -11,7 +11,8 @@ learns little from them. This module is the core of the recipe that does:
    data), and :func:`transform` — features centred on it and rescaled, which
    spreads the rows apart; :func:`public_texts` writes three kinds of public
    text (generic sentences, random vocabulary, heart records drawn from the
-   public UCI codebook).
+   public UCI codebook), and :func:`public_images` grey images drawn in code
+   for an image classifier (:func:`public_rows` gives the task's kind).
 3. :func:`dp_gd` — full-batch DP-GD of a zero-initialized softmax linear head:
    every row's gradient clipped to ``C``, summed, Gaussian noise of standard
    deviation ``σ·C`` added, divided by the hospital's fixed row count ``N``.
@@ -50,6 +51,7 @@ from fedfm.privacy.dpsgd import secret_rng
 
 __all__ = [
     "CENTRINGS",
+    "IMAGE_CENTRINGS",
     "SCALINGS",
     "FeatureTransform",
     "Head",
@@ -65,6 +67,9 @@ __all__ = [
     "probe_history",
     "probe_noise",
     "public_centre",
+    "public_features",
+    "public_images",
+    "public_rows",
     "public_scale",
     "public_texts",
     "transform",
@@ -72,8 +77,11 @@ __all__ = [
     "zero_head",
 ]
 
-#: Which public text a centring vector is the mean feature of (``none``: no centring).
+#: Which public rows a centring vector is the mean feature of (``none``: no centring). ``generic`` is fedfm's own
+#: public rows of the task's kind: sentences written into fedfm, or for images grey images drawn in code.
 CENTRINGS = ("generic", "vocabulary", "heart-codebook", "none")
+#: The centrings an image task can take (the others are kinds of text).
+IMAGE_CENTRINGS = ("generic", "none")
 #: How centred features are rescaled: one public constant (foldable into the head) or each row to unit length.
 SCALINGS = ("global", "row")
 
@@ -129,13 +137,14 @@ def extract_features(
     Parameters
     ----------
     model : torch.nn.Module
-        A sequence classifier (peft-wrapped or not).
+        A sequence or image classifier (peft-wrapped or not).
     task : fedfm.tasks.Task
-        Provides ``collate(tokenizer)``.
+        Provides ``collate(tokenizer)``, the model's inputs in a batch (``model_inputs``) and each row's
+        length (``row_lengths``).
     rows : datasets.Dataset
-        Tokenized rows (``input_ids``, ``attention_mask``, ``labels``).
-    tokenizer : transformers tokenizer
-        Pads the batches.
+        Prepared rows (``task.tokenize``'s output, with ``labels``).
+    tokenizer : transformers tokenizer or image processor
+        Builds the batches.
     batch_size : int
         Rows per forward pass (rows are sorted by length, which pads least).
     device : torch.device or str
@@ -158,12 +167,12 @@ def extract_features(
     was_training = model.training
     model.eval()
     collate = task.collate(tokenizer)
-    order = np.argsort([len(ids) for ids in rows["input_ids"]], kind="stable")
+    order = np.argsort(np.asarray(task.row_lengths(rows), dtype=np.int64), kind="stable")
     labels: list[torch.Tensor] = []
     try:
         for start in range(0, len(order), batch_size):
             batch = collate([rows[int(i)] for i in order[start : start + batch_size]])
-            model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device))
+            model(**{name: value.to(device) for name, value in task.model_inputs(batch).items()})
             labels.append(batch["labels"])
     finally:
         handle.remove()
@@ -274,6 +283,83 @@ def _codebook_heart_text(rng: np.random.Generator) -> str:
     return heart_row_to_text(row)
 
 
+def public_images(*, count: int = 64, seed: int = 0, size: int = 64) -> list[bytes]:
+    """Grey images drawn in code (PNG bytes): smooth random fields, the coarse shading any photograph or scan has.
+
+    No X-ray set is public here, so a probe on images is centred on these
+    (``probe-centring = "generic"``, what ``auto`` picks for images) or takes
+    only its global scale from them (``"none"``). On PneumoniaMNIST's
+    validation split their centre did as well as the hospitals' own mean
+    feature would (``docs/privacy.md``, "Images").
+
+    Parameters
+    ----------
+    count : int
+        Images to draw.
+    seed : int
+        Seed of the draw (the images are public either way).
+    size : int
+        Pixels a side (the model's image processor resizes them as it does every row).
+
+    Returns
+    -------
+    list of bytes
+    """
+    from PIL import Image
+
+    from fedfm.data.images import png_bytes
+
+    rng = np.random.default_rng(seed)
+    images = []
+    for _ in range(count):
+        coarse = rng.uniform(0, 255, size=(int(rng.integers(2, 9)),) * 2).astype(np.float32)
+        field = np.asarray(Image.fromarray(coarse).resize((size, size), Image.Resampling.BICUBIC))
+        field = field + rng.normal(0, float(rng.uniform(0, 12)), size=field.shape)
+        images.append(png_bytes(np.clip(field, 0, 255)))
+    return images
+
+
+def public_rows(kind: str, *, data_kind: str, tokenizer: Any = None, count: int | None = None, seed: int = 0) -> Any:
+    """Public rows of the kind a task reads (``data_kind``), labelled 0, whose features centre and scale a probe's.
+
+    Text: :func:`public_texts` of ``kind`` (``none`` reads the generic sentences; 256 texts unless ``count``
+    says otherwise). Images (``generic`` or ``none``): :func:`public_images` (64 unless ``count`` says otherwise).
+
+    Returns
+    -------
+    datasets.Dataset
+        Standard rows (``text`` or ``image``, and ``label``), to prepare with the task's ``tokenize``.
+
+    Raises
+    ------
+    ValueError
+        ``kind`` is a kind of text (``vocabulary``, ``heart-codebook``), but the task reads images.
+    """
+    from datasets import Dataset
+
+    from fedfm.data.base import IMAGE
+    from fedfm.data.images import image_rows
+
+    if data_kind == IMAGE:
+        if kind not in IMAGE_CENTRINGS:
+            raise ValueError(f"public text cannot centre image features; centring must be one of "
+                             f"{list(IMAGE_CENTRINGS)}, got {kind!r}")
+        images = public_images(count=count or 64, seed=seed)
+        return image_rows(images, [0] * len(images))
+    texts = public_texts("generic" if kind == "none" else kind, count=count or 256, seed=seed, tokenizer=tokenizer)
+    return Dataset.from_dict({"text": texts, "label": [0] * len(texts)})
+
+
+def public_features(
+    model: torch.nn.Module, task: Any, tokenizer: Any, rows: Any, *, max_length: int,
+    batch_size: int = 64, device: torch.device | str = "cpu",
+) -> np.ndarray:
+    """Features of public standard ``rows`` (:func:`public_rows`), prepared as the task prepares every row."""
+    prepared = task.tokenize(rows, tokenizer, max_length=max_length)
+    features, _ = extract_features(model, task, prepared, tokenizer, batch_size=batch_size, device=device)
+    return features
+
+
 def public_centre(
     model: torch.nn.Module, task: Any, tokenizer: Any, texts: Sequence[str], *, max_length: int,
     batch_size: int = 64, device: torch.device | str = "cpu",
@@ -289,9 +375,9 @@ def public_centre(
     """
     from datasets import Dataset
 
-    rows = task.tokenize(Dataset.from_dict({"text": list(texts), "label": [0] * len(texts)}), tokenizer,
-                         max_length=max_length)
-    features, _ = extract_features(model, task, rows, tokenizer, batch_size=batch_size, device=device)
+    rows = Dataset.from_dict({"text": list(texts), "label": [0] * len(texts)})
+    features = public_features(model, task, tokenizer, rows, max_length=max_length, batch_size=batch_size,
+                               device=device)
     return features.mean(axis=0), features
 
 

@@ -56,6 +56,18 @@ class Task(ABC):
         """Each prepared row's length, by which training batches rows of similar length (token counts)."""
         return lengths_of(dataset)
 
+    def row_fingerprints(self, dataset: Dataset, preprocessor: Any) -> Iterator[bytes]:
+        """Bytes that identify each prepared row's model input: its token ids as int64.
+
+        A cache of features computed from the rows is named by them (:func:`fedfm.privacy.linear_probe.rows_digest`).
+        """
+        for ids in dataset["input_ids"]:
+            yield np.asarray(ids, np.int64).tobytes()
+
+    def model_inputs(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The keyword arguments of the model's forward pass in a collated batch (no labels): token ids and mask."""
+        return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+
     @abstractmethod
     def tokenize(self, dataset: Dataset, tokenizer: Any, *, max_length: int) -> Dataset:
         """Turn standard rows into model inputs once (no padding: batches pad dynamically)."""

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import hashlib
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import datasets
 import numpy as np
 import torch
 from datasets import Dataset
@@ -53,6 +55,19 @@ class ImageClassification(Task):
         """Every image becomes the same number of patches."""
         return [1] * len(dataset)
 
+    def row_fingerprints(self, dataset: Dataset, preprocessor: Any) -> Iterator[bytes]:
+        """Each row's encoded image (or its file's path, size and modification time), after the processor's settings.
+
+        The same image at another size or normalization is another input, so the settings are part of each row's.
+        """
+        settings = hashlib.sha256(preprocessor.to_json_string().encode()).digest()
+        for cell in dataset.cast_column("image", datasets.Image(decode=False))["image"]:
+            yield settings + (cell["bytes"] or _file_identity(cell["path"]))
+
+    def model_inputs(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The images' pixels."""
+        return {"pixel_values": batch["pixel_values"]}
+
     def tokenize(self, dataset: Dataset, tokenizer: Any, *, max_length: int) -> Dataset:
         """Keep each row's image (decoded when a batch is built) and its label."""
         return dataset.select_columns(["image", "label"]).rename_column("label", "labels")
@@ -65,7 +80,7 @@ class ImageClassification(Task):
         return collate
 
     def loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        logits = model(pixel_values=batch["pixel_values"]).logits.float()
+        logits = model(**self.model_inputs(batch)).logits.float()
         weights = batch.get(self.class_weights_key)
         per_row = torch.nn.functional.cross_entropy(logits, batch["labels"], reduction="none")
         # Each row's (weighted) loss, averaged over the rows, so accumulated batches add up exactly.
@@ -112,3 +127,12 @@ class ImageClassification(Task):
         if not labels:
             return torch.zeros(0, dtype=torch.long), torch.zeros(0, 1)
         return torch.cat(labels), torch.cat(logits)
+
+
+def _file_identity(path: str | None) -> bytes:
+    """An image file's path, size and modification time (changed when the file is), without reading it."""
+    try:
+        stat = Path(path or "").stat()
+    except OSError:
+        return str(path).encode()
+    return f"{path}\0{stat.st_size}\0{stat.st_mtime_ns}".encode()
