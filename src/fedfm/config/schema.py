@@ -252,8 +252,13 @@ class TrainSpec:
         bounds=(1, 65_536),
     )
     class_weights: ClassWeights = _help(
-        "Sequence classification: `none`, or `balanced` (each class weighted N / (K x N_c) from this hospital's "
-        "own training label counts, never another hospital's; the mean weight over its rows is 1). Not with DP-SGD.",
+        "Sequence and image classification: how a hospital's training loss treats its own class imbalance: "
+        "`none`; `balanced` (each class weighted N / (K x N_c) from this hospital's own training label counts, never "
+        "another hospital's; the mean weight over its rows is 1); or `logit-adjusted` (the training loss sees the "
+        "head's logits plus the log of this hospital's class prior, (N_c + 1) / (N + K); evaluation and export use "
+        "the plain logits, which then score classes as if they were balanced: Menon et al., ICLR 2021; under label "
+        "skew it keeps a hospital that lacks a class from pulling the shared head to the classes it has, as FedLC "
+        "does). Not with DP-SGD.",
         "none",
     )
     seed: int = _help("Seed of initialisation, shuffling and dropout.", 0, bounds=(0, MAX_SEED))
