@@ -284,3 +284,21 @@ def test_the_probe_stays_refused_for_tasks_without_one_pooled_feature() -> None:
     config = RunConfig().replace(**{"model.task": "token-classification", "data.dataset": "ncbi_disease",
                                     "privacy.mode": "dp-sgd"})
     assert recipe_of(config) == "lora"
+
+
+def test_the_starting_head_follows_the_runs_own_recipe_not_the_cached_workspaces(
+    tiny_image_settings: dict[str, Any],
+) -> None:
+    from fedfm.server.model import initial_arrays
+
+    # Prepare: a process's workspace built for a DP-LoRA run, then reused by a probe run of the same model and data
+    lora = _config(tiny_image_settings, **{"privacy.recipe": "lora"})
+    probe = _config(tiny_image_settings, **{"privacy.recipe": "linear-probe"})
+    workspace = workspace_for(lora)
+    assert workspace_for(probe) is workspace
+    # Execute
+    heads = {name: {k: v for k, v in initial_arrays(workspace, config).items() if "classifier" in k}
+             for name, config in (("lora", lora), ("probe", probe))}
+    # Assert: the probe starts from a zero head (its DP-GD unfolds it), DP-LoRA from the initialised one
+    assert heads["probe"] and all(not v.any() for v in heads["probe"].values())
+    assert any(v.any() for v in heads["lora"].values())

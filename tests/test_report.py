@@ -519,7 +519,7 @@ def test_the_servers_recorder_feeds_the_progress_display_and_the_report(
     recorder = Recorder(config, workspace, strategy, RunDirectory(tmp_path / "run"), LineProgress(stream))
 
     # Execute
-    recorder.record_round(1, numpy_to_record(initial_arrays(workspace)), {"accuracy": 0.625, "loss": 0.69})
+    recorder.record_round(1, numpy_to_record(initial_arrays(workspace, config)), {"accuracy": 0.625, "loss": 0.69})
     report = write_report(tmp_path / "run")
 
     # Assert

@@ -72,7 +72,7 @@ def build_strategy(config: RunConfig, workspace: Workspace) -> GuardedStrategy:
         # Under client-level DP every round releases its noised mean over the hospitals sampled, whoever
         # replied, and no reply is left out for how it compares with the others (strategies.client_dp).
         min_replies=0 if client_level else minimum,
-        initial=initial_arrays(workspace),
+        initial=initial_arrays(workspace, config),
         plan_of=lambda hospital: strategies.client_plan(config, hospital),
         evaluate_when=lambda server_round: evaluation_due(fed, server_round),
         uniform_weights=client_level,
@@ -152,7 +152,7 @@ def _serve(
     stopped: str | None = None
     with tracking.tracked(config, run_dir, resumed=checkpoint is not None) as tracker:
         if config.privacy.secure_aggregation:
-            strategy = secagg.bridge(config, num_hospitals=len(hospitals), initial=initial_arrays(workspace),
+            strategy = secagg.bridge(config, num_hospitals=len(hospitals), initial=initial_arrays(workspace, config),
                                      instructions=dict(flwr_config))
             recorder = strategy.recorder = Recorder(config, workspace, strategy, directory, progress, tracker)
             final_arrays = secagg.run(grid, context, config, strategy,
@@ -174,7 +174,7 @@ def _run_rounds(
     workspace: Workspace, checkpoint: Checkpoint | None, flwr_config: ConfigRecord,
 ) -> tuple[dict[str, np.ndarray], str | None]:
     """The rounds of a run (from a resumed run's checkpoint on): the final global adapter and why it stopped early."""
-    initial = strategies.initial_arrays(strategy.inner, config, initial_arrays(workspace))
+    initial = strategies.initial_arrays(strategy.inner, config, initial_arrays(workspace, config))
     first_round = 1
     if checkpoint is not None:
         try:

@@ -13,13 +13,14 @@ from fedfm.privacy.linear_probe import zero_head_arrays
 from fedfm.workspace import Workspace
 
 
-def initial_arrays(workspace: Workspace) -> dict[str, np.ndarray]:
+def initial_arrays(workspace: Workspace, config: RunConfig) -> dict[str, np.ndarray]:
     """The adapter the run starts from (this process's freshly built LoRA), as numpy arrays.
 
-    Under the DP linear probe the head starts at zero (:mod:`fedfm.privacy.linear_probe`).
+    Under the DP linear probe the head starts at zero (:mod:`fedfm.privacy.linear_probe`). ``config`` is the
+    run's own: a cached workspace may have been built for another run of the same model and data, whose
+    privacy settings differ.
     """
     arrays = {k: v.numpy() for k, v in workspace.loaded.initial_state.items()}
-    config = workspace.config
     if config.privacy.mode == "dp-sgd" and recipe_of(config) == "linear-probe":
         return zero_head_arrays(arrays)
     return arrays
