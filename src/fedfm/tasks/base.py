@@ -93,6 +93,24 @@ class Task(ABC):
         raise NotImplementedError(f"task {self.name!r} has no per-example loss")
 
 
+class LogitsTask(Task):
+    """A task whose model gives one row of class logits per example (texts or images)."""
+
+    @abstractmethod
+    def score(
+        self, model: torch.nn.Module, dataset: Dataset, tokenizer: Any, *, batch_size: int, device: torch.device
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Labels and float32 logits of every row, on the CPU (an empty dataset gives empty tensors)."""
+
+    @torch.no_grad()
+    def example_losses(
+        self, model: torch.nn.Module, dataset: Dataset, tokenizer: Any, *, batch_size: int, device: torch.device
+    ) -> np.ndarray:
+        labels, logits = self.score(model, dataset, tokenizer, batch_size=batch_size, device=device)
+        if len(labels) == 0:
+            return np.zeros(0)
+        return torch.nn.functional.cross_entropy(logits, labels, reduction="none").numpy()
+
 def lengths_of(dataset: Dataset) -> list[int]:
     """Token counts of tokenized rows (for length-bucketed batching)."""
     return [len(ids) for ids in dataset["input_ids"]]

@@ -14,11 +14,11 @@ from datasets import Dataset
 from transformers import AutoModelForImageClassification
 
 from fedfm import interrupt
-from fedfm.tasks.base import Task, evaluating
+from fedfm.tasks.base import LogitsTask, evaluating
 from fedfm.tasks.metrics import classification_metrics, roc_auc
 
 
-class ImageClassification(Task):
+class ImageClassification(LogitsTask):
     """One label per image; cross-entropy on the head's logits.
 
     transformers' image-classification model of the encoder builds the head (DINOv2: a linear layer on the
@@ -104,14 +104,6 @@ class ImageClassification(Task):
         return metrics
 
     @torch.no_grad()
-    def example_losses(
-        self, model: torch.nn.Module, dataset: Dataset, tokenizer: Any, *, batch_size: int, device: torch.device
-    ) -> np.ndarray:
-        labels, logits = self.score(model, dataset, tokenizer, batch_size=batch_size, device=device)
-        if len(labels) == 0:
-            return np.zeros(0)
-        return torch.nn.functional.cross_entropy(logits, labels, reduction="none").numpy()
-
     def score(
         self, model: torch.nn.Module, dataset: Dataset, tokenizer: Any, *, batch_size: int, device: torch.device
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -122,7 +114,8 @@ class ImageClassification(Task):
             for start in range(0, len(dataset), max(1, batch_size)):
                 interrupt.check()
                 batch = collate([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
-                logits.append(model(pixel_values=batch["pixel_values"].to(device)).logits.float().cpu())
+                inputs = {k: v.to(device) for k, v in self.model_inputs(batch).items()}
+                logits.append(model(**inputs).logits.float().cpu())
                 labels.append(batch["labels"])
         if not labels:
             return torch.zeros(0, dtype=torch.long), torch.zeros(0, 1)

@@ -12,12 +12,12 @@ from datasets import Dataset
 from transformers import AutoModelForSequenceClassification
 
 from fedfm import interrupt
-from fedfm.tasks.base import Task
+from fedfm.tasks.base import LogitsTask
 from fedfm.tasks.metrics import classification_metrics
 from fedfm.tasks.pooling import apply_pooling, resolve_pooling
 
 
-class SequenceClassification(Task):
+class SequenceClassification(LogitsTask):
     """One label per text; cross-entropy on the head's logits."""
 
     name = "sequence-classification"
@@ -79,7 +79,7 @@ class SequenceClassification(Task):
     def evaluate(
         self, model: torch.nn.Module, dataset: Dataset, tokenizer: Any, *, batch_size: int, device: torch.device
     ) -> dict[str, float]:
-        labels, logits = self._score(model, dataset, tokenizer, batch_size=batch_size, device=device)
+        labels, logits = self.score(model, dataset, tokenizer, batch_size=batch_size, device=device)
         if len(labels) == 0:
             return {"loss": 0.0, "accuracy": 0.0, "macro-f1": 0.0, "weighted-f1": 0.0}
         loss = float(torch.nn.functional.cross_entropy(logits, labels, reduction="mean"))
@@ -87,15 +87,7 @@ class SequenceClassification(Task):
         return classification_metrics(labels.numpy(), logits.argmax(-1).numpy(), num_classes, loss)
 
     @torch.no_grad()
-    def example_losses(
-        self, model: torch.nn.Module, dataset: Dataset, tokenizer: Any, *, batch_size: int, device: torch.device
-    ) -> np.ndarray:
-        labels, logits = self._score(model, dataset, tokenizer, batch_size=batch_size, device=device)
-        if len(labels) == 0:
-            return np.zeros(0)
-        return torch.nn.functional.cross_entropy(logits, labels, reduction="none").numpy()
-
-    def _score(
+    def score(
         self, model: torch.nn.Module, dataset: Dataset, tokenizer: Any, *, batch_size: int, device: torch.device
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Labels and float32 logits of every row, on the CPU (rows ordered by length, which pads least)."""
