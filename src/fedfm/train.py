@@ -359,7 +359,8 @@ def train_local(
     params = [p for _, p in trained]
     masks = _rank_masks(trained, rank) if rank is not None else {}
     anchor = [p.detach().clone() for p in params] if proximal_mu > 0 else []
-    collate = task.collate(tokenizer)
+    # Its own generator, so that the batches' order does not depend on whether images are changed.
+    collate = task.training_collate(tokenizer, augment=spec.augment_images, rng=np.random.default_rng([seed, 1]))
     lengths = task.row_lengths(dataset)
     weights = _class_weights(model, task, dataset, spec)
     total = dp.steps if dp is not None else planned_steps(len(lengths), spec)

@@ -261,6 +261,12 @@ class TrainSpec:
         "does). Not with DP-SGD.",
         "none",
     )
+    augment_images: bool = _help(
+        "Image classification: change each training image at random every time a batch draws it (a crop keeping "
+        "80-100 % of its area, a rotation of up to 10 degrees, brightness and contrast each within 10 %; never a "
+        "flip, as an X-ray has sides). Evaluation, prediction and the DP probe's features see the images as they are.",
+        False,
+    )
     seed: int = _help("Seed of initialisation, shuffling and dropout.", 0, bounds=(0, MAX_SEED))
 
 

@@ -257,6 +257,9 @@ def train_rules(config: RunConfig) -> list[str]:
               f"`train.class-weights` {train.class_weights!r} needs `model.task` 'sequence-classification' or "
               f"'image-classification', got "
               f"{config.model.task!r}; use 'none'")
+    p.require(not train.augment_images or config.model.task == "image-classification",
+              f"`train.augment-images` needs `model.task` 'image-classification', got {config.model.task!r}; "
+              "set it to false")
     if config.privacy.mode == "dp-sgd":
         p.require(train.gradient_accumulation == 1,
                   f"`train.gradient-accumulation` must be 1 with `privacy.mode` 'dp-sgd', got "

@@ -76,6 +76,13 @@ class Task(ABC):
     def collate(self, tokenizer: Any) -> Callable[[list[dict[str, Any]]], dict[str, torch.Tensor]]:
         """A collate function padding a list of tokenized rows into one batch."""
 
+    def training_collate(
+        self, tokenizer: Any, *, augment: bool, rng: np.random.Generator
+    ) -> Callable[[list[dict[str, Any]]], dict[str, torch.Tensor]]:
+        """The collate function of training batches: :meth:`collate`, unless ``train.augment-images`` asks an
+        image task to change each image at random (``rng`` draws the changes; evaluation never sees them)."""
+        return self.collate(tokenizer)
+
     @abstractmethod
     def loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Mean training loss of a batch."""

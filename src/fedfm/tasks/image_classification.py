@@ -79,6 +79,18 @@ class ImageClassification(LogitsTask):
 
         return collate
 
+    def training_collate(
+        self, tokenizer: Any, *, augment: bool, rng: np.random.Generator
+    ) -> Callable[[list[dict[str, Any]]], dict[str, torch.Tensor]]:
+        collate = self.collate(tokenizer)
+        if not augment:
+            return collate
+
+        def collate_changed(rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+            return collate([{**r, "image": random_change(r["image"], rng)} for r in rows])
+
+        return collate_changed
+
     def loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         logits = model(**self.model_inputs(batch)).logits.float()
         weights = batch.get(self.class_weights_key)
@@ -120,6 +132,44 @@ class ImageClassification(LogitsTask):
         if not labels:
             return torch.zeros(0, dtype=torch.long), torch.zeros(0, 1)
         return torch.cat(labels), torch.cat(logits)
+
+
+#: ``train.augment-images``: share of the image's area a random crop keeps, and its aspect ratio's range.
+CROP_AREA = (0.8, 1.0)
+CROP_ASPECT = (0.9, 1.1)
+#: Largest rotation, in degrees, and largest relative change of brightness and of contrast.
+ROTATION = 10.0
+JITTER = 0.1
+
+
+def random_change(image: Any, rng: np.random.Generator) -> Any:
+    """One training image changed at random (``train.augment-images``): a crop keeping 80–100 % of its area,
+    a rotation of up to ±10°, brightness and contrast each changed by up to ±10 %. Never flipped: a chest
+    X-ray has a left and a right. The image processor resizes the result as it resizes any image.
+
+    Parameters
+    ----------
+    image : PIL.Image.Image
+        The row's image as stored.
+    rng : numpy.random.Generator
+        Draws the changes (the training loop seeds it, so a resumed round draws the same ones).
+
+    Returns
+    -------
+    PIL.Image.Image
+    """
+    from PIL import Image, ImageEnhance
+
+    width, height = image.size
+    area = rng.uniform(*CROP_AREA) * width * height
+    aspect = float(np.exp(rng.uniform(np.log(CROP_ASPECT[0]), np.log(CROP_ASPECT[1]))))
+    w = min(width, max(1, round((area * aspect) ** 0.5)))
+    h = min(height, max(1, round((area / aspect) ** 0.5)))
+    left, top = int(rng.integers(0, width - w + 1)), int(rng.integers(0, height - h + 1))
+    changed = image.crop((left, top, left + w, top + h))
+    changed = changed.rotate(float(rng.uniform(-ROTATION, ROTATION)), resample=Image.Resampling.BILINEAR)  # corners black
+    changed = ImageEnhance.Brightness(changed).enhance(float(rng.uniform(1 - JITTER, 1 + JITTER)))
+    return ImageEnhance.Contrast(changed).enhance(float(rng.uniform(1 - JITTER, 1 + JITTER)))
 
 
 def _file_identity(path: str | None) -> bytes:
