@@ -231,6 +231,84 @@ def test_the_global_adapter_does_not_depend_on_the_order_replies_arrive_in() -> 
             assert value.tobytes() == first[name].tobytes(), (order, name)
 
 
+# ---------------------------------------------------------------------------------------- train.augment-images
+
+
+def _halves(width: int, height: int) -> Image.Image:
+    """A grey image, white on its left half and black on its right (a flip would swap them)."""
+    pixels = np.zeros((height, width), np.uint8)
+    pixels[:, : width // 2] = 255
+    return Image.fromarray(pixels, mode="L")
+
+
+@settings(max_examples=25, deadline=None)
+@given(width=st.integers(16, 80), height=st.integers(16, 80), seed=st.integers(0, 2**32 - 1))
+def test_a_random_change_crops_rotates_and_never_flips(width: int, height: int, seed: int) -> None:
+    from fedfm.tasks.image_classification import CROP_ASPECT, random_change
+
+    image = _halves(width, height)
+    changed = random_change(image, np.random.default_rng(seed))
+    # the same draws give the same image (a resumed round changes its images as the first try did)
+    again = random_change(image, np.random.default_rng(seed))
+    assert changed.tobytes() == again.tobytes() and changed.mode == image.mode
+    # a crop of at most the whole image, of about its shape, keeping 80 % of its area or more (less what a
+    # stretched side loses where it meets the image's edge, and a pixel of rounding a side)
+    w, h = changed.size
+    assert w <= width and h <= height
+    assert (w + 1) * (h + 1) >= 0.8 / CROP_ASPECT[1] * width * height
+    # left stays left: the left third of the change is brighter than its right third
+    array = np.asarray(changed, np.float64)
+    third = max(1, w // 3)
+    assert array[:, :third].mean() > array[:, -third:].mean() + 60
+
+
+def test_training_batches_change_the_images_and_evaluation_batches_do_not(tiny_vit_dir: Path) -> None:
+    from fedfm.tasks.image_classification import ImageClassification
+
+    # Prepare: four PneumoniaMNIST rows and the tiny model's 28-pixel processor
+    task = ImageClassification()
+    processor = task.load_preprocessor(tiny_vit_dir, image_size=28)
+    with np.load(pneumoniamnist_file(resolve_data_dir())) as arrays:
+        rows = [{"image": Image.fromarray(pixels), "labels": int(label)}
+                for pixels, label in zip(arrays["test_images"][:4], arrays["test_labels"][:4, 0], strict=True)]
+    plain = task.collate(processor)(rows)
+    # Execute
+    off = task.training_collate(processor, augment=False, rng=np.random.default_rng(0))(rows)
+    on = [task.training_collate(processor, augment=True, rng=np.random.default_rng(0))(rows) for _ in range(2)]
+    later = task.training_collate(processor, augment=True, rng=np.random.default_rng(1))(rows)
+    # Assert: off is the evaluation batch; on changes every image, the same way for the same seed
+    assert off["pixel_values"].equal(plain["pixel_values"])
+    assert on[0]["pixel_values"].shape == plain["pixel_values"].shape
+    assert on[0]["labels"].equal(plain["labels"])
+    for i in range(len(rows)):
+        assert not on[0]["pixel_values"][i].equal(plain["pixel_values"][i])
+    assert on[0]["pixel_values"].equal(on[1]["pixel_values"])
+    assert not later["pixel_values"].equal(on[0]["pixel_values"])
+
+
+@pytest.mark.integration
+def test_an_augmented_image_run_resumes_to_the_uninterrupted_one(
+    plain: Run, tiny_image_settings: dict[str, Any], tmp_path: Path
+) -> None:
+    # Prepare: an uninterrupted run whose hospitals change their training images
+    augmented, lines, adapter = _run(tiny_image_settings, tmp_path / "whole", **{"train.augment-images": True})
+    config = load_config(augmented.run_dir / "config.toml")
+    # Execute: the same run stopped while round 2 trains, then resumed
+    watcher = _stop_after_round(tmp_path / "run", 1)
+    with pytest.raises(interrupt.RunInterrupted):
+        fedfm.run(config, out=tmp_path / "run")
+    watcher.join()
+    resumed = fedfm.run(resume=tmp_path / "run")
+    # Assert: the changes are drawn from the run's seed, so the resumed adapter is the uninterrupted one bit for
+    # bit; and they did change the training (not the plain run's adapter)
+    got = read_checkpoint(resumed.run_dir).arrays
+    for name, value in read_checkpoint(augmented.run_dir).arrays.items():
+        np.testing.assert_array_equal(got[name], value, err_msg=name)
+    assert resumed.history[-1]["global"] == lines[-1]["global"]
+    _, _, plain_adapter = plain
+    assert max(np.abs(adapter[k] - plain_adapter[k]).max() for k in plain_adapter if "lora_B" in k) > 1e-6
+
+
 # ------------------------------------------------------------------------------------------------- fedfm report
 
 
@@ -470,6 +548,11 @@ def test_an_image_task_on_text_and_text_task_on_images_are_refused(
 ) -> None:
     err = _error_text(["check", "--set", f"model.task={task}", "--set", f"data.dataset={dataset}"], capsys)
     assert expected in err
+
+
+def test_augmenting_images_of_a_text_task_is_refused(capsys: pytest.CaptureFixture[str]) -> None:
+    err = _error_text(["check", "--set", "train.augment-images=true"], capsys)
+    assert "`train.augment-images` needs `model.task` 'image-classification', got 'sequence-classification'" in err
 
 
 def test_natural_partitioner_on_pneumoniamnist_names_the_keys_to_set(capsys: pytest.CaptureFixture[str]) -> None:

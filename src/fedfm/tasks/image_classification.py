@@ -162,7 +162,8 @@ def random_change(image: Any, rng: np.random.Generator) -> Any:
 
     width, height = image.size
     area = rng.uniform(*CROP_AREA) * width * height
-    aspect = float(np.exp(rng.uniform(np.log(CROP_ASPECT[0]), np.log(CROP_ASPECT[1]))))
+    # The crop's aspect ratio is the image's, stretched by up to ±10 %.
+    aspect = float(np.exp(rng.uniform(np.log(CROP_ASPECT[0]), np.log(CROP_ASPECT[1])))) * width / height
     w = min(width, max(1, round((area * aspect) ** 0.5)))
     h = min(height, max(1, round((area / aspect) ** 0.5)))
     left, top = int(rng.integers(0, width - w + 1)), int(rng.integers(0, height - h + 1))
