@@ -56,7 +56,10 @@ def _assert_every_round_aggregated_all(lines: list[dict[str, Any]]) -> None:
     for line in lines:
         assert line["aggregated"] is True and line["left_out"] == {}, line["left_out"]
         assert sorted(line["per_hospital"]) == ["hospital-0", "hospital-1", "hospital-2"]
-        assert {"accuracy", "auc", "loss"} <= set(line["global"]), line["global"]
+        assert {"accuracy", "auc", "loss", "sensitivity", "specificity"} <= set(line["global"]), line["global"]
+        # accuracy is the two recalls weighted by the test set's classes, so it lies between them
+        recalls = sorted((line["global"]["sensitivity"], line["global"]["specificity"]))
+        assert recalls[0] - 1e-9 <= line["global"]["accuracy"] <= recalls[1] + 1e-9, line["global"]
 
 
 @pytest.fixture(scope="module")
@@ -260,6 +263,16 @@ def test_a_random_change_crops_rotates_and_never_flips(width: int, height: int, 
     array = np.asarray(changed, np.float64)
     third = max(1, w // 3)
     assert array[:, :third].mean() > array[:, -third:].mean() + 60
+
+
+def test_sensitivity_and_specificity_are_the_recalls_of_the_two_classes() -> None:
+    from fedfm.tasks.metrics import binary_rates
+
+    labels = np.array([1, 1, 1, 1, 0, 0, 0])
+    predictions = np.array([1, 1, 1, 0, 0, 1, 1])
+    assert binary_rates(labels, predictions) == {"sensitivity": 0.75, "specificity": pytest.approx(1 / 3)}
+    # a class the rows lack has no recall (a hospital holding pneumonia only reports no specificity)
+    assert binary_rates(np.array([1, 1]), np.array([0, 1])) == {"sensitivity": 0.5}
 
 
 def test_training_batches_change_the_images_and_evaluation_batches_do_not(tiny_vit_dir: Path) -> None:

@@ -15,7 +15,7 @@ from transformers import AutoModelForImageClassification
 
 from fedfm import interrupt
 from fedfm.tasks.base import LogitsTask, evaluating
-from fedfm.tasks.metrics import classification_metrics, roc_auc
+from fedfm.tasks.metrics import binary_rates, classification_metrics, roc_auc
 
 
 class ImageClassification(LogitsTask):
@@ -102,13 +102,16 @@ class ImageClassification(LogitsTask):
     def evaluate(
         self, model: torch.nn.Module, dataset: Dataset, tokenizer: Any, *, batch_size: int, device: torch.device
     ) -> dict[str, float]:
-        """Loss, accuracy, macro- and weighted F1; with two classes also the ROC AUC of class 1's probability."""
+        """Loss, accuracy, macro- and weighted F1; with two classes also the ROC AUC of class 1's probability,
+        sensitivity (class 1's recall) and specificity (class 0's), each where the rows hold the classes it needs."""
         labels, logits = self.score(model, dataset, tokenizer, batch_size=batch_size, device=device)
         if len(labels) == 0:
             return {"loss": 0.0, "accuracy": 0.0, "macro-f1": 0.0, "weighted-f1": 0.0}
         loss = float(torch.nn.functional.cross_entropy(logits, labels))
-        metrics = classification_metrics(labels.numpy(), logits.argmax(-1).numpy(), logits.shape[1], loss)
+        predictions = logits.argmax(-1).numpy()
+        metrics = classification_metrics(labels.numpy(), predictions, logits.shape[1], loss)
         if logits.shape[1] == 2:
+            metrics.update(binary_rates(labels.numpy(), predictions))
             positive = torch.softmax(logits, -1)[:, 1].numpy()
             auc = roc_auc(positive[labels.numpy() == 1], positive[labels.numpy() == 0])
             if not np.isnan(auc):

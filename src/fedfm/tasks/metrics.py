@@ -71,6 +71,28 @@ def classification_metrics(labels: np.ndarray, predictions: np.ndarray, num_clas
     }
 
 
+
+def binary_rates(labels: np.ndarray, predictions: np.ndarray) -> dict[str, float]:
+    """Sensitivity (recall of class 1, the positive class as AUC counts it) and specificity (recall of class 0)
+    of a two-class prediction; each only when the labels hold its class.
+
+    Parameters
+    ----------
+    labels, predictions : numpy.ndarray
+        Class ids 0 or 1, one per row.
+
+    Returns
+    -------
+    dict
+        ``sensitivity`` and/or ``specificity``, in [0, 1].
+    """
+    rates = {}
+    for name, cls in (("sensitivity", 1), ("specificity", 0)):
+        rows = labels == cls
+        if rows.any():
+            rates[name] = float(np.mean(predictions[rows] == cls))
+    return rates
+
 def bio_entities(tags: Sequence[str]) -> set[tuple[str, int, int]]:
     """The entity spans of one BIO-tagged sequence, as ``(type, start, end)`` with ``end`` exclusive.
 
