@@ -118,6 +118,7 @@ class LogitsTask(Task):
             return np.zeros(0)
         return torch.nn.functional.cross_entropy(logits, labels, reduction="none").numpy()
 
+
 def lengths_of(dataset: Dataset) -> list[int]:
     """Token counts of tokenized rows (for length-bucketed batching)."""
     return [len(ids) for ids in dataset["input_ids"]]

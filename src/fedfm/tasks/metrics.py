@@ -71,7 +71,6 @@ def classification_metrics(labels: np.ndarray, predictions: np.ndarray, num_clas
     }
 
 
-
 def binary_rates(labels: np.ndarray, predictions: np.ndarray) -> dict[str, float]:
     """Sensitivity (recall of class 1, the positive class as AUC counts it) and specificity (recall of class 0)
     of a two-class prediction; each only when the labels hold its class.
@@ -92,6 +91,7 @@ def binary_rates(labels: np.ndarray, predictions: np.ndarray) -> dict[str, float
         if rows.any():
             rates[name] = float(np.mean(predictions[rows] == cls))
     return rates
+
 
 def bio_entities(tags: Sequence[str]) -> set[tuple[str, int, int]]:
     """The entity spans of one BIO-tagged sequence, as ``(type, start, end)`` with ``end`` exclusive.
