@@ -322,6 +322,67 @@ def test_an_augmented_image_run_resumes_to_the_uninterrupted_one(
     assert max(np.abs(adapter[k] - plain_adapter[k]).max() for k in plain_adapter if "lora_B" in k) > 1e-6
 
 
+# ------------------------------------------------------------------------------------------ deployment (data.hospitals)
+
+
+def _xray_table(path: Path, rows: range, *, split: str = "train") -> Path:
+    """PneumoniaMNIST images of ``rows`` written as PNG files beside ``path``, a CSV of their relative paths and
+    labels (normal / pneumonia), as a hospital would keep them."""
+    folder = path.parent / "images"
+    folder.mkdir(parents=True, exist_ok=True)
+    with np.load(pneumoniamnist_file(resolve_data_dir())) as arrays:
+        images, labels = arrays[f"{split}_images"], arrays[f"{split}_labels"].reshape(-1)
+    with path.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["image", "label"])
+        for i in rows:
+            Image.fromarray(images[i]).save(folder / f"{split}-{i}.png")
+            writer.writerow([f"images/{split}-{i}.png", ("normal", "pneumonia")[int(labels[i])]])
+    return path
+
+
+def test_a_deployed_hospital_trains_on_its_own_table_of_xrays(tiny_vit_dir: Path, tmp_path: Path) -> None:
+    from flwr.app import ConfigRecord, Context, RecordDict
+
+    from conftest import instruction
+    from fedfm import keys
+    from fedfm.client import app
+    from fedfm.config import to_json
+    from fedfm.wire import state_to_record
+    from fedfm.workspace import workspace_for
+
+    # Prepare: a coordinator that knows the hospitals by name and holds a test table of its own; a hospital whose
+    # SuperNode names its own table of 20 X-rays (paths relative to the table)
+    coordinator = RunConfig().replace(**{
+        "model.name": str(tiny_vit_dir), "model.task": "image-classification", "model.image-size": 28,
+        "lora.r": 4, "train.batch-size": 8, "train.local-steps": 2,
+        "data.hospitals": "north,south", "data.label-names": "normal,pneumonia",
+        "data.path": str(_xray_table(tmp_path / "server" / "test.csv", range(10), split="test")),
+        "federation.min-hospitals": 2,
+    })
+    server = workspace_for(coordinator)
+    own = _xray_table(tmp_path / "south" / "xrays.csv", range(20))
+    sent = RecordDict({
+        keys.ARRAYS: state_to_record(server.loaded.initial_state),
+        keys.CONFIG: ConfigRecord({keys.RUN_CONFIG: to_json(coordinator), keys.SERVER_ROUND: 1}),
+    })
+    context = Context(run_id=1, node_id=7, state=RecordDict(), run_config={},
+                      node_config={"hospital": "south", "data-path": str(own)})
+    # Execute
+    trained = app(instruction(sent, message_type="train"), context)
+    evaluated = app(instruction(sent, message_type="evaluate"), context)
+    # Assert: the hospital split its own 20 images 14/6 and trained on them; the server scores its own 10
+    assert not trained.has_error(), trained.error
+    assert not evaluated.has_error(), evaluated.error
+    assert trained.content[keys.METRICS][keys.NUM_EXAMPLES] == 14
+    assert trained.content[keys.METRICS][keys.HOSPITAL_INDEX] == 1
+    assert evaluated.content[keys.METRICS][keys.NUM_EXAMPLES] == 6
+    assert len(server.federation.global_test) == 10 and server.num_labels == 2
+    scores = server.task.evaluate(server.loaded.model, server.hospital_rows("test", -1), server.loaded.tokenizer,
+                                  batch_size=8, device=server.loaded.device)
+    assert 0.0 <= scores["accuracy"] <= 1.0 and "auc" in scores
+
+
 # ------------------------------------------------------------------------------------------------- fedfm report
 
 

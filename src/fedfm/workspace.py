@@ -40,7 +40,7 @@ datasets.disable_progress_bars()
 
 _LOCK = threading.RLock()
 _FEDERATIONS: dict[tuple[DataSpec, str], Federation] = {}
-_NODE_FEDERATIONS: dict[tuple[DataSpec, NodeData], Federation] = {}
+_NODE_FEDERATIONS: dict[tuple[DataSpec, NodeData, str], Federation] = {}
 _WORKSPACES: dict[tuple[Any, ...], Workspace] = {}
 
 
@@ -64,6 +64,7 @@ def federation_for(data: DataSpec, *, kind: str = CLASSIFICATION) -> Federation:
                 seed=data.seed,
                 max_test=data.max_test or None,
                 context=data.context,
+                kind=kind,
             )
         if key not in _FEDERATIONS:
             source = load_source(
@@ -151,13 +152,13 @@ class Workspace:
             return self._tokenized[key]
 
 
-def node_federation_for(data: DataSpec, node: NodeData) -> Federation:
+def node_federation_for(data: DataSpec, node: NodeData, *, kind: str = CLASSIFICATION) -> Federation:
     """A SuperNode's own hospital, split as the data spec says (cached per process).
 
     Only the spec's column names, label names, test fraction, seed, caps and context are used;
     its dataset, path and partitioner describe the coordinator's data, not this hospital's.
     """
-    key = (data, node)
+    key = (data, node, kind)
     with _LOCK:
         if key not in _NODE_FEDERATIONS:
             _NODE_FEDERATIONS[key] = node_federation(
@@ -171,6 +172,7 @@ def node_federation_for(data: DataSpec, node: NodeData) -> Federation:
                 max_test=data.max_test or None,
                 validation_fraction=data.validation_fraction,
                 context=data.context,
+                kind=kind,
             )
         return _NODE_FEDERATIONS[key]
 
@@ -201,7 +203,7 @@ def workspace_for(config: RunConfig, node: NodeData | None = None, *, side: str 
         if key not in _WORKSPACES:
             task = get_task(config.model.task)
             federation = (federation_for(config.data, kind=task.data_kind) if node is None
-                          else node_federation_for(config.data, node))
+                          else node_federation_for(config.data, node, kind=task.data_kind))
             source = federation.source
             num_labels = len(source.label_names) if source.kind in ("classification", "token-classification", "image") else 0
             loaded = load_model(config.model, config.lora, task, num_labels=num_labels, seed=config.train.seed,

@@ -93,6 +93,9 @@ CHOICE_DATASETS = ("pubmedqa", "medmcqa", "medqa")
 #: Instruction/response datasets, for `model.task = "instruction-tuning"` (and only for it).
 INSTRUCTION_DATASETS = ("medical_meadow_wikidoc_patient",)
 
+#: Tasks a deployment (`data.hospitals`) runs: each hospital's own file is a text classification file or a table
+#: of image paths.
+DEPLOYMENT_TASKS = ("sequence-classification", "image-classification")
 #: The form of a hospital's name in `data.hospitals` and in a SuperNode's node config `hospital`.
 HOSPITAL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 #: File suffixes a hospital's file (and a deployment's global test file) may have.

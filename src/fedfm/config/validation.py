@@ -21,6 +21,7 @@ from fedfm.config.choices import (
     ABSTRACT_DATASETS,
     CHOICE_DATASETS,
     CONCLUSION_DATASETS,
+    DEPLOYMENT_TASKS,
     FILE_DATASETS,
     HOSPITAL_FILE_SUFFIXES,
     HOSPITAL_NAME,
@@ -230,9 +231,9 @@ def deployment_rules(config: RunConfig) -> list[str]:
     p.require(bool(data.label_names),
               "`data.hospitals` needs `data.label-names`: the class names in label-id order, so that the server's "
               "classifier and every hospital number the classes the same way")
-    p.require(config.model.task == "sequence-classification",
-              f"`data.hospitals` needs `model.task` 'sequence-classification' (each hospital's file is a text "
-              f"classification file), got {config.model.task!r}")
+    p.require(config.model.task in DEPLOYMENT_TASKS,
+              f"`data.hospitals` needs `model.task` 'sequence-classification' or 'image-classification' (each "
+              f"hospital's file is a text classification file or a table of image paths), got {config.model.task!r}")
     p.require(fed.min_hospitals <= len(data.hospitals),
               f"`federation.min-hospitals` ({fed.min_hospitals}) must not exceed the {len(data.hospitals)} "
               f"`data.hospitals`")

@@ -25,7 +25,7 @@ from typing import Any
 from datasets import Dataset
 
 from fedfm.config import HOSPITAL_FILE_SUFFIXES, HOSPITAL_NAME
-from fedfm.data.base import CLASSIFICATION, SourceData
+from fedfm.data.base import CLASSIFICATION, IMAGE, SourceData
 from fedfm.data.federation import Federation, HospitalData, cap_global_test, split_hospital, with_context
 from fedfm.data.piboso import with_abstract_columns
 from fedfm.data.sources import load_source
@@ -145,6 +145,7 @@ def node_federation(
     max_test: int | None = None,
     validation_fraction: float = 0.0,
     context: str = "none",
+    kind: str = CLASSIFICATION,
 ) -> Federation:
     """The one-hospital federation a SuperNode sees: its own file, split into local train and test.
 
@@ -176,6 +177,9 @@ def node_federation(
         with an ``abstract_id`` (in reading order; ``position`` and
         ``num_sentences`` optional): abstracts stay whole on one side of the
         split and each side's contexts come from its own rows, as in a simulation.
+    kind : str
+        The rows the task reads (:attr:`fedfm.tasks.Task.data_kind`): ``image`` reads a table of image paths,
+        relative to the table's folder.
 
     Returns
     -------
@@ -183,7 +187,7 @@ def node_federation(
         One hospital named ``node.name``; ``global_test`` is its local test split.
     """
     source = load_source(node.file_format, path=node.path, text_column=text_column, label_column=label_column,
-                         label_names=label_names)
+                         label_names=label_names, kind=kind)
     rows = source.train if context == "none" else with_abstract_columns(source.train, str(node.path))
     hospital = split_hospital(
         node.name, rows, index=0, test_fraction=test_fraction, seed=seed,
@@ -205,6 +209,7 @@ def deployment_federation(
     seed: int = 0,
     max_test: int | None = None,
     context: str = "none",
+    kind: str = CLASSIFICATION,
 ) -> Federation:
     """The coordinator's view of a deployment: the hospitals by name, without their rows.
 
@@ -230,6 +235,8 @@ def deployment_federation(
     context : str
         ``data.context``; other than ``"none"`` the test file's sentences are
         read with their context, built from the whole file before the cap.
+    kind : str
+        The rows the task reads: ``image`` reads the test file as a table of image paths.
 
     Returns
     -------
@@ -239,18 +246,18 @@ def deployment_federation(
     if not hospitals or not label_names:
         raise ConfigError(f"a deployment needs hospital names and label names, got {list(hospitals)} and "
                           f"{list(label_names)}")
-    empty = Dataset.from_dict({"text": [], "label": []})
+    empty = Dataset.from_dict({"image" if kind == IMAGE else "text": [], "label": []})
     if test_path is not None:
         suffix = Path(test_path).suffix.lower()
         if suffix not in FORMATS:
             raise ConfigError(f"`data.path` {str(test_path)!r} must end in one of {sorted(FORMATS)} (the suffix "
                               f"picks the reader), got {suffix or 'no suffix'!r}")
         test = load_source(FORMATS[suffix], path=test_path, text_column=text_column, label_column=label_column,
-                           label_names=label_names).train
+                           label_names=label_names, kind=kind).train
         global_test = cap_global_test(with_context(test, context, str(test_path)), max_test, seed)
     else:
         global_test = empty
-    source = SourceData(name="deployment", kind=CLASSIFICATION, train=empty, test=global_test,
+    source = SourceData(name="deployment", kind=kind, train=empty, test=global_test,
                         label_names=list(label_names))
     return Federation(
         source=source,
