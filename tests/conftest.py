@@ -107,6 +107,19 @@ def reply(content, *, node_id: int, message_type: str = "train"):  # type: ignor
     return Message(content, metadata=metadata)
 
 
+def assert_only_the_head_moved(initial: dict[str, Any], final: dict[str, Any]) -> None:
+    """A linear probe's exported adapter: the LoRA factors are the run's initial ones (up to FedAvg's rounding)
+    and every other tensor (the head) holds trained, non-zero values."""
+    import torch
+
+    assert set(final) == set(initial)
+    for name, value in final.items():
+        if "lora_" in name:
+            assert torch.allclose(value, initial[name], atol=1e-6), name
+        else:
+            assert value.abs().sum() > 0, name
+
+
 def tiny_llama(vocab_size: int, eos_id: int, *, seed: int = 0) -> Any:
     """A 2-layer, 32-wide random Llama."""
     import torch
