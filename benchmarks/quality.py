@@ -220,28 +220,47 @@ def _evaluate(workspace: Any, config: Any) -> dict[str, float]:
     return {k: float(v) for k, v in scores.items()}
 
 
+def _phases(config: Any, spec: Any) -> list[tuple[Any, bool]]:
+    """``spec`` as (spec, head only) phases: federation.head-first-rounds' share of the budget trains the head alone."""
+    head, rounds = min(config.federation.head_first_rounds, config.federation.num_rounds), config.federation.num_rounds
+    if head == 0:
+        return [(spec, False)]
+    if spec.local_steps > 0:
+        first = spec.local_steps * head // rounds
+        split = [dataclasses.replace(spec, local_steps=first), dataclasses.replace(spec, local_steps=spec.local_steps - first)]
+    else:
+        first = spec.local_epochs * head // rounds
+        split = [dataclasses.replace(spec, local_epochs=first), dataclasses.replace(spec, local_epochs=spec.local_epochs - first)]
+    return [(part, index == 0) for index, part in enumerate(split) if part.local_steps > 0 or part.local_epochs > 0]
+
+
 def _train_and_score(workspace: Any, config: Any, rows: Any, spec: Any, seed: int) -> dict[str, Any]:
-    """Train from the initial adapter on ``rows`` and score on the global test set."""
+    """Train from the initial adapter on ``rows`` and score on the global test set (the head alone first, for
+    the share of the budget federation.head-first-rounds gives the federation's head rounds)."""
     from fedfm.adapters import set_adapter_state
+    from fedfm.strategies import ClientPlan
     from fedfm.train import train_local
 
     loaded = workspace.loaded
     # Each arm starts where the federation starts, whatever ran before in this process.
     set_adapter_state(loaded.model, loaded.initial_state)
     started = time.perf_counter()
-    result = train_local(
-        loaded.model, workspace.task, rows, loaded.tokenizer,
-        spec=spec, device=loaded.device, dtype=config.model.dtype, seed=seed,
-    )
+    results = [
+        train_local(
+            loaded.model, workspace.task, rows, loaded.tokenizer, spec=part, device=loaded.device,
+            dtype=config.model.dtype, seed=seed + phase, plan=ClientPlan().head_only() if head_only else None,
+        )
+        for phase, (part, head_only) in enumerate(_phases(config, spec))
+    ]
     train_seconds = time.perf_counter() - started
     metrics = _evaluate(workspace, config)
     set_adapter_state(loaded.model, loaded.initial_state)
     return {
         "global": metrics,
         "train_rows": len(rows),
-        "examples_seen": result.examples,
-        "steps": result.steps,
-        "train_loss": result.loss,
+        "examples_seen": sum(r.examples for r in results),
+        "steps": sum(r.steps for r in results),
+        "train_loss": results[-1].loss,
         "train_seconds": round(train_seconds, 2),
         "wall_seconds": round(time.perf_counter() - started, 2),
     }

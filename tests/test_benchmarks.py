@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -251,3 +252,21 @@ def test_gpu_scale_knows_the_dense_bf16_peak_of_the_lent_chips() -> None:
     assert peak_flops("NVIDIA H100 80GB HBM3") == peak_flops("NVIDIA H200") == 989e12
     assert peak_flops("NVIDIA H100 PCIe") == 756e12
     assert peak_flops("Tesla T4") is None
+
+
+def test_pooled_and_local_arms_train_the_head_alone_for_the_federations_head_rounds() -> None:
+    # Setup
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import quality
+
+    from fedfm.config import RunConfig
+
+    config = RunConfig().replace(**{"federation.num-rounds": 10, "federation.head-first-rounds": 2})
+    # Execute: ten epochs pooled; thirty steps a hospital
+    epochs = quality._phases(config, dataclasses.replace(config.train, local_epochs=10))
+    steps = quality._phases(config, dataclasses.replace(config.train, local_steps=30))
+    plain = quality._phases(RunConfig(), config.train)
+    # Assert: the budget is split 2/10 head alone, 8/10 head and LoRA, and untouched without head rounds
+    assert [(s.local_epochs, head) for s, head in epochs] == [(2, True), (8, False)]
+    assert [(s.local_steps, head) for s, head in steps] == [(6, True), (24, False)]
+    assert plain == [(config.train, False)]

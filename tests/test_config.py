@@ -81,6 +81,17 @@ def test_combinations_that_cannot_work_are_refused() -> None:
         RunConfig().replace(**{"data.augment": "conclusion"})
 
 
+def test_head_first_rounds_are_refused_where_there_is_no_head_or_the_probe_trains_it_alone() -> None:
+    with pytest.raises(ConfigError, match="`federation.head-first-rounds` .2. trains a classifier head alone, but "
+                                          "`model.task` 'causal-qa' has none"):
+        RunConfig().replace(**{"model.task": "causal-qa", "data.dataset": "pubmedqa", "federation.head-first-rounds": 2})
+    with pytest.raises(ConfigError, match="has no effect under DP-SGD's linear-probe recipe"):
+        RunConfig().replace(**{"privacy.mode": "dp-sgd", "federation.head-first-rounds": 1})
+    # DP-SGD on the LoRA factors may train the head first
+    assert RunConfig().replace(**{"privacy.mode": "dp-sgd", "privacy.recipe": "lora",
+                                  "federation.head-first-rounds": 1}).federation.head_first_rounds == 1
+
+
 @settings(max_examples=40, deadline=None)
 @given(
     rounds=st.integers(1, 500),

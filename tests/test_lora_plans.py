@@ -65,6 +65,28 @@ def test_ffa_lora_hospital_never_sends_or_changes_a(tiny_csv_settings: dict[str,
     assert all(p.requires_grad for n, p in hospital_model.named_parameters() if "lora_A" in n)
 
 
+def test_head_first_rounds_train_the_head_alone_then_the_lora_factors_too(tiny_csv_settings: dict[str, Any]) -> None:
+    # Prepare: the first of three rounds trains the head alone
+    config = _config(tiny_csv_settings, "fedavg", **{"federation.head-first-rounds": 1, "federation.num-rounds": 3})
+    initial = _initial(config)
+    global_arrays = strategies.initial_arrays(strategies.create(config, num_hospitals=2), config, initial)
+    # Execute
+    first = _train(config, global_arrays, _context(0), server_round=1)
+    second = _train(config, first, _context(0), server_round=2)
+    # Assert: round 1 sends every tensor, the LoRA factors exactly as received and the head trained
+    assert set(first) == set(global_arrays)
+    lora = [k for k in first if "lora_" in k]
+    head = [k for k in first if "lora_" not in k]
+    assert lora and head
+    for name in lora:
+        np.testing.assert_array_equal(first[name], global_arrays[name])
+    assert all(not np.allclose(first[k], global_arrays[k]) for k in head)
+    # Round 2 trains the LoRA factors too
+    assert any(not np.allclose(second[k], first[k]) for k in lora if "lora_B" in k)
+    hospital_model = workspace_for(config, side="hospital").loaded.model
+    assert all(p.requires_grad for n, p in hospital_model.named_parameters() if "lora_" in n)
+
+
 def test_fedsa_lora_hospital_keeps_its_b_across_rounds_and_never_sends_it(tiny_csv_settings: dict[str, Any]) -> None:
     # Prepare
     config = _config(tiny_csv_settings, "fedsa-lora")

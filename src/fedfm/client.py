@@ -24,7 +24,7 @@ from fedfm import keys, legacy, strategies
 from fedfm.adapters import get_adapter_state, load_global_adapter
 from fedfm.attacks import corrupt, fails
 from fedfm.compression import encode
-from fedfm.config import RunConfig, resolve_parallelism
+from fedfm.config import RunConfig, head_only_round, resolve_parallelism
 from fedfm.data import node_data
 from fedfm.data.local import DATA_PATH, HOSPITAL
 from fedfm.errors import ConfigError, FedfmError
@@ -212,7 +212,7 @@ def _train(instruction: Instruction, received: dict[str, np.ndarray] | None, con
             device=workspace.loaded.device,
             dtype=config.model.dtype,
             seed=config.train.seed * 1_000_003 + server_round * 1009 + index,
-            plan=plan,
+            plan=plan.head_only() if head_only_round(config, server_round) else plan,
             dp=ledger.round_plan(config.privacy.max_grad_norm) if ledger is not None else None,
         )
     reported: dict[str, float | int] = {

@@ -34,6 +34,7 @@ from fedfm.config.io import describe, from_flat, from_json, load_config, parse_o
 from fedfm.config.policy import (
     available_cores,
     evaluation_due,
+    head_only_round,
     hospital_epsilons,
     hospital_rank,
     resolve_parallelism,
@@ -84,6 +85,7 @@ __all__ = [
     "evaluation_due",
     "from_flat",
     "from_json",
+    "head_only_round",
     "hospital_epsilons",
     "hospital_rank",
     "load_config",

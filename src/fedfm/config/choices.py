@@ -93,6 +93,11 @@ CHOICE_DATASETS = ("pubmedqa", "medmcqa", "medqa")
 #: Instruction/response datasets, for `model.task = "instruction-tuning"` (and only for it).
 INSTRUCTION_DATASETS = ("medical_meadow_wikidoc_patient",)
 
+#: Tasks whose model gains a new classifier head beside the LoRA factors (`federation.head-first-rounds`).
+HEAD_TASKS = ("sequence-classification", "token-classification", "image-classification")
+#: The tasks whose model is a linear head on one pooled feature per row: DP-SGD's `auto` recipe trains the
+#: linear probe there.
+PROBE_TASKS = ("sequence-classification", "image-classification")
 #: Tasks a deployment (`data.hospitals`) runs: each hospital's own file is a text classification file or a table
 #: of image paths.
 DEPLOYMENT_TASKS = ("sequence-classification", "image-classification")

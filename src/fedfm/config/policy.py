@@ -46,6 +46,11 @@ def round_learning_rate(config: RunConfig, server_round: int) -> float:
     return base * (fe.lr_min_ratio + (1 - fe.lr_min_ratio) * shape)
 
 
+def head_only_round(config: RunConfig, server_round: int) -> bool:
+    """Whether hospitals train only the classifier head in round ``server_round`` (``federation.head-first-rounds``)."""
+    return 1 <= server_round <= config.federation.head_first_rounds
+
+
 def hospital_rank(config: RunConfig, hospital: int) -> int:
     """The LoRA rank hospital ``hospital`` trains: ``federation.client-ranks`` cycled, else ``lora.r``."""
     ranks = config.federation.client_ranks

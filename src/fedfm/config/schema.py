@@ -284,6 +284,16 @@ class FederationSpec:
     lr_min_ratio: float = _help(
         "Learning rate of the last round as a share of the first's (lr-decay), in [0, 1].", 0.1, within="[0, 1]"
     )
+    head_first_rounds: int = _help(
+        "Classification tasks: the first this many rounds train only the task's new head while the LoRA factors "
+        "keep their starting values (they travel unchanged), then head and LoRA train together: linear probing "
+        "before fine-tuning (LP-FT, Kumar et al., ICLR 2022), so a random head's early gradients do not bend the "
+        "pretrained features; in federations under label skew, Legate et al. (NeurIPS 2023) fit the head first "
+        "for the same reason. A head round costs about a third of a LoRA round (no backward pass through the "
+        "encoder). 0 (the default) trains both from round 1.",
+        0,
+        bounds=(0, 1_000_000),
+    )
     strategy: str = _help(
         "Aggregation strategy: a registered name (see `fedfm strategies`) or `module:Class` of your own.", "fedavg"
     )

@@ -23,12 +23,14 @@ from fedfm.config.choices import (
     CONCLUSION_DATASETS,
     DEPLOYMENT_TASKS,
     FILE_DATASETS,
+    HEAD_TASKS,
     HOSPITAL_FILE_SUFFIXES,
     HOSPITAL_NAME,
     IMAGE_DATASETS,
     INSTRUCTION_DATASETS,
     INT64_BOUNDS,
     MODEL_ALIASES,
+    PROBE_TASKS,
     TABLE_DATASETS,
     TOKEN_DATASETS,
 )
@@ -279,6 +281,16 @@ def federation_rules(config: RunConfig) -> list[str]:
     # The strategy's name is checked against the registry by fedfm.strategies.config_problems,
     # which also knows strategies registered by users.
     p.require(bool(fed.strategy.strip()), "`federation.strategy` must name a strategy, got ''")
+    if fed.head_first_rounds:
+        task, privacy = config.model.task, config.privacy
+        p.require(task in HEAD_TASKS,
+                  f"`federation.head-first-rounds` ({fed.head_first_rounds}) trains a classifier head alone, but "
+                  f"`model.task` {task!r} has none (only {', '.join(map(repr, HEAD_TASKS))} do); set it to 0")
+        probe = privacy.mode == "dp-sgd" and (
+            privacy.recipe == "linear-probe" or (privacy.recipe == "auto" and task in PROBE_TASKS))
+        p.require(not probe,
+                  f"`federation.head-first-rounds` ({fed.head_first_rounds}) has no effect under DP-SGD's linear-probe "
+                  f"recipe, which trains the head alone in every round; set it to 0, or `privacy.recipe` to 'lora'")
     p.require(all(1 <= r <= config.lora.r for r in fed.client_ranks),
               f"`federation.client-ranks` must each be in [1, lora.r = {config.lora.r}], got {list(fed.client_ranks)}")
     if config.data.partitioner != "natural":
@@ -354,7 +366,7 @@ def privacy_rules(config: RunConfig) -> list[str]:
     p.require(0 <= pr.client_delta < 1,
               f"`privacy.client-delta` must be in (0, 1), or 0 for the default, got {pr.client_delta}")
     task = config.model.task
-    if pr.recipe == "linear-probe" and task not in ("sequence-classification", "image-classification"):
+    if pr.recipe == "linear-probe" and task not in PROBE_TASKS:
         p.append(f"`privacy.recipe` 'linear-probe' trains a classifier head on one pooled feature per row, which "
                  f"`model.task` {task!r} does not have; use 'lora' (or 'auto')")
     if task == "image-classification" and pr.probe_centring in ("vocabulary", "heart-codebook"):

@@ -17,6 +17,7 @@ from typing import Any
 
 from fedfm import keys
 from fedfm.config import RunConfig, TrainSpec, hospital_epsilons
+from fedfm.config.choices import PROBE_TASKS
 from fedfm.errors import ConfigError
 from fedfm.privacy.accounting import HospitalLedger, default_delta, open_ledger
 from fedfm.privacy.dpsgd import sample_rate, steps_per_round
@@ -35,10 +36,6 @@ def budget_for(config: RunConfig, index: int, name: str, node_config: Mapping[st
     if cap is not None:
         budget = min(budget, float(cap))
     return budget
-
-
-#: The tasks whose model is a linear head on one pooled feature per row: ``auto`` trains the linear probe there.
-PROBE_TASKS = ("sequence-classification", "image-classification")
 
 
 def recipe_of(config: RunConfig) -> str:

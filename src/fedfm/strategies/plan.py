@@ -13,6 +13,7 @@ Tensor names are peft's adapter state-dict names, e.g.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
@@ -124,6 +125,12 @@ class ClientPlan:
     fold: bool = False
     proximal_mu: float = 0.0
     learning_rate_scale: float = 1.0
+
+    def head_only(self) -> ClientPlan:
+        """This plan for training a round's head alone (``federation.head-first-rounds``): every LoRA factor is
+        held for the training call. Only :func:`fedfm.train.train_local` takes it; what travels still follows
+        this plan, so the unchanged factors are sent as ever."""
+        return dataclasses.replace(self, fixed=(*self.fixed, "lora_"))
 
     def is_fixed(self, name: str) -> bool:
         return any(fragment in name for fragment in self.fixed)
