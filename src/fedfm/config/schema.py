@@ -289,8 +289,8 @@ class FederationSpec:
         "keep their starting values (they travel unchanged), then head and LoRA train together: linear probing "
         "before fine-tuning (LP-FT, Kumar et al., ICLR 2022), so a random head's early gradients do not bend the "
         "pretrained features; in federations under label skew, Legate et al. (NeurIPS 2023) fit the head first "
-        "for the same reason. A head round costs about a third of a LoRA round (no backward pass through the "
-        "encoder). 0 (the default) trains both from round 1.",
+        "for the same reason. A head round skips the backward pass through the encoder (PneumoniaMNIST at 56 "
+        "pixels on 2 cores: 35 s a round against 66 s). 0 (the default) trains both from round 1.",
         0,
         bounds=(0, 1_000_000),
     )
