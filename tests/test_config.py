@@ -92,6 +92,14 @@ def test_head_first_rounds_are_refused_where_there_is_no_head_or_the_probe_train
                                   "federation.head-first-rounds": 1}).federation.head_first_rounds == 1
 
 
+def test_a_logit_adjustment_tau_without_logit_adjustment_is_refused() -> None:
+    with pytest.raises(ConfigError, match="`train.logit-adjustment-tau` .2.0. scales the prior of `train.class-weights` "
+                                          "'logit-adjusted', but class-weights is 'balanced'"):
+        RunConfig().replace(**{"train.class-weights": "balanced", "train.logit-adjustment-tau": 2.0})
+    with pytest.raises(ConfigError, match="logit-adjustment-tau"):
+        RunConfig().replace(**{"train.class-weights": "logit-adjusted", "train.logit-adjustment-tau": 0})
+
+
 @settings(max_examples=40, deadline=None)
 @given(
     rounds=st.integers(1, 500),

@@ -16,7 +16,15 @@ from fedfm import keys
 from fedfm.config import LoraSpec, ModelSpec, RunConfig, TrainSpec, round_learning_rate
 from fedfm.errors import ConfigError
 from fedfm.tasks import get_task
-from fedfm.train import balanced_class_weights, log_class_prior, lr_factor, planned_steps, train_local, warmup_steps
+from fedfm.train import (
+    balanced_class_weights,
+    log_class_prior,
+    logit_adjustment,
+    lr_factor,
+    planned_steps,
+    train_local,
+    warmup_steps,
+)
 
 
 def _factors(schedule: str, total: int, warmup: float) -> list[float]:
@@ -157,6 +165,27 @@ def test_logit_adjustment_offsets_the_training_logits_by_the_hospitals_smoothed_
     prior = log_class_prior([0, 0, 0, 0, 0, 0, 1, 1], num_classes=3)
     # log((N_c + 1) / (N + K)): a class the hospital lacks gets a finite, large negative offset
     assert prior.tolist() == pytest.approx(np.log([7 / 11, 3 / 11, 1 / 11]).tolist(), rel=1e-6)
+
+
+@pytest.mark.parametrize("tau", [1.0, 2.5])
+def test_logit_adjustment_adds_tau_times_the_log_prior_inside_the_block_only(
+    tiny_bert: Path, rows: tuple[Any, Dataset], tau: float
+) -> None:
+    tokenizer, data = rows
+    model = _tiny_classifier(tiny_bert).eval()
+    batch = get_task("sequence-classification").collate(tokenizer)([data[i] for i in range(len(data))])
+    spec = TrainSpec(class_weights="logit-adjusted", logit_adjustment_tau=tau)
+
+    def logits() -> torch.Tensor:
+        with torch.no_grad():
+            return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+
+    plain = logits()
+    with logit_adjustment(model, data, spec):
+        adjusted = logits()
+    prior = torch.from_numpy(log_class_prior(data["labels"], num_classes=2))
+    torch.testing.assert_close(adjusted - plain, (tau * prior).expand_as(plain), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(logits(), plain)
 
 
 def test_a_hospital_with_one_class_barely_moves_the_head_under_logit_adjustment(

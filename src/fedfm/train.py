@@ -238,8 +238,8 @@ def log_class_prior(labels: list[int] | np.ndarray, num_classes: int) -> np.ndar
 
 @contextlib.contextmanager
 def logit_adjustment(model: torch.nn.Module, dataset: Dataset, spec: TrainSpec) -> Iterator[None]:
-    """``train.class-weights = "logit-adjusted"``: the head's output gets the hospital's log class prior added
-    while the block trains (a forward hook on the classification head), so the loss is logit-adjusted
+    """``train.class-weights = "logit-adjusted"``: the head's output gets the hospital's log class prior (times
+    ``train.logit-adjustment-tau``) added while the block trains (a forward hook on the classification head), so the loss is logit-adjusted
     (Menon et al., ICLR 2021) and the head itself learns class scores free of this hospital's label mix.
     Evaluation outside the block sees the plain head.
     """
@@ -251,7 +251,7 @@ def logit_adjustment(model: torch.nn.Module, dataset: Dataset, spec: TrainSpec) 
         raise ConfigError("`train.class-weights` 'logit-adjusted' needs a classification head (a module named "
                           f"{' or '.join(HEAD_MODULES)}); this model has none")
     labels, num_classes = _labels(model, dataset)
-    offset = torch.from_numpy(log_class_prior(labels, num_classes))
+    offset = torch.from_numpy(log_class_prior(labels, num_classes)) * spec.logit_adjustment_tau
 
     def add_prior(module: torch.nn.Module, args: Any, output: torch.Tensor) -> torch.Tensor:
         return output + offset.to(device=output.device, dtype=output.dtype)

@@ -261,6 +261,14 @@ class TrainSpec:
         "does). Not with DP-SGD.",
         "none",
     )
+    logit_adjustment_tau: float = _help(
+        "`train.class-weights = \"logit-adjusted\"`: the training logits get tau x the log class prior. 1 (the "
+        "default) scores classes as if they were balanced; a larger tau favours the classes a hospital holds "
+        "few of a little more (Menon et al. tune tau on held-out rows; PneumoniaMNIST: see "
+        "docs/images-results.md).",
+        1.0,
+        within="> 0",
+    )
     augment_images: bool = _help(
         "Image classification: change each training image at random every time a batch draws it (a crop keeping "
         "80-100 % of its area, a rotation of up to 10 degrees, brightness and contrast each within 10 %; never a "

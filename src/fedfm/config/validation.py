@@ -260,6 +260,10 @@ def train_rules(config: RunConfig) -> list[str]:
               f"`train.class-weights` {train.class_weights!r} needs `model.task` 'sequence-classification' or "
               f"'image-classification', got "
               f"{config.model.task!r}; use 'none'")
+    p.require(train.logit_adjustment_tau == 1.0 or train.class_weights == "logit-adjusted",
+              f"`train.logit-adjustment-tau` ({train.logit_adjustment_tau}) scales the prior of "
+              f"`train.class-weights` 'logit-adjusted', but class-weights is {train.class_weights!r}; set "
+              f"class-weights to 'logit-adjusted', or leave the tau at 1")
     p.require(not train.augment_images or config.model.task == "image-classification",
               f"`train.augment-images` needs `model.task` 'image-classification', got {config.model.task!r}; "
               "set it to false")
