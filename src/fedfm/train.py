@@ -239,9 +239,9 @@ def log_class_prior(labels: list[int] | np.ndarray, num_classes: int) -> np.ndar
 @contextlib.contextmanager
 def logit_adjustment(model: torch.nn.Module, dataset: Dataset, spec: TrainSpec) -> Iterator[None]:
     """``train.class-weights = "logit-adjusted"``: the head's output gets the hospital's log class prior (times
-    ``train.logit-adjustment-tau``) added while the block trains (a forward hook on the classification head), so the loss is logit-adjusted
-    (Menon et al., ICLR 2021) and the head itself learns class scores free of this hospital's label mix.
-    Evaluation outside the block sees the plain head.
+    ``train.logit-adjustment-tau``) added while the block trains (a forward hook on the classification head), so
+    the loss is logit-adjusted (Menon et al., ICLR 2021) and the head itself learns class scores free of this
+    hospital's label mix. Evaluation outside the block sees the plain head.
     """
     if spec.class_weights != "logit-adjusted":
         yield
