@@ -263,7 +263,7 @@ def train_rules(config: RunConfig) -> list[str]:
     p.require(train.logit_adjustment_tau == 1.0 or train.class_weights == "logit-adjusted",
               f"`train.logit-adjustment-tau` ({train.logit_adjustment_tau}) scales the prior of "
               f"`train.class-weights` 'logit-adjusted', but class-weights is {train.class_weights!r}; set "
-              f"class-weights to 'logit-adjusted', or leave the tau at 1")
+              f"class-weights to 'logit-adjusted', or `train.logit-adjustment-tau` to 1")
     p.require(not train.augment_images or config.model.task == "image-classification",
               f"`train.augment-images` needs `model.task` 'image-classification', got {config.model.task!r}; "
               "set it to false")
