@@ -37,6 +37,7 @@ from fedfm.config.policy import (
     head_only_round,
     hospital_epsilons,
     hospital_rank,
+    recipe_of,
     resolve_parallelism,
     round_learning_rate,
 )
@@ -90,6 +91,7 @@ __all__ = [
     "hospital_rank",
     "load_config",
     "parse_override",
+    "recipe_of",
     "resolve_parallelism",
     "round_learning_rate",
     "to_flat",

@@ -10,6 +10,8 @@ import math
 import os
 from typing import TYPE_CHECKING
 
+from fedfm.config.choices import PROBE_TASKS
+
 if TYPE_CHECKING:
     from fedfm.config.schema import FederationSpec, PrivacySpec, RunConfig
 
@@ -49,6 +51,15 @@ def round_learning_rate(config: RunConfig, server_round: int) -> float:
 def head_only_round(config: RunConfig, server_round: int) -> bool:
     """Whether hospitals train only the classifier head in round ``server_round`` (``federation.head-first-rounds``)."""
     return 1 <= server_round <= config.federation.head_first_rounds
+
+
+def recipe_of(config: RunConfig) -> str:
+    """What a DP-SGD hospital trains: ``linear-probe`` or ``lora`` (``auto``: the probe for text and image
+    classification, LoRA for the other tasks)."""
+    recipe = config.privacy.recipe
+    if recipe == "auto":
+        return "linear-probe" if config.model.task in PROBE_TASKS else "lora"
+    return recipe
 
 
 def hospital_rank(config: RunConfig, hospital: int) -> int:

@@ -34,6 +34,7 @@ from fedfm.config.choices import (
     TABLE_DATASETS,
     TOKEN_DATASETS,
 )
+from fedfm.config.policy import recipe_of
 
 if TYPE_CHECKING:
     from fedfm.config.schema import RunConfig
@@ -286,13 +287,11 @@ def federation_rules(config: RunConfig) -> list[str]:
     # which also knows strategies registered by users.
     p.require(bool(fed.strategy.strip()), "`federation.strategy` must name a strategy, got ''")
     if fed.head_first_rounds:
-        task, privacy = config.model.task, config.privacy
+        task = config.model.task
         p.require(task in HEAD_TASKS,
                   f"`federation.head-first-rounds` ({fed.head_first_rounds}) trains a classifier head alone, but "
                   f"`model.task` {task!r} has none (only {', '.join(map(repr, HEAD_TASKS))} do); set it to 0")
-        probe = privacy.mode == "dp-sgd" and (
-            privacy.recipe == "linear-probe" or (privacy.recipe == "auto" and task in PROBE_TASKS))
-        p.require(not probe,
+        p.require(config.privacy.mode != "dp-sgd" or recipe_of(config) != "linear-probe",
                   f"`federation.head-first-rounds` ({fed.head_first_rounds}) has no effect under DP-SGD's linear-probe "
                   f"recipe, which trains the head alone in every round; set it to 0, or `privacy.recipe` to 'lora'")
     p.require(all(1 <= r <= config.lora.r for r in fed.client_ranks),

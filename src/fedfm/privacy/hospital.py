@@ -16,8 +16,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from fedfm import keys
-from fedfm.config import RunConfig, TrainSpec, hospital_epsilons
-from fedfm.config.choices import PROBE_TASKS
+from fedfm.config import RunConfig, TrainSpec, hospital_epsilons, recipe_of
 from fedfm.errors import ConfigError
 from fedfm.privacy.accounting import HospitalLedger, default_delta, open_ledger
 from fedfm.privacy.dpsgd import sample_rate, steps_per_round
@@ -36,15 +35,6 @@ def budget_for(config: RunConfig, index: int, name: str, node_config: Mapping[st
     if cap is not None:
         budget = min(budget, float(cap))
     return budget
-
-
-def recipe_of(config: RunConfig) -> str:
-    """What a DP-SGD hospital trains: ``linear-probe`` or ``lora`` (``auto``: the probe for text and image
-    classification, LoRA for the other tasks)."""
-    recipe = config.privacy.recipe
-    if recipe == "auto":
-        return "linear-probe" if config.model.task in PROBE_TASKS else "lora"
-    return recipe
 
 
 def centring_of(config: RunConfig) -> str:
